@@ -1,0 +1,40 @@
+"""attnkit: the core of a transformer on the CPU, for NumPy.
+
+Token ids become static embeddings (:func:`embedding`), gain position information (sinusoidal,
+learned, rotary, ALiBi or relative encodings), and attention turns them into contextual
+embeddings. Every function takes and returns NumPy arrays; the kernels are Rust and run on
+attnkit's own thread pool (:func:`set_num_threads`).
+"""
+
+from attnkit import _core
+from attnkit._core import InternalError, __version__
+from attnkit.embedding import embedding, embedding_bag
+from attnkit.positional import (
+    alibi_slopes,
+    position_ids,
+    relative_position_bias,
+    relative_position_bucket,
+    sinusoidal_positions,
+)
+from attnkit.rope import apply_rope, rope_cos_sin, rope_frequencies
+from attnkit.threads import _configure_from_env, get_num_threads, set_num_threads
+
+__all__ = [
+    "InternalError",
+    "__version__",
+    "alibi_slopes",
+    "apply_rope",
+    "embedding",
+    "embedding_bag",
+    "get_num_threads",
+    "position_ids",
+    "relative_position_bias",
+    "relative_position_bucket",
+    "rope_cos_sin",
+    "rope_frequencies",
+    "set_num_threads",
+    "sinusoidal_positions",
+]
+
+_configure_from_env()
+del _configure_from_env, _core

@@ -1,0 +1,31 @@
+# Stub of the compiled module. The public, documented API is in the Python modules; these are the
+# private kernels they call, which re-validate everything themselves.
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class InternalError(RuntimeError): ...
+
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def embedding(ids: npt.NDArray[Any], weight: npt.NDArray[Any], scale: float | None = None) -> npt.NDArray[Any]: ...
+def embedding_bag(
+    ids: npt.NDArray[Any],
+    weight: npt.NDArray[Any],
+    bounds: npt.NDArray[np.int64],
+    mode: str,
+    per_sample_weights: npt.NDArray[np.float64] | None = None,
+    padding_idx: int | None = None,
+) -> npt.NDArray[Any]: ...
+def sinusoidal(
+    positions: npt.NDArray[np.int64], inv_freq: npt.NDArray[np.float64], layout: str, dtype: str
+) -> npt.NDArray[Any]: ...
+def rope_cos_sin(
+    positions: npt.NDArray[np.int64], inv_freq: npt.NDArray[np.float64], attention_factor: float, dtype: str
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+def apply_rope(
+    x: npt.NDArray[Any], cos: npt.NDArray[Any], sin: npt.NDArray[Any], style: str, layout: str
+) -> npt.NDArray[Any]: ...

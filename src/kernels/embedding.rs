@@ -1,0 +1,434 @@
+//! Embedding lookup and bag reductions.
+//!
+//! Formulas, with `weight` a row-major `(rows, dim)` table:
+//!
+//! * lookup: `out[n, :] = weight[ids[n], :]`, or `weight[ids[n], :] * scale` when a scale is given.
+//!   Without a scale the rows are copied bit for bit (NaN payloads and -0.0 kept).
+//! * bags: bag `b` holds `ids[bounds[b]..bounds[b + 1]]`; entries equal to `padding_idx` are left
+//!   out. `sum` adds the rows (each times `per_sample_weights[j]` when given), `mean` divides that
+//!   sum by the number of entries left, `max` takes the element-wise maximum (NaN wins). A bag with
+//!   no entries left is all zeros. Sums are accumulated in float64 in bag order and rounded once.
+//!
+//! Memory: `ids` flat, `out` row-major `(ids.len(), dim)` for lookup and `(bags, dim)` for bags.
+//! Parallel split: blocks of output rows, each written by one task, so any thread count gives the
+//! same bits.
+
+use crate::error::KernelError;
+use crate::kernels::{for_each_row_block, Float};
+use crate::pool::Par;
+
+/// An integer type usable as a token id.
+pub trait TokenId: Copy + Send + Sync {
+    /// The id as a row index, or `None` when it is negative or does not fit in `usize`.
+    fn to_row(self) -> Option<usize>;
+    /// The id's value, for error messages.
+    fn value(self) -> i128;
+}
+
+macro_rules! impl_token_id {
+    ($($t:ty),*) => {$(
+        impl TokenId for $t {
+            #[inline(always)]
+            fn to_row(self) -> Option<usize> {
+                usize::try_from(self).ok()
+            }
+            fn value(self) -> i128 {
+                self as i128
+            }
+        }
+    )*};
+}
+impl_token_id!(i8, i16, i32, i64, u8, u16, u32, u64);
+
+/// How [`embedding_bag`] reduces the rows of a bag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BagMode {
+    Sum,
+    Mean,
+    Max,
+}
+
+fn check_table<T>(weight: &[T], rows: usize, dim: usize) -> Result<(), KernelError> {
+    match rows.checked_mul(dim) {
+        Some(n) if n == weight.len() => Ok(()),
+        _ => Err(KernelError::invalid(
+            "weight",
+            format!(
+                "expected {rows} x {dim} = rows * dim elements, got {}",
+                weight.len()
+            ),
+        )),
+    }
+}
+
+fn check_out_len(out_len: usize, expected: Option<usize>) -> Result<(), KernelError> {
+    match expected {
+        Some(n) if n == out_len => Ok(()),
+        _ => Err(KernelError::invalid(
+            "out",
+            format!("has {out_len} elements, expected {expected:?}"),
+        )),
+    }
+}
+
+/// Converts every id to a row index, or reports the first one outside `[0, rows)`.
+pub fn rows_of<I: TokenId>(ids: &[I], rows: usize) -> Result<Vec<usize>, KernelError> {
+    ids.iter()
+        .enumerate()
+        .map(|(flat_index, &id)| match id.to_row() {
+            Some(r) if r < rows => Ok(r),
+            _ => Err(KernelError::IndexOutOfRange {
+                arg: "ids",
+                flat_index,
+                value: id.value(),
+                size: rows,
+            }),
+        })
+        .collect()
+}
+
+/// Embedding lookup: `out[n, :] = weight[ids[n], :] (* scale)`. `out` has `ids.len() * dim` elements.
+pub fn embedding<T: Float, I: TokenId>(
+    ids: &[I],
+    weight: &[T],
+    rows: usize,
+    dim: usize,
+    scale: Option<T>,
+    out: &mut [T],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    check_table(weight, rows, dim)?;
+    check_out_len(out.len(), ids.len().checked_mul(dim))?;
+    let row_index = rows_of(ids, rows)?;
+    for_each_row_block(out, dim, par, |first, block| {
+        for (dst, &r) in block.chunks_exact_mut(dim).zip(&row_index[first..]) {
+            let src = &weight[r * dim..(r + 1) * dim];
+            match scale {
+                None => dst.copy_from_slice(src),
+                Some(s) => dst.iter_mut().zip(src).for_each(|(d, &w)| *d = w * s),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The bags of [`embedding_bag`]: `bounds` has one more entry than there are bags; bag `b` is
+/// `ids[bounds[b]..bounds[b + 1]]`.
+pub struct Bags<'a, I> {
+    pub ids: &'a [I],
+    pub bounds: &'a [usize],
+    pub per_sample_weights: Option<&'a [f64]>,
+    pub padding_idx: Option<usize>,
+}
+
+/// Reduces each bag of rows to one row of `out` (`(bounds.len() - 1) * dim` elements).
+pub fn embedding_bag<T: Float, I: TokenId>(
+    bags: &Bags<'_, I>,
+    weight: &[T],
+    rows: usize,
+    dim: usize,
+    mode: BagMode,
+    out: &mut [T],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    check_table(weight, rows, dim)?;
+    let bounds = bags.bounds;
+    let n_bags = bounds.len().checked_sub(1).ok_or_else(|| {
+        KernelError::invalid("offsets", "bounds must hold at least one entry (bags + 1)")
+    })?;
+    check_out_len(out.len(), n_bags.checked_mul(dim))?;
+    if bounds[0] != 0 || bounds[n_bags] != bags.ids.len() || bounds.windows(2).any(|w| w[0] > w[1])
+    {
+        return Err(KernelError::invalid(
+            "offsets",
+            format!(
+                "must start at 0, never decrease and end at len(ids) = {}",
+                bags.ids.len()
+            ),
+        ));
+    }
+    if let Some(w) = bags.per_sample_weights {
+        if mode != BagMode::Sum {
+            return Err(KernelError::invalid(
+                "per_sample_weights",
+                "is only supported with mode='sum'",
+            ));
+        }
+        if w.len() != bags.ids.len() {
+            return Err(KernelError::invalid(
+                "per_sample_weights",
+                format!(
+                    "has {} entries, expected one per id ({})",
+                    w.len(),
+                    bags.ids.len()
+                ),
+            ));
+        }
+    }
+    if let Some(p) = bags.padding_idx {
+        if p >= rows {
+            return Err(KernelError::invalid(
+                "padding_idx",
+                format!("{p} is outside [0, {rows})"),
+            ));
+        }
+    }
+    let row_index = rows_of(bags.ids, rows)?;
+    for_each_row_block(out, dim, par, |first, block| {
+        let mut acc = vec![0.0f64; dim];
+        for (k, dst) in block.chunks_exact_mut(dim).enumerate() {
+            let b = first + k;
+            let entries =
+                (bounds[b]..bounds[b + 1]).filter(|&j| Some(row_index[j]) != bags.padding_idx);
+            reduce_bag(
+                entries,
+                &row_index,
+                weight,
+                dim,
+                mode,
+                bags.per_sample_weights,
+                &mut acc,
+                dst,
+            );
+        }
+    });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reduce_bag<T: Float>(
+    entries: impl Iterator<Item = usize>,
+    row_index: &[usize],
+    weight: &[T],
+    dim: usize,
+    mode: BagMode,
+    per_sample_weights: Option<&[f64]>,
+    acc: &mut [f64],
+    dst: &mut [T],
+) {
+    let row = |j: usize| &weight[row_index[j] * dim..(row_index[j] + 1) * dim];
+    let mut count = 0usize;
+    if mode == BagMode::Max {
+        for j in entries {
+            if count == 0 {
+                dst.copy_from_slice(row(j));
+            } else {
+                for (d, &w) in dst.iter_mut().zip(row(j)) {
+                    if w > *d || w.is_nan() {
+                        *d = w;
+                    }
+                }
+            }
+            count += 1;
+        }
+        if count == 0 {
+            dst.fill(T::default());
+        }
+        return;
+    }
+    acc.fill(0.0);
+    for j in entries {
+        let factor = per_sample_weights.map_or(1.0, |w| w[j]);
+        for (a, &w) in acc.iter_mut().zip(row(j)) {
+            *a += w.to_f64() * factor;
+        }
+        count += 1;
+    }
+    let divisor = if mode == BagMode::Mean && count > 0 {
+        count as f64
+    } else {
+        1.0
+    };
+    for (d, &a) in dst.iter_mut().zip(acc.iter()) {
+        *d = T::from_f64(a / divisor);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(rows: usize, dim: usize) -> Vec<f32> {
+        (0..rows * dim).map(|i| (i as f32) * 0.5 - 3.0).collect()
+    }
+
+    #[test]
+    fn lookup_copies_rows_bit_exactly() {
+        let (rows, dim) = (7, 3);
+        let mut w = table(rows, dim);
+        w[3] = f32::from_bits(0x7fc0_1234); // NaN with a payload
+        w[4] = -0.0;
+        let ids: Vec<u16> = vec![1, 0, 6, 1];
+        let mut out = vec![0.0f32; ids.len() * dim];
+        embedding(&ids, &w, rows, dim, None, &mut out, Par::Seq).unwrap();
+        for (n, &id) in ids.iter().enumerate() {
+            for c in 0..dim {
+                assert_eq!(
+                    out[n * dim + c].to_bits(),
+                    w[id as usize * dim + c].to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lookup_scales_and_handles_empty() {
+        let w = table(4, 2);
+        let mut out = vec![0.0f32; 2];
+        embedding(&[3i64], &w, 4, 2, Some(2.0), &mut out, Par::Seq).unwrap();
+        assert_eq!(out, vec![w[6] * 2.0, w[7] * 2.0]);
+        let mut empty: Vec<f32> = vec![];
+        embedding::<f32, i32>(&[], &w, 4, 2, None, &mut empty, Par::Seq).unwrap();
+        embedding(&[0i8, 3], &[], 4, 0, None, &mut empty, Par::Seq).unwrap();
+    }
+
+    #[test]
+    fn lookup_reports_first_bad_id() {
+        let w = table(4, 2);
+        let mut out = vec![0.0f32; 6];
+        let err = embedding(&[1i64, -1, 9], &w, 4, 2, None, &mut out, Par::Seq).unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::IndexOutOfRange {
+                arg: "ids",
+                flat_index: 1,
+                value: -1,
+                size: 4
+            }
+        );
+        let err = embedding(&[u64::MAX], &w, 4, 2, None, &mut out[..2], Par::Seq).unwrap_err();
+        assert!(
+            matches!(err, KernelError::IndexOutOfRange { value, .. } if value == u64::MAX as i128)
+        );
+    }
+
+    #[test]
+    fn lookup_rejects_inconsistent_lengths() {
+        let w = table(4, 2);
+        let mut out = vec![0.0f32; 3];
+        assert!(embedding(&[1i32], &w, 4, 2, None, &mut out, Par::Seq).is_err());
+        assert!(embedding(&[1i32], &w, 5, 2, None, &mut out[..2], Par::Seq).is_err());
+        assert!(embedding(&[1i32], &w, usize::MAX, 2, None, &mut out[..2], Par::Seq).is_err());
+    }
+
+    fn naive_bag(
+        ids: &[i64],
+        bounds: &[usize],
+        w: &[f32],
+        dim: usize,
+        mode: BagMode,
+        pad: Option<usize>,
+    ) -> Vec<f64> {
+        let mut out = vec![];
+        for b in 0..bounds.len() - 1 {
+            let kept: Vec<usize> = ids[bounds[b]..bounds[b + 1]]
+                .iter()
+                .map(|&i| i as usize)
+                .filter(|&i| Some(i) != pad)
+                .collect();
+            for c in 0..dim {
+                let vals: Vec<f64> = kept.iter().map(|&i| w[i * dim + c] as f64).collect();
+                out.push(match (mode, vals.is_empty()) {
+                    (_, true) => 0.0,
+                    (BagMode::Sum, _) => vals.iter().sum(),
+                    (BagMode::Mean, _) => vals.iter().sum::<f64>() / vals.len() as f64,
+                    (BagMode::Max, _) => vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn bags_match_naive_reduction() {
+        let (rows, dim) = (9, 5);
+        let w = table(rows, dim);
+        let ids: Vec<i64> = vec![1, 8, 2, 2, 0, 3, 7, 7, 4];
+        let bounds = [0, 3, 3, 4, 9];
+        for mode in [BagMode::Sum, BagMode::Mean, BagMode::Max] {
+            for pad in [None, Some(2), Some(7)] {
+                let bags = Bags {
+                    ids: &ids,
+                    bounds: &bounds,
+                    per_sample_weights: None,
+                    padding_idx: pad,
+                };
+                let mut out = vec![f32::NAN; 4 * dim];
+                embedding_bag(&bags, &w, rows, dim, mode, &mut out, Par::Seq).unwrap();
+                let want = naive_bag(&ids, &bounds, &w, dim, mode, pad);
+                for (o, r) in out.iter().zip(&want) {
+                    assert_eq!(*o, *r as f32, "mode {mode:?} pad {pad:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bags_apply_per_sample_weights_and_propagate_nan_in_max() {
+        let w = vec![1.0f32, 2.0, f32::NAN, 4.0];
+        let ids = [0u8, 1];
+        let bags = Bags {
+            ids: &ids,
+            bounds: &[0, 2],
+            per_sample_weights: Some(&[2.0, -1.0]),
+            padding_idx: None,
+        };
+        let mut out = vec![0.0f32; 2];
+        embedding_bag(&bags, &w, 2, 2, BagMode::Sum, &mut out, Par::Seq).unwrap();
+        assert_eq!(out[1], 0.0);
+        assert!(out[0].is_nan());
+        let bags = Bags {
+            per_sample_weights: None,
+            ..bags
+        };
+        embedding_bag(&bags, &w, 2, 2, BagMode::Max, &mut out, Par::Seq).unwrap();
+        assert!(out[0].is_nan());
+        assert_eq!(out[1], 4.0);
+    }
+
+    #[test]
+    fn bags_reject_bad_bounds_and_options() {
+        let w = table(3, 1);
+        let ids = [0i32, 1, 2];
+        let mut out = vec![0.0f32; 2];
+        for bounds in [&[1usize, 2, 3][..], &[0, 2, 1], &[0, 1, 4], &[]] {
+            let bags = Bags {
+                ids: &ids,
+                bounds,
+                per_sample_weights: None,
+                padding_idx: None,
+            };
+            assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Sum, &mut out, Par::Seq).is_err());
+        }
+        let bags = Bags {
+            ids: &ids,
+            bounds: &[0, 1, 3],
+            per_sample_weights: Some(&[1.0; 3]),
+            padding_idx: None,
+        };
+        assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Mean, &mut out, Par::Seq).is_err());
+        let bags = Bags {
+            ids: &ids,
+            bounds: &[0, 1, 3],
+            per_sample_weights: None,
+            padding_idx: Some(3),
+        };
+        assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Mean, &mut out, Par::Seq).is_err());
+    }
+
+    #[test]
+    fn parallel_split_gives_identical_bits() {
+        let (rows, dim) = (50, 37);
+        let w = table(rows, dim);
+        let ids: Vec<i64> = (0..4000).map(|i| (i * 7919) % rows as i64).collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let mut a = vec![0.0f32; ids.len() * dim];
+        let mut b = a.clone();
+        embedding(&ids, &w, rows, dim, Some(0.3), &mut a, Par::Seq).unwrap();
+        embedding(&ids, &w, rows, dim, Some(0.3), &mut b, Par::Pool(&pool)).unwrap();
+        assert_eq!(a, b);
+    }
+}

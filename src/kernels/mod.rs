@@ -1,0 +1,132 @@
+//! Pure-Rust kernels: slices and dimensions in, output slices out.
+//!
+//! Every kernel validates what memory safety and the documented semantics need and returns a
+//! [`KernelError`](crate::KernelError) otherwise; none panics on user input. Parallel kernels split
+//! their output into pieces whose contents do not depend on the number of threads, so results are
+//! bitwise identical for any thread count.
+
+pub mod embedding;
+pub mod positional;
+pub mod rope;
+
+use rayon::prelude::*;
+
+use crate::pool::Par;
+
+/// The float types the kernels compute in.
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::fmt::Debug
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + 'static
+{
+    /// Rounds a float64 value to this type (round to nearest even).
+    fn from_f64(x: f64) -> Self;
+    /// Converts to float64 (exact).
+    fn to_f64(self) -> f64;
+    fn is_nan(self) -> bool;
+}
+
+impl Float for f32 {
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+}
+
+impl Float for f64 {
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+}
+
+/// Below this many output elements a kernel runs on the calling thread: waking the pool costs
+/// 10–100 µs, more than the work itself.
+pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// Rows per parallel block: about 4096 elements (16 KiB of float32), big enough to amortise
+/// scheduling and small enough to balance two to sixteen threads.
+fn rows_per_block(row_len: usize) -> usize {
+    (4096 / row_len.max(1)).max(1)
+}
+
+/// Runs `f(first_row, rows)` over consecutive blocks of `row_len`-element rows of `out`.
+///
+/// The blocks are fixed by `out.len()` and `row_len` only, and each row is written by exactly one
+/// call, so the result is the same whether the blocks run on one thread or many.
+pub(crate) fn for_each_row_block<T, F>(out: &mut [T], row_len: usize, par: Par<'_>, f: F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    if out.is_empty() || row_len == 0 {
+        return;
+    }
+    let rows = rows_per_block(row_len);
+    let block = rows * row_len;
+    match par {
+        Par::Pool(pool) if out.len() >= PARALLEL_MIN_ELEMENTS => pool.install(|| {
+            out.par_chunks_mut(block)
+                .enumerate()
+                .for_each(|(i, chunk)| f(i * rows, chunk))
+        }),
+        _ => out
+            .chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i * rows, chunk)),
+    }
+}
+
+/// [`for_each_row_block`] over two outputs of the same shape, blocked identically.
+pub(crate) fn for_each_row_block_pair<T, F>(
+    a: &mut [T],
+    b: &mut [T],
+    row_len: usize,
+    par: Par<'_>,
+    f: F,
+) where
+    T: Send,
+    F: Fn(usize, &mut [T], &mut [T]) + Sync,
+{
+    if a.is_empty() || row_len == 0 {
+        return;
+    }
+    let rows = rows_per_block(row_len);
+    let block = rows * row_len;
+    match par {
+        Par::Pool(pool) if a.len() >= PARALLEL_MIN_ELEMENTS => pool.install(|| {
+            a.par_chunks_mut(block)
+                .zip(b.par_chunks_mut(block))
+                .enumerate()
+                .for_each(|(i, (x, y))| f(i * rows, x, y))
+        }),
+        _ => a
+            .chunks_mut(block)
+            .zip(b.chunks_mut(block))
+            .enumerate()
+            .for_each(|(i, (x, y))| f(i * rows, x, y)),
+    }
+}

@@ -1,0 +1,87 @@
+//! The crate's one thread pool.
+//!
+//! Its size comes from [`set_num_threads`] (the binding also reads `ATTNKIT_NUM_THREADS` at import);
+//! by default it is the number of CPUs the process may use. The pool is built lazily, rebuilt when
+//! the size changes, and rebuilt in a child process after `fork` (the parent's worker threads do not
+//! exist there). Kernels receive a [`Par`] explicitly; nothing reads a hidden global inside a kernel.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rayon::ThreadPool;
+
+/// How a kernel may run: on the calling thread, or on a pool.
+#[derive(Clone, Copy)]
+pub enum Par<'a> {
+    Seq,
+    Pool(&'a ThreadPool),
+}
+
+struct State {
+    threads: usize,
+    pid: u32,
+    pool: Option<Arc<ThreadPool>>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    threads: 0,
+    pid: 0,
+    pool: None,
+});
+
+fn lock() -> MutexGuard<'static, State> {
+    // A panic while holding this lock cannot leave `State` inconsistent, so poisoning is ignored.
+    STATE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sets the number of threads the kernels may use (at least 1).
+pub fn set_num_threads(n: usize) {
+    let mut state = lock();
+    let n = n.max(1);
+    if state.threads != n {
+        state.threads = n;
+        state.pool = None;
+    }
+}
+
+/// The number of threads the kernels may use.
+pub fn num_threads() -> usize {
+    let mut state = lock();
+    if state.threads == 0 {
+        state.threads = default_threads();
+    }
+    state.threads
+}
+
+/// The pool to run on, or `None` when one thread is configured (or the pool cannot be built, in
+/// which case the work runs on the calling thread and still gives the same bits).
+pub fn current() -> Option<Arc<ThreadPool>> {
+    let threads = num_threads();
+    if threads <= 1 {
+        return None;
+    }
+    let mut state = lock();
+    let pid = std::process::id();
+    if state.pid != pid {
+        // After fork the old pool's threads are gone; dropping it would signal threads that do
+        // not exist, so it is leaked instead (once per fork).
+        if let Some(stale) = state.pool.take() {
+            std::mem::forget(stale);
+        }
+        state.pid = pid;
+    }
+    if state.pool.is_none() {
+        state.pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("attnkit-{i}"))
+            .build()
+            .ok()
+            .map(Arc::new);
+    }
+    state.pool.clone()
+}

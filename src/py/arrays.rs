@@ -1,0 +1,184 @@
+//! Borrowing NumPy arrays as slices, dispatching on dtype, returning `Vec`s as arrays, and running a
+//! kernel without the GIL.
+//!
+//! `_core` can be called directly, so everything is checked here again even though the Python
+//! wrappers normalise their inputs first: the dtype (a `TypeError` otherwise), C order and alignment
+//! (a `ValueError`: the wrappers make such a copy), and the borrow.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::{
+    Element, IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::error::KernelError;
+use crate::pool::{self, Par};
+use crate::py::errors::{from_panic, to_pyerr};
+
+/// A float array of one of the dtypes the kernels compute in.
+pub enum Floats<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F64(PyReadonlyArrayDyn<'py, f64>),
+}
+
+/// An integer array of any width and signedness (token ids).
+pub enum Ints<'py> {
+    I8(PyReadonlyArrayDyn<'py, i8>),
+    I16(PyReadonlyArrayDyn<'py, i16>),
+    I32(PyReadonlyArrayDyn<'py, i32>),
+    I64(PyReadonlyArrayDyn<'py, i64>),
+    U8(PyReadonlyArrayDyn<'py, u8>),
+    U16(PyReadonlyArrayDyn<'py, u16>),
+    U32(PyReadonlyArrayDyn<'py, u32>),
+    U64(PyReadonlyArrayDyn<'py, u64>),
+}
+
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    match obj.cast::<PyUntypedArray>() {
+        Ok(a) => format!("an array of dtype {}", a.dtype()),
+        Err(_) => format!(
+            "{}",
+            obj.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        ),
+    }
+}
+
+fn try_as<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+) -> Option<PyResult<PyReadonlyArrayDyn<'py, T>>> {
+    let arr = obj.cast::<PyArrayDyn<T>>().ok()?;
+    Some(
+        arr.try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("{arg}: {e}"))),
+    )
+}
+
+/// One specific dtype, or a `TypeError` naming `arg` and `expected`.
+pub fn typed<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+    expected: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    try_as(obj, arg).unwrap_or_else(|| {
+        Err(PyTypeError::new_err(format!(
+            "{arg}: expected a {expected} numpy array, got {}",
+            describe(obj)
+        )))
+    })
+}
+
+pub fn floats<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Floats<'py>> {
+    if let Some(a) = try_as(obj, arg) {
+        return a.map(Floats::F32);
+    }
+    if let Some(a) = try_as(obj, arg) {
+        return a.map(Floats::F64);
+    }
+    Err(PyTypeError::new_err(format!(
+        "{arg}: expected a float32 or float64 numpy array, got {}",
+        describe(obj)
+    )))
+}
+
+pub fn ints<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Ints<'py>> {
+    macro_rules! attempt {
+        ($($variant:ident),*) => {$(
+            if let Some(a) = try_as(obj, arg) {
+                return a.map(Ints::$variant);
+            }
+        )*};
+    }
+    attempt!(I64, I32, I16, I8, U64, U32, U16, U8);
+    Err(PyTypeError::new_err(format!(
+        "{arg}: expected a numpy array of an integer dtype (int8 to int64, uint8 to uint64), got {}",
+        describe(obj)
+    )))
+}
+
+/// The array's data as a slice, if it is C-contiguous and aligned.
+pub fn slice<'a, T: Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> PyResult<&'a [T]> {
+    let not_contiguous = || {
+        PyValueError::new_err(format!(
+            "{arg}: _core needs a C-contiguous, aligned, native-byte-order array (the public attnkit \
+             functions make one)"
+        ))
+    };
+    if !arr.is_c_contiguous() || !arr.is_aligned() {
+        return Err(not_contiguous());
+    }
+    arr.as_slice().map_err(|_| not_contiguous())
+}
+
+/// A `ValueError` unless `arr` has `ndim` dimensions.
+pub fn expect_ndim(shape: &[usize], ndim: usize, arg: &str, what: &str) -> PyResult<()> {
+    if shape.len() == ndim {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!(
+            "{arg}: expected a {ndim}-d array {what}, got shape {shape:?}"
+        )))
+    }
+}
+
+/// Runs a kernel with the GIL released, on the crate's pool. A kernel error becomes the contract's
+/// exception; a panic becomes `InternalError` instead of a `PanicException`.
+pub fn run<R: Send>(
+    py: Python<'_>,
+    index_shape: &[usize],
+    kernel: impl FnOnce(Par<'_>) -> Result<R, KernelError> + Send,
+) -> PyResult<R> {
+    let result = py.detach(|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            let pool = pool::current();
+            let par = pool.as_deref().map_or(Par::Seq, Par::Pool);
+            kernel(par)
+        }))
+    });
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(to_pyerr(err, index_shape)),
+        Err(payload) => Err(from_panic(payload)),
+    }
+}
+
+/// Hands a row-major `Vec` to NumPy as an array of `shape`, without copying.
+pub fn to_numpy<'py, T: Element>(
+    py: Python<'py>,
+    data: Vec<T>,
+    shape: Vec<usize>,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    ArrayD::from_shape_vec(IxDyn(&shape), data)
+        .map(|a| a.into_pyarray(py))
+        .map_err(|e| {
+            crate::py::errors::InternalError::new_err(format!("attnkit bug: output shape: {e}"))
+        })
+}
+
+/// Runs `$body` with `$a` bound to the borrowed array of whichever integer dtype `$ints` holds.
+macro_rules! with_ints {
+    ($ints:expr, $a:ident => $body:expr) => {
+        match $ints {
+            Ints::I8($a) => $body,
+            Ints::I16($a) => $body,
+            Ints::I32($a) => $body,
+            Ints::I64($a) => $body,
+            Ints::U8($a) => $body,
+            Ints::U16($a) => $body,
+            Ints::U32($a) => $body,
+            Ints::U64($a) => $body,
+        }
+    };
+}
+pub(crate) use with_ints;
+
+/// The product of `dims` as an output length, or a `ValueError` naming `arg` when it overflows.
+pub fn output_len(arg: &'static str, dims: &[usize]) -> PyResult<usize> {
+    crate::error::checked_product(arg, dims).map_err(|e| to_pyerr(e, &[]))
+}

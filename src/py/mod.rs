@@ -1,0 +1,45 @@
+//! The PyO3 binding: the only code that touches Python or NumPy. It converts arrays, dispatches on
+//! dtype, releases the GIL around every kernel, and maps kernel errors onto Python exceptions.
+
+mod arrays;
+mod embedding;
+mod errors;
+mod positional;
+mod rope;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// Sets the number of threads attnkit's kernels use (at least 1).
+#[pyfunction]
+fn set_num_threads(n: i64) -> PyResult<()> {
+    match usize::try_from(n) {
+        Ok(n) if n >= 1 => {
+            crate::pool::set_num_threads(n);
+            Ok(())
+        }
+        _ => Err(PyValueError::new_err(format!(
+            "n: expected a positive number of threads, got {n}"
+        ))),
+    }
+}
+
+/// The number of threads attnkit's kernels use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::pool::num_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("InternalError", m.py().get_type::<errors::InternalError>())?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(embedding::embedding, m)?)?;
+    m.add_function(wrap_pyfunction!(embedding::embedding_bag, m)?)?;
+    m.add_function(wrap_pyfunction!(positional::sinusoidal, m)?)?;
+    m.add_function(wrap_pyfunction!(positional::rope_cos_sin, m)?)?;
+    m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! `_core.sinusoidal` and `_core.rope_cos_sin`: position tables from integer positions and float64
+//! inverse frequencies.
+
+use numpy::{Element, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::error::try_zeroed;
+use crate::kernels::positional::{self as kernel, SinusoidLayout};
+use crate::kernels::Float;
+use crate::py::arrays::{expect_ndim, output_len, run, slice, to_numpy, typed};
+
+/// Whether `dtype` names float64 (`true`) or float32 (`false`).
+fn is_double(dtype: &str) -> PyResult<bool> {
+    match dtype {
+        "float32" => Ok(false),
+        "float64" => Ok(true),
+        other => Err(PyTypeError::new_err(format!(
+            "dtype: expected float32 or float64, got {other}"
+        ))),
+    }
+}
+
+/// Borrowed positions, their shape and the inverse frequencies.
+struct Inputs<'py> {
+    positions: numpy::PyReadonlyArrayDyn<'py, i64>,
+    inv_freq: numpy::PyReadonlyArrayDyn<'py, f64>,
+}
+
+impl<'py> Inputs<'py> {
+    fn new(positions: &Bound<'py, PyAny>, inv_freq: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let positions = typed::<i64>(positions, "positions", "int64")?;
+        let inv_freq = typed::<f64>(inv_freq, "inv_freq", "float64")?;
+        expect_ndim(inv_freq.shape(), 1, "inv_freq", "of inverse frequencies")?;
+        Ok(Self {
+            positions,
+            inv_freq,
+        })
+    }
+
+    fn shape_with(&self, last: usize) -> Vec<usize> {
+        self.positions
+            .shape()
+            .iter()
+            .copied()
+            .chain([last])
+            .collect()
+    }
+}
+
+/// Sinusoidal encodings of `positions`; returns `positions.shape + (2 * len(inv_freq),)`.
+#[pyfunction]
+pub fn sinusoidal<'py>(
+    py: Python<'py>,
+    positions: &Bound<'py, PyAny>,
+    inv_freq: &Bound<'py, PyAny>,
+    layout: &str,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let layout = match layout {
+        "interleaved" => SinusoidLayout::Interleaved,
+        "halves" => SinusoidLayout::Halves,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "layout: expected 'interleaved' or 'halves', got {other:?}"
+            )))
+        }
+    };
+    let inputs = Inputs::new(positions, inv_freq)?;
+    if is_double(dtype)? {
+        sinusoidal_typed::<f64>(py, &inputs, layout)
+    } else {
+        sinusoidal_typed::<f32>(py, &inputs, layout)
+    }
+}
+
+fn sinusoidal_typed<'py, T: Float + Element>(
+    py: Python<'py>,
+    inputs: &Inputs<'py>,
+    layout: SinusoidLayout,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (positions, inv_freq) = (
+        slice(&inputs.positions, "positions")?,
+        slice(&inputs.inv_freq, "inv_freq")?,
+    );
+    let dim = 2 * inv_freq.len();
+    let n = output_len("positions", &[positions.len(), dim])?;
+    let out = run(py, &[], |par| {
+        let mut out = try_zeroed::<T>("sinusoidal output", n)?;
+        kernel::sinusoidal(positions, inv_freq, layout, &mut out, par)?;
+        Ok(out)
+    })?;
+    Ok(to_numpy(py, out, inputs.shape_with(dim))?.into_any())
+}
+
+/// Rotary tables `(cos, sin)`, each `positions.shape + (len(inv_freq),)`, times `attention_factor`.
+#[pyfunction]
+pub fn rope_cos_sin<'py>(
+    py: Python<'py>,
+    positions: &Bound<'py, PyAny>,
+    inv_freq: &Bound<'py, PyAny>,
+    attention_factor: f64,
+    dtype: &str,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let inputs = Inputs::new(positions, inv_freq)?;
+    if is_double(dtype)? {
+        tables_typed::<f64>(py, &inputs, attention_factor)
+    } else {
+        tables_typed::<f32>(py, &inputs, attention_factor)
+    }
+}
+
+fn tables_typed<'py, T: Float + Element>(
+    py: Python<'py>,
+    inputs: &Inputs<'py>,
+    factor: f64,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let (positions, inv_freq) = (
+        slice(&inputs.positions, "positions")?,
+        slice(&inputs.inv_freq, "inv_freq")?,
+    );
+    let n = output_len("positions", &[positions.len(), inv_freq.len()])?;
+    let (cos, sin) = run(py, &[], |par| {
+        let mut cos = try_zeroed::<T>("cos", n)?;
+        let mut sin = try_zeroed::<T>("sin", n)?;
+        kernel::rope_cos_sin(positions, inv_freq, factor, &mut cos, &mut sin, par)?;
+        Ok((cos, sin))
+    })?;
+    let shape = inputs.shape_with(inv_freq.len());
+    Ok((
+        to_numpy(py, cos, shape.clone())?.into_any(),
+        to_numpy(py, sin, shape)?.into_any(),
+    ))
+}

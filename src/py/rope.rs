@@ -1,0 +1,114 @@
+//! `_core.apply_rope`.
+
+use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::error::try_zeroed;
+use crate::kernels::rope::{self as kernel, RopeLayout, RopeShape, RopeStyle};
+use crate::kernels::Float;
+use crate::py::arrays::{floats, run, slice, to_numpy, Floats};
+
+/// Rotates `x` (4-d, `layout` order) by the tables `cos`/`sin` (`(seq, r/2)` or `(batch, seq, r/2)`).
+#[pyfunction]
+pub fn apply_rope<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    cos: &Bound<'py, PyAny>,
+    sin: &Bound<'py, PyAny>,
+    style: &str,
+    layout: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let style = match style {
+        "half" => RopeStyle::Half,
+        "interleaved" => RopeStyle::Interleaved,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "style: expected 'half' or 'interleaved', got {other:?}"
+            )))
+        }
+    };
+    let layout = match layout {
+        "bhsd" => RopeLayout::Bhsd,
+        "bshd" => RopeLayout::Bshd,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "layout: expected 'bhsd' or 'bshd', got {other:?}"
+            )))
+        }
+    };
+    match (floats(x, "x")?, floats(cos, "cos")?, floats(sin, "sin")?) {
+        (Floats::F32(x), Floats::F32(c), Floats::F32(s)) => rotate(py, &x, &c, &s, style, layout),
+        (Floats::F64(x), Floats::F64(c), Floats::F64(s)) => rotate(py, &x, &c, &s, style, layout),
+        _ => Err(PyTypeError::new_err(
+            "cos, sin: must have the dtype of x (float32 or float64)",
+        )),
+    }
+}
+
+fn rotate<'py, T: Float + Element>(
+    py: Python<'py>,
+    x: &PyReadonlyArrayDyn<'py, T>,
+    cos: &PyReadonlyArrayDyn<'py, T>,
+    sin: &PyReadonlyArrayDyn<'py, T>,
+    style: RopeStyle,
+    layout: RopeLayout,
+) -> PyResult<Bound<'py, PyAny>> {
+    let shape = table_shape(x.shape(), cos.shape(), sin.shape(), layout)?;
+    let (xs, cs, ss) = (slice(x, "x")?, slice(cos, "cos")?, slice(sin, "sin")?);
+    let out = run(py, &[], |par| {
+        let mut out = try_zeroed("apply_rope output", xs.len())?;
+        kernel::apply_rope(xs, cs, ss, shape, layout, style, &mut out, par)?;
+        Ok(out)
+    })?;
+    Ok(to_numpy(py, out, x.shape().to_vec())?.into_any())
+}
+
+/// Checks that the tables fit `x` and describes the call.
+fn table_shape(
+    x: &[usize],
+    cos: &[usize],
+    sin: &[usize],
+    layout: RopeLayout,
+) -> PyResult<RopeShape> {
+    let [batch, a, b, head_dim] = *x else {
+        let want = match layout {
+            RopeLayout::Bhsd => "(batch, heads, seq, head_dim)",
+            RopeLayout::Bshd => "(batch, seq, heads, head_dim)",
+        };
+        return Err(PyValueError::new_err(format!(
+            "x: expected a 4-d array {want}, got shape {x:?}"
+        )));
+    };
+    let (heads, seq) = match layout {
+        RopeLayout::Bhsd => (a, b),
+        RopeLayout::Bshd => (b, a),
+    };
+    if cos != sin {
+        return Err(PyValueError::new_err(format!(
+            "cos, sin: shapes differ: {cos:?} and {sin:?}"
+        )));
+    }
+    let bad = || {
+        PyValueError::new_err(format!(
+            "cos: expected shape ({seq}, r/2) or ({batch}, {seq}, r/2) with r <= head_dim = {head_dim} \
+             for x of shape {x:?}, got {cos:?}"
+        ))
+    };
+    let (per_batch_tables, half) = match *cos {
+        [s, h] if s == seq => (false, h),
+        [bt, s, h] if bt == batch && s == seq => (true, h),
+        _ => return Err(bad()),
+    };
+    if 2 * half > head_dim {
+        return Err(bad());
+    }
+    Ok(RopeShape {
+        batch,
+        heads,
+        seq,
+        head_dim,
+        half,
+        per_batch_tables,
+    })
+}
