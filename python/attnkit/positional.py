@@ -24,10 +24,18 @@ __all__ = [
 ]
 
 
+def frequency_powers(dim: int, base: float) -> npt.NDArray[np.float64]:
+    """``base ** (2i / dim)`` for ``i < dim // 2`` in float64, one C-library ``pow`` per element.
+
+    NumPy's vectorised ``**`` may differ from ``pow`` in the last bit, and at position 2**20 one bit
+    of a frequency moves the phase by about 1e-10; computing each element with ``pow`` makes the
+    frequencies reproducible (they are few, so this costs nothing)."""
+    return np.array([base ** (2 * i / dim) for i in range(dim // 2)], dtype=np.float64)
+
+
 def inverse_frequencies(dim: int, base: float) -> npt.NDArray[np.float64]:
-    """``1 / base ** (2i / dim)`` for ``i < dim // 2``, in float64: the frequencies shared by the
-    sinusoidal encoding and RoPE."""
-    return 1.0 / (base ** (np.arange(0, dim - 1, 2, dtype=np.float64) / dim))
+    """``1 / base ** (2i / dim)``: the frequencies shared by the sinusoidal encoding and RoPE."""
+    return 1.0 / frequency_powers(dim, base)
 
 
 def sinusoidal_positions(

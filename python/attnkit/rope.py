@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from attnkit import _core
 from attnkit._validate import choice, float_array, float_dtype, integer, positions_array, real
-from attnkit.positional import inverse_frequencies
+from attnkit.positional import frequency_powers, inverse_frequencies
 
 __all__ = ["apply_rope", "rope_cos_sin", "rope_frequencies"]
 
@@ -192,7 +192,7 @@ def _yarn(dim: int, base: float, p: Mapping[str, Any], seq_len: int | None) -> t
         high += 0.001  # as in transformers: avoids dividing by zero
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
     extrapolation = 1.0 - ramp  # weight of the unscaled frequencies
-    pos_freqs = base ** (np.arange(0, dim - 1, 2, dtype=np.float64) / dim)
+    pos_freqs = frequency_powers(dim, base)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1.0 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)
 
@@ -210,7 +210,7 @@ def _longrope(dim: int, base: float, p: Mapping[str, Any], seq_len: int | None) 
     ext = np.asarray(p[key], dtype=np.float64)
     if ext.shape != (dim // 2,) or not np.all(np.isfinite(ext)) or np.any(ext <= 0):
         raise ValueError(f"scaling: {key!r} must hold rotary_dim // 2 = {dim // 2} positive numbers, got shape {ext.shape}")
-    return 1.0 / (ext * base ** (np.arange(0, dim - 1, 2, dtype=np.float64) / dim)), attention_factor
+    return 1.0 / (ext * frequency_powers(dim, base)), attention_factor
 
 
 def _llama3(dim: int, base: float, p: Mapping[str, Any], seq_len: int | None) -> tuple[npt.NDArray[np.float64], float]:

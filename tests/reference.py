@@ -1,0 +1,126 @@
+"""Slow, obviously correct float64 references for every kernel.
+
+Each function is a direct transcription of the formula, with loops where they make the formula
+clearer. Transcendentals are evaluated in numpy.longdouble (80-bit on x86) so the reference is
+more accurate than either output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def embedding(ids, weight, scale=None):
+    out = np.asarray(weight)[np.asarray(ids)]
+    if scale is not None:
+        out = out * weight.dtype.type(scale)
+    return out
+
+
+def embedding_bag(bags, weight, mode, per_sample_weights=None, padding_idx=None):
+    """``bags``: a list of lists of ids; ``per_sample_weights``: a matching list of lists."""
+    w = np.asarray(weight, dtype=np.float64)
+    out = np.zeros((len(bags), w.shape[1]))
+    for b, bag in enumerate(bags):
+        kept = [(j, i) for j, i in enumerate(bag) if i != padding_idx]
+        if not kept:
+            continue
+        rows = np.array([w[i] * (per_sample_weights[b][j] if per_sample_weights else 1.0) for j, i in kept])
+        if mode == "sum":
+            out[b] = rows.sum(axis=0)
+        elif mode == "mean":
+            out[b] = rows.sum(axis=0) / len(kept)
+        else:
+            out[b] = rows.max(axis=0)
+    return out
+
+
+def inverse_frequencies(dim, base=10000.0):
+    return np.array([1.0 / base ** (2 * i / dim) for i in range(dim // 2)], dtype=np.float64)
+
+
+def _phases(positions, inv_freq):
+    """float64 phases from exact positions, widened to long double for sin/cos."""
+    p = np.asarray(positions, dtype=np.int64).astype(np.float64)
+    return (p[..., None] * np.asarray(inv_freq, dtype=np.float64)).astype(np.longdouble)
+
+
+def sinusoidal(positions, dim, base=10000.0, layout="interleaved", dtype=np.float32):
+    phase = _phases(positions, inverse_frequencies(dim, base))
+    s, c = np.sin(phase), np.cos(phase)
+    out = np.empty(phase.shape[:-1] + (dim,), dtype=np.longdouble)
+    if layout == "interleaved":
+        out[..., 0::2], out[..., 1::2] = s, c
+    else:
+        out[..., : dim // 2], out[..., dim // 2 :] = s, c
+    return out.astype(dtype)
+
+
+def rope_cos_sin(positions, inv_freq, factor=1.0, dtype=np.float32):
+    phase = _phases(positions, inv_freq)
+    f = np.longdouble(factor)
+    return (f * np.cos(phase)).astype(dtype), (f * np.sin(phase)).astype(dtype)
+
+
+def apply_rope(x, cos, sin, style="half", layout="bhsd"):
+    """float64 rotation, one pair of channels at a time."""
+    x = np.asarray(x, dtype=np.float64)
+    if layout == "bshd":
+        x = x.transpose(0, 2, 1, 3)
+    cos, sin = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    out = x.copy()
+    h = cos.shape[-1]
+    batch, heads, seq, _ = x.shape
+    for b in range(batch):
+        c, s = cos[b % cos.shape[0]], sin[b % sin.shape[0]]
+        for i in range(h):
+            a, z = (i, i + h) if style == "half" else (2 * i, 2 * i + 1)
+            xa, xz = x[b, :, :, a], x[b, :, :, z]
+            out[b, :, :, a] = xa * c[:, i] - xz * s[:, i]
+            out[b, :, :, z] = xz * c[:, i] + xa * s[:, i]
+    return out.transpose(0, 2, 1, 3) if layout == "bshd" else out
+
+
+def alibi_slopes_paper(n):
+    """The ALiBi paper's reference code (ofirpress/attention_with_linear_biases), verbatim."""
+
+    def get_slopes_power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        ratio = start
+        return [start * ratio**i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return get_slopes_power_of_2(n)
+    closest_power_of_2 = 2 ** math.floor(math.log2(n))
+    return get_slopes_power_of_2(closest_power_of_2) + alibi_slopes_paper(2 * closest_power_of_2)[0::2][
+        : n - closest_power_of_2
+    ]
+
+
+def alibi_exponents(n):
+    """Slope h is 2 ** (-8 * e[h]): e = (h + 1) / m for the largest power of two m <= n, then the odd
+    multiples of 1 / (2m) for the remaining heads."""
+    m = 2 ** math.floor(math.log2(n))
+    return [(h + 1) / m for h in range(m)] + [(2 * k + 1) / (2 * m) for k in range(n - m)]
+
+
+def t5_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
+    """T5's bucket function for one int, with its float32 logarithm, scalar by scalar."""
+    bucket = 0
+    n = relative_position
+    if bidirectional:
+        num_buckets //= 2
+        bucket += num_buckets if n > 0 else 0
+        n = abs(n)
+    else:
+        n = -min(n, 0)
+    max_exact = num_buckets // 2
+    if n < max_exact:
+        return bucket + n
+    f32 = np.float32
+    large = f32(np.log(f32(n) / f32(max_exact))) / f32(math.log(max_distance / max_exact)) * f32(num_buckets - max_exact)
+    return bucket + min(max_exact + int(large), num_buckets - 1)
