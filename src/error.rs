@@ -10,25 +10,14 @@ pub enum KernelError {
     InvalidArgument { arg: &'static str, message: String },
     /// An index (token id, position) outside the valid range. `flat_index` is the position of the
     /// first bad entry in the flattened argument, so the caller can report it in its own shape.
-    IndexOutOfRange {
-        arg: &'static str,
-        flat_index: usize,
-        value: i128,
-        size: usize,
-    },
+    IndexOutOfRange { arg: &'static str, flat_index: usize, value: i128, size: usize },
     /// An output whose size overflows `usize` or cannot be allocated.
-    Allocation {
-        arg: &'static str,
-        elements: Option<usize>,
-    },
+    Allocation { arg: &'static str, elements: Option<usize> },
 }
 
 impl KernelError {
     pub fn invalid(arg: &'static str, message: impl Into<String>) -> Self {
-        KernelError::InvalidArgument {
-            arg,
-            message: message.into(),
-        }
+        KernelError::InvalidArgument { arg, message: message.into() }
     }
 }
 
@@ -56,20 +45,13 @@ impl std::error::Error for KernelError {}
 pub fn checked_product(arg: &'static str, dims: &[usize]) -> Result<usize, KernelError> {
     dims.iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or(KernelError::Allocation {
-            arg,
-            elements: None,
-        })
+        .ok_or(KernelError::Allocation { arg, elements: None })
 }
 
 /// A vector of `n` zeros, or an `Allocation` error instead of aborting when memory runs out.
 pub fn try_zeroed<T: Copy + Default>(arg: &'static str, n: usize) -> Result<Vec<T>, KernelError> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| KernelError::Allocation {
-            arg,
-            elements: Some(n),
-        })?;
+    v.try_reserve_exact(n).map_err(|_| KernelError::Allocation { arg, elements: Some(n) })?;
     v.resize(n, T::default());
     Ok(v)
 }

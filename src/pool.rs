@@ -22,17 +22,11 @@ struct State {
     pool: Option<Arc<ThreadPool>>,
 }
 
-static STATE: Mutex<State> = Mutex::new(State {
-    threads: 0,
-    pid: 0,
-    pool: None,
-});
+static STATE: Mutex<State> = Mutex::new(State { threads: 0, pid: 0, pool: None });
 
 fn lock() -> MutexGuard<'static, State> {
     // A panic while holding this lock cannot leave `State` inconsistent, so poisoning is ignored.
-    STATE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn default_threads() -> usize {

@@ -24,6 +24,18 @@ __all__ = [
 ]
 
 
+MAX_DIM = 1 << 24
+
+
+def check_dim(dim: int, name: str) -> int:
+    """An even channel count in ``[0, 2**24]``: ``dim // 2`` frequencies are computed one by one."""
+    if dim % 2:
+        raise ValueError(f"{name}: expected an even number of channels (sin/cos pairs), got {dim}")
+    if dim > MAX_DIM:
+        raise ValueError(f"{name}: at most 2**24 channels are supported, got {dim}")
+    return dim
+
+
 def frequency_powers(dim: int, base: float) -> npt.NDArray[np.float64]:
     """``base ** (2i / dim)`` for ``i < dim // 2`` in float64, one C-library ``pow`` per element.
 
@@ -65,7 +77,7 @@ def sinusoidal_positions(
 
     Raises:
         TypeError: non-integer positions, a dtype other than float32/float64.
-        ValueError: odd or negative ``dim``, non-positive ``base``, a bad ``layout``, positions
+        ValueError: odd, negative or over 2**24 ``dim``, non-positive ``base``, a bad ``layout``, positions
             beyond ±2**53.
 
     Example:
@@ -76,9 +88,7 @@ def sinusoidal_positions(
                [ 0.9093, -0.4161,  0.02  ,  0.9998]], dtype=float32)
     """
     layout = choice(layout, "layout", ("interleaved", "halves"))  # type: ignore[assignment]
-    dim = integer(dim, "dim", minimum=0)
-    if dim % 2:
-        raise ValueError(f"dim: expected an even size (sin/cos pairs), got {dim}")
+    dim = check_dim(integer(dim, "dim", minimum=0), "dim")
     inv_freq = inverse_frequencies(dim, real(base, "base", positive=True))
     dt = float_dtype(dtype)
     return _core.sinusoidal(positions_array(positions), inv_freq, layout, dt.name)

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from attnkit import _core
 from attnkit._validate import choice, float_array, float_dtype, integer, positions_array, real
-from attnkit.positional import frequency_powers, inverse_frequencies
+from attnkit.positional import check_dim, frequency_powers, inverse_frequencies
 
 __all__ = ["apply_rope", "rope_cos_sin", "rope_frequencies"]
 
@@ -106,7 +106,7 @@ def rope_frequencies(
 
     Raises:
         TypeError: non-int sizes, a non-dict ``scaling``.
-        ValueError: odd ``rotary_dim``, non-positive ``base``, an unknown ``rope_type``, missing,
+        ValueError: odd, negative or over 2**24 ``rotary_dim``, non-positive ``base``, an unknown ``rope_type``, missing,
             unknown or out-of-range scaling parameters.
 
     Example:
@@ -115,9 +115,7 @@ def rope_frequencies(
         >>> inv_freq, factor
         (array([0.5  , 0.005]), 1.0)
     """
-    dim = integer(rotary_dim, "rotary_dim", minimum=0)
-    if dim % 2:
-        raise ValueError(f"rotary_dim: expected an even number of channels, got {dim}")
+    dim = check_dim(integer(rotary_dim, "rotary_dim", minimum=0), "rotary_dim")
     base = real(base, "base", positive=True)
     if seq_len is not None:
         seq_len = integer(seq_len, "seq_len", minimum=0)

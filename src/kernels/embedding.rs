@@ -53,10 +53,7 @@ fn check_table<T>(weight: &[T], rows: usize, dim: usize) -> Result<(), KernelErr
         Some(n) if n == weight.len() => Ok(()),
         _ => Err(KernelError::invalid(
             "weight",
-            format!(
-                "expected {rows} x {dim} = rows * dim elements, got {}",
-                weight.len()
-            ),
+            format!("expected {rows} x {dim} = rows * dim elements, got {}", weight.len()),
         )),
     }
 }
@@ -64,10 +61,7 @@ fn check_table<T>(weight: &[T], rows: usize, dim: usize) -> Result<(), KernelErr
 fn check_out_len(out_len: usize, expected: Option<usize>) -> Result<(), KernelError> {
     match expected {
         Some(n) if n == out_len => Ok(()),
-        _ => Err(KernelError::invalid(
-            "out",
-            format!("has {out_len} elements, expected {expected:?}"),
-        )),
+        _ => Err(KernelError::invalid("out", format!("has {out_len} elements, expected {expected:?}"))),
     }
 }
 
@@ -77,12 +71,7 @@ pub fn rows_of<I: TokenId>(ids: &[I], rows: usize) -> Result<Vec<usize>, KernelE
         .enumerate()
         .map(|(flat_index, &id)| match id.to_row() {
             Some(r) if r < rows => Ok(r),
-            _ => Err(KernelError::IndexOutOfRange {
-                arg: "ids",
-                flat_index,
-                value: id.value(),
-                size: rows,
-            }),
+            _ => Err(KernelError::IndexOutOfRange { arg: "ids", flat_index, value: id.value(), size: rows }),
         })
         .collect()
 }
@@ -133,44 +122,31 @@ pub fn embedding_bag<T: Float, I: TokenId>(
 ) -> Result<(), KernelError> {
     check_table(weight, rows, dim)?;
     let bounds = bags.bounds;
-    let n_bags = bounds.len().checked_sub(1).ok_or_else(|| {
-        KernelError::invalid("offsets", "bounds must hold at least one entry (bags + 1)")
-    })?;
+    let n_bags = bounds
+        .len()
+        .checked_sub(1)
+        .ok_or_else(|| KernelError::invalid("offsets", "bounds must hold at least one entry (bags + 1)"))?;
     check_out_len(out.len(), n_bags.checked_mul(dim))?;
-    if bounds[0] != 0 || bounds[n_bags] != bags.ids.len() || bounds.windows(2).any(|w| w[0] > w[1])
-    {
+    if bounds[0] != 0 || bounds[n_bags] != bags.ids.len() || bounds.windows(2).any(|w| w[0] > w[1]) {
         return Err(KernelError::invalid(
             "offsets",
-            format!(
-                "must start at 0, never decrease and end at len(ids) = {}",
-                bags.ids.len()
-            ),
+            format!("must start at 0, never decrease and end at len(ids) = {}", bags.ids.len()),
         ));
     }
     if let Some(w) = bags.per_sample_weights {
         if mode != BagMode::Sum {
-            return Err(KernelError::invalid(
-                "per_sample_weights",
-                "is only supported with mode='sum'",
-            ));
+            return Err(KernelError::invalid("per_sample_weights", "is only supported with mode='sum'"));
         }
         if w.len() != bags.ids.len() {
             return Err(KernelError::invalid(
                 "per_sample_weights",
-                format!(
-                    "has {} entries, expected one per id ({})",
-                    w.len(),
-                    bags.ids.len()
-                ),
+                format!("has {} entries, expected one per id ({})", w.len(), bags.ids.len()),
             ));
         }
     }
     if let Some(p) = bags.padding_idx {
         if p >= rows {
-            return Err(KernelError::invalid(
-                "padding_idx",
-                format!("{p} is outside [0, {rows})"),
-            ));
+            return Err(KernelError::invalid("padding_idx", format!("{p} is outside [0, {rows})")));
         }
     }
     let row_index = rows_of(bags.ids, rows)?;
@@ -178,18 +154,8 @@ pub fn embedding_bag<T: Float, I: TokenId>(
         let mut acc = vec![0.0f64; dim];
         for (k, dst) in block.chunks_exact_mut(dim).enumerate() {
             let b = first + k;
-            let entries =
-                (bounds[b]..bounds[b + 1]).filter(|&j| Some(row_index[j]) != bags.padding_idx);
-            reduce_bag(
-                entries,
-                &row_index,
-                weight,
-                dim,
-                mode,
-                bags.per_sample_weights,
-                &mut acc,
-                dst,
-            );
+            let entries = (bounds[b]..bounds[b + 1]).filter(|&j| Some(row_index[j]) != bags.padding_idx);
+            reduce_bag(entries, &row_index, weight, dim, mode, bags.per_sample_weights, &mut acc, dst);
         }
     });
     Ok(())
@@ -234,11 +200,7 @@ fn reduce_bag<T: Float>(
         }
         count += 1;
     }
-    let divisor = if mode == BagMode::Mean && count > 0 {
-        count as f64
-    } else {
-        1.0
-    };
+    let divisor = if mode == BagMode::Mean && count > 0 { count as f64 } else { 1.0 };
     for (d, &a) in dst.iter_mut().zip(acc.iter()) {
         *d = T::from_f64(a / divisor);
     }
@@ -263,10 +225,7 @@ mod tests {
         embedding(&ids, &w, rows, dim, None, &mut out, Par::Seq).unwrap();
         for (n, &id) in ids.iter().enumerate() {
             for c in 0..dim {
-                assert_eq!(
-                    out[n * dim + c].to_bits(),
-                    w[id as usize * dim + c].to_bits()
-                );
+                assert_eq!(out[n * dim + c].to_bits(), w[id as usize * dim + c].to_bits());
             }
         }
     }
@@ -287,19 +246,9 @@ mod tests {
         let w = table(4, 2);
         let mut out = vec![0.0f32; 6];
         let err = embedding(&[1i64, -1, 9], &w, 4, 2, None, &mut out, Par::Seq).unwrap_err();
-        assert_eq!(
-            err,
-            KernelError::IndexOutOfRange {
-                arg: "ids",
-                flat_index: 1,
-                value: -1,
-                size: 4
-            }
-        );
+        assert_eq!(err, KernelError::IndexOutOfRange { arg: "ids", flat_index: 1, value: -1, size: 4 });
         let err = embedding(&[u64::MAX], &w, 4, 2, None, &mut out[..2], Par::Seq).unwrap_err();
-        assert!(
-            matches!(err, KernelError::IndexOutOfRange { value, .. } if value == u64::MAX as i128)
-        );
+        assert!(matches!(err, KernelError::IndexOutOfRange { value, .. } if value == u64::MAX as i128));
     }
 
     #[test]
@@ -347,12 +296,7 @@ mod tests {
         let bounds = [0, 3, 3, 4, 9];
         for mode in [BagMode::Sum, BagMode::Mean, BagMode::Max] {
             for pad in [None, Some(2), Some(7)] {
-                let bags = Bags {
-                    ids: &ids,
-                    bounds: &bounds,
-                    per_sample_weights: None,
-                    padding_idx: pad,
-                };
+                let bags = Bags { ids: &ids, bounds: &bounds, per_sample_weights: None, padding_idx: pad };
                 let mut out = vec![f32::NAN; 4 * dim];
                 embedding_bag(&bags, &w, rows, dim, mode, &mut out, Par::Seq).unwrap();
                 let want = naive_bag(&ids, &bounds, &w, dim, mode, pad);
@@ -367,20 +311,13 @@ mod tests {
     fn bags_apply_per_sample_weights_and_propagate_nan_in_max() {
         let w = vec![1.0f32, 2.0, f32::NAN, 4.0];
         let ids = [0u8, 1];
-        let bags = Bags {
-            ids: &ids,
-            bounds: &[0, 2],
-            per_sample_weights: Some(&[2.0, -1.0]),
-            padding_idx: None,
-        };
+        let bags =
+            Bags { ids: &ids, bounds: &[0, 2], per_sample_weights: Some(&[2.0, -1.0]), padding_idx: None };
         let mut out = vec![0.0f32; 2];
         embedding_bag(&bags, &w, 2, 2, BagMode::Sum, &mut out, Par::Seq).unwrap();
         assert_eq!(out[1], 0.0);
         assert!(out[0].is_nan());
-        let bags = Bags {
-            per_sample_weights: None,
-            ..bags
-        };
+        let bags = Bags { per_sample_weights: None, ..bags };
         embedding_bag(&bags, &w, 2, 2, BagMode::Max, &mut out, Par::Seq).unwrap();
         assert!(out[0].is_nan());
         assert_eq!(out[1], 4.0);
@@ -392,27 +329,13 @@ mod tests {
         let ids = [0i32, 1, 2];
         let mut out = vec![0.0f32; 2];
         for bounds in [&[1usize, 2, 3][..], &[0, 2, 1], &[0, 1, 4], &[]] {
-            let bags = Bags {
-                ids: &ids,
-                bounds,
-                per_sample_weights: None,
-                padding_idx: None,
-            };
+            let bags = Bags { ids: &ids, bounds, per_sample_weights: None, padding_idx: None };
             assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Sum, &mut out, Par::Seq).is_err());
         }
-        let bags = Bags {
-            ids: &ids,
-            bounds: &[0, 1, 3],
-            per_sample_weights: Some(&[1.0; 3]),
-            padding_idx: None,
-        };
+        let bags =
+            Bags { ids: &ids, bounds: &[0, 1, 3], per_sample_weights: Some(&[1.0; 3]), padding_idx: None };
         assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Mean, &mut out, Par::Seq).is_err());
-        let bags = Bags {
-            ids: &ids,
-            bounds: &[0, 1, 3],
-            per_sample_weights: None,
-            padding_idx: Some(3),
-        };
+        let bags = Bags { ids: &ids, bounds: &[0, 1, 3], per_sample_weights: None, padding_idx: Some(3) };
         assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Mean, &mut out, Par::Seq).is_err());
     }
 
@@ -421,10 +344,7 @@ mod tests {
         let (rows, dim) = (50, 37);
         let w = table(rows, dim);
         let ids: Vec<i64> = (0..4000).map(|i| (i * 7919) % rows as i64).collect();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let mut a = vec![0.0f32; ids.len() * dim];
         let mut b = a.clone();
         embedding(&ids, &w, rows, dim, Some(0.3), &mut a, Par::Seq).unwrap();

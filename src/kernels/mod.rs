@@ -88,26 +88,16 @@ where
     let rows = rows_per_block(row_len);
     let block = rows * row_len;
     match par {
-        Par::Pool(pool) if out.len() >= PARALLEL_MIN_ELEMENTS => pool.install(|| {
-            out.par_chunks_mut(block)
-                .enumerate()
-                .for_each(|(i, chunk)| f(i * rows, chunk))
-        }),
-        _ => out
-            .chunks_mut(block)
-            .enumerate()
-            .for_each(|(i, chunk)| f(i * rows, chunk)),
+        Par::Pool(pool) if out.len() >= PARALLEL_MIN_ELEMENTS => {
+            pool.install(|| out.par_chunks_mut(block).enumerate().for_each(|(i, chunk)| f(i * rows, chunk)))
+        }
+        _ => out.chunks_mut(block).enumerate().for_each(|(i, chunk)| f(i * rows, chunk)),
     }
 }
 
 /// [`for_each_row_block`] over two outputs of the same shape, blocked identically.
-pub(crate) fn for_each_row_block_pair<T, F>(
-    a: &mut [T],
-    b: &mut [T],
-    row_len: usize,
-    par: Par<'_>,
-    f: F,
-) where
+pub(crate) fn for_each_row_block_pair<T, F>(a: &mut [T], b: &mut [T], row_len: usize, par: Par<'_>, f: F)
+where
     T: Send,
     F: Fn(usize, &mut [T], &mut [T]) + Sync,
 {
@@ -123,10 +113,8 @@ pub(crate) fn for_each_row_block_pair<T, F>(
                 .enumerate()
                 .for_each(|(i, (x, y))| f(i * rows, x, y))
         }),
-        _ => a
-            .chunks_mut(block)
-            .zip(b.chunks_mut(block))
-            .enumerate()
-            .for_each(|(i, (x, y))| f(i * rows, x, y)),
+        _ => {
+            a.chunks_mut(block).zip(b.chunks_mut(block)).enumerate().for_each(|(i, (x, y))| f(i * rows, x, y))
+        }
     }
 }

@@ -33,20 +33,14 @@ pub enum SinusoidLayout {
 }
 
 fn check_inputs(positions: &[i64], inv_freq: &[f64]) -> Result<(), KernelError> {
-    if let Some(p) = positions
-        .iter()
-        .find(|p| p.unsigned_abs() > MAX_EXACT_POSITION as u64)
-    {
+    if let Some(p) = positions.iter().find(|p| p.unsigned_abs() > MAX_EXACT_POSITION as u64) {
         return Err(KernelError::invalid(
             "positions",
             format!("{p} is beyond ±2**53, where positions stop being exact in float64"),
         ));
     }
     if let Some(f) = inv_freq.iter().find(|f| !f.is_finite()) {
-        return Err(KernelError::invalid(
-            "inv_freq",
-            format!("must be finite, got {f}"),
-        ));
+        return Err(KernelError::invalid("inv_freq", format!("must be finite, got {f}")));
     }
     Ok(())
 }
@@ -55,10 +49,7 @@ fn check_len(arg: &'static str, len: usize, expected: Option<usize>) -> Result<(
     if Some(len) == expected {
         Ok(())
     } else {
-        Err(KernelError::invalid(
-            arg,
-            format!("has {len} elements, expected {expected:?}"),
-        ))
+        Err(KernelError::invalid(arg, format!("has {len} elements, expected {expected:?}")))
     }
 }
 
@@ -103,19 +94,14 @@ pub fn rope_cos_sin<T: Float>(
 ) -> Result<(), KernelError> {
     check_inputs(positions, inv_freq)?;
     if !factor.is_finite() {
-        return Err(KernelError::invalid(
-            "attention_factor",
-            format!("must be finite, got {factor}"),
-        ));
+        return Err(KernelError::invalid("attention_factor", format!("must be finite, got {factor}")));
     }
     let half = inv_freq.len();
     let expected = positions.len().checked_mul(half);
     check_len("cos", cos.len(), expected)?;
     check_len("sin", sin.len(), expected)?;
     for_each_row_block_pair(cos, sin, half, par, |first, cos_block, sin_block| {
-        let rows = cos_block
-            .chunks_exact_mut(half)
-            .zip(sin_block.chunks_exact_mut(half));
+        let rows = cos_block.chunks_exact_mut(half).zip(sin_block.chunks_exact_mut(half));
         for ((cos_row, sin_row), &p) in rows.zip(&positions[first..]) {
             let p = p as f64;
             for ((c, s), &f) in cos_row.iter_mut().zip(sin_row.iter_mut()).zip(inv_freq) {
@@ -133,9 +119,7 @@ mod tests {
     use super::*;
 
     fn inv_freq(dim: usize) -> Vec<f64> {
-        (0..dim / 2)
-            .map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64))
-            .collect()
+        (0..dim / 2).map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64)).collect()
     }
 
     #[test]
@@ -144,14 +128,7 @@ mod tests {
         let f = inv_freq(6);
         let mut a = vec![0.0f64; positions.len() * 6];
         let mut b = a.clone();
-        sinusoidal(
-            &positions,
-            &f,
-            SinusoidLayout::Interleaved,
-            &mut a,
-            Par::Seq,
-        )
-        .unwrap();
+        sinusoidal(&positions, &f, SinusoidLayout::Interleaved, &mut a, Par::Seq).unwrap();
         sinusoidal(&positions, &f, SinusoidLayout::Halves, &mut b, Par::Seq).unwrap();
         for (p, &pos) in positions.iter().enumerate() {
             for i in 0..3 {
@@ -182,23 +159,9 @@ mod tests {
     fn rejects_inexact_positions_bad_frequencies_and_lengths() {
         let mut out = vec![0.0f32; 2];
         let f = [1.0];
-        assert!(sinusoidal(
-            &[(1 << 53) + 1],
-            &f,
-            SinusoidLayout::Halves,
-            &mut out,
-            Par::Seq
-        )
-        .is_err());
+        assert!(sinusoidal(&[(1 << 53) + 1], &f, SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
         assert!(sinusoidal(&[i64::MIN], &f, SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
-        assert!(sinusoidal(
-            &[1],
-            &[f64::NAN],
-            SinusoidLayout::Halves,
-            &mut out,
-            Par::Seq
-        )
-        .is_err());
+        assert!(sinusoidal(&[1], &[f64::NAN], SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
         assert!(sinusoidal(&[1, 2], &f, SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
         let (mut c, mut s) = (vec![0.0f32; 1], vec![0.0f32; 2]);
         assert!(rope_cos_sin(&[1], &f, 1.0, &mut c, &mut s, Par::Seq).is_err());
@@ -208,32 +171,15 @@ mod tests {
     #[test]
     fn empty_inputs_give_empty_outputs() {
         let mut out: Vec<f32> = vec![];
-        sinusoidal(
-            &[],
-            &inv_freq(8),
-            SinusoidLayout::Interleaved,
-            &mut out,
-            Par::Seq,
-        )
-        .unwrap();
-        sinusoidal(
-            &[1, 2],
-            &[],
-            SinusoidLayout::Interleaved,
-            &mut out,
-            Par::Seq,
-        )
-        .unwrap();
+        sinusoidal(&[], &inv_freq(8), SinusoidLayout::Interleaved, &mut out, Par::Seq).unwrap();
+        sinusoidal(&[1, 2], &[], SinusoidLayout::Interleaved, &mut out, Par::Seq).unwrap();
     }
 
     #[test]
     fn parallel_split_gives_identical_bits() {
         let positions: Vec<i64> = (0..3000).collect();
         let f = inv_freq(64);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let (mut c1, mut s1) = (vec![0.0f32; 3000 * 32], vec![0.0f32; 3000 * 32]);
         let (mut c2, mut s2) = (c1.clone(), s1.clone());
         rope_cos_sin(&positions, &f, 1.0, &mut c1, &mut s1, Par::Seq).unwrap();

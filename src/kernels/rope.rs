@@ -38,9 +38,9 @@ pub enum RopeLayout {
     Bshd,
 }
 
-/// The shape of an [`apply_rope`] call.
+/// The shape and kind of an [`apply_rope`] call.
 #[derive(Debug, Clone, Copy)]
-pub struct RopeShape {
+pub struct RopeSpec {
     pub batch: usize,
     pub heads: usize,
     pub seq: usize,
@@ -49,92 +49,69 @@ pub struct RopeShape {
     pub half: usize,
     /// Whether `cos`/`sin` carry a batch axis (`(batch, seq, h)`) or are shared (`(seq, h)`).
     pub per_batch_tables: bool,
+    pub layout: RopeLayout,
+    pub style: RopeStyle,
 }
 
-fn check(
-    shape: &RopeShape,
-    x: usize,
-    cos: usize,
-    sin: usize,
-    out: usize,
-) -> Result<(), KernelError> {
-    let RopeShape {
-        batch,
-        heads,
-        seq,
-        head_dim,
-        half,
-        per_batch_tables,
-    } = *shape;
-    let rows = [batch, heads, seq]
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d));
-    let x_len = rows.and_then(|r| r.checked_mul(head_dim));
-    let table_len = seq
-        .checked_mul(half)
-        .and_then(|n| n.checked_mul(if per_batch_tables { batch } else { 1 }));
-    if half.checked_mul(2).is_none_or(|r| r > head_dim) {
-        return Err(KernelError::invalid(
-            "cos",
-            format!("rotates 2 * {half} channels, more than head_dim = {head_dim}"),
-        ));
-    }
-    for (arg, len, expected) in [
-        ("x", x, x_len),
-        ("cos", cos, table_len),
-        ("sin", sin, table_len),
-        ("out", out, x_len),
-    ] {
-        if Some(len) != expected {
+impl RopeSpec {
+    /// Checks the slice lengths against the shape (with overflow checks).
+    fn check(&self, x: usize, cos: usize, sin: usize, out: usize) -> Result<(), KernelError> {
+        let x_len = [self.batch, self.heads, self.seq, self.head_dim]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
+        let table_batch = if self.per_batch_tables { self.batch } else { 1 };
+        let table_len = [table_batch, self.seq, self.half].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if self.half.checked_mul(2).is_none_or(|r| r > self.head_dim) {
             return Err(KernelError::invalid(
-                arg,
-                format!("has {len} elements, expected {expected:?}"),
+                "cos",
+                format!("rotates 2 * {} channels, more than head_dim = {}", self.half, self.head_dim),
             ));
         }
+        for (arg, len, expected) in
+            [("x", x, x_len), ("cos", cos, table_len), ("sin", sin, table_len), ("out", out, x_len)]
+        {
+            if Some(len) != expected {
+                return Err(KernelError::invalid(arg, format!("has {len} elements, expected {expected:?}")));
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// The row of `cos`/`sin` that row `r` of `x` uses: `r` is `(b, head, s)` in `Bhsd` order and
+    /// `(b, s, head)` in `Bshd` order.
+    #[inline(always)]
+    fn table_row(&self, r: usize) -> usize {
+        let b = r / (self.heads * self.seq);
+        let s = match self.layout {
+            RopeLayout::Bhsd => r % self.seq,
+            RopeLayout::Bshd => (r / self.heads) % self.seq,
+        };
+        if self.per_batch_tables {
+            b * self.seq + s
+        } else {
+            s
+        }
+    }
 }
 
-/// Rotates the first `2 * shape.half` channels of every row of `x` into `out`.
+/// Rotates the first `2 * spec.half` channels of every row of `x` into `out`.
 pub fn apply_rope<T: Float>(
     x: &[T],
     cos: &[T],
     sin: &[T],
-    shape: RopeShape,
-    layout: RopeLayout,
-    style: RopeStyle,
+    spec: RopeSpec,
     out: &mut [T],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    check(&shape, x.len(), cos.len(), sin.len(), out.len())?;
-    let RopeShape {
-        heads,
-        seq,
-        head_dim: d,
-        half: h,
-        per_batch_tables,
-        ..
-    } = shape;
-    // Row r of x is (b, head, s) in Bhsd order or (b, s, head) in Bshd order.
-    let table_row = move |r: usize| {
-        let b = r / (heads * seq);
-        let s = match layout {
-            RopeLayout::Bhsd => r % seq,
-            RopeLayout::Bshd => (r / heads) % seq,
-        };
-        if per_batch_tables {
-            b * seq + s
-        } else {
-            s
-        }
-    };
+    spec.check(x.len(), cos.len(), sin.len(), out.len())?;
+    let (d, h) = (spec.head_dim, spec.half);
     for_each_row_block(out, d, par, |first, block| {
         for (k, dst) in block.chunks_exact_mut(d).enumerate() {
             let r = first + k;
             let src = &x[r * d..(r + 1) * d];
-            let t = table_row(r) * h;
+            let t = spec.table_row(r) * h;
             let (c, n) = (&cos[t..t + h], &sin[t..t + h]);
-            match style {
+            match spec.style {
                 RopeStyle::Half => rotate_half(src, c, n, dst),
                 RopeStyle::Interleaved => rotate_pairs(src, c, n, dst),
             }
@@ -159,11 +136,7 @@ fn rotate_half<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [T]) {
 #[inline(always)]
 fn rotate_pairs<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [T]) {
     let h = c.len();
-    for (((o, p), &ci), &ni) in out[..2 * h]
-        .chunks_exact_mut(2)
-        .zip(x[..2 * h].chunks_exact(2))
-        .zip(c)
-        .zip(n)
+    for (((o, p), &ci), &ni) in out[..2 * h].chunks_exact_mut(2).zip(x[..2 * h].chunks_exact(2)).zip(c).zip(n)
     {
         o[0] = p[0] * ci - p[1] * ni;
         o[1] = p[1] * ci + p[0] * ni;
@@ -175,27 +148,19 @@ mod tests {
     use super::*;
 
     /// The formula, one element at a time, in float64.
-    #[allow(clippy::too_many_arguments)]
-    fn naive(
-        x: &[f64],
-        cos: &[f64],
-        sin: &[f64],
-        s: RopeShape,
-        layout: RopeLayout,
-        style: RopeStyle,
-    ) -> Vec<f64> {
+    fn naive(x: &[f64], cos: &[f64], sin: &[f64], s: RopeSpec) -> Vec<f64> {
         let mut out = x.to_vec();
         let (h, d) = (s.half, s.head_dim);
         for b in 0..s.batch {
             for hd in 0..s.heads {
                 for q in 0..s.seq {
-                    let row = match layout {
+                    let row = match s.layout {
                         RopeLayout::Bhsd => ((b * s.heads + hd) * s.seq + q) * d,
                         RopeLayout::Bshd => ((b * s.seq + q) * s.heads + hd) * d,
                     };
                     let t = (if s.per_batch_tables { b * s.seq + q } else { q }) * h;
                     for i in 0..h {
-                        let (a, z) = match style {
+                        let (a, z) = match s.style {
                             RopeStyle::Half => (i, i + h),
                             RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                         };
@@ -209,33 +174,33 @@ mod tests {
         out
     }
 
+    fn spec(half: usize, per_batch_tables: bool) -> RopeSpec {
+        RopeSpec {
+            batch: 2,
+            heads: 3,
+            seq: 5,
+            head_dim: 8,
+            half,
+            per_batch_tables,
+            layout: RopeLayout::Bhsd,
+            style: RopeStyle::Half,
+        }
+    }
+
     #[test]
     fn matches_naive_formula_for_every_style_layout_and_partial_rotary() {
         for (half, per_batch) in [(3, false), (2, true), (0, false), (4, true)] {
-            let s = RopeShape {
-                batch: 2,
-                heads: 3,
-                seq: 5,
-                head_dim: 8,
-                half,
-                per_batch_tables: per_batch,
-            };
             let n = 2 * 3 * 5 * 8;
-            let x: Vec<f64> = (0..n)
-                .map(|i| ((i * 37) % 101) as f64 / 17.0 - 2.0)
-                .collect();
+            let x: Vec<f64> = (0..n).map(|i| ((i * 37) % 101) as f64 / 17.0 - 2.0).collect();
             let tl = if per_batch { 2 } else { 1 } * 5 * half;
             let cos: Vec<f64> = (0..tl).map(|i| (i as f64 * 0.3).cos()).collect();
             let sin: Vec<f64> = (0..tl).map(|i| (i as f64 * 0.3).sin()).collect();
             for layout in [RopeLayout::Bhsd, RopeLayout::Bshd] {
                 for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+                    let s = RopeSpec { layout, style, ..spec(half, per_batch) };
                     let mut out = vec![0.0; n];
-                    apply_rope(&x, &cos, &sin, s, layout, style, &mut out, Par::Seq).unwrap();
-                    assert_eq!(
-                        out,
-                        naive(&x, &cos, &sin, s, layout, style),
-                        "{layout:?} {style:?} {half}"
-                    );
+                    apply_rope(&x, &cos, &sin, s, &mut out, Par::Seq).unwrap();
+                    assert_eq!(out, naive(&x, &cos, &sin, s), "{layout:?} {style:?} {half}");
                 }
             }
         }
@@ -243,53 +208,14 @@ mod tests {
 
     #[test]
     fn rejects_inconsistent_shapes() {
-        let s = RopeShape {
-            batch: 1,
-            heads: 1,
-            seq: 2,
-            head_dim: 4,
-            half: 3,
-            per_batch_tables: false,
-        };
-        let mut out = vec![0.0f32; 8];
-        let t = vec![0.0f32; 6];
-        let err = apply_rope(
-            &[0.0f32; 8],
-            &t,
-            &t,
-            s,
-            RopeLayout::Bhsd,
-            RopeStyle::Half,
-            &mut out,
-            Par::Seq,
-        );
-        assert!(err.is_err());
-        let s = RopeShape { half: 2, ..s };
-        let err = apply_rope(
-            &[0.0f32; 8],
-            &t,
-            &t,
-            s,
-            RopeLayout::Bhsd,
-            RopeStyle::Half,
-            &mut out,
-            Par::Seq,
-        );
-        assert!(err.is_err());
-        let s = RopeShape {
-            batch: usize::MAX,
-            ..s
-        };
-        let err = apply_rope(
-            &[0.0f32; 8],
-            &t[..4],
-            &t[..4],
-            s,
-            RopeLayout::Bhsd,
-            RopeStyle::Half,
-            &mut out,
-            Par::Seq,
-        );
-        assert!(err.is_err());
+        let s = RopeSpec { batch: 1, heads: 1, seq: 2, head_dim: 4, ..spec(3, false) };
+        let (x, t) = ([0.0f32; 8], [0.0f32; 6]);
+        let mut out = [0.0f32; 8];
+        assert!(apply_rope(&x, &t, &t, s, &mut out, Par::Seq).is_err()); // 2 * 3 > head_dim
+        let s = RopeSpec { half: 2, ..s };
+        assert!(apply_rope(&x, &t, &t, s, &mut out, Par::Seq).is_err()); // tables of 6, not 4
+        let s = RopeSpec { batch: usize::MAX, ..s };
+        assert!(apply_rope(&x, &t[..4], &t[..4], s, &mut out, Par::Seq).is_err());
+        // overflow
     }
 }

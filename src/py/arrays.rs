@@ -40,12 +40,10 @@ pub enum Ints<'py> {
 fn describe(obj: &Bound<'_, PyAny>) -> String {
     match obj.cast::<PyUntypedArray>() {
         Ok(a) => format!("an array of dtype {}", a.dtype()),
-        Err(_) => format!(
-            "{}",
-            obj.get_type()
-                .name()
-                .map_or_else(|_| "?".into(), |n| n.to_string())
-        ),
+        Err(_) => {
+            let name = obj.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string());
+            format!("an object of type {name}")
+        }
     }
 }
 
@@ -54,10 +52,7 @@ fn try_as<'py, T: Element>(
     arg: &str,
 ) -> Option<PyResult<PyReadonlyArrayDyn<'py, T>>> {
     let arr = obj.cast::<PyArrayDyn<T>>().ok()?;
-    Some(
-        arr.try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("{arg}: {e}"))),
-    )
+    Some(arr.try_readonly().map_err(|e| PyValueError::new_err(format!("{arg}: {e}"))))
 }
 
 /// One specific dtype, or a `TypeError` naming `arg` and `expected`.
@@ -67,10 +62,7 @@ pub fn typed<'py, T: Element>(
     expected: &str,
 ) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     try_as(obj, arg).unwrap_or_else(|| {
-        Err(PyTypeError::new_err(format!(
-            "{arg}: expected a {expected} numpy array, got {}",
-            describe(obj)
-        )))
+        Err(PyTypeError::new_err(format!("{arg}: expected a {expected} numpy array, got {}", describe(obj))))
     })
 }
 
@@ -116,13 +108,22 @@ pub fn slice<'a, T: Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> P
     arr.as_slice().map_err(|_| not_contiguous())
 }
 
+/// A shape written as NumPy writes it: `(2, 3)`, `(4,)`, `()`.
+pub fn shape_str(shape: &[usize]) -> String {
+    match shape {
+        [one] => format!("({one},)"),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
 /// A `ValueError` unless `arr` has `ndim` dimensions.
 pub fn expect_ndim(shape: &[usize], ndim: usize, arg: &str, what: &str) -> PyResult<()> {
     if shape.len() == ndim {
         Ok(())
     } else {
         Err(PyValueError::new_err(format!(
-            "{arg}: expected a {ndim}-d array {what}, got shape {shape:?}"
+            "{arg}: expected a {ndim}-d array {what}, got shape {}",
+            shape_str(shape)
         )))
     }
 }
@@ -156,9 +157,7 @@ pub fn to_numpy<'py, T: Element>(
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     ArrayD::from_shape_vec(IxDyn(&shape), data)
         .map(|a| a.into_pyarray(py))
-        .map_err(|e| {
-            crate::py::errors::InternalError::new_err(format!("attnkit bug: output shape: {e}"))
-        })
+        .map_err(|e| crate::py::errors::InternalError::new_err(format!("attnkit bug: output shape: {e}")))
 }
 
 /// Runs `$body` with `$a` bound to the borrowed array of whichever integer dtype `$ints` holds.

@@ -29,9 +29,7 @@ pub fn embedding<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let ids = ints(ids, "ids")?;
     if let Some(s) = scale.filter(|s| !s.is_finite()) {
-        return Err(PyValueError::new_err(format!(
-            "scale: must be finite, got {s}"
-        )));
+        return Err(PyValueError::new_err(format!("scale: must be finite, got {s}")));
     }
     match floats(weight, "weight")? {
         Floats::F32(w) => lookup(py, &ids, &w, scale.map(|s| s as f32)),
@@ -99,17 +97,11 @@ pub fn embedding_bag<'py>(
         .map(|&b| usize::try_from(b))
         .collect::<Result<_, _>>()
         .map_err(|_| PyValueError::new_err("offsets: must not be negative"))?;
-    let psw = per_sample_weights
-        .map(|w| typed::<f64>(w, "per_sample_weights", "float64"))
-        .transpose()?;
-    let psw = psw
-        .as_ref()
-        .map(|w| slice(w, "per_sample_weights"))
-        .transpose()?;
+    let psw = per_sample_weights.map(|w| typed::<f64>(w, "per_sample_weights", "float64")).transpose()?;
+    let psw = psw.as_ref().map(|w| slice(w, "per_sample_weights")).transpose()?;
     let padding_idx = padding_idx
         .map(|p| {
-            usize::try_from(p)
-                .map_err(|_| PyValueError::new_err(format!("padding_idx: {p} is negative")))
+            usize::try_from(p).map_err(|_| PyValueError::new_err(format!("padding_idx: {p} is negative")))
         })
         .transpose()?;
     let weight = floats(weight, "weight")?;

@@ -28,13 +28,7 @@ fn multi_index(mut flat: usize, shape: &[usize]) -> String {
     if idx.is_empty() {
         String::new()
     } else {
-        format!(
-            "[{}]",
-            idx.iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("[{}]", idx.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "))
     }
 }
 
@@ -43,20 +37,13 @@ fn multi_index(mut flat: usize, shape: &[usize]) -> String {
 pub fn to_pyerr(err: KernelError, index_shape: &[usize]) -> PyErr {
     match err {
         KernelError::InvalidArgument { .. } => PyValueError::new_err(err.to_string()),
-        KernelError::IndexOutOfRange {
-            arg,
-            flat_index,
-            value,
-            size,
-        } => PyIndexError::new_err(format!(
+        KernelError::IndexOutOfRange { arg, flat_index, value, size } => PyIndexError::new_err(format!(
             "{arg}{} = {value} is out of range for a table of {size} rows (valid ids are 0 to {})",
             multi_index(flat_index, index_shape),
             size as i128 - 1
         )),
         KernelError::Allocation { elements: None, .. } => PyValueError::new_err(err.to_string()),
-        KernelError::Allocation {
-            elements: Some(_), ..
-        } => PyMemoryError::new_err(err.to_string()),
+        KernelError::Allocation { elements: Some(_), .. } => PyMemoryError::new_err(err.to_string()),
     }
 }
 
@@ -67,19 +54,5 @@ pub fn from_panic(payload: Box<dyn Any + Send>) -> PyErr {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_string());
-    InternalError::new_err(format!(
-        "attnkit bug: a Rust panic reached the Python boundary: {what}"
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::multi_index;
-
-    #[test]
-    fn multi_index_reads_like_numpy() {
-        assert_eq!(multi_index(5, &[2, 3]), "[1, 2]");
-        assert_eq!(multi_index(0, &[]), "");
-        assert_eq!(multi_index(3, &[4]), "[3]");
-    }
+    InternalError::new_err(format!("attnkit bug: a Rust panic reached the Python boundary: {what}"))
 }

@@ -18,9 +18,7 @@ fn set_num_threads(n: i64) -> PyResult<()> {
             crate::pool::set_num_threads(n);
             Ok(())
         }
-        _ => Err(PyValueError::new_err(format!(
-            "n: expected a positive number of threads, got {n}"
-        ))),
+        _ => Err(PyValueError::new_err(format!("n: expected a positive number of threads, got {n}"))),
     }
 }
 

@@ -15,9 +15,7 @@ fn is_double(dtype: &str) -> PyResult<bool> {
     match dtype {
         "float32" => Ok(false),
         "float64" => Ok(true),
-        other => Err(PyTypeError::new_err(format!(
-            "dtype: expected float32 or float64, got {other}"
-        ))),
+        other => Err(PyTypeError::new_err(format!("dtype: expected float32 or float64, got {other}"))),
     }
 }
 
@@ -32,19 +30,11 @@ impl<'py> Inputs<'py> {
         let positions = typed::<i64>(positions, "positions", "int64")?;
         let inv_freq = typed::<f64>(inv_freq, "inv_freq", "float64")?;
         expect_ndim(inv_freq.shape(), 1, "inv_freq", "of inverse frequencies")?;
-        Ok(Self {
-            positions,
-            inv_freq,
-        })
+        Ok(Self { positions, inv_freq })
     }
 
     fn shape_with(&self, last: usize) -> Vec<usize> {
-        self.positions
-            .shape()
-            .iter()
-            .copied()
-            .chain([last])
-            .collect()
+        self.positions.shape().iter().copied().chain([last]).collect()
     }
 }
 
@@ -79,10 +69,8 @@ fn sinusoidal_typed<'py, T: Float + Element>(
     inputs: &Inputs<'py>,
     layout: SinusoidLayout,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let (positions, inv_freq) = (
-        slice(&inputs.positions, "positions")?,
-        slice(&inputs.inv_freq, "inv_freq")?,
-    );
+    let (positions, inv_freq) =
+        (slice(&inputs.positions, "positions")?, slice(&inputs.inv_freq, "inv_freq")?);
     let dim = 2 * inv_freq.len();
     let n = output_len("positions", &[positions.len(), dim])?;
     let out = run(py, &[], |par| {
@@ -115,10 +103,8 @@ fn tables_typed<'py, T: Float + Element>(
     inputs: &Inputs<'py>,
     factor: f64,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let (positions, inv_freq) = (
-        slice(&inputs.positions, "positions")?,
-        slice(&inputs.inv_freq, "inv_freq")?,
-    );
+    let (positions, inv_freq) =
+        (slice(&inputs.positions, "positions")?, slice(&inputs.inv_freq, "inv_freq")?);
     let n = output_len("positions", &[positions.len(), inv_freq.len()])?;
     let (cos, sin) = run(py, &[], |par| {
         let mut cos = try_zeroed::<T>("cos", n)?;
@@ -127,8 +113,5 @@ fn tables_typed<'py, T: Float + Element>(
         Ok((cos, sin))
     })?;
     let shape = inputs.shape_with(inv_freq.len());
-    Ok((
-        to_numpy(py, cos, shape.clone())?.into_any(),
-        to_numpy(py, sin, shape)?.into_any(),
-    ))
+    Ok((to_numpy(py, cos, shape.clone())?.into_any(), to_numpy(py, sin, shape)?.into_any()))
 }

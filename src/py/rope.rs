@@ -5,9 +5,9 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::error::try_zeroed;
-use crate::kernels::rope::{self as kernel, RopeLayout, RopeShape, RopeStyle};
+use crate::kernels::rope::{self as kernel, RopeLayout, RopeSpec, RopeStyle};
 use crate::kernels::Float;
-use crate::py::arrays::{floats, run, slice, to_numpy, Floats};
+use crate::py::arrays::{floats, run, shape_str, slice, to_numpy, Floats};
 
 /// Rotates `x` (4-d, `layout` order) by the tables `cos`/`sin` (`(seq, r/2)` or `(batch, seq, r/2)`).
 #[pyfunction]
@@ -32,17 +32,13 @@ pub fn apply_rope<'py>(
         "bhsd" => RopeLayout::Bhsd,
         "bshd" => RopeLayout::Bshd,
         other => {
-            return Err(PyValueError::new_err(format!(
-                "layout: expected 'bhsd' or 'bshd', got {other:?}"
-            )))
+            return Err(PyValueError::new_err(format!("layout: expected 'bhsd' or 'bshd', got {other:?}")))
         }
     };
     match (floats(x, "x")?, floats(cos, "cos")?, floats(sin, "sin")?) {
         (Floats::F32(x), Floats::F32(c), Floats::F32(s)) => rotate(py, &x, &c, &s, style, layout),
         (Floats::F64(x), Floats::F64(c), Floats::F64(s)) => rotate(py, &x, &c, &s, style, layout),
-        _ => Err(PyTypeError::new_err(
-            "cos, sin: must have the dtype of x (float32 or float64)",
-        )),
+        _ => Err(PyTypeError::new_err("cos, sin: must have the dtype of x (float32 or float64)")),
     }
 }
 
@@ -54,11 +50,11 @@ fn rotate<'py, T: Float + Element>(
     style: RopeStyle,
     layout: RopeLayout,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let shape = table_shape(x.shape(), cos.shape(), sin.shape(), layout)?;
+    let spec = table_shape(x.shape(), cos.shape(), sin.shape(), layout, style)?;
     let (xs, cs, ss) = (slice(x, "x")?, slice(cos, "cos")?, slice(sin, "sin")?);
     let out = run(py, &[], |par| {
         let mut out = try_zeroed("apply_rope output", xs.len())?;
-        kernel::apply_rope(xs, cs, ss, shape, layout, style, &mut out, par)?;
+        kernel::apply_rope(xs, cs, ss, spec, &mut out, par)?;
         Ok(out)
     })?;
     Ok(to_numpy(py, out, x.shape().to_vec())?.into_any())
@@ -70,14 +66,16 @@ fn table_shape(
     cos: &[usize],
     sin: &[usize],
     layout: RopeLayout,
-) -> PyResult<RopeShape> {
+    style: RopeStyle,
+) -> PyResult<RopeSpec> {
     let [batch, a, b, head_dim] = *x else {
         let want = match layout {
             RopeLayout::Bhsd => "(batch, heads, seq, head_dim)",
             RopeLayout::Bshd => "(batch, seq, heads, head_dim)",
         };
         return Err(PyValueError::new_err(format!(
-            "x: expected a 4-d array {want}, got shape {x:?}"
+            "x: expected a 4-d array {want}, got shape {}",
+            shape_str(x)
         )));
     };
     let (heads, seq) = match layout {
@@ -86,13 +84,17 @@ fn table_shape(
     };
     if cos != sin {
         return Err(PyValueError::new_err(format!(
-            "cos, sin: shapes differ: {cos:?} and {sin:?}"
+            "cos, sin: shapes differ: {} and {}",
+            shape_str(cos),
+            shape_str(sin)
         )));
     }
     let bad = || {
         PyValueError::new_err(format!(
             "cos: expected shape ({seq}, r/2) or ({batch}, {seq}, r/2) with r <= head_dim = {head_dim} \
-             for x of shape {x:?}, got {cos:?}"
+             for x of shape {}, got {}",
+            shape_str(x),
+            shape_str(cos)
         ))
     };
     let (per_batch_tables, half) = match *cos {
@@ -103,12 +105,5 @@ fn table_shape(
     if 2 * half > head_dim {
         return Err(bad());
     }
-    Ok(RopeShape {
-        batch,
-        heads,
-        seq,
-        head_dim,
-        half,
-        per_batch_tables,
-    })
+    Ok(RopeSpec { batch, heads, seq, head_dim, half, per_batch_tables, layout, style })
 }
