@@ -66,7 +66,7 @@ def positions_array(positions: Any, name: str = "positions") -> npt.NDArray[np.i
 
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
     try:
-        dt = np.dtype(dtype)
+        dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"{name}: expected numpy.float32 or numpy.float64, got {dtype!r}") from None
     if dt not in FLOAT_DTYPES:

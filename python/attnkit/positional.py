@@ -150,7 +150,7 @@ def alibi_slopes(num_heads: int) -> npt.NDArray[np.float64]:
     Example:
         >>> import attnkit
         >>> attnkit.alibi_slopes(4)
-        array([0.25  , 0.0625, 0.0156, 0.0039])
+        array([0.25      , 0.0625    , 0.015625  , 0.00390625])
     """
     n = integer(num_heads, "num_heads", minimum=0)
     if n == 0:

@@ -262,7 +262,7 @@ def rope_cos_sin(
     Example:
         >>> import attnkit
         >>> cos, sin = attnkit.rope_cos_sin(3, 4)
-        >>> cos.shape, float(sin[1, 0].round(4))
+        >>> cos.shape, round(float(sin[1, 0]), 4)
         ((3, 2), 0.8415)
     """
     pos = positions_array(positions)
@@ -312,7 +312,7 @@ def apply_rope(
         >>> import numpy as np, attnkit
         >>> cos, sin = attnkit.rope_cos_sin(2, 2)
         >>> attnkit.apply_rope(np.ones((1, 1, 2, 2), np.float32), cos, sin)[0, 0].round(4)
-        array([[1.    , 1.    ],
+        array([[ 1.    ,  1.    ],
                [-0.3012,  1.3818]], dtype=float32)
     """
     style = choice(style, "style", ("half", "interleaved"))  # type: ignore[assignment]
