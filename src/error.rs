@@ -47,11 +47,3 @@ pub fn checked_product(arg: &'static str, dims: &[usize]) -> Result<usize, Kerne
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or(KernelError::Allocation { arg, elements: None })
 }
-
-/// A vector of `n` zeros, or an `Allocation` error instead of aborting when memory runs out.
-pub fn try_zeroed<T: Copy + Default>(arg: &'static str, n: usize) -> Result<Vec<T>, KernelError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| KernelError::Allocation { arg, elements: Some(n) })?;
-    v.resize(n, T::default());
-    Ok(v)
-}

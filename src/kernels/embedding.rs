@@ -13,6 +13,8 @@
 //! Parallel split: blocks of output rows, each written by one task, so any thread count gives the
 //! same bits.
 
+use std::mem::MaybeUninit;
+
 use crate::error::KernelError;
 use crate::kernels::{for_each_row_block, Float};
 use crate::pool::Par;
@@ -83,7 +85,7 @@ pub fn embedding<T: Float, I: TokenId>(
     rows: usize,
     dim: usize,
     scale: Option<T>,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     check_table(weight, rows, dim)?;
@@ -93,8 +95,12 @@ pub fn embedding<T: Float, I: TokenId>(
         for (dst, &r) in block.chunks_exact_mut(dim).zip(&row_index[first..]) {
             let src = &weight[r * dim..(r + 1) * dim];
             match scale {
-                None => dst.copy_from_slice(src),
-                Some(s) => dst.iter_mut().zip(src).for_each(|(d, &w)| *d = w * s),
+                None => {
+                    dst.write_copy_of_slice(src);
+                }
+                Some(s) => dst.iter_mut().zip(src).for_each(|(d, &w)| {
+                    d.write(w * s);
+                }),
             }
         }
     });
@@ -117,7 +123,7 @@ pub fn embedding_bag<T: Float, I: TokenId>(
     rows: usize,
     dim: usize,
     mode: BagMode,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     check_table(weight, rows, dim)?;
@@ -161,7 +167,9 @@ pub fn embedding_bag<T: Float, I: TokenId>(
     Ok(())
 }
 
+/// Reduces the rows `entries` of one bag into `acc` (float64), then writes `acc` to `dst`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn reduce_bag<T: Float>(
     entries: impl Iterator<Item = usize>,
     row_index: &[usize],
@@ -170,48 +178,67 @@ fn reduce_bag<T: Float>(
     mode: BagMode,
     per_sample_weights: Option<&[f64]>,
     acc: &mut [f64],
-    dst: &mut [T],
+    dst: &mut [MaybeUninit<T>],
 ) {
     let row = |j: usize| &weight[row_index[j] * dim..(row_index[j] + 1) * dim];
     let mut count = 0usize;
-    if mode == BagMode::Max {
-        for j in entries {
-            if count == 0 {
-                dst.copy_from_slice(row(j));
-            } else {
-                for (d, &w) in dst.iter_mut().zip(row(j)) {
-                    if w > *d || w.is_nan() {
-                        *d = w;
-                    }
-                }
-            }
-            count += 1;
-        }
-        if count == 0 {
-            dst.fill(T::default());
-        }
-        return;
-    }
     acc.fill(0.0);
     for j in entries {
-        let factor = per_sample_weights.map_or(1.0, |w| w[j]);
-        for (a, &w) in acc.iter_mut().zip(row(j)) {
-            *a += w.to_f64() * factor;
+        let r = row(j);
+        match (mode, count) {
+            // The maximum is a selection: exact in float64, NaN wins wherever it is.
+            (BagMode::Max, 0) => acc.iter_mut().zip(r).for_each(|(a, &w)| *a = w.to_f64()),
+            (BagMode::Max, _) => acc.iter_mut().zip(r).for_each(|(a, &w)| {
+                let w = w.to_f64();
+                if w > *a || w.is_nan() {
+                    *a = w;
+                }
+            }),
+            _ => {
+                let factor = per_sample_weights.map_or(1.0, |w| w[j]);
+                acc.iter_mut().zip(r).for_each(|(a, &w)| *a += w.to_f64() * factor);
+            }
         }
         count += 1;
     }
     let divisor = if mode == BagMode::Mean && count > 0 { count as f64 } else { 1.0 };
     for (d, &a) in dst.iter_mut().zip(acc.iter()) {
-        *d = T::from_f64(a / divisor);
+        d.write(T::from_f64(a / divisor));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::output::collect;
 
     fn table(rows: usize, dim: usize) -> Vec<f32> {
         (0..rows * dim).map(|i| (i as f32) * 0.5 - 3.0).collect()
+    }
+
+    fn lookup<I: TokenId>(
+        ids: &[I],
+        w: &[f32],
+        rows: usize,
+        dim: usize,
+        scale: Option<f32>,
+    ) -> Result<Vec<f32>, KernelError> {
+        collect("out", ids.len() * dim, |out| embedding(ids, w, rows, dim, scale, out, Par::Seq))
+    }
+
+    fn bag<I: TokenId>(
+        bags: &Bags<'_, I>,
+        w: &[f32],
+        rows: usize,
+        dim: usize,
+        mode: BagMode,
+    ) -> Result<Vec<f32>, KernelError> {
+        let n = bags.bounds.len().saturating_sub(1) * dim;
+        collect("out", n, |out| embedding_bag(bags, w, rows, dim, mode, out, Par::Seq))
+    }
+
+    fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
+        vec![MaybeUninit::uninit(); n]
     }
 
     #[test]
@@ -221,8 +248,7 @@ mod tests {
         w[3] = f32::from_bits(0x7fc0_1234); // NaN with a payload
         w[4] = -0.0;
         let ids: Vec<u16> = vec![1, 0, 6, 1];
-        let mut out = vec![0.0f32; ids.len() * dim];
-        embedding(&ids, &w, rows, dim, None, &mut out, Par::Seq).unwrap();
+        let out = lookup(&ids, &w, rows, dim, None).unwrap();
         for (n, &id) in ids.iter().enumerate() {
             for c in 0..dim {
                 assert_eq!(out[n * dim + c].to_bits(), w[id as usize * dim + c].to_bits());
@@ -233,31 +259,26 @@ mod tests {
     #[test]
     fn lookup_scales_and_handles_empty() {
         let w = table(4, 2);
-        let mut out = vec![0.0f32; 2];
-        embedding(&[3i64], &w, 4, 2, Some(2.0), &mut out, Par::Seq).unwrap();
-        assert_eq!(out, vec![w[6] * 2.0, w[7] * 2.0]);
-        let mut empty: Vec<f32> = vec![];
-        embedding::<f32, i32>(&[], &w, 4, 2, None, &mut empty, Par::Seq).unwrap();
-        embedding(&[0i8, 3], &[], 4, 0, None, &mut empty, Par::Seq).unwrap();
+        assert_eq!(lookup(&[3i64], &w, 4, 2, Some(2.0)).unwrap(), vec![w[6] * 2.0, w[7] * 2.0]);
+        assert!(lookup::<i32>(&[], &w, 4, 2, None).unwrap().is_empty());
+        assert!(lookup(&[0i8, 3], &[], 4, 0, None).unwrap().is_empty());
     }
 
     #[test]
     fn lookup_reports_first_bad_id() {
         let w = table(4, 2);
-        let mut out = vec![0.0f32; 6];
-        let err = embedding(&[1i64, -1, 9], &w, 4, 2, None, &mut out, Par::Seq).unwrap_err();
+        let err = lookup(&[1i64, -1, 9], &w, 4, 2, None).unwrap_err();
         assert_eq!(err, KernelError::IndexOutOfRange { arg: "ids", flat_index: 1, value: -1, size: 4 });
-        let err = embedding(&[u64::MAX], &w, 4, 2, None, &mut out[..2], Par::Seq).unwrap_err();
+        let err = lookup(&[u64::MAX], &w, 4, 2, None).unwrap_err();
         assert!(matches!(err, KernelError::IndexOutOfRange { value, .. } if value == u64::MAX as i128));
     }
 
     #[test]
     fn lookup_rejects_inconsistent_lengths() {
         let w = table(4, 2);
-        let mut out = vec![0.0f32; 3];
-        assert!(embedding(&[1i32], &w, 4, 2, None, &mut out, Par::Seq).is_err());
-        assert!(embedding(&[1i32], &w, 5, 2, None, &mut out[..2], Par::Seq).is_err());
-        assert!(embedding(&[1i32], &w, usize::MAX, 2, None, &mut out[..2], Par::Seq).is_err());
+        assert!(embedding(&[1i32], &w, 4, 2, None, &mut uninit(3), Par::Seq).is_err());
+        assert!(embedding(&[1i32], &w, 5, 2, None, &mut uninit(2), Par::Seq).is_err());
+        assert!(embedding(&[1i32], &w, usize::MAX, 2, None, &mut uninit(2), Par::Seq).is_err());
     }
 
     fn naive_bag(
@@ -297,8 +318,7 @@ mod tests {
         for mode in [BagMode::Sum, BagMode::Mean, BagMode::Max] {
             for pad in [None, Some(2), Some(7)] {
                 let bags = Bags { ids: &ids, bounds: &bounds, per_sample_weights: None, padding_idx: pad };
-                let mut out = vec![f32::NAN; 4 * dim];
-                embedding_bag(&bags, &w, rows, dim, mode, &mut out, Par::Seq).unwrap();
+                let out = bag(&bags, &w, rows, dim, mode).unwrap();
                 let want = naive_bag(&ids, &bounds, &w, dim, mode, pad);
                 for (o, r) in out.iter().zip(&want) {
                     assert_eq!(*o, *r as f32, "mode {mode:?} pad {pad:?}");
@@ -311,44 +331,47 @@ mod tests {
     fn bags_apply_per_sample_weights_and_propagate_nan_in_max() {
         let w = vec![1.0f32, 2.0, f32::NAN, 4.0];
         let ids = [0u8, 1];
-        let bags =
-            Bags { ids: &ids, bounds: &[0, 2], per_sample_weights: Some(&[2.0, -1.0]), padding_idx: None };
-        let mut out = vec![0.0f32; 2];
-        embedding_bag(&bags, &w, 2, 2, BagMode::Sum, &mut out, Par::Seq).unwrap();
+        let weights = [2.0, -1.0];
+        let bags = Bags { ids: &ids, bounds: &[0, 2], per_sample_weights: Some(&weights), padding_idx: None };
+        let out = bag(&bags, &w, 2, 2, BagMode::Sum).unwrap();
+        assert!(out[0].is_nan());
         assert_eq!(out[1], 0.0);
-        assert!(out[0].is_nan());
-        let bags = Bags { per_sample_weights: None, ..bags };
-        embedding_bag(&bags, &w, 2, 2, BagMode::Max, &mut out, Par::Seq).unwrap();
-        assert!(out[0].is_nan());
-        assert_eq!(out[1], 4.0);
+        for ids in [[0u8, 1], [1, 0]] {
+            let bags = Bags { ids: &ids, bounds: &[0, 2], per_sample_weights: None, padding_idx: None };
+            let out = bag(&bags, &w, 2, 2, BagMode::Max).unwrap();
+            assert!(out[0].is_nan());
+            assert_eq!(out[1], 4.0);
+        }
     }
 
     #[test]
     fn bags_reject_bad_bounds_and_options() {
         let w = table(3, 1);
         let ids = [0i32, 1, 2];
-        let mut out = vec![0.0f32; 2];
         for bounds in [&[1usize, 2, 3][..], &[0, 2, 1], &[0, 1, 4], &[]] {
             let bags = Bags { ids: &ids, bounds, per_sample_weights: None, padding_idx: None };
-            assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Sum, &mut out, Par::Seq).is_err());
+            assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Sum, &mut uninit(2), Par::Seq).is_err());
         }
-        let bags =
-            Bags { ids: &ids, bounds: &[0, 1, 3], per_sample_weights: Some(&[1.0; 3]), padding_idx: None };
-        assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Mean, &mut out, Par::Seq).is_err());
+        let ones = [1.0; 3];
+        let bags = Bags { ids: &ids, bounds: &[0, 1, 3], per_sample_weights: Some(&ones), padding_idx: None };
+        assert!(bag(&bags, &w, 3, 1, BagMode::Mean).is_err());
         let bags = Bags { ids: &ids, bounds: &[0, 1, 3], per_sample_weights: None, padding_idx: Some(3) };
-        assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Mean, &mut out, Par::Seq).is_err());
+        assert!(bag(&bags, &w, 3, 1, BagMode::Mean).is_err());
     }
 
     #[test]
-    fn parallel_split_gives_identical_bits() {
+    fn parallel_and_portable_paths_give_identical_bits() {
         let (rows, dim) = (50, 37);
         let w = table(rows, dim);
         let ids: Vec<i64> = (0..4000).map(|i| (i * 7919) % rows as i64).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        let mut a = vec![0.0f32; ids.len() * dim];
-        let mut b = a.clone();
-        embedding(&ids, &w, rows, dim, Some(0.3), &mut a, Par::Seq).unwrap();
-        embedding(&ids, &w, rows, dim, Some(0.3), &mut b, Par::Pool(&pool)).unwrap();
-        assert_eq!(a, b);
+        let run =
+            |par| collect("out", ids.len() * dim, |out| embedding(&ids, &w, rows, dim, Some(0.3), out, par));
+        let want = run(Par::Seq).unwrap();
+        assert_eq!(run(Par::Pool(&pool)).unwrap(), want);
+        crate::kernels::simd::set_enabled(false);
+        let portable = run(Par::Seq);
+        crate::kernels::simd::set_enabled(true);
+        assert_eq!(portable.unwrap(), want);
     }
 }

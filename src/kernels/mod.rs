@@ -6,8 +6,10 @@
 //! bitwise identical for any thread count.
 
 pub mod embedding;
+pub mod output;
 pub mod positional;
 pub mod rope;
+pub mod simd;
 
 use rayon::prelude::*;
 
@@ -76,7 +78,8 @@ fn rows_per_block(row_len: usize) -> usize {
 /// Runs `f(first_row, rows)` over consecutive blocks of `row_len`-element rows of `out`.
 ///
 /// The blocks are fixed by `out.len()` and `row_len` only, and each row is written by exactly one
-/// call, so the result is the same whether the blocks run on one thread or many.
+/// call, so the result is the same whether the blocks run on one thread or many. Each call runs
+/// through [`simd::dispatch`], so the loops in `f` use AVX2 where the CPU has it.
 pub(crate) fn for_each_row_block<T, F>(out: &mut [T], row_len: usize, par: Par<'_>, f: F)
 where
     T: Send,
@@ -87,11 +90,12 @@ where
     }
     let rows = rows_per_block(row_len);
     let block = rows * row_len;
+    let run = |(i, chunk): (usize, &mut [T])| simd::dispatch(|| f(i * rows, chunk));
     match par {
         Par::Pool(pool) if out.len() >= PARALLEL_MIN_ELEMENTS => {
-            pool.install(|| out.par_chunks_mut(block).enumerate().for_each(|(i, chunk)| f(i * rows, chunk)))
+            pool.install(|| out.par_chunks_mut(block).enumerate().for_each(run))
         }
-        _ => out.chunks_mut(block).enumerate().for_each(|(i, chunk)| f(i * rows, chunk)),
+        _ => out.chunks_mut(block).enumerate().for_each(run),
     }
 }
 
@@ -106,15 +110,11 @@ where
     }
     let rows = rows_per_block(row_len);
     let block = rows * row_len;
+    let run = |(i, (x, y)): (usize, (&mut [T], &mut [T]))| simd::dispatch(|| f(i * rows, x, y));
     match par {
-        Par::Pool(pool) if a.len() >= PARALLEL_MIN_ELEMENTS => pool.install(|| {
-            a.par_chunks_mut(block)
-                .zip(b.par_chunks_mut(block))
-                .enumerate()
-                .for_each(|(i, (x, y))| f(i * rows, x, y))
-        }),
-        _ => {
-            a.chunks_mut(block).zip(b.chunks_mut(block)).enumerate().for_each(|(i, (x, y))| f(i * rows, x, y))
+        Par::Pool(pool) if a.len() >= PARALLEL_MIN_ELEMENTS => {
+            pool.install(|| a.par_chunks_mut(block).zip(b.par_chunks_mut(block)).enumerate().for_each(run))
         }
+        _ => a.chunks_mut(block).zip(b.chunks_mut(block)).enumerate().for_each(run),
     }
 }

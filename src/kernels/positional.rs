@@ -18,6 +18,8 @@
 //!
 //! Parallel split: blocks of positions (rows).
 
+use std::mem::MaybeUninit;
+
 use crate::error::KernelError;
 use crate::kernels::{for_each_row_block, for_each_row_block_pair, Float};
 use crate::pool::Par;
@@ -58,7 +60,7 @@ pub fn sinusoidal<T: Float>(
     positions: &[i64],
     inv_freq: &[f64],
     layout: SinusoidLayout,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     check_inputs(positions, inv_freq)?;
@@ -74,8 +76,8 @@ pub fn sinusoidal<T: Float>(
                     SinusoidLayout::Interleaved => (2 * i, 2 * i + 1),
                     SinusoidLayout::Halves => (i, half + i),
                 };
-                row[si] = T::from_f64(s);
-                row[ci] = T::from_f64(c);
+                row[si].write(T::from_f64(s));
+                row[ci].write(T::from_f64(c));
             }
         }
     });
@@ -88,8 +90,8 @@ pub fn rope_cos_sin<T: Float>(
     positions: &[i64],
     inv_freq: &[f64],
     factor: f64,
-    cos: &mut [T],
-    sin: &mut [T],
+    cos: &mut [MaybeUninit<T>],
+    sin: &mut [MaybeUninit<T>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     check_inputs(positions, inv_freq)?;
@@ -106,8 +108,8 @@ pub fn rope_cos_sin<T: Float>(
             let p = p as f64;
             for ((c, s), &f) in cos_row.iter_mut().zip(sin_row.iter_mut()).zip(inv_freq) {
                 let (sv, cv) = (p * f).sin_cos();
-                *c = T::from_f64(factor * cv);
-                *s = T::from_f64(factor * sv);
+                c.write(T::from_f64(factor * cv));
+                s.write(T::from_f64(factor * sv));
             }
         }
     });
@@ -117,19 +119,33 @@ pub fn rope_cos_sin<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::output::{collect, collect_pair};
 
     fn inv_freq(dim: usize) -> Vec<f64> {
         (0..dim / 2).map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64)).collect()
+    }
+
+    fn table<T: Float>(positions: &[i64], f: &[f64], layout: SinusoidLayout) -> Result<Vec<T>, KernelError> {
+        collect("out", positions.len() * 2 * f.len(), |out| sinusoidal(positions, f, layout, out, Par::Seq))
+    }
+
+    fn rope<T: Float>(
+        positions: &[i64],
+        f: &[f64],
+        factor: f64,
+        par: Par<'_>,
+    ) -> Result<(Vec<T>, Vec<T>), KernelError> {
+        collect_pair(("cos", "sin"), positions.len() * f.len(), |c, s| {
+            rope_cos_sin(positions, f, factor, c, s, par)
+        })
     }
 
     #[test]
     fn sinusoidal_matches_the_formula_in_both_layouts() {
         let positions = [0i64, 1, 5, -3, 1 << 20];
         let f = inv_freq(6);
-        let mut a = vec![0.0f64; positions.len() * 6];
-        let mut b = a.clone();
-        sinusoidal(&positions, &f, SinusoidLayout::Interleaved, &mut a, Par::Seq).unwrap();
-        sinusoidal(&positions, &f, SinusoidLayout::Halves, &mut b, Par::Seq).unwrap();
+        let a: Vec<f64> = table(&positions, &f, SinusoidLayout::Interleaved).unwrap();
+        let b: Vec<f64> = table(&positions, &f, SinusoidLayout::Halves).unwrap();
         for (p, &pos) in positions.iter().enumerate() {
             for i in 0..3 {
                 let phase = pos as f64 * f[i];
@@ -145,8 +161,7 @@ mod tests {
     fn rope_tables_round_once_and_scale() {
         let positions = [3i64, 7000];
         let f = inv_freq(4);
-        let (mut c, mut s) = (vec![0.0f32; 4], vec![0.0f32; 4]);
-        rope_cos_sin(&positions, &f, 1.25, &mut c, &mut s, Par::Seq).unwrap();
+        let (c, s) = rope::<f32>(&positions, &f, 1.25, Par::Seq).unwrap();
         for (p, &pos) in positions.iter().enumerate() {
             for i in 0..2 {
                 assert_eq!(c[p * 2 + i], (1.25 * (pos as f64 * f[i]).cos()) as f32);
@@ -157,22 +172,22 @@ mod tests {
 
     #[test]
     fn rejects_inexact_positions_bad_frequencies_and_lengths() {
-        let mut out = vec![0.0f32; 2];
         let f = [1.0];
-        assert!(sinusoidal(&[(1 << 53) + 1], &f, SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
-        assert!(sinusoidal(&[i64::MIN], &f, SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
-        assert!(sinusoidal(&[1], &[f64::NAN], SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
-        assert!(sinusoidal(&[1, 2], &f, SinusoidLayout::Halves, &mut out, Par::Seq).is_err());
-        let (mut c, mut s) = (vec![0.0f32; 1], vec![0.0f32; 2]);
+        let halves = SinusoidLayout::Halves;
+        assert!(table::<f32>(&[(1 << 53) + 1], &f, halves).is_err());
+        assert!(table::<f32>(&[i64::MIN], &f, halves).is_err());
+        assert!(table::<f32>(&[1], &[f64::NAN], halves).is_err());
+        let mut short = vec![MaybeUninit::<f32>::uninit(); 2];
+        assert!(sinusoidal(&[1, 2], &f, halves, &mut short, Par::Seq).is_err());
+        let (mut c, mut s) = (vec![MaybeUninit::<f32>::uninit(); 1], vec![MaybeUninit::<f32>::uninit(); 2]);
         assert!(rope_cos_sin(&[1], &f, 1.0, &mut c, &mut s, Par::Seq).is_err());
-        assert!(rope_cos_sin(&[1], &f, f64::INFINITY, &mut c, &mut s[..1], Par::Seq).is_err());
+        assert!(rope::<f32>(&[1], &f, f64::INFINITY, Par::Seq).is_err());
     }
 
     #[test]
     fn empty_inputs_give_empty_outputs() {
-        let mut out: Vec<f32> = vec![];
-        sinusoidal(&[], &inv_freq(8), SinusoidLayout::Interleaved, &mut out, Par::Seq).unwrap();
-        sinusoidal(&[1, 2], &[], SinusoidLayout::Interleaved, &mut out, Par::Seq).unwrap();
+        assert!(table::<f32>(&[], &inv_freq(8), SinusoidLayout::Interleaved).unwrap().is_empty());
+        assert!(table::<f32>(&[1, 2], &[], SinusoidLayout::Interleaved).unwrap().is_empty());
     }
 
     #[test]
@@ -180,10 +195,7 @@ mod tests {
         let positions: Vec<i64> = (0..3000).collect();
         let f = inv_freq(64);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        let (mut c1, mut s1) = (vec![0.0f32; 3000 * 32], vec![0.0f32; 3000 * 32]);
-        let (mut c2, mut s2) = (c1.clone(), s1.clone());
-        rope_cos_sin(&positions, &f, 1.0, &mut c1, &mut s1, Par::Seq).unwrap();
-        rope_cos_sin(&positions, &f, 1.0, &mut c2, &mut s2, Par::Pool(&pool)).unwrap();
-        assert_eq!((c1, s1), (c2, s2));
+        let seq = rope::<f32>(&positions, &f, 1.0, Par::Seq).unwrap();
+        assert_eq!(rope::<f32>(&positions, &f, 1.0, Par::Pool(&pool)).unwrap(), seq);
     }
 }

@@ -18,6 +18,8 @@
 //! `(batch, seq, heads, head_dim)` (`Bshd`); `cos`/`sin` row-major `(seq, h)` shared by the batch,
 //! or `(batch, seq, h)`. Parallel split: blocks of rows.
 
+use std::mem::MaybeUninit;
+
 use crate::error::KernelError;
 use crate::kernels::{for_each_row_block, Float};
 use crate::pool::Par;
@@ -100,7 +102,7 @@ pub fn apply_rope<T: Float>(
     cos: &[T],
     sin: &[T],
     spec: RopeSpec,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     spec.check(x.len(), cos.len(), sin.len(), out.len())?;
@@ -115,37 +117,42 @@ pub fn apply_rope<T: Float>(
                 RopeStyle::Half => rotate_half(src, c, n, dst),
                 RopeStyle::Interleaved => rotate_pairs(src, c, n, dst),
             }
-            dst[2 * h..].copy_from_slice(&src[2 * h..]);
+            dst[2 * h..].write_copy_of_slice(&src[2 * h..]);
         }
     });
     Ok(())
 }
 
 #[inline(always)]
-fn rotate_half<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [T]) {
+fn rotate_half<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [MaybeUninit<T>]) {
     let h = c.len();
     let (x1, x2) = (&x[..h], &x[h..2 * h]);
     let (o1, rest) = out.split_at_mut(h);
     let o2 = &mut rest[..h];
     for i in 0..h {
-        o1[i] = x1[i] * c[i] - x2[i] * n[i];
-        o2[i] = x2[i] * c[i] + x1[i] * n[i];
+        o1[i].write(x1[i] * c[i] - x2[i] * n[i]);
+        o2[i].write(x2[i] * c[i] + x1[i] * n[i]);
     }
 }
 
 #[inline(always)]
-fn rotate_pairs<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [T]) {
+fn rotate_pairs<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [MaybeUninit<T>]) {
     let h = c.len();
     for (((o, p), &ci), &ni) in out[..2 * h].chunks_exact_mut(2).zip(x[..2 * h].chunks_exact(2)).zip(c).zip(n)
     {
-        o[0] = p[0] * ci - p[1] * ni;
-        o[1] = p[1] * ci + p[0] * ni;
+        o[0].write(p[0] * ci - p[1] * ni);
+        o[1].write(p[1] * ci + p[0] * ni);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::output::collect;
+
+    fn run<T: Float>(x: &[T], cos: &[T], sin: &[T], s: RopeSpec) -> Result<Vec<T>, KernelError> {
+        collect("out", x.len(), |out| apply_rope(x, cos, sin, s, out, Par::Seq))
+    }
 
     /// The formula, one element at a time, in float64.
     fn naive(x: &[f64], cos: &[f64], sin: &[f64], s: RopeSpec) -> Vec<f64> {
@@ -198,9 +205,11 @@ mod tests {
             for layout in [RopeLayout::Bhsd, RopeLayout::Bshd] {
                 for style in [RopeStyle::Half, RopeStyle::Interleaved] {
                     let s = RopeSpec { layout, style, ..spec(half, per_batch) };
-                    let mut out = vec![0.0; n];
-                    apply_rope(&x, &cos, &sin, s, &mut out, Par::Seq).unwrap();
-                    assert_eq!(out, naive(&x, &cos, &sin, s), "{layout:?} {style:?} {half}");
+                    assert_eq!(
+                        run(&x, &cos, &sin, s).unwrap(),
+                        naive(&x, &cos, &sin, s),
+                        "{layout:?} {style:?} {half}"
+                    );
                 }
             }
         }
@@ -210,12 +219,10 @@ mod tests {
     fn rejects_inconsistent_shapes() {
         let s = RopeSpec { batch: 1, heads: 1, seq: 2, head_dim: 4, ..spec(3, false) };
         let (x, t) = ([0.0f32; 8], [0.0f32; 6]);
-        let mut out = [0.0f32; 8];
-        assert!(apply_rope(&x, &t, &t, s, &mut out, Par::Seq).is_err()); // 2 * 3 > head_dim
+        assert!(run(&x, &t, &t, s).is_err(), "2 * 3 channels > head_dim");
         let s = RopeSpec { half: 2, ..s };
-        assert!(apply_rope(&x, &t, &t, s, &mut out, Par::Seq).is_err()); // tables of 6, not 4
+        assert!(run(&x, &t, &t, s).is_err(), "tables of 6, not 4");
         let s = RopeSpec { batch: usize::MAX, ..s };
-        assert!(apply_rope(&x, &t[..4], &t[..4], s, &mut out, Par::Seq).is_err());
-        // overflow
+        assert!(run(&x, &t[..4], &t[..4], s).is_err(), "overflow");
     }
 }

@@ -4,8 +4,8 @@ use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::error::try_zeroed;
 use crate::kernels::embedding::{self as kernel, BagMode, Bags, TokenId};
+use crate::kernels::output::collect;
 use crate::kernels::Float;
 use crate::py::arrays::{
     expect_ndim, floats, ints, output_len, run, slice, to_numpy, typed, with_ints, Floats, Ints,
@@ -59,9 +59,7 @@ fn gather<'py, T: Float + Element, I: TokenId>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let n = output_len("ids", &[ids.len(), dim])?;
     let out = run(py, ids_shape, |par| {
-        let mut out = try_zeroed("embedding output", n)?;
-        kernel::embedding(ids, table, rows, dim, scale, &mut out, par)?;
-        Ok(out)
+        collect("embedding output", n, |out| kernel::embedding(ids, table, rows, dim, scale, out, par))
     })?;
     let shape = ids_shape.iter().copied().chain([dim]).collect();
     Ok(to_numpy(py, out, shape)?.into_any())
@@ -126,9 +124,9 @@ fn reduce<'py, T: Float + Element, I: TokenId>(
     let n_bags = bags.bounds.len().saturating_sub(1);
     let n = output_len("offsets", &[n_bags, dim])?;
     let out = run(py, &[bags.ids.len()], |par| {
-        let mut out = try_zeroed("embedding_bag output", n)?;
-        kernel::embedding_bag(bags, table, rows, dim, mode, &mut out, par)?;
-        Ok(out)
+        collect("embedding_bag output", n, |out| {
+            kernel::embedding_bag(bags, table, rows, dim, mode, out, par)
+        })
     })?;
     Ok(to_numpy(py, out, vec![n_bags, dim])?.into_any())
 }

@@ -5,7 +5,7 @@ use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::error::try_zeroed;
+use crate::kernels::output::{collect, collect_pair};
 use crate::kernels::positional::{self as kernel, SinusoidLayout};
 use crate::kernels::Float;
 use crate::py::arrays::{expect_ndim, output_len, run, slice, to_numpy, typed};
@@ -74,9 +74,7 @@ fn sinusoidal_typed<'py, T: Float + Element>(
     let dim = 2 * inv_freq.len();
     let n = output_len("positions", &[positions.len(), dim])?;
     let out = run(py, &[], |par| {
-        let mut out = try_zeroed::<T>("sinusoidal output", n)?;
-        kernel::sinusoidal(positions, inv_freq, layout, &mut out, par)?;
-        Ok(out)
+        collect::<T>("sinusoidal output", n, |out| kernel::sinusoidal(positions, inv_freq, layout, out, par))
     })?;
     Ok(to_numpy(py, out, inputs.shape_with(dim))?.into_any())
 }
@@ -107,10 +105,9 @@ fn tables_typed<'py, T: Float + Element>(
         (slice(&inputs.positions, "positions")?, slice(&inputs.inv_freq, "inv_freq")?);
     let n = output_len("positions", &[positions.len(), inv_freq.len()])?;
     let (cos, sin) = run(py, &[], |par| {
-        let mut cos = try_zeroed::<T>("cos", n)?;
-        let mut sin = try_zeroed::<T>("sin", n)?;
-        kernel::rope_cos_sin(positions, inv_freq, factor, &mut cos, &mut sin, par)?;
-        Ok((cos, sin))
+        collect_pair::<T>(("cos", "sin"), n, |c, s| {
+            kernel::rope_cos_sin(positions, inv_freq, factor, c, s, par)
+        })
     })?;
     let shape = inputs.shape_with(inv_freq.len());
     Ok((to_numpy(py, cos, shape.clone())?.into_any(), to_numpy(py, sin, shape)?.into_any()))

@@ -4,7 +4,7 @@ use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::error::try_zeroed;
+use crate::kernels::output::collect;
 use crate::kernels::rope::{self as kernel, RopeLayout, RopeSpec, RopeStyle};
 use crate::kernels::Float;
 use crate::py::arrays::{floats, run, shape_str, slice, to_numpy, Floats};
@@ -53,9 +53,7 @@ fn rotate<'py, T: Float + Element>(
     let spec = table_shape(x.shape(), cos.shape(), sin.shape(), layout, style)?;
     let (xs, cs, ss) = (slice(x, "x")?, slice(cos, "cos")?, slice(sin, "sin")?);
     let out = run(py, &[], |par| {
-        let mut out = try_zeroed("apply_rope output", xs.len())?;
-        kernel::apply_rope(xs, cs, ss, spec, &mut out, par)?;
-        Ok(out)
+        collect("apply_rope output", xs.len(), |out| kernel::apply_rope(xs, cs, ss, spec, out, par))
     })?;
     Ok(to_numpy(py, out, x.shape().to_vec())?.into_any())
 }

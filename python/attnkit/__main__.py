@@ -1,0 +1,28 @@
+"""Command line: ``python -m attnkit bench [--quick] [--threads 1 2] [--json FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attnkit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="each kernel's speed against NumPy and PyTorch")
+    bench.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (about a minute)")
+    bench.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
+    bench.add_argument("--json", metavar="FILE", help="save the figures as JSON")
+    args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        from attnkit import _bench
+
+        if any(n < 1 for n in args.threads):
+            parser.error("--threads: thread counts must be positive")
+        _bench.run(quick=args.quick, threads=tuple(args.threads), json_path=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
