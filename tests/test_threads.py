@@ -48,6 +48,22 @@ def test_results_are_bitwise_identical_for_any_thread_count(threads):
             assert a.tobytes() == b.tobytes(), f"{n} threads"
 
 
+def test_portable_and_accelerated_paths_give_identical_bits():
+    from attnkit import _core
+
+    if not _core._simd_accelerated():
+        pytest.skip("this CPU has no AVX2: only the portable path exists")
+    want = workload()
+    _core._set_simd_enabled(False)
+    try:
+        assert not _core._simd_accelerated()
+        got = workload()
+    finally:
+        _core._set_simd_enabled(True)
+    for a, b in zip(got, want):
+        assert a.tobytes() == b.tobytes()
+
+
 def test_batch_rows_equal_the_same_items_run_alone():
     cos, sin = attnkit.rope_cos_sin(300, 64)
     batched = attnkit.apply_rope(X, cos, sin)

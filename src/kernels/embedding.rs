@@ -16,7 +16,7 @@
 use std::mem::MaybeUninit;
 
 use crate::error::KernelError;
-use crate::kernels::{for_each_row_block, Float};
+use crate::kernels::{for_each_row_block, simd, Float, Rows};
 use crate::pool::Par;
 
 /// An integer type usable as a token id.
@@ -41,6 +41,11 @@ macro_rules! impl_token_id {
     )*};
 }
 impl_token_id!(i8, i16, i32, i64, u8, u16, u32, u64);
+
+/// Rows are prefetched this many ids ahead of their use: rows picked at random from a table larger
+/// than the cache cost a memory round trip each, which the prefetch overlaps with the work on the
+/// rows before them.
+const PREFETCH_AHEAD: usize = 4;
 
 /// How [`embedding_bag`] reduces the rows of a bag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,10 +96,48 @@ pub fn embedding<T: Float, I: TokenId>(
     check_table(weight, rows, dim)?;
     check_out_len(out.len(), ids.len().checked_mul(dim))?;
     let row_index = rows_of(ids, rows)?;
-    for_each_row_block(out, dim, par, |first, block| {
-        for (dst, &r) in block.chunks_exact_mut(dim).zip(&row_index[first..]) {
-            let src = &weight[r * dim..(r + 1) * dim];
-            match scale {
+    let table = Table { weight, row_index: &row_index, dim };
+    for_each_row_block(out, dim, par, &Lookup { table, scale });
+    Ok(())
+}
+
+/// Rows of `weight` picked by validated row indices.
+struct Table<'a, T> {
+    weight: &'a [T],
+    row_index: &'a [usize],
+    dim: usize,
+}
+
+impl<T> Table<'_, T> {
+    /// The row that entry `n` picks.
+    #[inline(always)]
+    fn row(&self, n: usize) -> &[T] {
+        let r = self.row_index[n];
+        &self.weight[r * self.dim..(r + 1) * self.dim]
+    }
+
+    /// Starts loading the row that entry `n + PREFETCH_AHEAD` picks, if there is one.
+    #[inline(always)]
+    fn prefetch_ahead(&self, n: usize) {
+        if n + PREFETCH_AHEAD < self.row_index.len() {
+            simd::prefetch(self.row(n + PREFETCH_AHEAD));
+        }
+    }
+}
+
+struct Lookup<'a, T> {
+    table: Table<'a, T>,
+    scale: Option<T>,
+}
+
+impl<T: Float> Rows<MaybeUninit<T>> for Lookup<'_, T> {
+    #[inline(always)]
+    fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
+        for (k, dst) in block.chunks_exact_mut(self.table.dim).enumerate() {
+            let n = first + k;
+            self.table.prefetch_ahead(n);
+            let src = self.table.row(n);
+            match self.scale {
                 None => {
                     dst.write_copy_of_slice(src);
                 }
@@ -103,8 +146,7 @@ pub fn embedding<T: Float, I: TokenId>(
                 }),
             }
         }
-    });
-    Ok(())
+    }
 }
 
 /// The bags of [`embedding_bag`]: `bounds` has one more entry than there are bags; bag `b` is
@@ -156,54 +198,74 @@ pub fn embedding_bag<T: Float, I: TokenId>(
         }
     }
     let row_index = rows_of(bags.ids, rows)?;
-    for_each_row_block(out, dim, par, |first, block| {
-        let mut acc = vec![0.0f64; dim];
-        for (k, dst) in block.chunks_exact_mut(dim).enumerate() {
-            let b = first + k;
-            let entries = (bounds[b]..bounds[b + 1]).filter(|&j| Some(row_index[j]) != bags.padding_idx);
-            reduce_bag(entries, &row_index, weight, dim, mode, bags.per_sample_weights, &mut acc, dst);
-        }
-    });
+    let table = Table { weight, row_index: &row_index, dim };
+    let kernel = Reduce {
+        table,
+        bounds,
+        per_sample_weights: bags.per_sample_weights,
+        padding_idx: bags.padding_idx,
+        mode,
+    };
+    for_each_row_block(out, dim, par, &kernel);
     Ok(())
 }
 
-/// Reduces the rows `entries` of one bag into `acc` (float64), then writes `acc` to `dst`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn reduce_bag<T: Float>(
-    entries: impl Iterator<Item = usize>,
-    row_index: &[usize],
-    weight: &[T],
-    dim: usize,
+struct Reduce<'a, T> {
+    table: Table<'a, T>,
+    bounds: &'a [usize],
+    per_sample_weights: Option<&'a [f64]>,
+    padding_idx: Option<usize>,
     mode: BagMode,
-    per_sample_weights: Option<&[f64]>,
-    acc: &mut [f64],
-    dst: &mut [MaybeUninit<T>],
-) {
-    let row = |j: usize| &weight[row_index[j] * dim..(row_index[j] + 1) * dim];
-    let mut count = 0usize;
-    acc.fill(0.0);
-    for j in entries {
-        let r = row(j);
-        match (mode, count) {
-            // The maximum is a selection: exact in float64, NaN wins wherever it is.
-            (BagMode::Max, 0) => acc.iter_mut().zip(r).for_each(|(a, &w)| *a = w.to_f64()),
-            (BagMode::Max, _) => acc.iter_mut().zip(r).for_each(|(a, &w)| {
-                let w = w.to_f64();
-                if w > *a || w.is_nan() {
-                    *a = w;
-                }
-            }),
-            _ => {
-                let factor = per_sample_weights.map_or(1.0, |w| w[j]);
-                acc.iter_mut().zip(r).for_each(|(a, &w)| *a += w.to_f64() * factor);
+}
+
+impl<T: Float> Rows<MaybeUninit<T>> for Reduce<'_, T> {
+    #[inline(always)]
+    fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
+        let mut acc = vec![0.0f64; self.table.dim];
+        for (k, dst) in block.chunks_exact_mut(self.table.dim).enumerate() {
+            let b = first + k;
+            let kept = self.reduce(self.bounds[b]..self.bounds[b + 1], &mut acc);
+            let divisor = match (self.mode, kept) {
+                (BagMode::Mean, n) if n > 0 => n as f64,
+                _ => 1.0,
+            };
+            for (d, &a) in dst.iter_mut().zip(&acc) {
+                d.write(T::from_f64(a / divisor));
             }
         }
-        count += 1;
     }
-    let divisor = if mode == BagMode::Mean && count > 0 { count as f64 } else { 1.0 };
-    for (d, &a) in dst.iter_mut().zip(acc.iter()) {
-        d.write(T::from_f64(a / divisor));
+}
+
+impl<T: Float> Reduce<'_, T> {
+    /// Reduces the entries `range` of one bag into `acc` (float64; zeros for an empty bag) and
+    /// returns how many entries were not padding.
+    #[inline(always)]
+    fn reduce(&self, range: std::ops::Range<usize>, acc: &mut [f64]) -> usize {
+        acc.fill(0.0);
+        let mut kept = 0;
+        for j in range {
+            self.table.prefetch_ahead(j);
+            if Some(self.table.row_index[j]) == self.padding_idx {
+                continue;
+            }
+            let r = self.table.row(j);
+            match (self.mode, kept == 0) {
+                // The maximum is a selection: exact in float64, NaN wins wherever it is.
+                (BagMode::Max, true) => acc.iter_mut().zip(r).for_each(|(a, &w)| *a = w.to_f64()),
+                (BagMode::Max, false) => acc.iter_mut().zip(r).for_each(|(a, &w)| {
+                    let w = w.to_f64();
+                    if w > *a || w.is_nan() {
+                        *a = w;
+                    }
+                }),
+                _ => {
+                    let factor = self.per_sample_weights.map_or(1.0, |w| w[j]);
+                    acc.iter_mut().zip(r).for_each(|(a, &w)| *a += w.to_f64() * factor);
+                }
+            }
+            kept += 1;
+        }
+        kept
     }
 }
 

@@ -75,22 +75,31 @@ fn rows_per_block(row_len: usize) -> usize {
     (4096 / row_len.max(1)).max(1)
 }
 
-/// Runs `f(first_row, rows)` over consecutive blocks of `row_len`-element rows of `out`.
+/// The work of a row-parallel kernel: writing one block of consecutive output rows.
+///
+/// `rows` and everything it calls must be `#[inline(always)]`: [`simd::rows`] compiles it inside a
+/// function built for AVX2, which only happens to code inlined there.
+pub(crate) trait Rows<T>: Sync {
+    /// Writes output rows `first..` into `block` (a whole number of rows).
+    fn rows(&self, first: usize, block: &mut [T]);
+}
+
+/// Runs `kernel` over consecutive blocks of `row_len`-element rows of `out`.
 ///
 /// The blocks are fixed by `out.len()` and `row_len` only, and each row is written by exactly one
-/// call, so the result is the same whether the blocks run on one thread or many. Each call runs
-/// through [`simd::dispatch`], so the loops in `f` use AVX2 where the CPU has it.
-pub(crate) fn for_each_row_block<T, F>(out: &mut [T], row_len: usize, par: Par<'_>, f: F)
-where
-    T: Send,
-    F: Fn(usize, &mut [T]) + Sync,
-{
+/// call, so the result is the same whether the blocks run on one thread or many.
+pub(crate) fn for_each_row_block<T: Send, K: Rows<T>>(
+    out: &mut [T],
+    row_len: usize,
+    par: Par<'_>,
+    kernel: &K,
+) {
     if out.is_empty() || row_len == 0 {
         return;
     }
     let rows = rows_per_block(row_len);
     let block = rows * row_len;
-    let run = |(i, chunk): (usize, &mut [T])| simd::dispatch(|| f(i * rows, chunk));
+    let run = |(i, chunk): (usize, &mut [T])| simd::rows(kernel, i * rows, chunk);
     match par {
         Par::Pool(pool) if out.len() >= PARALLEL_MIN_ELEMENTS => {
             pool.install(|| out.par_chunks_mut(block).enumerate().for_each(run))
@@ -99,7 +108,9 @@ where
     }
 }
 
-/// [`for_each_row_block`] over two outputs of the same shape, blocked identically.
+/// Runs `f(first_row, a_rows, b_rows)` over two outputs of the same shape, blocked as
+/// [`for_each_row_block`] blocks them. For kernels bound by calls into libm (sin, cos), which gain
+/// nothing from [`simd`].
 pub(crate) fn for_each_row_block_pair<T, F>(a: &mut [T], b: &mut [T], row_len: usize, par: Par<'_>, f: F)
 where
     T: Send,
@@ -110,7 +121,7 @@ where
     }
     let rows = rows_per_block(row_len);
     let block = rows * row_len;
-    let run = |(i, (x, y)): (usize, (&mut [T], &mut [T]))| simd::dispatch(|| f(i * rows, x, y));
+    let run = |(i, (x, y)): (usize, (&mut [T], &mut [T]))| f(i * rows, x, y);
     match par {
         Par::Pool(pool) if a.len() >= PARALLEL_MIN_ELEMENTS => {
             pool.install(|| a.par_chunks_mut(block).zip(b.par_chunks_mut(block)).enumerate().for_each(run))

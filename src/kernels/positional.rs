@@ -21,7 +21,7 @@
 use std::mem::MaybeUninit;
 
 use crate::error::KernelError;
-use crate::kernels::{for_each_row_block, for_each_row_block_pair, Float};
+use crate::kernels::{for_each_row_block, for_each_row_block_pair, Float, Rows};
 use crate::pool::Par;
 
 /// Positions up to this magnitude are exact in float64.
@@ -67,12 +67,25 @@ pub fn sinusoidal<T: Float>(
     let half = inv_freq.len();
     let dim = 2 * half;
     check_len("out", out.len(), positions.len().checked_mul(dim))?;
-    for_each_row_block(out, dim, par, |first, block| {
-        for (row, &p) in block.chunks_exact_mut(dim).zip(&positions[first..]) {
+    for_each_row_block(out, dim, par, &Sinusoid { positions, inv_freq, layout });
+    Ok(())
+}
+
+struct Sinusoid<'a> {
+    positions: &'a [i64],
+    inv_freq: &'a [f64],
+    layout: SinusoidLayout,
+}
+
+impl<T: Float> Rows<MaybeUninit<T>> for Sinusoid<'_> {
+    #[inline(always)]
+    fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
+        let half = self.inv_freq.len();
+        for (row, &p) in block.chunks_exact_mut(2 * half).zip(&self.positions[first..]) {
             let p = p as f64;
-            for (i, &f) in inv_freq.iter().enumerate() {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
                 let (s, c) = (p * f).sin_cos();
-                let (si, ci) = match layout {
+                let (si, ci) = match self.layout {
                     SinusoidLayout::Interleaved => (2 * i, 2 * i + 1),
                     SinusoidLayout::Halves => (i, half + i),
                 };
@@ -80,8 +93,7 @@ pub fn sinusoidal<T: Float>(
                 row[ci].write(T::from_f64(c));
             }
         }
-    });
-    Ok(())
+    }
 }
 
 /// Writes the rotary tables `cos` and `sin` (each `positions.len() * inv_freq.len()`), both

@@ -21,7 +21,7 @@
 use std::mem::MaybeUninit;
 
 use crate::error::KernelError;
-use crate::kernels::{for_each_row_block, Float};
+use crate::kernels::{for_each_row_block, Float, Rows};
 use crate::pool::Par;
 
 /// Which channels are rotated together.
@@ -106,21 +106,33 @@ pub fn apply_rope<T: Float>(
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     spec.check(x.len(), cos.len(), sin.len(), out.len())?;
-    let (d, h) = (spec.head_dim, spec.half);
-    for_each_row_block(out, d, par, |first, block| {
+    for_each_row_block(out, spec.head_dim, par, &Rotate { x, cos, sin, spec });
+    Ok(())
+}
+
+struct Rotate<'a, T> {
+    x: &'a [T],
+    cos: &'a [T],
+    sin: &'a [T],
+    spec: RopeSpec,
+}
+
+impl<T: Float> Rows<MaybeUninit<T>> for Rotate<'_, T> {
+    #[inline(always)]
+    fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
+        let (d, h) = (self.spec.head_dim, self.spec.half);
         for (k, dst) in block.chunks_exact_mut(d).enumerate() {
             let r = first + k;
-            let src = &x[r * d..(r + 1) * d];
-            let t = spec.table_row(r) * h;
-            let (c, n) = (&cos[t..t + h], &sin[t..t + h]);
-            match spec.style {
+            let src = &self.x[r * d..(r + 1) * d];
+            let t = self.spec.table_row(r) * h;
+            let (c, n) = (&self.cos[t..t + h], &self.sin[t..t + h]);
+            match self.spec.style {
                 RopeStyle::Half => rotate_half(src, c, n, dst),
                 RopeStyle::Interleaved => rotate_pairs(src, c, n, dst),
             }
             dst[2 * h..].write_copy_of_slice(&src[2 * h..]);
         }
-    });
-    Ok(())
+    }
 }
 
 #[inline(always)]

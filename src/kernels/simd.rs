@@ -1,11 +1,15 @@
-//! Runtime choice of instruction set for the kernels' inner loops.
+//! Runtime choice of instruction set for the kernels' inner loops, and prefetch hints.
 //!
-//! The crate is compiled for the baseline of its target (SSE2 on x86-64). [`dispatch`] runs a
-//! closure inside a function compiled for AVX2 and FMA when the CPU has them, so the loops LLVM
-//! vectorises in it (inlined there) use 256-bit registers. Rust never contracts `a * b + c` into an
-//! FMA on its own, so every path computes the same operations in the same order and gives the same
-//! bits; the tests run each kernel on both paths ([`set_enabled`]).
+//! The crate is compiled for the baseline of its target (SSE2 on x86-64). [`rows`] runs a kernel's
+//! [`Rows::rows`] inside a function compiled for AVX2 and FMA when the CPU has them; `rows` is
+//! `#[inline(always)]`, so its loops are compiled there and LLVM vectorises them with 256-bit
+//! registers. Rust never contracts `a * b + c` into an FMA on its own, so both paths compute the
+//! same operations in the same order and give the same bits; the tests run each kernel on both
+//! ([`set_enabled`]).
+//!
+//! This module and [`output`](super::output) hold the crate's only `unsafe` code.
 
+use crate::kernels::Rows;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -29,19 +33,37 @@ pub fn accelerated() -> bool {
     }
 }
 
-/// Runs `f`, compiled for AVX2 + FMA when [`accelerated`], else for the baseline.
+/// Runs `kernel.rows(first, block)`, compiled for AVX2 + FMA when [`accelerated`].
 #[inline(always)]
-pub fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn rows<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if accelerated() {
         // SAFETY: the CPU supports AVX2 and FMA, checked by `accelerated` just above.
-        return unsafe { avx2(f) };
+        return unsafe { rows_avx2(kernel, first, block) };
     }
-    f()
+    kernel.rows(first, block)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+fn rows_avx2<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
+    kernel.rows(first, block)
+}
+
+/// Asks the CPU to start loading `data` into cache: a hint for gathers of rows from tables too big
+/// for the cache, issued a few rows ahead of their use. It never faults and changes no value.
+#[inline(always)]
+pub fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let base = data.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: a prefetch is only a hint: it never faults and has no effect on memory
+            // contents; the address is inside `data` in any case.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }

@@ -28,12 +28,26 @@ fn get_num_threads() -> usize {
     crate::pool::num_threads()
 }
 
+/// Allows (the default) or forbids the AVX2 code paths; for tests, since every path gives the same bits.
+#[pyfunction]
+fn _set_simd_enabled(enabled: bool) {
+    crate::kernels::simd::set_enabled(enabled);
+}
+
+/// Whether the kernels run their AVX2 code paths on this CPU.
+#[pyfunction]
+fn _simd_accelerated() -> bool {
+    crate::kernels::simd::accelerated()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("InternalError", m.py().get_type::<errors::InternalError>())?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_simd_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(_simd_accelerated, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding_bag, m)?)?;
     m.add_function(wrap_pyfunction!(positional::sinusoidal, m)?)?;

@@ -1,0 +1,1 @@
+"""Benchmarks run on their own: `python -m pytest benches` (they are not part of the test suite)."""
