@@ -17,6 +17,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _as_array(x: Any, name: str) -> np.ndarray[Any, Any]:
+    if type(x) is np.ndarray:  # the common case, checked first: calls cost microseconds
+        return x
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
             f"{name}: numpy.ma.MaskedArray is not supported (its mask would be silently ignored); "
@@ -30,6 +32,9 @@ def _as_array(x: Any, name: str) -> np.ndarray[Any, Any]:
 
 def _contiguous(arr: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
     """``arr`` as ``dtype`` (native byte order), C-contiguous and aligned: a copy only if needed."""
+    flags = arr.flags
+    if arr.dtype == dtype and dtype.isnative and flags.c_contiguous and flags.aligned:
+        return arr
     return np.require(arr, dtype.newbyteorder("="), ["C", "A"])
 
 

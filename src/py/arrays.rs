@@ -1,19 +1,18 @@
-//! Borrowing NumPy arrays as slices, dispatching on dtype, returning `Vec`s as arrays, and running a
-//! kernel without the GIL.
+//! Borrowing NumPy arrays as slices, dispatching on dtype, creating output arrays, and running a
+//! kernel on them without the GIL.
 //!
 //! `_core` can be called directly, so everything is checked here again even though the Python
 //! wrappers normalise their inputs first: the dtype (a `TypeError` otherwise), C order and alignment
 //! (a `ValueError`: the wrappers make such a copy), and the borrow.
 
+use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::{
-    Element, IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
-};
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
 
 use crate::error::KernelError;
 use crate::pool::{self, Par};
@@ -149,15 +148,62 @@ pub fn run<R: Send>(
     }
 }
 
-/// Hands a row-major `Vec` to NumPy as an array of `shape`, without copying.
-pub fn to_numpy<'py, T: Element>(
+/// A fresh, uninitialised, C-ordered NumPy array of `shape` with `n` elements.
+///
+/// Outputs come from `numpy.empty`, so they get NumPy's allocator: huge pages for big arrays (a
+/// 100 MB output otherwise costs 25,000 page faults, more than the kernel itself) and NumPy's
+/// memory tracing. A failed allocation raises NumPy's `MemoryError`.
+fn empty<'py, T: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    static EMPTY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let empty = EMPTY.import(py, "numpy", "empty")?;
+    Ok(empty.call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))?.cast_into()?)
+}
+
+/// The `n` elements of an array that [`empty`] has just created, for a kernel to write.
+///
+/// # Safety
+///
+/// `arr` must come straight from [`empty`] with `n` elements, and nothing else may touch it while
+/// the returned slice is in use.
+unsafe fn fresh_elements<'a, T: Element>(
+    arr: &Bound<'_, PyArrayDyn<T>>,
+    n: usize,
+) -> &'a mut [MaybeUninit<T>] {
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: numpy.empty returns a C-contiguous array aligned for T with n elements, which no one
+    // else references yet (the caller's contract); MaybeUninit makes no claim about the contents.
+    unsafe { std::slice::from_raw_parts_mut(arr.data().cast::<MaybeUninit<T>>(), n) }
+}
+
+/// Creates a NumPy array of `shape` and lets `kernel` write all its elements, without the GIL.
+pub fn fill_new<'py, T: Element + Send>(
     py: Python<'py>,
-    data: Vec<T>,
-    shape: Vec<usize>,
-) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    ArrayD::from_shape_vec(IxDyn(&shape), data)
-        .map(|a| a.into_pyarray(py))
-        .map_err(|e| crate::py::errors::InternalError::new_err(format!("attnkit bug: output shape: {e}")))
+    shape: &[usize],
+    index_shape: &[usize],
+    kernel: impl FnOnce(&mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
+) -> PyResult<Bound<'py, PyAny>> {
+    let n = output_len("output", shape)?;
+    let out = empty::<T>(py, shape)?;
+    // SAFETY: `out` was just created with n elements and is not shared until returned.
+    let data = unsafe { fresh_elements(&out, n) };
+    run(py, index_shape, |par| kernel(data, par))?;
+    Ok(out.into_any())
+}
+
+/// [`fill_new`] for a kernel with two outputs of the same shape.
+pub fn fill_new_pair<'py, T: Element + Send>(
+    py: Python<'py>,
+    shape: &[usize],
+    kernel: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let n = output_len("output", shape)?;
+    let (a, b) = (empty::<T>(py, shape)?, empty::<T>(py, shape)?);
+    // SAFETY: `a` and `b` were just created with n elements each and are not shared until returned.
+    let (da, db) = unsafe { (fresh_elements(&a, n), fresh_elements(&b, n)) };
+    run(py, &[], |par| kernel(da, db, par))?;
+    Ok((a.into_any(), b.into_any()))
 }
 
 /// Runs `$body` with `$a` bound to the borrowed array of whichever integer dtype `$ints` holds.

@@ -5,11 +5,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::kernels::embedding::{self as kernel, BagMode, Bags, TokenId};
-use crate::kernels::output::collect;
 use crate::kernels::Float;
-use crate::py::arrays::{
-    expect_ndim, floats, ints, output_len, run, slice, to_numpy, typed, with_ints, Floats, Ints,
-};
+use crate::py::arrays::{expect_ndim, fill_new, floats, ints, slice, typed, with_ints, Floats, Ints};
 
 /// `(rows, dim)` of a 2-d embedding table.
 fn table_dims<T: Element>(weight: &PyReadonlyArrayDyn<'_, T>) -> PyResult<(usize, usize)> {
@@ -57,12 +54,8 @@ fn gather<'py, T: Float + Element, I: TokenId>(
     dim: usize,
     scale: Option<T>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let n = output_len("ids", &[ids.len(), dim])?;
-    let out = run(py, ids_shape, |par| {
-        collect("embedding output", n, |out| kernel::embedding(ids, table, rows, dim, scale, out, par))
-    })?;
-    let shape = ids_shape.iter().copied().chain([dim]).collect();
-    Ok(to_numpy(py, out, shape)?.into_any())
+    let shape: Vec<usize> = ids_shape.iter().copied().chain([dim]).collect();
+    fill_new(py, &shape, ids_shape, |out, par| kernel::embedding(ids, table, rows, dim, scale, out, par))
 }
 
 /// Bag reductions over 1-d `ids` split at `bounds` (`bags + 1` entries); returns `(bags, dim)`.
@@ -121,12 +114,8 @@ fn reduce<'py, T: Float + Element, I: TokenId>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let (rows, dim) = table_dims(weight)?;
     let table = slice(weight, "weight")?;
-    let n_bags = bags.bounds.len().saturating_sub(1);
-    let n = output_len("offsets", &[n_bags, dim])?;
-    let out = run(py, &[bags.ids.len()], |par| {
-        collect("embedding_bag output", n, |out| {
-            kernel::embedding_bag(bags, table, rows, dim, mode, out, par)
-        })
-    })?;
-    Ok(to_numpy(py, out, vec![n_bags, dim])?.into_any())
+    let shape = [bags.bounds.len().saturating_sub(1), dim];
+    fill_new(py, &shape, &[bags.ids.len()], |out, par| {
+        kernel::embedding_bag(bags, table, rows, dim, mode, out, par)
+    })
 }

@@ -5,10 +5,9 @@ use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::kernels::output::{collect, collect_pair};
 use crate::kernels::positional::{self as kernel, SinusoidLayout};
 use crate::kernels::Float;
-use crate::py::arrays::{expect_ndim, output_len, run, slice, to_numpy, typed};
+use crate::py::arrays::{expect_ndim, fill_new, fill_new_pair, slice, typed};
 
 /// Whether `dtype` names float64 (`true`) or float32 (`false`).
 fn is_double(dtype: &str) -> PyResult<bool> {
@@ -71,12 +70,8 @@ fn sinusoidal_typed<'py, T: Float + Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let (positions, inv_freq) =
         (slice(&inputs.positions, "positions")?, slice(&inputs.inv_freq, "inv_freq")?);
-    let dim = 2 * inv_freq.len();
-    let n = output_len("positions", &[positions.len(), dim])?;
-    let out = run(py, &[], |par| {
-        collect::<T>("sinusoidal output", n, |out| kernel::sinusoidal(positions, inv_freq, layout, out, par))
-    })?;
-    Ok(to_numpy(py, out, inputs.shape_with(dim))?.into_any())
+    let shape = inputs.shape_with(2 * inv_freq.len());
+    fill_new::<T>(py, &shape, &[], |out, par| kernel::sinusoidal(positions, inv_freq, layout, out, par))
 }
 
 /// Rotary tables `(cos, sin)`, each `positions.shape + (len(inv_freq),)`, times `attention_factor`.
@@ -103,12 +98,6 @@ fn tables_typed<'py, T: Float + Element>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let (positions, inv_freq) =
         (slice(&inputs.positions, "positions")?, slice(&inputs.inv_freq, "inv_freq")?);
-    let n = output_len("positions", &[positions.len(), inv_freq.len()])?;
-    let (cos, sin) = run(py, &[], |par| {
-        collect_pair::<T>(("cos", "sin"), n, |c, s| {
-            kernel::rope_cos_sin(positions, inv_freq, factor, c, s, par)
-        })
-    })?;
     let shape = inputs.shape_with(inv_freq.len());
-    Ok((to_numpy(py, cos, shape.clone())?.into_any(), to_numpy(py, sin, shape)?.into_any()))
+    fill_new_pair::<T>(py, &shape, |c, s, par| kernel::rope_cos_sin(positions, inv_freq, factor, c, s, par))
 }

@@ -4,10 +4,9 @@ use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::kernels::output::collect;
 use crate::kernels::rope::{self as kernel, RopeLayout, RopeSpec, RopeStyle};
 use crate::kernels::Float;
-use crate::py::arrays::{floats, run, shape_str, slice, to_numpy, Floats};
+use crate::py::arrays::{fill_new, floats, shape_str, slice, Floats};
 
 /// Rotates `x` (4-d, `layout` order) by the tables `cos`/`sin` (`(seq, r/2)` or `(batch, seq, r/2)`).
 #[pyfunction]
@@ -52,10 +51,7 @@ fn rotate<'py, T: Float + Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let spec = table_shape(x.shape(), cos.shape(), sin.shape(), layout, style)?;
     let (xs, cs, ss) = (slice(x, "x")?, slice(cos, "cos")?, slice(sin, "sin")?);
-    let out = run(py, &[], |par| {
-        collect("apply_rope output", xs.len(), |out| kernel::apply_rope(xs, cs, ss, spec, out, par))
-    })?;
-    Ok(to_numpy(py, out, x.shape().to_vec())?.into_any())
+    fill_new(py, x.shape(), &[], |out, par| kernel::apply_rope(xs, cs, ss, spec, out, par))
 }
 
 /// Checks that the tables fit `x` and describes the call.
