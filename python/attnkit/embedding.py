@@ -46,6 +46,13 @@ def embedding(ids: npt.ArrayLike, weight: npt.ArrayLike, *, scale: float | None 
         array([[[4., 5.],
                 [0., 1.]]], dtype=float32)
     """
+    if scale is None and type(ids) is np.ndarray and type(weight) is np.ndarray:
+        # Fast path for small calls: the core re-validates everything and refuses (TypeError or
+        # ValueError) what it cannot read directly; the path below then converts or explains.
+        try:
+            return _core.embedding(ids, weight, None)
+        except (TypeError, ValueError):
+            pass
     ids_arr = int_array(ids, "ids")
     table = _table(weight)
     s = None if scale is None else real(scale, "scale")
