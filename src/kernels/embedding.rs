@@ -148,9 +148,11 @@ impl<T: Float> Rows<MaybeUninit<T>> for Lookup<'_, T> {
                 None => {
                     dst.write_copy_of_slice(src);
                 }
-                Some(s) => dst.iter_mut().zip(src).for_each(|(d, &w)| {
-                    d.write(w * s);
-                }),
+                Some(s) => {
+                    for (d, &w) in dst.iter_mut().zip(src) {
+                        d.write(w * s);
+                    }
+                }
             }
         }
     }
@@ -285,16 +287,18 @@ impl<T: Float> Reduce<'_, T> {
                 for (k, &j) in entries.iter().enumerate() {
                     let r = self.table.row(j);
                     if first && k == 0 {
-                        acc.iter_mut().zip(r).for_each(|(a, &w)| *a = w.to_f64());
+                        for (a, &w) in acc.iter_mut().zip(r) {
+                            *a = w.to_f64();
+                        }
                         continue;
                     }
                     // The maximum is a selection: exact in float64; NaN wins wherever it is.
-                    acc.iter_mut().zip(r).for_each(|(a, &w)| {
+                    for (a, &w) in acc.iter_mut().zip(r) {
                         let w = w.to_f64();
                         if w > *a || w.is_nan() {
                             *a = w;
                         }
-                    });
+                    }
                 }
             }
             (_, &[j0, j1, j2, j3]) => {
@@ -313,7 +317,9 @@ impl<T: Float> Reduce<'_, T> {
             _ => {
                 for &j in entries {
                     let f = factor(j);
-                    acc.iter_mut().zip(self.table.row(j)).for_each(|(a, &w)| *a += w.to_f64() * f);
+                    for (a, &w) in acc.iter_mut().zip(self.table.row(j)) {
+                        *a += w.to_f64() * f;
+                    }
                 }
             }
         }

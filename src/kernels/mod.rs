@@ -10,6 +10,7 @@ pub mod output;
 pub mod positional;
 pub mod rope;
 pub mod simd;
+pub mod trig;
 
 use rayon::prelude::*;
 
@@ -78,7 +79,9 @@ fn rows_per_block(row_len: usize) -> usize {
 /// The work of a row-parallel kernel: writing one block of consecutive output rows.
 ///
 /// `rows` and everything it calls must be `#[inline(always)]`: [`simd::rows`] compiles it inside a
-/// function built for AVX2, which only happens to code inlined there.
+/// function built for AVX2, which only happens to code inlined there. For the same reason the loops
+/// in `rows` are `for` loops, not `Iterator::for_each`: `for_each` goes through `fold`, which LLVM
+/// may leave out of line and so compile for the baseline instruction set.
 pub(crate) trait Rows<T>: Sync {
     /// Writes output rows `first..` into `block` (a whole number of rows).
     fn rows(&self, first: usize, block: &mut [T]);
@@ -108,20 +111,26 @@ pub(crate) fn for_each_row_block<T: Send, K: Rows<T>>(
     }
 }
 
-/// Runs `f(first_row, a_rows, b_rows)` over two outputs of the same shape, blocked as
-/// [`for_each_row_block`] blocks them. For kernels bound by calls into libm (sin, cos), which gain
-/// nothing from [`simd`].
-pub(crate) fn for_each_row_block_pair<T, F>(a: &mut [T], b: &mut [T], row_len: usize, par: Par<'_>, f: F)
-where
-    T: Send,
-    F: Fn(usize, &mut [T], &mut [T]) + Sync,
-{
+/// [`Rows`] for kernels with two outputs of the same shape.
+pub(crate) trait RowsPair<T>: Sync {
+    /// Writes rows `first..` of both outputs into `a` and `b` (a whole number of rows each).
+    fn rows(&self, first: usize, a: &mut [T], b: &mut [T]);
+}
+
+/// [`for_each_row_block`] over two outputs of the same shape, blocked identically.
+pub(crate) fn for_each_row_block_pair<T: Send, K: RowsPair<T>>(
+    a: &mut [T],
+    b: &mut [T],
+    row_len: usize,
+    par: Par<'_>,
+    kernel: &K,
+) {
     if a.is_empty() || row_len == 0 {
         return;
     }
     let rows = rows_per_block(row_len);
     let block = rows * row_len;
-    let run = |(i, (x, y)): (usize, (&mut [T], &mut [T]))| f(i * rows, x, y);
+    let run = |(i, (x, y)): (usize, (&mut [T], &mut [T]))| simd::rows_pair(kernel, i * rows, x, y);
     match par {
         Par::Pool(pool) if a.len() >= PARALLEL_MIN_ELEMENTS => {
             pool.install(|| a.par_chunks_mut(block).zip(b.par_chunks_mut(block)).enumerate().for_each(run))

@@ -6,9 +6,11 @@
 //! phase[p, i] = f64(positions[p]) * inv_freq[i]        (one float64 multiply)
 //! ```
 //!
-//! and evaluate `sin`/`cos` of it in float64 (the platform's libm), rounding once to the output
-//! type, so outputs are within 1 ULP of the exact sine of that phase for float32 and float64.
-//! Frequencies are float64 and never rounded to the output type.
+//! and evaluate `sin`/`cos` of it in float64, rounding once to the output type, so outputs are
+//! within 1 ULP of the exact sine of that phase for float32 and float64. Rows whose phases all lie
+//! within [`trig::MAX_ARG`] (every position up to 2^20 with frequencies up to 1) use the
+//! vectorisable [`trig::sin_cos`]; other rows use the platform's libm. Frequencies are float64 and
+//! never rounded to the output type.
 //!
 //! * sinusoidal, `h = inv_freq.len()`, `out` row-major `(positions.len(), 2h)`:
 //!   `Interleaved`: `out[p, 2i] = sin`, `out[p, 2i + 1] = cos` (the original transformer);
@@ -21,7 +23,7 @@
 use std::mem::MaybeUninit;
 
 use crate::error::KernelError;
-use crate::kernels::{for_each_row_block, for_each_row_block_pair, Float, Rows};
+use crate::kernels::{for_each_row_block, for_each_row_block_pair, trig, Float, Rows, RowsPair};
 use crate::pool::Par;
 
 /// Positions up to this magnitude are exact in float64.
@@ -67,30 +69,69 @@ pub fn sinusoidal<T: Float>(
     let half = inv_freq.len();
     let dim = 2 * half;
     check_len("out", out.len(), positions.len().checked_mul(dim))?;
-    for_each_row_block(out, dim, par, &Sinusoid { positions, inv_freq, layout });
+    for_each_row_block(out, dim, par, &Sinusoid { phases: Phases::new(positions, inv_freq), layout });
     Ok(())
 }
 
-struct Sinusoid<'a> {
+/// Integer positions and float64 frequencies.
+struct Phases<'a> {
     positions: &'a [i64],
     inv_freq: &'a [f64],
+    /// The largest |frequency|, to bound a row's phases.
+    max_freq: f64,
+}
+
+impl<'a> Phases<'a> {
+    fn new(positions: &'a [i64], inv_freq: &'a [f64]) -> Self {
+        let max_freq = inv_freq.iter().fold(0.0f64, |m, f| m.max(f.abs()));
+        Phases { positions, inv_freq, max_freq }
+    }
+
+    /// `sin` and `cos` of `position * inv_freq[i]` for every `i`, into `s` and `c`.
+    #[inline(always)]
+    fn sin_cos(&self, position: i64, s: &mut [f64], c: &mut [f64]) {
+        let p = position as f64;
+        let values = s.iter_mut().zip(c.iter_mut()).zip(self.inv_freq);
+        if p.abs() * self.max_freq <= trig::MAX_ARG {
+            for ((s, c), &f) in values {
+                (*s, *c) = trig::sin_cos(p * f);
+            }
+        } else {
+            for ((s, c), &f) in values {
+                (*s, *c) = (p * f).sin_cos();
+            }
+        }
+    }
+}
+
+struct Sinusoid<'a> {
+    phases: Phases<'a>,
     layout: SinusoidLayout,
 }
 
 impl<T: Float> Rows<MaybeUninit<T>> for Sinusoid<'_> {
     #[inline(always)]
     fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
-        let half = self.inv_freq.len();
-        for (row, &p) in block.chunks_exact_mut(2 * half).zip(&self.positions[first..]) {
-            let p = p as f64;
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let (s, c) = (p * f).sin_cos();
-                let (si, ci) = match self.layout {
-                    SinusoidLayout::Interleaved => (2 * i, 2 * i + 1),
-                    SinusoidLayout::Halves => (i, half + i),
-                };
-                row[si].write(T::from_f64(s));
-                row[ci].write(T::from_f64(c));
+        let half = self.phases.inv_freq.len();
+        let (mut s, mut c) = (vec![0.0; half], vec![0.0; half]);
+        for (row, &p) in block.chunks_exact_mut(2 * half).zip(&self.phases.positions[first..]) {
+            self.phases.sin_cos(p, &mut s, &mut c);
+            match self.layout {
+                SinusoidLayout::Interleaved => {
+                    for ((pair, &sv), &cv) in row.chunks_exact_mut(2).zip(&s).zip(&c) {
+                        pair[0].write(T::from_f64(sv));
+                        pair[1].write(T::from_f64(cv));
+                    }
+                }
+                SinusoidLayout::Halves => {
+                    let (sin_half, cos_half) = row.split_at_mut(half);
+                    for (o, &v) in sin_half.iter_mut().zip(&s) {
+                        o.write(T::from_f64(v));
+                    }
+                    for (o, &v) in cos_half.iter_mut().zip(&c) {
+                        o.write(T::from_f64(v));
+                    }
+                }
             }
         }
     }
@@ -114,18 +155,35 @@ pub fn rope_cos_sin<T: Float>(
     let expected = positions.len().checked_mul(half);
     check_len("cos", cos.len(), expected)?;
     check_len("sin", sin.len(), expected)?;
-    for_each_row_block_pair(cos, sin, half, par, |first, cos_block, sin_block| {
-        let rows = cos_block.chunks_exact_mut(half).zip(sin_block.chunks_exact_mut(half));
-        for ((cos_row, sin_row), &p) in rows.zip(&positions[first..]) {
-            let p = p as f64;
-            for ((c, s), &f) in cos_row.iter_mut().zip(sin_row.iter_mut()).zip(inv_freq) {
-                let (sv, cv) = (p * f).sin_cos();
-                c.write(T::from_f64(factor * cv));
-                s.write(T::from_f64(factor * sv));
+    for_each_row_block_pair(
+        cos,
+        sin,
+        half,
+        par,
+        &Rotary { phases: Phases::new(positions, inv_freq), factor },
+    );
+    Ok(())
+}
+
+struct Rotary<'a> {
+    phases: Phases<'a>,
+    factor: f64,
+}
+
+impl<T: Float> RowsPair<MaybeUninit<T>> for Rotary<'_> {
+    #[inline(always)]
+    fn rows(&self, first: usize, cos: &mut [MaybeUninit<T>], sin: &mut [MaybeUninit<T>]) {
+        let half = self.phases.inv_freq.len();
+        let (mut s, mut c) = (vec![0.0; half], vec![0.0; half]);
+        let rows = cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half));
+        for ((cos_row, sin_row), &p) in rows.zip(&self.phases.positions[first..]) {
+            self.phases.sin_cos(p, &mut s, &mut c);
+            for (((co, so), &sv), &cv) in cos_row.iter_mut().zip(sin_row.iter_mut()).zip(&s).zip(&c) {
+                co.write(T::from_f64(self.factor * cv));
+                so.write(T::from_f64(self.factor * sv));
             }
         }
-    });
-    Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -161,10 +219,9 @@ mod tests {
         for (p, &pos) in positions.iter().enumerate() {
             for i in 0..3 {
                 let phase = pos as f64 * f[i];
-                assert_eq!(a[p * 6 + 2 * i], phase.sin());
-                assert_eq!(a[p * 6 + 2 * i + 1], phase.cos());
-                assert_eq!(b[p * 6 + i], phase.sin());
-                assert_eq!(b[p * 6 + 3 + i], phase.cos());
+                let close = |x: f64, y: f64| (x - y).abs() <= f64::EPSILON * y.abs().max(f64::MIN_POSITIVE);
+                assert!(close(a[p * 6 + 2 * i], phase.sin()) && close(a[p * 6 + 2 * i + 1], phase.cos()));
+                assert_eq!((b[p * 6 + i], b[p * 6 + 3 + i]), (a[p * 6 + 2 * i], a[p * 6 + 2 * i + 1]));
             }
         }
     }
@@ -176,8 +233,9 @@ mod tests {
         let (c, s) = rope::<f32>(&positions, &f, 1.25, Par::Seq).unwrap();
         for (p, &pos) in positions.iter().enumerate() {
             for i in 0..2 {
-                assert_eq!(c[p * 2 + i], (1.25 * (pos as f64 * f[i]).cos()) as f32);
-                assert_eq!(s[p * 2 + i], (1.25 * (pos as f64 * f[i]).sin()) as f32);
+                let (sv, cv) = trig::sin_cos(pos as f64 * f[i]);
+                assert_eq!(c[p * 2 + i], (1.25 * cv) as f32);
+                assert_eq!(s[p * 2 + i], (1.25 * sv) as f32);
             }
         }
     }
@@ -200,6 +258,19 @@ mod tests {
     fn empty_inputs_give_empty_outputs() {
         assert!(table::<f32>(&[], &inv_freq(8), SinusoidLayout::Interleaved).unwrap().is_empty());
         assert!(table::<f32>(&[1, 2], &[], SinusoidLayout::Interleaved).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rows_beyond_the_fast_range_use_libm() {
+        let far = [1i64 << 40, -(1i64 << 40) - 7];
+        let f = inv_freq(8);
+        let out: Vec<f64> = table(&far, &f, SinusoidLayout::Halves).unwrap();
+        for (p, &pos) in far.iter().enumerate() {
+            for i in 0..4 {
+                let (s, c) = (pos as f64 * f[i]).sin_cos();
+                assert_eq!((out[p * 8 + i], out[p * 8 + 4 + i]), (s, c));
+            }
+        }
     }
 
     #[test]

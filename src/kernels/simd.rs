@@ -9,7 +9,7 @@
 //!
 //! This module and [`output`](super::output) hold the crate's only `unsafe` code.
 
-use crate::kernels::Rows;
+use crate::kernels::{Rows, RowsPair};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -48,6 +48,23 @@ pub(crate) fn rows<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
 #[target_feature(enable = "avx2,fma")]
 fn rows_avx2<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
     kernel.rows(first, block)
+}
+
+/// [`rows`] for a kernel with two outputs.
+#[inline(always)]
+pub(crate) fn rows_pair<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T], b: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if accelerated() {
+        // SAFETY: the CPU supports AVX2 and FMA, checked by `accelerated` just above.
+        return unsafe { rows_pair_avx2(kernel, first, a, b) };
+    }
+    kernel.rows(first, a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn rows_pair_avx2<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T], b: &mut [T]) {
+    kernel.rows(first, a, b)
 }
 
 /// Asks the CPU to start loading `data` into cache: a hint for gathers of rows from tables too big
