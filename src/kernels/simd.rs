@@ -1,13 +1,15 @@
 //! Runtime choice of instruction set for the kernels' inner loops, and prefetch hints.
 //!
-//! The crate is compiled for the baseline of its target (SSE2 on x86-64). [`rows`] runs a kernel's
-//! [`Rows::rows`] inside a function compiled for AVX2 and FMA when the CPU has them; `rows` is
+//! The crate is compiled for the baseline of its target (SSE2 on x86-64). `rows` runs a kernel's
+//! `Rows::rows` inside a function compiled for AVX2 and FMA when the CPU has them; `rows` is
 //! `#[inline(always)]`, so its loops are compiled there and LLVM vectorises them with 256-bit
 //! registers. Rust never contracts `a * b + c` into an FMA on its own, so both paths compute the
 //! same operations in the same order and give the same bits; the tests run each kernel on both
 //! ([`set_enabled`]).
 //!
-//! This module and [`output`](super::output) hold the crate's only `unsafe` code.
+//! `unsafe` code lives here (calling the AVX2 functions, prefetch), in
+//! [`output`](super::output) (a buffer's length set after a kernel filled it) and in the binding's
+//! `arrays.rs` (a fresh NumPy array's memory handed to a kernel), each block with a `SAFETY` note.
 
 use crate::kernels::{Rows, RowsPair};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +21,7 @@ pub fn set_enabled(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
-/// Whether [`dispatch`] uses AVX2 + FMA code on this CPU.
+/// Whether the kernels run their AVX2 + FMA code on this CPU.
 pub fn accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
