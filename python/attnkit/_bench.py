@@ -183,6 +183,7 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
           f"{repeats} interleaved repeats, medians")
     gflops = calibration_gflops(1024 if quick else 2048)
     print(f"calibration: NumPy float32 matmul {gflops:.0f} GFLOP/s (NumPy's default BLAS threads)\n")
+    time.sleep(1.0)  # OpenBLAS's threads spin for a while after the matmul; let them go idle first
     rows: list[Row] = []
     before = attnkit.get_num_threads()
     torch_before = torch.get_num_threads() if torch else None
@@ -204,7 +205,8 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
         attnkit.set_num_threads(before)
         if torch:
             torch.set_num_threads(torch_before)
-    print("\nratios are peer time / attnkit time: above 1 means attnkit is faster")
+    print("\nratios are peer time / attnkit time: above 1 means attnkit is faster;")
+    print("in the A/A rows the torch columns hold attnkit timed a second time (the harness's noise)")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"calibration_gflops": gflops, "rows": [asdict(r) for r in rows]}, f, indent=1)
@@ -213,11 +215,12 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
 
 
 def _format(row: Row) -> str:
-    def cell(value: float | None, fmt: str, width: int) -> str:
-        return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
+    def cell(value: float | None, width: int, suffix: str = "") -> str:
+        text = "-" if value is None else f"{value:.{2 if suffix else 3}f}{suffix}"
+        return f"{text:>{width}}"
 
     peer_ms = row.ms.get("numpy"), row.ms.get("torch", row.ms.get("attnkit again"))
     torch_ratio = row.ratio("torch") or row.ratio("attnkit again")
     return (f"{row.kernel:<24}{row.shape:<26}{row.threads:>4}{row.ms['attnkit']:>12.3f}{row.gbps:>7.1f}"
-            f"{cell(peer_ms[0], '.3f', 10)}{cell(peer_ms[1], '.3f', 10)}"
-            f"{cell(row.ratio('numpy'), '.2f', 9)}x{cell(torch_ratio, '.2f', 9)}x")
+            f"{cell(peer_ms[0], 10)}{cell(peer_ms[1], 10)}"
+            f"{cell(row.ratio('numpy'), 10, 'x')}{cell(torch_ratio, 10, 'x')}")

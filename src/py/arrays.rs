@@ -107,6 +107,14 @@ pub fn slice<'a, T: Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> P
     arr.as_slice().map_err(|_| not_contiguous())
 }
 
+/// The option named `value` among `options`, or a `ValueError` naming `arg` and listing them.
+pub fn choice<T: Copy>(arg: &str, value: &str, options: &[(&str, T)]) -> PyResult<T> {
+    options.iter().find(|(name, _)| *name == value).map(|&(_, v)| v).ok_or_else(|| {
+        let names: Vec<String> = options.iter().map(|(name, _)| format!("'{name}'")).collect();
+        PyValueError::new_err(format!("{arg}: expected one of {}, got {value:?}", names.join(", ")))
+    })
+}
+
 /// A shape written as NumPy writes it: `(2, 3)`, `(4,)`, `()`.
 pub fn shape_str(shape: &[usize]) -> String {
     match shape {

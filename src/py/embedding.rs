@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 
 use crate::kernels::embedding::{self as kernel, BagMode, Bags, TokenId};
 use crate::kernels::Float;
-use crate::py::arrays::{expect_ndim, fill_new, floats, ints, slice, typed, with_ints, Floats, Ints};
+use crate::py::arrays::{choice, expect_ndim, fill_new, floats, ints, slice, typed, with_ints, Floats, Ints};
 
 /// `(rows, dim)` of a 2-d embedding table.
 fn table_dims<T: Element>(weight: &PyReadonlyArrayDyn<'_, T>) -> PyResult<(usize, usize)> {
@@ -70,16 +70,8 @@ pub fn embedding_bag<'py>(
     per_sample_weights: Option<&Bound<'py, PyAny>>,
     padding_idx: Option<i64>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let mode = match mode {
-        "sum" => BagMode::Sum,
-        "mean" => BagMode::Mean,
-        "max" => BagMode::Max,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "mode: expected 'sum', 'mean' or 'max', got {other:?}"
-            )))
-        }
-    };
+    let mode =
+        choice("mode", mode, &[("sum", BagMode::Sum), ("mean", BagMode::Mean), ("max", BagMode::Max)])?;
     let ids = ints(ids, "ids")?;
     let bounds = typed::<i64>(bounds, "offsets", "int64")?;
     expect_ndim(bounds.shape(), 1, "offsets", "of bag boundaries")?;

@@ -2,12 +2,12 @@
 //! inverse frequencies.
 
 use numpy::{Element, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
 use crate::kernels::positional::{self as kernel, SinusoidLayout};
 use crate::kernels::Float;
-use crate::py::arrays::{expect_ndim, fill_new, fill_new_pair, slice, typed};
+use crate::py::arrays::{choice, expect_ndim, fill_new, fill_new_pair, slice, typed};
 
 /// Whether `dtype` names float64 (`true`) or float32 (`false`).
 fn is_double(dtype: &str) -> PyResult<bool> {
@@ -46,15 +46,11 @@ pub fn sinusoidal<'py>(
     layout: &str,
     dtype: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let layout = match layout {
-        "interleaved" => SinusoidLayout::Interleaved,
-        "halves" => SinusoidLayout::Halves,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "layout: expected 'interleaved' or 'halves', got {other:?}"
-            )))
-        }
-    };
+    let layout = choice(
+        "layout",
+        layout,
+        &[("interleaved", SinusoidLayout::Interleaved), ("halves", SinusoidLayout::Halves)],
+    )?;
     let inputs = Inputs::new(positions, inv_freq)?;
     if is_double(dtype)? {
         sinusoidal_typed::<f64>(py, &inputs, layout)

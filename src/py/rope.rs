@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 
 use crate::kernels::rope::{self as kernel, RopeLayout, RopeSpec, RopeStyle};
 use crate::kernels::Float;
-use crate::py::arrays::{fill_new, floats, shape_str, slice, Floats};
+use crate::py::arrays::{choice, fill_new, floats, shape_str, slice, Floats};
 
 /// Rotates `x` (4-d, `layout` order) by the tables `cos`/`sin` (`(seq, r/2)` or `(batch, seq, r/2)`).
 #[pyfunction]
@@ -18,22 +18,9 @@ pub fn apply_rope<'py>(
     style: &str,
     layout: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let style = match style {
-        "half" => RopeStyle::Half,
-        "interleaved" => RopeStyle::Interleaved,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "style: expected 'half' or 'interleaved', got {other:?}"
-            )))
-        }
-    };
-    let layout = match layout {
-        "bhsd" => RopeLayout::Bhsd,
-        "bshd" => RopeLayout::Bshd,
-        other => {
-            return Err(PyValueError::new_err(format!("layout: expected 'bhsd' or 'bshd', got {other:?}")))
-        }
-    };
+    let style =
+        choice("style", style, &[("half", RopeStyle::Half), ("interleaved", RopeStyle::Interleaved)])?;
+    let layout = choice("layout", layout, &[("bhsd", RopeLayout::Bhsd), ("bshd", RopeLayout::Bshd)])?;
     match (floats(x, "x")?, floats(cos, "cos")?, floats(sin, "sin")?) {
         (Floats::F32(x), Floats::F32(c), Floats::F32(s)) => rotate(py, &x, &c, &s, style, layout),
         (Floats::F64(x), Floats::F64(c), Floats::F64(s)) => rotate(py, &x, &c, &s, style, layout),
