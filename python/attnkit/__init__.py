@@ -8,6 +8,7 @@ attnkit's own thread pool (:func:`set_num_threads`).
 
 from attnkit import _core
 from attnkit._core import InternalError, __version__
+from attnkit.attention import scaled_dot_product_attention
 from attnkit.embedding import embedding, embedding_bag
 from attnkit.positional import (
     alibi_slopes,
@@ -32,6 +33,7 @@ __all__ = [
     "relative_position_bucket",
     "rope_cos_sin",
     "rope_frequencies",
+    "scaled_dot_product_attention",
     "set_num_threads",
     "sinusoidal_positions",
 ]

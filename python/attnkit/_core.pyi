@@ -31,3 +31,20 @@ def rope_cos_sin(
 def apply_rope(
     x: npt.NDArray[Any], cos: npt.NDArray[Any], sin: npt.NDArray[Any], style: str, layout: str
 ) -> npt.NDArray[Any]: ...
+def attention(
+    query: npt.NDArray[Any],
+    key: npt.NDArray[Any],
+    value: npt.NDArray[Any],
+    layout: str,
+    scale: float,
+    softcap: float | None,
+    causal: bool,
+    window: tuple[int | None, int | None],
+    alignment: str,
+    bool_mask: npt.NDArray[np.uint8] | None = None,
+    float_mask: npt.NDArray[Any] | None = None,
+    key_mask: npt.NDArray[np.uint8] | None = None,
+    alibi: npt.NDArray[np.float64] | None = None,
+    return_lse: bool = False,
+    return_weights: bool = False,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None, npt.NDArray[Any] | None]: ...

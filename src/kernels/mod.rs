@@ -5,7 +5,9 @@
 //! their output into pieces whose contents do not depend on the number of threads, so results are
 //! bitwise identical for any thread count.
 
+pub mod attention;
 pub mod embedding;
+pub mod exp;
 pub mod output;
 pub mod positional;
 pub mod rope;

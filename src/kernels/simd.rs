@@ -52,6 +52,29 @@ fn rows_avx2<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
     kernel.rows(first, block)
 }
 
+/// A unit of kernel work that does not fit the row-block shape of [`Rows`] (attention's
+/// per-head tasks). `run` and everything it calls must be `#[inline(always)]`, with `for` loops.
+pub(crate) trait Task {
+    fn run(&mut self);
+}
+
+/// Runs `task`, compiled for AVX2 + FMA when [`accelerated`].
+#[inline(always)]
+pub(crate) fn task<K: Task>(task: &mut K) {
+    #[cfg(target_arch = "x86_64")]
+    if accelerated() {
+        // SAFETY: the CPU supports AVX2 and FMA, checked by `accelerated` just above.
+        return unsafe { task_avx2(task) };
+    }
+    task.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn task_avx2<K: Task>(task: &mut K) {
+    task.run()
+}
+
 /// [`rows`] for a kernel with two outputs.
 #[inline(always)]
 pub(crate) fn rows_pair<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T], b: &mut [T]) {

@@ -185,6 +185,20 @@ unsafe fn fresh_elements<'a, T: Element>(
     unsafe { std::slice::from_raw_parts_mut(arr.data().cast::<MaybeUninit<T>>(), n) }
 }
 
+/// A fresh NumPy array of `shape` and its elements, for a kernel that writes several outputs.
+/// The caller must have the kernel write every element before the array is used.
+pub fn empty_uninit<'py, T: Element>(
+    py: Python<'py>,
+    shape: &[usize],
+) -> PyResult<(Bound<'py, PyAny>, &'py mut [MaybeUninit<T>])> {
+    let n = output_len("output", shape)?;
+    let arr = empty::<T>(py, shape)?;
+    // SAFETY: `arr` was just created with n elements; the slice is the only access to them until
+    // the caller returns the array, after the kernel has written them.
+    let data = unsafe { fresh_elements(&arr, n) };
+    Ok((arr.into_any(), data))
+}
+
 /// Creates a NumPy array of `shape` and lets `kernel` write all its elements, without the GIL.
 pub fn fill_new<'py, T: Element + Send>(
     py: Python<'py>,

@@ -2,6 +2,7 @@
 //! dtype, releases the GIL around every kernel, and maps kernel errors onto Python exceptions.
 
 mod arrays;
+mod attention;
 mod embedding;
 mod errors;
 mod positional;
@@ -53,5 +54,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(positional::sinusoidal, m)?)?;
     m.add_function(wrap_pyfunction!(positional::rope_cos_sin, m)?)?;
     m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::attention, m)?)?;
     Ok(())
 }

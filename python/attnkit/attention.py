@@ -1,0 +1,194 @@
+"""Masked multi-head scaled dot-product attention: the step that turns static embeddings into
+contextual ones. One fused, tiled, multi-threaded kernel (online softmax), never an L x S buffer
+unless the weights are asked for."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from attnkit import _core
+from attnkit._validate import _as_array, choice, float_array, int_array, integer, real
+
+__all__ = ["scaled_dot_product_attention"]
+
+
+def scaled_dot_product_attention(
+    query: npt.ArrayLike,
+    key: npt.ArrayLike,
+    value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    key_mask: npt.ArrayLike | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    return_weights: bool = False,
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+) -> Any:
+    """Attention as ``torch.nn.functional.scaled_dot_product_attention``, on NumPy arrays.
+
+    ``out_i = sum_j softmax_j(scale * q_i . k_j + bias_ij) v_j`` over the keys ``j`` that query ``i``
+    may attend to. Masks use one polarity everywhere: **true / nonzero = may attend**.
+
+    Args:
+        query: ``(..., Hq, L, E)`` float32 or float64 (``layout="bshd"``: ``(..., L, Hq, E)``).
+        key: ``(..., Hkv, S, E)``, the query's dtype and batch dimensions.
+        value: ``(..., Hkv, S, Ev)``.
+        attn_mask: bool (true = may attend) or float (added to the scores; ``-inf`` = masked) of
+            the query's dtype, broadcastable to ``(..., Hq, L, S)``.
+        dropout_p: must be 0 (attnkit is for inference).
+        is_causal: query ``i`` attends to keys ``j <= i`` (``j <= i + S - L`` with
+            ``causal_alignment="bottom_right"``); combined with ``attn_mask`` when both are given.
+        scale: score scale, ``1 / sqrt(E)`` by default.
+        enable_gqa: allows ``Hq`` to be a multiple of ``Hkv``; query head ``h`` uses key/value head
+            ``h // (Hq // Hkv)``.
+        key_mask: ``(..., S)`` bool or integer, nonzero = may attend (the ``attention_mask`` that
+            tokenizers return), applied without building a dense mask; fully padded key blocks are
+            skipped.
+        causal_alignment: ``"top_left"`` or ``"bottom_right"``; also places queries for
+            ``window`` and ``alibi_slopes``.
+        window: ``(left, right)``: keys at most ``left`` before and ``right`` after the aligned
+            diagonal (``None`` = unlimited on that side).
+        alibi_slopes: ``(Hq,)`` or ``(..., Hq)``: adds ``-slope * |i' - j|`` to the scores.
+        softcap: scores become ``softcap * tanh(scores / softcap)`` before masks and biases.
+        return_lse: also return the log-sum-exp ``(..., Hq, L)``.
+        return_weights: also return the attention probabilities ``(..., Hq, L, S)``.
+        layout: ``"bhsd"`` or ``"bshd"`` for query, key, value and the output.
+
+    Returns:
+        ``out`` of shape ``(..., Hq, L, Ev)`` (``bshd``: ``(..., L, Hq, Ev)``), or the tuple
+        ``(out, lse)``, ``(out, weights)`` or ``(out, lse, weights)`` when requested. A query row
+        with no key to attend to gives zeros (weights zero, lse ``-inf``), never NaN; masked keys,
+        values and queries never enter the arithmetic; results are bitwise identical for any
+        thread count.
+
+    Raises:
+        TypeError: non-float or mixed dtypes, integer masks, a float mask of another dtype.
+        ValueError: bad ranks or shapes, heads that do not divide, a mask that does not broadcast
+            to ``(..., Hq, L, S)``, ``dropout_p != 0``, non-finite ``scale``, bad ``window``,
+            ``softcap``, ``causal_alignment`` or ``layout``.
+
+    Example:
+        >>> import numpy as np, attnkit
+        >>> q = k = v = np.eye(3, dtype=np.float32)[None, None]     # (1, 1, 3, 3)
+        >>> attnkit.scaled_dot_product_attention(q, k, v, is_causal=True)[0, 0].round(3)
+        array([[1.   , 0.   , 0.   ],
+               [0.361, 0.639, 0.   ],
+               [0.24 , 0.24 , 0.519]], dtype=float32)
+    """
+    layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
+    alignment = choice(causal_alignment, "causal_alignment", ("top_left", "bottom_right"))
+    q, k, v = (float_array(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key, value: must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if dropout_p != 0:
+        raise ValueError(f"dropout_p: attnkit is for inference and takes only 0.0, got {dropout_p}")
+    squeeze = q.ndim == 2
+    if squeeze:  # (L, E): one head, no batch
+        q, k, v = q[None], k[None], v[None]
+    if not (q.ndim == k.ndim == v.ndim) or q.ndim < 3:
+        raise ValueError(
+            f"query, key, value: expected arrays of the same rank >= 2, got shapes {q.shape}, {k.shape}, {v.shape}"
+        )
+    batch_shape = q.shape[:-3]
+    if k.shape[:-3] != batch_shape or v.shape[:-3] != batch_shape:
+        raise ValueError(f"key, value: batch dimensions {k.shape[:-3]}, {v.shape[:-3]} differ from the query's {batch_shape}")
+    head_axis, seq_axis = (-3, -2) if layout == "bhsd" else (-2, -3)
+    hq, length, dim = q.shape[head_axis], q.shape[seq_axis], q.shape[-1]
+    hkv, s_len = k.shape[head_axis], k.shape[seq_axis]
+    if k.shape[-1] != dim:
+        raise ValueError(f"key: embedding size {k.shape[-1]} differs from the query's {dim}")
+    if v.shape[head_axis] != hkv or v.shape[seq_axis] != s_len:
+        raise ValueError(f"value: {v.shape[head_axis]} heads x {v.shape[seq_axis]} keys, expected {hkv} x {s_len} (the key's)")
+    if hq != hkv:
+        if not enable_gqa:
+            raise ValueError(f"key: {hkv} heads for {hq} query heads; pass enable_gqa=True to share key/value heads")
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"key: {hkv} key/value heads cannot be shared by {hq} query heads")
+    if scale is None:
+        scale_value = 1.0 / math.sqrt(dim) if dim else 1.0
+    else:
+        scale_value = real(scale, "scale")
+    cap = None if softcap is None else real(softcap, "softcap", positive=True)
+    b = int(np.prod(batch_shape, dtype=np.int64))
+    q4, k4, v4 = (x.reshape((b,) + x.shape[-3:]) for x in (q, k, v))
+    bool_mask, float_mask = _attn_mask(attn_mask, q.dtype, batch_shape, (hq, length, s_len))
+    keys = None
+    if key_mask is not None:
+        km = int_array(key_mask, "key_mask") if _as_array(key_mask, "key_mask").dtype != bool else np.asarray(key_mask)
+        if km.shape != batch_shape + (s_len,):
+            raise ValueError(f"key_mask: expected shape {batch_shape + (s_len,)} (batch..., S), got {km.shape}")
+        keys = np.ascontiguousarray(km.reshape(b, s_len) != 0, dtype=np.uint8)
+    slopes = None
+    if alibi_slopes is not None:
+        sl = float_array(alibi_slopes, "alibi_slopes").astype(np.float64)
+        if sl.shape not in ((hq,), batch_shape + (hq,)):
+            raise ValueError(f"alibi_slopes: expected shape ({hq},) or {batch_shape + (hq,)}, got {sl.shape}")
+        slopes = np.ascontiguousarray(sl.reshape(-1))
+    win = _window(window)
+    out, lse, weights = _core.attention(
+        q4, k4, v4, layout, scale_value, cap, bool(is_causal), win, alignment,
+        bool_mask, float_mask, keys, slopes, bool(return_lse), bool(return_weights),
+    )
+    out = out.reshape(batch_shape + out.shape[1:])
+    if layout == "bshd":
+        out = np.ascontiguousarray(np.swapaxes(out, -2, -3))
+    results = [out[0] if squeeze else out]
+    if lse is not None:
+        lse = lse.reshape(batch_shape + lse.shape[1:])
+        results.append(lse[0] if squeeze else lse)
+    if weights is not None:
+        weights = weights.reshape(batch_shape + weights.shape[1:])
+        results.append(weights[0] if squeeze else weights)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _attn_mask(
+    mask: npt.ArrayLike | None, dtype: np.dtype[Any], batch_shape: tuple[int, ...], tail: tuple[int, int, int]
+) -> tuple[npt.NDArray[np.uint8] | None, npt.NDArray[Any] | None]:
+    """The mask as a compact 4-d array (size-1 axes broadcast) over (B, Hq, L, S)."""
+    if mask is None:
+        return None, None
+    m = _as_array(mask, "attn_mask")
+    if m.dtype == bool:
+        pass
+    elif m.dtype.kind == "f":
+        if m.dtype != dtype:
+            raise TypeError(f"attn_mask: a float mask must have the query's dtype {dtype}, got {m.dtype}")
+    else:
+        raise TypeError(f"attn_mask: expected a bool mask (true = may attend) or a float mask, got dtype {m.dtype}")
+    target = batch_shape + tail
+    try:
+        fits = np.broadcast_shapes(m.shape, target) == target
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"attn_mask: shape {m.shape} does not broadcast to {target} (..., Hq, L, S)")
+    m = m.reshape((1,) * (len(target) - m.ndim) + m.shape)
+    lead = m.shape[: len(batch_shape)]
+    if any(n != 1 for n in lead) and lead != batch_shape:  # partly broadcast batch axes
+        m = np.broadcast_to(m, batch_shape + m.shape[len(batch_shape):])
+    b = 1 if all(n == 1 for n in m.shape[: len(batch_shape)]) else int(np.prod(batch_shape, dtype=np.int64))
+    m = np.ascontiguousarray(m.reshape((b,) + m.shape[len(batch_shape):]))
+    if m.dtype == bool:
+        return m.view(np.uint8), None
+    return None, m
+
+
+def _window(window: Any) -> tuple[int | None, int | None]:
+    if window is None:
+        return None, None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window: expected (left, right), each an int >= 0 or None, got {window!r}")
+    left, right = (None if w is None else integer(w, "window", minimum=0) for w in window)
+    return left, right

@@ -1,0 +1,499 @@
+//! Masked multi-head scaled dot-product attention, fused and tiled (online softmax).
+//!
+//! For batch `b`, query head `h` (key/value head `g = h / (Hq / Hkv)`), query row `i`, key `j`:
+//!
+//! ```text
+//! s_ij = scale · q_i · k_j                      (then softcap · tanh(s_ij / softcap) if given)
+//!        + float_mask[b, h, i, j] − slope[b, h] · |i' − j|           (each if given)
+//! valid(i, j) = causal/window bounds around i' = i + offset, key_mask[b, j], bool_mask[b, h, i, j]
+//!               and float_mask[b, h, i, j] != −inf
+//! out_i = Σ_valid exp(s_ij − m_i) v_j / Σ_valid exp(s_ij − m_i),   m_i = max_valid s_ij
+//! lse_i = m_i + ln Σ_valid exp(s_ij − m_i)
+//! ```
+//!
+//! with `offset = 0` for top-left alignment and `S − L` for bottom-right. A row with no valid key
+//! gives zeros (and `lse = −inf`). Invalid pairs are selected out, never multiplied by zero, so
+//! whatever a masked query, key or value holds (NaN, inf) cannot reach any other output.
+//!
+//! Memory: `q`, `k`, `v` are addressed by (batch, head, row) strides with contiguous rows, which
+//! covers the `(B, H, L, E)` and `(B, L, H, E)` layouts; `out` is `(B, Hq, L, Ev)`, `lse`
+//! `(B, Hq, L)` and `weights` `(B, Hq, L, S)`, all row-major. Masks are read through element
+//! strides, so broadcast dimensions cost nothing.
+//!
+//! Parallel split: one task per (batch, query head), each walking its query blocks and key
+//! blocks in a fixed order, so results do not depend on the thread count.
+
+mod tile;
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::error::KernelError;
+use crate::kernels::exp::Exp;
+use crate::kernels::{simd, Float};
+use crate::pool::Par;
+
+/// The float types attention computes in.
+pub trait AttnFloat: Float + Exp + std::ops::Div<Output = Self> + std::ops::Neg<Output = Self> {
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    fn tanh(self) -> Self;
+    fn ln(self) -> Self;
+    const NEG_INFINITY: Self;
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+macro_rules! impl_attn_float {
+    ($t:ty) => {
+        impl AttnFloat for $t {
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
+            #[inline(always)]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+        }
+    };
+}
+impl_attn_float!(f32);
+impl_attn_float!(f64);
+
+/// Where query row `i` sits among the keys, for causal masks, windows and ALiBi.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alignment {
+    /// Query `i` is position `i` (PyTorch's `is_causal`).
+    TopLeft,
+    /// Query `i` is position `i + S − L` (KV caches, chunked prefill).
+    BottomRight,
+}
+
+/// Element strides of a tensor addressed as (batch, head, row), rows contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct Strides {
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+}
+
+/// The shapes and options of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSpec {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub dim_qk: usize,
+    pub dim_v: usize,
+    pub q: Strides,
+    pub k: Strides,
+    pub v: Strides,
+    pub scale: f64,
+    pub softcap: Option<f64>,
+    pub causal: bool,
+    /// Keys allowed on each side of the aligned diagonal; `None` = unlimited.
+    pub window: (Option<usize>, Option<usize>),
+    pub alignment: Alignment,
+}
+
+/// A mask read through element strides over (batch, head, query, key); a stride of 0 broadcasts.
+#[derive(Debug, Clone, Copy)]
+pub struct StridedMask<'a, M> {
+    pub data: &'a [M],
+    pub strides: [usize; 4],
+}
+
+impl<M: Copy> StridedMask<'_, M> {
+    #[inline(always)]
+    fn at(&self, b: usize, h: usize, i: usize, j: usize) -> M {
+        let s = self.strides;
+        self.data[b * s[0] + h * s[1] + i * s[2] + j * s[3]]
+    }
+}
+
+impl<M> StridedMask<'_, M> {
+    /// Whether every index reachable for the given extents lies inside `data`.
+    fn fits(&self, extents: [usize; 4]) -> bool {
+        let last = extents.iter().zip(self.strides).try_fold(0usize, |acc, (&n, s)| match n {
+            0 => None,
+            _ => acc.checked_add((n - 1).checked_mul(s)?),
+        });
+        match last {
+            Some(last) => last < self.data.len(),
+            None => true, // an empty extent: nothing is read
+        }
+    }
+}
+
+/// The masks and biases of one call; every one is optional.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Masks<'a, T> {
+    /// Nonzero = may attend.
+    pub bool_mask: Option<StridedMask<'a, u8>>,
+    /// Added to the scores; −inf = masked.
+    pub float_mask: Option<StridedMask<'a, T>>,
+    /// `(batch, S)`, nonzero = may attend.
+    pub key_mask: Option<&'a [u8]>,
+    /// ALiBi slopes, `(Hq,)` or `(batch, Hq)`.
+    pub alibi: Option<&'a [f64]>,
+}
+
+/// Where the outputs go: `out` always, `lse` and `weights` when requested.
+pub struct Outputs<'a, T> {
+    pub out: &'a mut [MaybeUninit<T>],
+    pub lse: Option<&'a mut [MaybeUninit<T>]>,
+    pub weights: Option<&'a mut [MaybeUninit<T>]>,
+}
+
+/// One task's rows of `out`, `lse` and `weights`.
+type TaskOutputs<'o, T> =
+    ((&'o mut [MaybeUninit<T>], Option<&'o mut [MaybeUninit<T>]>), Option<&'o mut [MaybeUninit<T>]>);
+
+fn invalid(arg: &'static str, message: String) -> KernelError {
+    KernelError::invalid(arg, message)
+}
+
+fn last_index(
+    spec_len: usize,
+    s: Strides,
+    batch: usize,
+    heads: usize,
+    rows: usize,
+    row_len: usize,
+) -> Option<usize> {
+    if batch == 0 || heads == 0 || rows == 0 || row_len == 0 {
+        return Some(0);
+    }
+    let last = (batch - 1)
+        .checked_mul(s.batch)?
+        .checked_add((heads - 1).checked_mul(s.head)?)?
+        .checked_add((rows - 1).checked_mul(s.row)?)?
+        .checked_add(row_len)?;
+    (last <= spec_len).then_some(last)
+}
+
+impl AttnSpec {
+    fn check<T>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        masks: &Masks<'_, T>,
+        outputs: &Outputs<'_, T>,
+    ) -> Result<(), KernelError> {
+        if self.heads_kv == 0 && self.heads_q > 0
+            || self.heads_kv > 0 && !self.heads_q.is_multiple_of(self.heads_kv)
+        {
+            return Err(invalid(
+                "key",
+                format!("{} query heads cannot share {} key/value heads", self.heads_q, self.heads_kv),
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(invalid("scale", format!("must be finite, got {}", self.scale)));
+        }
+        if let Some(c) = self.softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(invalid("softcap", format!("must be a finite positive number, got {c}")));
+        }
+        let checks = [
+            ("query", q.len(), self.q, self.heads_q, self.q_len, self.dim_qk),
+            ("key", k.len(), self.k, self.heads_kv, self.kv_len, self.dim_qk),
+            ("value", v.len(), self.v, self.heads_kv, self.kv_len, self.dim_v),
+        ];
+        for (arg, len, strides, heads, rows, row_len) in checks {
+            if last_index(len, strides, self.batch, heads, rows, row_len).is_none() {
+                return Err(invalid(arg, "strides and shape reach past the data".into()));
+            }
+        }
+        let extents = [self.batch, self.heads_q, self.q_len, self.kv_len];
+        if masks.bool_mask.as_ref().is_some_and(|m| !m.fits(extents))
+            || masks.float_mask.as_ref().is_some_and(|m| !m.fits(extents))
+        {
+            return Err(invalid("attn_mask", "strides and shape reach past the data".into()));
+        }
+        if let Some(km) = masks.key_mask {
+            if Some(km.len()) != self.batch.checked_mul(self.kv_len) {
+                return Err(invalid("key_mask", format!("has {} elements, expected batch * S", km.len())));
+            }
+        }
+        if let Some(a) = masks.alibi {
+            if a.len() != self.heads_q && Some(a.len()) != self.batch.checked_mul(self.heads_q) {
+                return Err(invalid(
+                    "alibi_slopes",
+                    format!("has {} elements, expected Hq or batch * Hq", a.len()),
+                ));
+            }
+        }
+        let rows = [self.batch, self.heads_q, self.q_len].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let sizes = [
+            ("out", Some(outputs.out.len()), rows.and_then(|r| r.checked_mul(self.dim_v))),
+            ("lse", outputs.lse.as_ref().map(|l| l.len()), rows),
+            (
+                "weights",
+                outputs.weights.as_ref().map(|w| w.len()),
+                rows.and_then(|r| r.checked_mul(self.kv_len)),
+            ),
+        ];
+        for (arg, got, expected) in sizes {
+            if got.is_some_and(|n| Some(n) != expected) {
+                return Err(invalid(arg, format!("has {got:?} elements, expected {expected:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Computes attention for every (batch, query head) into `outputs`.
+pub fn attention<T: AttnFloat>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    spec: &AttnSpec,
+    masks: &Masks<'_, T>,
+    outputs: Outputs<'_, T>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    spec.check(q, k, v, masks, &outputs)?;
+    let pairs = spec.batch * spec.heads_q;
+    if pairs == 0 || spec.q_len == 0 {
+        return Ok(());
+    }
+    let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
+    // One task per (batch, query head): its rows of out, lse and weights.
+    let outs: Vec<&mut [MaybeUninit<T>]> = match ev {
+        0 => (0..pairs).map(|_| Default::default()).collect(),
+        _ => outputs.out.chunks_mut(l * ev).collect(),
+    };
+    let lses: Vec<Option<&mut [MaybeUninit<T>]>> = match outputs.lse {
+        Some(lse) => lse.chunks_mut(l).map(Some).collect(),
+        None => (0..pairs).map(|_| None).collect(),
+    };
+    let weights: Vec<Option<&mut [MaybeUninit<T>]>> = match outputs.weights {
+        Some(w) if s > 0 => w.chunks_mut(l * s).map(Some).collect(),
+        _ => (0..pairs).map(|_| None).collect(),
+    };
+    let tasks: Vec<_> = outs.into_iter().zip(lses).zip(weights).enumerate().collect();
+    let run = |(pair, ((out, lse), weights)): (usize, TaskOutputs<'_, T>)| {
+        let (b, h) = (pair / spec.heads_q, pair % spec.heads_q);
+        simd::task(&mut tile::Head { q, k, v, spec, masks, b, h, out, lse, weights });
+    };
+    let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
+    match par {
+        Par::Pool(pool) if pairs > 1 && flops > 1e6 => pool.install(|| tasks.into_par_iter().for_each(run)),
+        _ => tasks.into_iter().for_each(run),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::output::{collect, collect_pair};
+
+    struct Case {
+        spec: AttnSpec,
+        q: Vec<f64>,
+        k: Vec<f64>,
+        v: Vec<f64>,
+        bool_mask: Option<Vec<u8>>,
+        key_mask: Option<Vec<u8>>,
+    }
+
+    fn strides(heads: usize, rows: usize, dim: usize) -> Strides {
+        Strides { batch: heads * rows * dim, head: rows * dim, row: dim }
+    }
+
+    fn case(b: usize, hq: usize, hkv: usize, l: usize, s: usize, e: usize, ev: usize) -> Case {
+        let gen = |n: usize, seed: usize| -> Vec<f64> {
+            (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f64) / 500.0 - 1.0).collect()
+        };
+        let spec = AttnSpec {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            q_len: l,
+            kv_len: s,
+            dim_qk: e,
+            dim_v: ev,
+            q: strides(hq, l, e),
+            k: strides(hkv, s, e),
+            v: strides(hkv, s, ev),
+            scale: 1.0 / (e as f64).sqrt(),
+            softcap: None,
+            causal: false,
+            window: (None, None),
+            alignment: Alignment::TopLeft,
+        };
+        Case {
+            spec,
+            q: gen(b * hq * l * e, 1),
+            k: gen(b * hkv * s * e, 2),
+            v: gen(b * hkv * s * ev, 3),
+            bool_mask: None,
+            key_mask: None,
+        }
+    }
+
+    /// The formula, one query row at a time, in float64, leaving invalid keys out entirely.
+    fn naive(c: &Case) -> (Vec<f64>, Vec<f64>) {
+        let sp = &c.spec;
+        let (l, s, e, ev) = (sp.q_len, sp.kv_len, sp.dim_qk, sp.dim_v);
+        let offset = if sp.alignment == Alignment::BottomRight { s as isize - l as isize } else { 0 };
+        let (mut out, mut lse) = (vec![], vec![]);
+        for b in 0..sp.batch {
+            for h in 0..sp.heads_q {
+                let g = h / (sp.heads_q / sp.heads_kv);
+                for i in 0..l {
+                    let pos = i as isize + offset;
+                    let mut scores = vec![];
+                    for j in 0..s {
+                        let jp = j as isize;
+                        let ok = !(sp.causal && jp > pos)
+                            && sp.window.0.is_none_or(|w| jp >= pos - w as isize)
+                            && sp.window.1.is_none_or(|w| jp <= pos + w as isize)
+                            && c.key_mask.as_ref().is_none_or(|km| km[b * s + j] != 0)
+                            && c.bool_mask
+                                .as_ref()
+                                .is_none_or(|bm| bm[((b * sp.heads_q + h) * l + i) * s + j] != 0);
+                        if ok {
+                            let qr = &c.q[((b * sp.heads_q + h) * l + i) * e..][..e];
+                            let kr = &c.k[((b * sp.heads_kv + g) * s + j) * e..][..e];
+                            scores.push((j, sp.scale * qr.iter().zip(kr).map(|(x, y)| x * y).sum::<f64>()));
+                        }
+                    }
+                    let m = scores.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = scores.iter().map(|x| (x.1 - m).exp()).sum();
+                    for d in 0..ev {
+                        let num: f64 = scores
+                            .iter()
+                            .map(|&(j, sc)| (sc - m).exp() * c.v[((b * sp.heads_kv + g) * s + j) * ev + d])
+                            .sum();
+                        out.push(if scores.is_empty() { 0.0 } else { num / total });
+                    }
+                    lse.push(if scores.is_empty() { f64::NEG_INFINITY } else { m + total.ln() });
+                }
+            }
+        }
+        (out, lse)
+    }
+
+    fn run(c: &Case, par: Par<'_>) -> (Vec<f64>, Vec<f64>) {
+        let sp = &c.spec;
+        let rows = sp.batch * sp.heads_q * sp.q_len;
+        let bm = c.bool_mask.as_ref().map(|d| StridedMask {
+            data: &d[..],
+            strides: [sp.heads_q * sp.q_len * sp.kv_len, sp.q_len * sp.kv_len, sp.kv_len, 1],
+        });
+        let masks = Masks { bool_mask: bm, float_mask: None, key_mask: c.key_mask.as_deref(), alibi: None };
+        let mut out = vec![];
+        let lse = collect("lse", rows, |lse| {
+            out = collect("out", rows * sp.dim_v, |o| {
+                attention(
+                    &c.q,
+                    &c.k,
+                    &c.v,
+                    sp,
+                    &masks,
+                    Outputs { out: o, lse: Some(&mut *lse), weights: None },
+                    par,
+                )
+            })?;
+            Ok(())
+        })
+        .unwrap();
+        (out, lse)
+    }
+
+    fn assert_close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g == w || (g - w).abs() <= 1e-12, "element {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn matches_naive_formula_with_every_mask_kind() {
+        let mut c = case(2, 4, 2, 37, 70, 5, 3);
+        assert_close(&run(&c, Par::Seq).0, &naive(&c).0);
+        c.spec.causal = true;
+        c.spec.alignment = Alignment::BottomRight;
+        let (out, lse) = run(&c, Par::Seq);
+        let (want_out, want_lse) = naive(&c);
+        assert_close(&out, &want_out);
+        assert_close(&lse, &want_lse);
+        c.spec.causal = false;
+        c.spec.window = (Some(5), Some(2));
+        c.key_mask = Some((0..2 * 70).map(|i| u8::from(i % 70 < 50 - 20 * (i / 70))).collect());
+        c.bool_mask = Some((0..2 * 4 * 37 * 70).map(|i| u8::from(i % 3 != 0)).collect());
+        assert_close(&run(&c, Par::Seq).0, &naive(&c).0);
+    }
+
+    #[test]
+    fn fully_masked_rows_give_zeros_and_minus_infinity() {
+        let mut c = case(1, 1, 1, 3, 4, 2, 2);
+        c.key_mask = Some(vec![0; 4]);
+        let (out, lse) = run(&c, Par::Seq);
+        assert!(out.iter().all(|&x| x == 0.0));
+        assert!(lse.iter().all(|&x| x == f64::NEG_INFINITY));
+        let mut c = case(1, 1, 1, 3, 0, 2, 2); // no keys at all
+        c.spec.causal = true;
+        assert!(run(&c, Par::Seq).0.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn masked_keys_and_values_never_enter_the_arithmetic() {
+        let mut c = case(1, 2, 1, 9, 130, 4, 4);
+        c.key_mask = Some((0..130).map(|j| u8::from(j % 5 != 0)).collect());
+        let want = run(&c, Par::Seq).0;
+        for j in (0..130).step_by(5) {
+            c.k[j * 4..j * 4 + 4].fill(f64::NAN);
+            c.v[j * 4..j * 4 + 4].fill(f64::INFINITY);
+        }
+        assert_eq!(run(&c, Par::Seq).0, want);
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_bits() {
+        let c = case(3, 4, 4, 45, 90, 8, 8);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        assert_eq!(run(&c, Par::Seq), run(&c, Par::Pool(&pool)));
+    }
+
+    #[test]
+    fn rejects_bad_heads_scale_and_lengths() {
+        let mut c = case(1, 3, 2, 2, 2, 2, 2);
+        let bad = |c: &Case| {
+            let n = c.spec.batch * c.spec.heads_q * c.spec.q_len;
+            let masks = Masks::default();
+            collect_pair(("out", "lse"), n * c.spec.dim_v, |o, _| {
+                attention(
+                    &c.q,
+                    &c.k,
+                    &c.v,
+                    &c.spec,
+                    &masks,
+                    Outputs { out: o, lse: None, weights: None },
+                    Par::Seq,
+                )
+            })
+            .is_err()
+        };
+        assert!(bad(&c), "3 query heads cannot share 2 key/value heads");
+        c = case(1, 2, 2, 2, 2, 2, 2);
+        c.spec.scale = f64::NAN;
+        assert!(bad(&c));
+        c = case(1, 2, 2, 2, 2, 2, 2);
+        c.k.pop();
+        assert!(bad(&c));
+    }
+}

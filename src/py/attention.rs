@@ -1,0 +1,188 @@
+//! `_core.attention`: the fused attention kernel on 4-d arrays prepared by
+//! `attnkit.scaled_dot_product_attention` (batch dimensions flattened, masks compact).
+
+use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::kernels::attention::{
+    self as kernel, Alignment, AttnFloat, AttnSpec, Masks, Outputs, StridedMask, Strides,
+};
+use crate::py::arrays::{choice, empty_uninit, floats, run, shape_str, slice, typed, Floats};
+
+/// `(out, lse, weights)`.
+type AttnResult<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+
+/// Attention over `(B, H, L, E)` arrays (`layout="bshd"`: `(B, L, H, E)`); returns
+/// `(out (B, Hq, L, Ev), lse (B, Hq, L) or None, weights (B, Hq, L, S) or None)`.
+#[pyfunction]
+#[pyo3(signature = (query, key, value, layout, scale, softcap, causal, window, alignment,
+                    bool_mask=None, float_mask=None, key_mask=None, alibi=None,
+                    return_lse=false, return_weights=false))]
+#[allow(clippy::too_many_arguments)]
+pub fn attention<'py>(
+    py: Python<'py>,
+    query: &Bound<'py, PyAny>,
+    key: &Bound<'py, PyAny>,
+    value: &Bound<'py, PyAny>,
+    layout: &str,
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+    window: (Option<usize>, Option<usize>),
+    alignment: &str,
+    bool_mask: Option<&Bound<'py, PyAny>>,
+    float_mask: Option<&Bound<'py, PyAny>>,
+    key_mask: Option<&Bound<'py, PyAny>>,
+    alibi: Option<&Bound<'py, PyAny>>,
+    return_lse: bool,
+    return_weights: bool,
+) -> PyResult<AttnResult<'py>> {
+    let bshd = choice("layout", layout, &[("bhsd", false), ("bshd", true)])?;
+    let alignment = choice(
+        "causal_alignment",
+        alignment,
+        &[("top_left", Alignment::TopLeft), ("bottom_right", Alignment::BottomRight)],
+    )?;
+    let options = Options { bshd, scale, softcap, causal, window, alignment, return_lse, return_weights };
+    let extra = Extra { bool_mask, float_mask, key_mask, alibi };
+    match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
+        (Floats::F32(q), Floats::F32(k), Floats::F32(v)) => typed_attention(py, &q, &k, &v, &options, &extra),
+        (Floats::F64(q), Floats::F64(k), Floats::F64(v)) => typed_attention(py, &q, &k, &v, &options, &extra),
+        _ => Err(PyTypeError::new_err("query, key, value: must have the same dtype (float32 or float64)")),
+    }
+}
+
+struct Options {
+    bshd: bool,
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+    window: (Option<usize>, Option<usize>),
+    alignment: Alignment,
+    return_lse: bool,
+    return_weights: bool,
+}
+
+struct Extra<'a, 'py> {
+    bool_mask: Option<&'a Bound<'py, PyAny>>,
+    float_mask: Option<&'a Bound<'py, PyAny>>,
+    key_mask: Option<&'a Bound<'py, PyAny>>,
+    alibi: Option<&'a Bound<'py, PyAny>>,
+}
+
+/// `(batch, heads, rows, dim)` and the element strides of a 4-d array in the given layout.
+fn dims(shape: &[usize], bshd: bool, arg: &str) -> PyResult<([usize; 4], Strides)> {
+    let [b, x, y, d] = *shape else {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected a 4-d array, got shape {}",
+            shape_str(shape)
+        )));
+    };
+    Ok(if bshd {
+        ([b, y, x, d], Strides { batch: x * y * d, head: d, row: y * d })
+    } else {
+        ([b, x, y, d], Strides { batch: x * y * d, head: y * d, row: d })
+    })
+}
+
+/// Element strides that broadcast a compact 4-d mask over `(B, Hq, L, S)`.
+fn mask_strides(shape: &[usize], target: [usize; 4], arg: &str) -> PyResult<[usize; 4]> {
+    let bad = || {
+        PyValueError::new_err(format!(
+            "{arg}: shape {} does not broadcast to {}",
+            shape_str(shape),
+            shape_str(&target)
+        ))
+    };
+    let [_, h, l, s] = *shape else { return Err(bad()) };
+    let dense = [h * l * s, l * s, s, 1];
+    let mut strides = [0; 4];
+    for a in 0..4 {
+        strides[a] = match shape[a] {
+            n if n == target[a] => dense[a],
+            1 => 0,
+            _ => return Err(bad()),
+        };
+    }
+    Ok(strides)
+}
+
+fn typed_attention<'py, T: AttnFloat + Element>(
+    py: Python<'py>,
+    q: &PyReadonlyArrayDyn<'py, T>,
+    k: &PyReadonlyArrayDyn<'py, T>,
+    v: &PyReadonlyArrayDyn<'py, T>,
+    o: &Options,
+    extra: &Extra<'_, 'py>,
+) -> PyResult<AttnResult<'py>> {
+    let ([b, hq, l, e], qs) = dims(q.shape(), o.bshd, "query")?;
+    let ([bk, hkv, s, ek], ks) = dims(k.shape(), o.bshd, "key")?;
+    let ([bv, hv, sv, ev], vs) = dims(v.shape(), o.bshd, "value")?;
+    if (bk, bv) != (b, b) || hv != hkv || sv != s || ek != e {
+        return Err(PyValueError::new_err(format!(
+            "query, key, value: shapes {}, {} and {} do not fit together",
+            shape_str(q.shape()),
+            shape_str(k.shape()),
+            shape_str(v.shape())
+        )));
+    }
+    let spec = AttnSpec {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        q_len: l,
+        kv_len: s,
+        dim_qk: e,
+        dim_v: ev,
+        q: qs,
+        k: ks,
+        v: vs,
+        scale: o.scale,
+        softcap: o.softcap,
+        causal: o.causal,
+        window: o.window,
+        alignment: o.alignment,
+    };
+    let target = [b, hq, l, s];
+    let bool_mask =
+        extra.bool_mask.map(|m| typed::<u8>(m, "attn_mask", "uint8 (bool viewed as bytes)")).transpose()?;
+    let float_mask = extra
+        .float_mask
+        .map(|m| typed::<T>(m, "attn_mask", "float mask of the query's dtype"))
+        .transpose()?;
+    let key_mask = extra.key_mask.map(|m| typed::<u8>(m, "key_mask", "uint8")).transpose()?;
+    let alibi = extra.alibi.map(|a| typed::<f64>(a, "alibi_slopes", "float64")).transpose()?;
+    let bool_view = match &bool_mask {
+        Some(m) => Some(StridedMask {
+            data: slice(m, "attn_mask")?,
+            strides: mask_strides(m.shape(), target, "attn_mask")?,
+        }),
+        None => None,
+    };
+    let float_view = match &float_mask {
+        Some(m) => Some(StridedMask {
+            data: slice(m, "attn_mask")?,
+            strides: mask_strides(m.shape(), target, "attn_mask")?,
+        }),
+        None => None,
+    };
+    let masks = Masks {
+        bool_mask: bool_view,
+        float_mask: float_view,
+        key_mask: key_mask.as_ref().map(|m| slice(m, "key_mask")).transpose()?,
+        alibi: alibi.as_ref().map(|a| slice(a, "alibi_slopes")).transpose()?,
+    };
+    let (qd, kd, vd) = (slice(q, "query")?, slice(k, "key")?, slice(v, "value")?);
+
+    let (out, out_data) = empty_uninit::<T>(py, &[b, hq, l, ev])?;
+    let lse = o.return_lse.then(|| empty_uninit::<T>(py, &[b, hq, l])).transpose()?;
+    let weights = o.return_weights.then(|| empty_uninit::<T>(py, &[b, hq, l, s])).transpose()?;
+    let (lse, lse_data) = lse.map_or((None, None), |(a, d)| (Some(a), Some(d)));
+    let (weights, weights_data) = weights.map_or((None, None), |(a, d)| (Some(a), Some(d)));
+    run(py, &[], |par| {
+        let outputs = Outputs { out: out_data, lse: lse_data, weights: weights_data };
+        kernel::attention(qd, kd, vd, &spec, &masks, outputs, par)
+    })?;
+    Ok((out, lse, weights))
+}
