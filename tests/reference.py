@@ -124,3 +124,61 @@ def t5_bucket(relative_position, bidirectional=True, num_buckets=32, max_distanc
     f32 = np.float32
     large = f32(np.log(f32(n) / f32(max_exact))) / f32(math.log(max_distance / max_exact)) * f32(num_buckets - max_exact)
     return bucket + min(max_exact + int(large), num_buckets - 1)
+
+
+def attention(q, k, v, *, bool_mask=None, float_mask=None, key_mask=None, causal=False,
+              alignment="top_left", window=None, alibi=None, softcap=None, scale=None):
+    """float64 attention on (B, H, L, E) arrays, one query row at a time; invalid keys are left out
+    entirely. Returns (out, lse, weights, max |scaled score| per (b, h))."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E else 1.0
+    offset = S - L if alignment == "bottom_right" else 0
+    full = (B, Hq, L, S)
+    allowed = np.ones(full, dtype=bool)
+    if bool_mask is not None:
+        allowed &= np.broadcast_to(np.asarray(bool_mask, dtype=bool), full)
+    bias = np.zeros(full)
+    if float_mask is not None:
+        fm = np.broadcast_to(np.asarray(float_mask, dtype=np.float64), full)
+        allowed &= fm != -np.inf
+        bias = bias + np.where(fm == -np.inf, 0.0, fm)
+    if key_mask is not None:
+        allowed &= np.asarray(key_mask, dtype=bool)[:, None, None, :]
+    pos = np.arange(L)[:, None] + offset
+    keys = np.arange(S)[None, :]
+    if causal:
+        allowed &= keys <= pos
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allowed &= keys >= pos - left
+        if right is not None:
+            allowed &= keys <= pos + right
+    if alibi is not None:
+        slopes = np.broadcast_to(np.asarray(alibi, dtype=np.float64).reshape(-1, Hq), (B, Hq))
+        bias = bias - slopes[:, :, None, None] * np.abs(pos - keys)[None, None]
+    out = np.zeros((B, Hq, L, Ev))
+    lse = np.full((B, Hq, L), -np.inf)
+    weights = np.zeros(full)
+    score_max = np.zeros((B, Hq))
+    for b in range(B):
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            for i in range(L):
+                js = np.flatnonzero(allowed[b, h, i])
+                if js.size == 0:
+                    continue
+                s = scale * (k[b, g, js] @ q[b, h, i])
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
+                score_max[b, h] = max(score_max[b, h], np.abs(s).max())
+                s = s + bias[b, h, i, js]
+                m = s.max()
+                p = np.exp(s - m)
+                out[b, h, i] = p @ v[b, g, js] / p.sum()
+                lse[b, h, i] = m + np.log(p.sum())
+                weights[b, h, i, js] = p / p.sum()
+    return out, lse, weights, score_max

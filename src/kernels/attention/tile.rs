@@ -91,7 +91,9 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                     }
                     let vrow = &mut valid[r * BK..r * BK + cols];
                     let row_max = self.mask_row(i, k0, offset, slope, key_mask, srow, vrow);
-                    let m_new = if row_max > m[r] { row_max } else { m[r] };
+                    // The running maximum propagates NaN, so a NaN score (from NaN in an unmasked
+                    // query or key) makes its row NaN instead of being passed over.
+                    let m_new = if row_max.is_nan() || row_max > m[r] { row_max } else { m[r] };
                     if !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
@@ -188,7 +190,7 @@ impl<T: AttnFloat> Head<'_, '_, T> {
             }
             *ok = good;
             *sc = if good { x } else { T::NEG_INFINITY };
-            if good && x > row_max {
+            if good && (x > row_max || x.is_nan()) {
                 row_max = x;
             }
         }
