@@ -39,6 +39,9 @@ pub trait AttnFloat: Float + Exp + std::ops::Div<Output = Self> + std::ops::Neg<
     fn mul_add(self, a: Self, b: Self) -> Self;
     fn tanh(self) -> Self;
     fn ln(self) -> Self;
+    fn is_finite(self) -> bool;
+    /// Whether this is −0.0, the mark of a masked probability.
+    fn is_neg_zero(self) -> bool;
     const NEG_INFINITY: Self;
     const ZERO: Self;
     const ONE: Self;
@@ -58,6 +61,14 @@ macro_rules! impl_attn_float {
             #[inline(always)]
             fn ln(self) -> Self {
                 <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
+            }
+            #[inline(always)]
+            fn is_neg_zero(self) -> bool {
+                self == 0.0 && self.is_sign_negative()
             }
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
             const ZERO: Self = 0.0;

@@ -43,17 +43,13 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
             Alignment::TopLeft => 0isize,
             Alignment::BottomRight => s as isize - l as isize,
         };
-        let slope = self
-            .masks
-            .alibi
-            .map(|a| a[if a.len() == sp.heads_q { self.h } else { self.b * sp.heads_q + self.h }]);
+        let slope = self.masks.alibi.map(|a| a[if a.len() == sp.heads_q { self.h } else { self.b * sp.heads_q + self.h }]);
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
         let mut kt = vec![T::ZERO; e * BK];
-        let mut scores = [T::ZERO; BQ * BK];
-        let mut valid = [false; BQ * BK];
+        let mut scores = vec![T::ZERO; BQ * BK];
         let mut acc = vec![T::ZERO; BQ * ev];
-        let (mut m, mut sum) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ]);
+        let (mut m, mut sum, mut alpha) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ], [T::ONE; BQ]);
         // The masked scores of the current query block, kept only when weights are requested.
         let mut block_scores = vec![T::NEG_INFINITY; if self.weights.is_some() { BQ * s } else { 0 }];
 
@@ -63,6 +59,7 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
             sum[..rows].fill(T::ZERO);
             acc[..rows * ev].fill(T::ZERO);
             block_scores.fill(T::NEG_INFINITY);
+            let q_row = |r: usize| &self.q[q_base + (q0 + r.min(rows - 1)) * sp.q.row..][..e];
             let (lo, hi) = key_range(sp, offset, q0, q0 + rows - 1);
             let mut k0 = lo;
             while k0 < hi {
@@ -71,62 +68,180 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                     k0 += cols; // a fully padded key block: nothing to compute
                     continue;
                 }
-                for j in 0..cols {
-                    let row = &self.k[k_base + (k0 + j) * sp.k.row..][..e];
-                    for d in 0..e {
-                        kt[d * BK + j] = row[d];
-                    }
-                }
-                for r in 0..rows {
-                    let i = q0 + r;
-                    let qrow = &self.q[q_base + i * sp.q.row..][..e];
-                    let srow = &mut scores[r * BK..r * BK + cols];
-                    srow.fill(T::ZERO);
-                    for d in 0..e {
-                        let qd = qrow[d];
-                        let ktd = &kt[d * BK..d * BK + cols];
-                        for j in 0..cols {
-                            srow[j] = qd.mul_add(ktd[j], srow[j]);
+                // Pack K transposed; columns past `cols` are zeros (their scores are discarded).
+                for j in 0..BK {
+                    if j < cols {
+                        let row = &self.k[k_base + (k0 + j) * sp.k.row..][..e];
+                        for d in 0..e {
+                            kt[d * BK + j] = row[d];
+                        }
+                    } else {
+                        for d in 0..e {
+                            kt[d * BK + j] = T::ZERO;
                         }
                     }
-                    let vrow = &mut valid[r * BK..r * BK + cols];
-                    let row_max = self.mask_row(i, k0, offset, slope, key_mask, srow, vrow);
-                    // The running maximum propagates NaN, so a NaN score (from NaN in an unmasked
-                    // query or key) makes its row NaN instead of being passed over.
-                    let m_new = if row_max.is_nan() || row_max > m[r] { row_max } else { m[r] };
+                }
+                // Raw scores, MR rows x NR keys at a time.
+                for r0 in (0..rows).step_by(MR) {
+                    let qs = [q_row(r0), q_row(r0 + 1), q_row(r0 + 2), q_row(r0 + 3)];
+                    for j0 in (0..BK).step_by(NR) {
+                        let tile = score_tile(qs, &kt, j0, e);
+                        for (r, tile_row) in tile.iter().enumerate().take(rows - r0) {
+                            scores[(r0 + r) * BK + j0..(r0 + r) * BK + j0 + NR].copy_from_slice(tile_row);
+                        }
+                    }
+                }
+                // Per row: scale, biases, masks, maximum, probabilities, sum.
+                for r in 0..rows {
+                    let i = q0 + r;
+                    let srow = &mut scores[r * BK..r * BK + cols];
+                    let row_max = self.mask_row(i, k0, offset, slope, key_mask, srow);
                     if !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
+                    // The running maximum propagates NaN, so a NaN score (from NaN in an unmasked
+                    // query or key) makes its row NaN instead of being passed over.
+                    let m_new = if row_max.is_nan() || row_max > m[r] { row_max } else { m[r] };
                     if m_new == T::NEG_INFINITY {
-                        continue; // no valid key for this row yet
+                        srow.fill(-T::ZERO); // no valid key for this row yet: all masked
+                        alpha[r] = T::ONE;
+                        continue;
                     }
-                    let alpha = (m[r] - m_new).exp_nonpositive();
-                    let a = &mut acc[r * ev..(r + 1) * ev];
-                    if alpha != T::ONE {
-                        for x in a.iter_mut() {
-                            *x = *x * alpha;
-                        }
+                    alpha[r] = (m[r] - m_new).exp_nonpositive();
+                    // Probabilities; a masked pair becomes −0.0, which exp never returns, so the
+                    // mark survives for the exact path below (and adding it changes nothing).
+                    for x in srow.iter_mut() {
+                        *x = if *x == T::NEG_INFINITY { -T::ZERO } else { (*x - m_new).exp_nonpositive() };
                     }
-                    let mut row_sum = sum[r] * alpha;
-                    for j in 0..cols {
-                        if !vrow[j] {
-                            continue;
-                        }
-                        let p = (srow[j] - m_new).exp_nonpositive();
-                        row_sum = row_sum + p;
-                        let vr = &self.v[v_base + (k0 + j) * sp.v.row..][..ev];
-                        for d in 0..ev {
-                            a[d] = p.mul_add(vr[d], a[d]);
-                        }
-                    }
-                    sum[r] = row_sum;
+                    sum[r] = sum[r] * alpha[r] + ordered_sum(srow);
                     m[r] = m_new;
+                }
+                // out = alpha * out + P V.
+                let v_block = |j: usize| &self.v[v_base + (k0 + j) * sp.v.row..][..ev];
+                let finite = (0..cols).all(|j| v_block(j).iter().all(|x| x.is_finite()));
+                if finite {
+                    // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
+                    // unchanged bit for bit (acc is never −0): no need to skip them one by one.
+                    for r0 in (0..rows).step_by(MR) {
+                        let n = MR.min(rows - r0);
+                        pv_tiles(&scores[r0 * BK..], &alpha[r0..r0 + n], &mut acc[r0 * ev..(r0 + n) * ev], cols, ev, &v_block);
+                    }
+                } else {
+                    // Some value is NaN or infinite: leave masked pairs out one by one, so they
+                    // cannot turn 0 * inf into NaN.
+                    for r in 0..rows {
+                        let a = &mut acc[r * ev..(r + 1) * ev];
+                        for x in a.iter_mut() {
+                            *x = *x * alpha[r];
+                        }
+                        for j in 0..cols {
+                            let p = scores[r * BK + j];
+                            if p.is_neg_zero() {
+                                continue; // masked
+                            }
+                            let vr = v_block(j);
+                            for d in 0..ev {
+                                a[d] = p.mul_add(vr[d], a[d]);
+                            }
+                        }
+                    }
                 }
                 k0 += cols;
             }
             self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores);
         }
     }
+}
+
+/// Query rows of a score micro-tile.
+const MR: usize = 4;
+/// Keys of a score micro-tile, and output columns of a P·V micro-tile.
+const NR: usize = 16;
+
+/// `MR x NR` raw scores `q_r · k_j` for keys `j0..j0 + NR` of the packed block `kt` (`e x BK`).
+///
+/// Written with fixed-size arrays iterated by `zip`, the form LLVM turns into a register tile:
+/// `MR x NR / lanes` vector accumulators, one broadcast and `NR / lanes` fused multiply-adds per
+/// row and dimension.
+#[inline(always)]
+fn score_tile<T: AttnFloat>(q: [&[T]; MR], kt: &[T], j0: usize, e: usize) -> [[T; NR]; MR] {
+    let zeros = [T::ZERO; NR];
+    let mut acc = [[T::ZERO; NR]; MR];
+    let q = q.map(|row| &row[..e]);
+    for d in 0..e {
+        let kd: &[T; NR] = kt.get(d * BK + j0..d * BK + j0 + NR).and_then(|x| x.try_into().ok()).unwrap_or(&zeros);
+        for (row, q) in acc.iter_mut().zip(&q) {
+            let qd = q[d];
+            for (a, &k) in row.iter_mut().zip(kd) {
+                *a = qd.mul_add(k, *a);
+            }
+        }
+    }
+    acc
+}
+
+/// `out[r] = alpha[r] * out[r] + sum_j p[r][j] v_j` for up to `MR` rows (`p` rows `BK` apart),
+/// `NR` output columns at a time (a register tile, as in [`score_tile`]), keys in order.
+#[inline(always)]
+fn pv_tiles<'v, T: AttnFloat + 'v>(
+    p: &[T],
+    alpha: &[T],
+    out: &mut [T],
+    cols: usize,
+    ev: usize,
+    v_row: &impl Fn(usize) -> &'v [T],
+) {
+    let rows = alpha.len();
+    let zeros = [T::ZERO; NR];
+    let mut d0 = 0;
+    while d0 + NR <= ev {
+        let mut tile = [[T::ZERO; NR]; MR];
+        for (r, row) in tile.iter_mut().enumerate().take(rows) {
+            for (t, &o) in row.iter_mut().zip(&out[r * ev + d0..r * ev + d0 + NR]) {
+                *t = o * alpha[r];
+            }
+        }
+        for j in 0..cols {
+            let vj: &[T; NR] = v_row(j).get(d0..d0 + NR).and_then(|x| x.try_into().ok()).unwrap_or(&zeros);
+            let pj: [T; MR] = std::array::from_fn(|r| if r < rows { p[r * BK + j] } else { T::ZERO });
+            for (row, &pr) in tile.iter_mut().zip(&pj) {
+                for (t, &v) in row.iter_mut().zip(vj) {
+                    *t = pr.mul_add(v, *t);
+                }
+            }
+        }
+        for (r, row) in tile.iter().enumerate().take(rows) {
+            out[r * ev + d0..r * ev + d0 + NR].copy_from_slice(row);
+        }
+        d0 += NR;
+    }
+    for r in 0..rows {
+        for d in d0..ev {
+            let mut x = out[r * ev + d] * alpha[r];
+            for j in 0..cols {
+                x = p[r * BK + j].mul_add(v_row(j)[d], x);
+            }
+            out[r * ev + d] = x;
+        }
+    }
+}
+
+/// The sum of `x` in a fixed order (eight interleaved partial sums, then added pairwise), so it
+/// vectorises and still does not depend on anything but `x`.
+#[inline(always)]
+fn ordered_sum<T: AttnFloat>(x: &[T]) -> T {
+    let mut lanes = [T::ZERO; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            lanes[k] = lanes[k] + c[k];
+        }
+    }
+    for (k, &t) in tail.iter().enumerate() {
+        lanes[k] = lanes[k] + t;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
 /// The keys `[lo, hi)` that causal and window bounds allow for query rows `first..=last`.
@@ -150,51 +265,57 @@ fn key_range(sp: &AttnSpec, offset: isize, first: usize, last: usize) -> (usize,
 }
 
 impl<T: AttnFloat> Head<'_, '_, T> {
-    /// Scales, caps, biases and masks one row of raw scores (keys `k0..`) in place, marks which
-    /// keys are valid, and returns the largest valid score (−inf if none).
+    /// Scales, caps and biases one row of raw scores (keys `k0..`) in place, then sets every
+    /// masked one to −inf (a select, after all arithmetic), and returns the largest score (NaN if
+    /// any score is NaN, −inf if none is valid).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn mask_row(
-        &self,
-        i: usize,
-        k0: usize,
-        offset: isize,
-        slope: Option<f64>,
-        key_mask: Option<&[u8]>,
-        srow: &mut [T],
-        vrow: &mut [bool],
-    ) -> T {
+    fn mask_row(&self, i: usize, k0: usize, offset: isize, slope: Option<f64>, key_mask: Option<&[u8]>, srow: &mut [T]) -> T {
         let sp = self.spec;
-        let (scale, cap) = (T::from_f64(sp.scale), sp.softcap.map(T::from_f64));
-        let pos = i as isize + offset;
-        let mut row_max = T::NEG_INFINITY;
-        for (j, (sc, ok)) in srow.iter_mut().zip(vrow.iter_mut()).enumerate() {
-            let key = k0 + j;
-            let kp = key as isize;
-            let mut good = !(sp.causal && kp > pos)
-                && sp.window.0.is_none_or(|left| kp >= pos - left as isize)
-                && sp.window.1.is_none_or(|right| kp <= pos + right as isize)
-                && key_mask.is_none_or(|km| km[key] != 0)
-                && self.masks.bool_mask.is_none_or(|bm| bm.at(self.b, self.h, i, key) != 0);
-            let mut x = *sc * scale;
-            if let Some(c) = cap {
-                x = c * (x / c).tanh();
-            }
-            if let Some(fm) = self.masks.float_mask {
-                let add = fm.at(self.b, self.h, i, key);
-                good = good && add != T::NEG_INFINITY;
-                x = x + add;
-            }
-            if let Some(sl) = slope {
-                x = x - T::from_f64(sl * (pos - kp).unsigned_abs() as f64);
-            }
-            *ok = good;
-            *sc = if good { x } else { T::NEG_INFINITY };
-            if good && (x > row_max || x.is_nan()) {
-                row_max = x;
+        let cols = srow.len();
+        let scale = T::from_f64(sp.scale);
+        for x in srow.iter_mut() {
+            *x = *x * scale;
+        }
+        if let Some(c) = sp.softcap.map(T::from_f64) {
+            for x in srow.iter_mut() {
+                *x = c * (*x / c).tanh();
             }
         }
-        row_max
+        let pos = i as isize + offset;
+        if let Some(sl) = slope {
+            for (j, x) in srow.iter_mut().enumerate() {
+                *x = *x - T::from_f64(sl * (pos - (k0 + j) as isize).unsigned_abs() as f64);
+            }
+        }
+        if let Some(fm) = self.masks.float_mask {
+            for (j, x) in srow.iter_mut().enumerate() {
+                let add = fm.at(self.b, self.h, i, k0 + j);
+                *x = if add == T::NEG_INFINITY { T::NEG_INFINITY } else { *x + add };
+            }
+        }
+        // Masks, as selects: causal and window bounds first, as index ranges.
+        let (lo, hi) = key_range(sp, offset, i, i);
+        let start = lo.saturating_sub(k0).min(cols);
+        let end = hi.saturating_sub(k0).clamp(start, cols);
+        srow[..start].fill(T::NEG_INFINITY);
+        srow[end..].fill(T::NEG_INFINITY);
+        if let Some(km) = key_mask {
+            for (x, &keep) in srow.iter_mut().zip(&km[k0..k0 + cols]) {
+                *x = if keep != 0 { *x } else { T::NEG_INFINITY };
+            }
+        }
+        if let Some(bm) = self.masks.bool_mask {
+            for (j, x) in srow.iter_mut().enumerate() {
+                *x = if bm.at(self.b, self.h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
+            }
+        }
+        let (mut max, mut nan) = (T::NEG_INFINITY, false);
+        for &x in srow.iter() {
+            max = if x > max { x } else { max };
+            nan |= x.is_nan();
+        }
+        if nan { T::from_f64(f64::NAN) } else { max }
     }
 
     /// Writes `out`, `lse` and normalised `weights` for query rows `q0..q0 + rows`.
