@@ -47,9 +47,19 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
         let mut kt = vec![T::ZERO; e * BK];
-        let mut scores = vec![T::ZERO; BQ * BK];
+        let mut scores = [T::ZERO; BQ * BK];
         let mut acc = vec![T::ZERO; BQ * ev];
         let (mut m, mut sum, mut alpha) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ], [T::ONE; BQ]);
+        // Which value rows are finite: where all of a block's are, masked pairs need no skipping.
+        let v_finite: Vec<bool> = (0..s)
+            .map(|j| {
+                let mut all = true;
+                for &x in &self.v[v_base + j * sp.v.row..][..ev] {
+                    all &= x.is_finite();
+                }
+                all
+            })
+            .collect();
         // The masked scores of the current query block, kept only when weights are requested.
         let mut block_scores = vec![T::NEG_INFINITY; if self.weights.is_some() { BQ * s } else { 0 }];
 
@@ -118,8 +128,7 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                 }
                 // out = alpha * out + P V.
                 let v_block = |j: usize| &self.v[v_base + (k0 + j) * sp.v.row..][..ev];
-                let finite = (0..cols).all(|j| v_block(j).iter().all(|x| x.is_finite()));
-                if finite {
+                if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     for r0 in (0..rows).step_by(MR) {
@@ -310,11 +319,15 @@ impl<T: AttnFloat> Head<'_, '_, T> {
                 *x = if bm.at(self.b, self.h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
             }
         }
-        let (mut max, mut nan) = (T::NEG_INFINITY, false);
-        for &x in srow.iter() {
-            max = if x > max { x } else { max };
-            nan |= x.is_nan();
+        // The maximum in eight lanes (vectorisable), NaN tracked apart: a NaN score wins.
+        let (mut lanes, mut nan) = ([T::NEG_INFINITY; 8], false);
+        for chunk in srow.chunks(8) {
+            for (m, &x) in lanes.iter_mut().zip(chunk) {
+                *m = if x > *m { x } else { *m };
+                nan |= x.is_nan();
+            }
         }
+        let max = lanes.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
         if nan { T::from_f64(f64::NAN) } else { max }
     }
 
