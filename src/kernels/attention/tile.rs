@@ -12,6 +12,9 @@ use std::mem::MaybeUninit;
 use super::{Alignment, AttnFloat, AttnSpec, Masks};
 use crate::kernels::simd::Task;
 
+/// A key-padding row that lets every key through.
+const ALL_KEYS: [u8; BK] = [1; BK];
+
 /// Query rows per block.
 const BQ: usize = 32;
 /// Keys per block.
@@ -47,6 +50,8 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
         let mut kt = vec![T::ZERO; e * BK];
+        let mut qpack = vec![T::ZERO; (BQ + MR) * e]; // the query block, times `scale`
+        let scale = T::from_f64(sp.scale);
         let mut scores = [T::ZERO; BQ * BK];
         let mut acc = vec![T::ZERO; BQ * ev];
         let (mut m, mut sum, mut alpha) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ], [T::ONE; BQ]);
@@ -69,7 +74,15 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
             sum[..rows].fill(T::ZERO);
             acc[..rows * ev].fill(T::ZERO);
             block_scores.fill(T::NEG_INFINITY);
-            let q_row = |r: usize| &self.q[q_base + (q0 + r.min(rows - 1)) * sp.q.row..][..e];
+            // Pack the block's queries times `scale` (rows past the block repeat its last row, so
+            // whole micro-tiles can be computed and their extra rows dropped).
+            for r in 0..rows.next_multiple_of(MR) {
+                let src = &self.q[q_base + (q0 + r.min(rows - 1)) * sp.q.row..][..e];
+                for (dst, &x) in qpack[r * e..(r + 1) * e].iter_mut().zip(src) {
+                    *dst = x * scale;
+                }
+            }
+            let q_row = |r: usize| &qpack[r * e..(r + 1) * e];
             let (lo, hi) = key_range(sp, offset, q0, q0 + rows - 1);
             let mut k0 = lo;
             while k0 < hi {
@@ -118,12 +131,7 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                         continue;
                     }
                     alpha[r] = (m[r] - m_new).exp_nonpositive();
-                    // Probabilities; a masked pair becomes −0.0, which exp never returns, so the
-                    // mark survives for the exact path below (and adding it changes nothing).
-                    for x in srow.iter_mut() {
-                        *x = if *x == T::NEG_INFINITY { -T::ZERO } else { (*x - m_new).exp_nonpositive() };
-                    }
-                    sum[r] = sum[r] * alpha[r] + ordered_sum(srow);
+                    sum[r] = sum[r] * alpha[r] + probabilities(srow, m_new);
                     m[r] = m_new;
                 }
                 // out = alpha * out + P V.
@@ -235,20 +243,19 @@ fn pv_tiles<'v, T: AttnFloat + 'v>(
     }
 }
 
-/// The sum of `x` in a fixed order (eight interleaved partial sums, then added pairwise), so it
-/// vectorises and still does not depend on anything but `x`.
+/// Turns a row of masked scores into probabilities `exp(x − m)` in place and returns their sum,
+/// added in a fixed order (eight interleaved lanes, then pairwise), so it vectorises and depends
+/// on nothing but the row. A masked score (−inf) becomes −0.0, which exp never returns, so the
+/// mark survives for the exact P·V path (and adding it changes no sum).
 #[inline(always)]
-fn ordered_sum<T: AttnFloat>(x: &[T]) -> T {
+fn probabilities<T: AttnFloat>(row: &mut [T], m: T) -> T {
     let mut lanes = [T::ZERO; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for k in 0..8 {
-            lanes[k] = lanes[k] + c[k];
+    for chunk in row.chunks_mut(8) {
+        for (lane, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            let p = if *x == T::NEG_INFINITY { -T::ZERO } else { (*x - m).exp_nonpositive() };
+            *x = p;
+            *lane = *lane + p;
         }
-    }
-    for (k, &t) in tail.iter().enumerate() {
-        lanes[k] = lanes[k] + t;
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
@@ -274,7 +281,7 @@ fn key_range(sp: &AttnSpec, offset: isize, first: usize, last: usize) -> (usize,
 }
 
 impl<T: AttnFloat> Head<'_, '_, T> {
-    /// Scales, caps and biases one row of raw scores (keys `k0..`) in place, then sets every
+    /// Caps and biases one row of scores (keys `k0..`, already scaled) in place, then sets every
     /// masked one to −inf (a select, after all arithmetic), and returns the largest score (NaN if
     /// any score is NaN, −inf if none is valid).
     #[allow(clippy::too_many_arguments)]
@@ -282,10 +289,6 @@ impl<T: AttnFloat> Head<'_, '_, T> {
     fn mask_row(&self, i: usize, k0: usize, offset: isize, slope: Option<f64>, key_mask: Option<&[u8]>, srow: &mut [T]) -> T {
         let sp = self.spec;
         let cols = srow.len();
-        let scale = T::from_f64(sp.scale);
-        for x in srow.iter_mut() {
-            *x = *x * scale;
-        }
         if let Some(c) = sp.softcap.map(T::from_f64) {
             for x in srow.iter_mut() {
                 *x = c * (*x / c).tanh();
@@ -303,32 +306,29 @@ impl<T: AttnFloat> Head<'_, '_, T> {
                 *x = if add == T::NEG_INFINITY { T::NEG_INFINITY } else { *x + add };
             }
         }
-        // Masks, as selects: causal and window bounds first, as index ranges.
-        let (lo, hi) = key_range(sp, offset, i, i);
-        let start = lo.saturating_sub(k0).min(cols);
-        let end = hi.saturating_sub(k0).clamp(start, cols);
-        srow[..start].fill(T::NEG_INFINITY);
-        srow[end..].fill(T::NEG_INFINITY);
-        if let Some(km) = key_mask {
-            for (x, &keep) in srow.iter_mut().zip(&km[k0..k0 + cols]) {
-                *x = if keep != 0 { *x } else { T::NEG_INFINITY };
-            }
-        }
         if let Some(bm) = self.masks.bool_mask {
             for (j, x) in srow.iter_mut().enumerate() {
                 *x = if bm.at(self.b, self.h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
             }
         }
-        // The maximum in eight lanes (vectorisable), NaN tracked apart: a NaN score wins.
-        let (mut lanes, mut nan) = ([T::NEG_INFINITY; 8], false);
-        for chunk in srow.chunks(8) {
-            for (m, &x) in lanes.iter_mut().zip(chunk) {
-                *m = if x > *m { x } else { *m };
-                nan |= x.is_nan();
+        // One pass: causal/window bounds, key padding, and the maximum in eight lanes (NaN
+        // tracked apart: a NaN score wins).
+        let (lo, hi) = key_range(sp, offset, i, i);
+        let start = lo.saturating_sub(k0).min(cols);
+        let end = hi.saturating_sub(k0).clamp(start, cols);
+        let keep: &[u8] = key_mask.map_or(&ALL_KEYS[..cols], |km| &km[k0..k0 + cols]);
+        let (mut lanes, mut nan) = ([T::NEG_INFINITY; 8], [false; 8]);
+        for (c, (chunk, keep)) in srow.chunks_mut(8).zip(keep.chunks(8)).enumerate() {
+            for (k, (x, &kp)) in chunk.iter_mut().zip(keep).enumerate() {
+                let j = c * 8 + k;
+                let v = if j >= start && j < end && kp != 0 { *x } else { T::NEG_INFINITY };
+                *x = v;
+                lanes[k] = if v > lanes[k] { v } else { lanes[k] };
+                nan[k] |= v.is_nan();
             }
         }
         let max = lanes.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        if nan { T::from_f64(f64::NAN) } else { max }
+        if nan.iter().any(|&n| n) { T::from_f64(f64::NAN) } else { max }
     }
 
     /// Writes `out`, `lse` and normalised `weights` for query rows `q0..q0 + rows`.
