@@ -49,7 +49,17 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
         let slope = self.masks.alibi.map(|a| a[if a.len() == sp.heads_q { self.h } else { self.b * sp.heads_q + self.h }]);
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
-        let mut kt = vec![T::ZERO; e * BK];
+        // K packed transposed once per head, in blocks of BK keys (`e x BK` each, zero-padded),
+        // for every query block to reuse.
+        let n_blocks = s.div_ceil(BK);
+        let mut kt = vec![T::ZERO; n_blocks * e * BK];
+        for j in 0..s {
+            let (block, col) = (j / BK, j % BK);
+            let row = &self.k[k_base + j * sp.k.row..][..e];
+            for (d, &x) in row.iter().enumerate() {
+                kt[(block * e + d) * BK + col] = x;
+            }
+        }
         let mut qpack = vec![T::ZERO; (BQ + MR) * e]; // the query block, times `scale`
         let scale = T::from_f64(sp.scale);
         let mut scores = [T::ZERO; BQ * BK];
@@ -83,41 +93,36 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                 }
             }
             let q_row = |r: usize| &qpack[r * e..(r + 1) * e];
+            // Key blocks are the packed ones: [BK·n, BK·(n + 1)), trimmed to the allowed range.
             let (lo, hi) = key_range(sp, offset, q0, q0 + rows - 1);
             let mut k0 = lo;
             while k0 < hi {
-                let cols = BK.min(hi - k0);
+                let block = k0 / BK;
+                let col0 = k0 % BK;
+                let cols = (BK - col0).min(hi - k0);
                 if key_mask.is_some_and(|km| km[k0..k0 + cols].iter().all(|&x| x == 0)) {
                     k0 += cols; // a fully padded key block: nothing to compute
                     continue;
                 }
-                // Pack K transposed; columns past `cols` are zeros (their scores are discarded).
-                for j in 0..BK {
-                    if j < cols {
-                        let row = &self.k[k_base + (k0 + j) * sp.k.row..][..e];
-                        for d in 0..e {
-                            kt[d * BK + j] = row[d];
-                        }
-                    } else {
-                        for d in 0..e {
-                            kt[d * BK + j] = T::ZERO;
-                        }
-                    }
-                }
-                // Raw scores, MR rows x NR keys at a time.
+                // Scores of the block's columns col0..col0 + cols, MR rows x NR keys at a time
+                // (whole NR-column tiles; the columns outside are dropped).
+                let panel = &kt[block * e * BK..(block + 1) * e * BK];
+                let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
                 for r0 in (0..rows).step_by(MR) {
                     let qs = [q_row(r0), q_row(r0 + 1), q_row(r0 + 2), q_row(r0 + 3)];
-                    for j0 in (0..BK).step_by(NR) {
-                        let tile = score_tile(qs, &kt, j0, e);
+                    for j0 in (t0..t1).step_by(NR) {
+                        let tile = score_tile(qs, panel, j0, e);
                         for (r, tile_row) in tile.iter().enumerate().take(rows - r0) {
-                            scores[(r0 + r) * BK + j0..(r0 + r) * BK + j0 + NR].copy_from_slice(tile_row);
+                            let row = &mut scores[(r0 + r) * BK..(r0 + r + 1) * BK];
+                            row[j0..j0 + NR].copy_from_slice(tile_row);
                         }
                     }
                 }
+                // From here on, a row's scores are scores[r·BK + col0..][..cols].
                 // Per row: scale, biases, masks, maximum, probabilities, sum.
                 for r in 0..rows {
                     let i = q0 + r;
-                    let srow = &mut scores[r * BK..r * BK + cols];
+                    let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
                     let row_max = self.mask_row(i, k0, offset, slope, key_mask, srow);
                     if !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
@@ -141,7 +146,7 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     for r0 in (0..rows).step_by(MR) {
                         let n = MR.min(rows - r0);
-                        pv_tiles(&scores[r0 * BK..], &alpha[r0..r0 + n], &mut acc[r0 * ev..(r0 + n) * ev], cols, ev, &v_block);
+                        pv_tiles(&scores[r0 * BK + col0..], &alpha[r0..r0 + n], &mut acc[r0 * ev..(r0 + n) * ev], cols, ev, &v_block);
                     }
                 } else {
                     // Some value is NaN or infinite: leave masked pairs out one by one, so they
@@ -152,7 +157,7 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                             *x = *x * alpha[r];
                         }
                         for j in 0..cols {
-                            let p = scores[r * BK + j];
+                            let p = scores[r * BK + col0 + j];
                             if p.is_neg_zero() {
                                 continue; // masked
                             }
