@@ -14,7 +14,7 @@ import pytest
 
 import attnkit
 
-MODULES = ["attnkit.embedding", "attnkit.positional", "attnkit.rope", "attnkit.threads"]
+MODULES = ["attnkit.attention", "attnkit.embedding", "attnkit.layers", "attnkit.positional", "attnkit.rope", "attnkit.threads"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -28,11 +28,12 @@ def test_docstring_examples_run(name, threads):
 
 @pytest.mark.parametrize("name", [n for n in attnkit.__all__ if n not in ("__version__", "InternalError")])
 def test_public_functions_are_documented_and_typed(name):
-    fn = getattr(attnkit, name)
-    doc = inspect.getdoc(fn) or ""
+    obj = getattr(attnkit, name)
+    doc = inspect.getdoc(obj) or ""
     assert "Example:" in doc and ">>>" in doc, f"{name} has no example"
-    hints = inspect.get_annotations(fn)
-    assert "return" in hints, f"{name} has no return annotation"
+    functions = [obj.__init__, obj.__call__] if inspect.isclass(obj) else [obj]
+    for fn in functions:
+        assert "return" in inspect.get_annotations(fn), f"{name}.{fn.__name__} has no return annotation"
 
 
 def test_version_is_the_crate_version():

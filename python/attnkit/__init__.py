@@ -10,6 +10,7 @@ from attnkit import _core
 from attnkit._core import InternalError, __version__
 from attnkit.attention import scaled_dot_product_attention
 from attnkit.embedding import embedding, embedding_bag
+from attnkit.layers import MultiheadAttention
 from attnkit.positional import (
     alibi_slopes,
     position_ids,
@@ -22,6 +23,7 @@ from attnkit.threads import _configure_from_env, get_num_threads, set_num_thread
 
 __all__ = [
     "InternalError",
+    "MultiheadAttention",
     "__version__",
     "alibi_slopes",
     "apply_rope",

@@ -83,8 +83,8 @@ def scaled_dot_product_attention(
         >>> q = k = v = np.eye(3, dtype=np.float32)[None, None]     # (1, 1, 3, 3)
         >>> attnkit.scaled_dot_product_attention(q, k, v, is_causal=True)[0, 0].round(3)
         array([[1.   , 0.   , 0.   ],
-               [0.361, 0.639, 0.   ],
-               [0.24 , 0.24 , 0.519]], dtype=float32)
+               [0.36 , 0.64 , 0.   ],
+               [0.264, 0.264, 0.471]], dtype=float32)
     """
     layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
     alignment = choice(causal_alignment, "causal_alignment", ("top_left", "bottom_right"))
