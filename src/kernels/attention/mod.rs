@@ -20,8 +20,9 @@
 //! `(B, Hq, L)` and `weights` `(B, Hq, L, S)`, all row-major. Masks are read through element
 //! strides, so broadcast dimensions cost nothing.
 //!
-//! Parallel split: one task per (batch, query head), each walking its query blocks and key
-//! blocks in a fixed order, so results do not depend on the thread count.
+//! Parallel split: one task per (batch, key/value head), holding the rows of every query head that
+//! shares it and walking its query blocks and key blocks in a fixed order, so results do not
+//! depend on the thread count.
 
 mod tile;
 
@@ -166,10 +167,6 @@ pub struct Outputs<'a, T> {
     pub weights: Option<&'a mut [MaybeUninit<T>]>,
 }
 
-/// One task's rows of `out`, `lse` and `weights`.
-type TaskOutputs<'o, T> =
-    ((&'o mut [MaybeUninit<T>], Option<&'o mut [MaybeUninit<T>]>), Option<&'o mut [MaybeUninit<T>]>);
-
 fn invalid(arg: &'static str, message: String) -> KernelError {
     KernelError::invalid(arg, message)
 }
@@ -280,7 +277,7 @@ pub fn attention<T: AttnFloat>(
         return Ok(());
     }
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
-    // One task per (batch, query head): its rows of out, lse and weights.
+    // Each (batch, query head)'s rows of out, lse and weights ...
     let outs: Vec<&mut [MaybeUninit<T>]> = match ev {
         0 => (0..pairs).map(|_| Default::default()).collect(),
         _ => outputs.out.chunks_mut(l * ev).collect(),
@@ -293,14 +290,25 @@ pub fn attention<T: AttnFloat>(
         Some(w) if s > 0 => w.chunks_mut(l * s).map(Some).collect(),
         _ => (0..pairs).map(|_| None).collect(),
     };
-    let tasks: Vec<_> = outs.into_iter().zip(lses).zip(weights).enumerate().collect();
-    let run = |(pair, ((out, lse), weights)): (usize, TaskOutputs<'_, T>)| {
-        let (b, h) = (pair / spec.heads_q, pair % spec.heads_q);
-        simd::task(&mut tile::Head { q, k, v, spec, masks, b, h, out, lse, weights });
-    };
+    // ... gathered into one task per (batch, key/value head) with the query heads that share it.
+    let group = spec.heads_q / spec.heads_kv;
+    let mut heads = outs.into_iter().zip(lses).zip(weights).map(|((out, lse), weights)| tile::HeadOut { out, lse, weights });
+    let tasks: Vec<tile::Group<'_, '_, T>> = (0..spec.batch * spec.heads_kv)
+        .map(|t| tile::Group {
+            q,
+            k,
+            v,
+            spec,
+            masks,
+            b: t / spec.heads_kv,
+            g: t % spec.heads_kv,
+            heads: heads.by_ref().take(group).collect(),
+        })
+        .collect();
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
+    let run = |mut task: tile::Group<'_, '_, T>| simd::task(&mut task);
     match par {
-        Par::Pool(pool) if pairs > 1 && flops > 1e6 => pool.install(|| tasks.into_par_iter().for_each(run)),
+        Par::Pool(pool) if tasks.len() > 1 && flops > 1e6 => pool.install(|| tasks.into_par_iter().for_each(run)),
         _ => tasks.into_iter().for_each(run),
     }
     Ok(())

@@ -1,5 +1,9 @@
-//! One (batch, query head) of attention: query blocks of `BQ` rows against key blocks of `BK`
-//! keys, with the online softmax of the module documentation.
+//! One (batch, key/value head) of attention: the rows of all query heads that share the key/value
+//! head (grouped-query attention; one head without it), in blocks of `BQ` rows against key blocks
+//! of `BK` keys, with the online softmax of the module documentation. Row `r` of a task is query
+//! position `r / G` of its `r % G`-th head (`G` heads per group), so one block's rows share their
+//! key range, and K is packed once for the whole group; with a single query position (decode) the
+//! heads of a group fill the rows of the micro-tiles.
 //!
 //! Per key block: K is packed transposed (`kt[d][j]`) so each score row is built by vectorised
 //! outer-product updates `s[j] += q[d] · kt[d][j]`; the scores are scaled, capped, masked and
@@ -20,33 +24,42 @@ const BQ: usize = 32;
 /// Keys per block.
 const BK: usize = 64;
 
-pub(super) struct Head<'a, 'o, T> {
+/// One head's rows of `out`, `lse` and `weights`.
+pub(super) struct HeadOut<'o, T> {
+    pub out: &'o mut [MaybeUninit<T>],
+    pub lse: Option<&'o mut [MaybeUninit<T>]>,
+    pub weights: Option<&'o mut [MaybeUninit<T>]>,
+}
+
+/// The work of one (batch, key/value head): `heads[n]` holds the outputs of query head
+/// `g * heads.len() + n`.
+pub(super) struct Group<'a, 'o, T> {
     pub q: &'a [T],
     pub k: &'a [T],
     pub v: &'a [T],
     pub spec: &'a AttnSpec,
     pub masks: &'a Masks<'a, T>,
     pub b: usize,
-    pub h: usize,
-    pub out: &'o mut [MaybeUninit<T>],
-    pub lse: Option<&'o mut [MaybeUninit<T>]>,
-    pub weights: Option<&'o mut [MaybeUninit<T>]>,
+    pub g: usize,
+    pub heads: Vec<HeadOut<'o, T>>,
 }
 
-impl<T: AttnFloat> Task for Head<'_, '_, T> {
+impl<T: AttnFloat> Task for Group<'_, '_, T> {
     #[inline(always)]
     fn run(&mut self) {
         let sp = self.spec;
         let (l, s, e, ev) = (sp.q_len, sp.kv_len, sp.dim_qk, sp.dim_v);
-        let g = self.h / (sp.heads_q / sp.heads_kv.max(1)).max(1);
-        let q_base = self.b * sp.q.batch + self.h * sp.q.head;
-        let k_base = self.b * sp.k.batch + g * sp.k.head;
-        let v_base = self.b * sp.v.batch + g * sp.v.head;
+        let group = self.heads.len();
+        let k_base = self.b * sp.k.batch + self.g * sp.k.head;
+        let v_base = self.b * sp.v.batch + self.g * sp.v.head;
         let offset = match sp.alignment {
             Alignment::TopLeft => 0isize,
             Alignment::BottomRight => s as isize - l as isize,
         };
-        let slope = self.masks.alibi.map(|a| a[if a.len() == sp.heads_q { self.h } else { self.b * sp.heads_q + self.h }]);
+        // Task row r: query position r / group of head g·group + r % group.
+        let (b, g, alibi) = (self.b, self.g, self.masks.alibi);
+        let head_of = move |r: usize| g * group + r % group;
+        let slope = move |h: usize| alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
         // K packed transposed once per head, in blocks of BK keys (`e x BK` each, zero-padded),
@@ -76,10 +89,11 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
             })
             .collect();
         // The masked scores of the current query block, kept only when weights are requested.
-        let mut block_scores = vec![T::NEG_INFINITY; if self.weights.is_some() { BQ * s } else { 0 }];
+        let mut block_scores = vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
 
-        for q0 in (0..l).step_by(BQ) {
-            let rows = BQ.min(l - q0);
+        let total = group * l;
+        for q0 in (0..total).step_by(BQ) {
+            let rows = BQ.min(total - q0);
             m[..rows].fill(T::NEG_INFINITY);
             sum[..rows].fill(T::ZERO);
             acc[..rows * ev].fill(T::ZERO);
@@ -87,14 +101,16 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
             // Pack the block's queries times `scale` (rows past the block repeat its last row, so
             // whole micro-tiles can be computed and their extra rows dropped).
             for r in 0..rows.next_multiple_of(MR) {
-                let src = &self.q[q_base + (q0 + r.min(rows - 1)) * sp.q.row..][..e];
+                let row = q0 + r.min(rows - 1);
+                let q_at = self.b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row;
+                let src = &self.q[q_at..][..e];
                 for (dst, &x) in qpack[r * e..(r + 1) * e].iter_mut().zip(src) {
                     *dst = x * scale;
                 }
             }
             let q_row = |r: usize| &qpack[r * e..(r + 1) * e];
             // Key blocks are the packed ones: [BK·n, BK·(n + 1)), trimmed to the allowed range.
-            let (lo, hi) = key_range(sp, offset, q0, q0 + rows - 1);
+            let (lo, hi) = key_range(sp, offset, q0 / group, (q0 + rows - 1) / group);
             let mut k0 = lo;
             while k0 < hi {
                 let block = k0 / BK;
@@ -121,9 +137,9 @@ impl<T: AttnFloat> Task for Head<'_, '_, T> {
                 // From here on, a row's scores are scores[r·BK + col0..][..cols].
                 // Per row: scale, biases, masks, maximum, probabilities, sum.
                 for r in 0..rows {
-                    let i = q0 + r;
+                    let (i, h) = ((q0 + r) / group, head_of(q0 + r));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
-                    let row_max = self.mask_row(i, k0, offset, slope, key_mask, srow);
+                    let row_max = self.mask_row(i, h, k0, offset, slope(h), key_mask, srow);
                     if !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
@@ -285,13 +301,22 @@ fn key_range(sp: &AttnSpec, offset: isize, first: usize, last: usize) -> (usize,
     (lo, (hi.clamp(0, s) as usize).max(lo))
 }
 
-impl<T: AttnFloat> Head<'_, '_, T> {
+impl<T: AttnFloat> Group<'_, '_, T> {
     /// Caps and biases one row of scores (keys `k0..`, already scaled) in place, then sets every
     /// masked one to −inf (a select, after all arithmetic), and returns the largest score (NaN if
     /// any score is NaN, −inf if none is valid).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn mask_row(&self, i: usize, k0: usize, offset: isize, slope: Option<f64>, key_mask: Option<&[u8]>, srow: &mut [T]) -> T {
+    fn mask_row(
+        &self,
+        i: usize,
+        h: usize,
+        k0: usize,
+        offset: isize,
+        slope: Option<f64>,
+        key_mask: Option<&[u8]>,
+        srow: &mut [T],
+    ) -> T {
         let sp = self.spec;
         let cols = srow.len();
         if let Some(c) = sp.softcap.map(T::from_f64) {
@@ -307,13 +332,13 @@ impl<T: AttnFloat> Head<'_, '_, T> {
         }
         if let Some(fm) = self.masks.float_mask {
             for (j, x) in srow.iter_mut().enumerate() {
-                let add = fm.at(self.b, self.h, i, k0 + j);
+                let add = fm.at(self.b, h, i, k0 + j);
                 *x = if add == T::NEG_INFINITY { T::NEG_INFINITY } else { *x + add };
             }
         }
         if let Some(bm) = self.masks.bool_mask {
             for (j, x) in srow.iter_mut().enumerate() {
-                *x = if bm.at(self.b, self.h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
+                *x = if bm.at(self.b, h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
             }
         }
         // One pass: causal/window bounds, key padding, and the maximum in eight lanes (NaN
@@ -336,21 +361,22 @@ impl<T: AttnFloat> Head<'_, '_, T> {
         if nan.iter().any(|&n| n) { T::from_f64(f64::NAN) } else { max }
     }
 
-    /// Writes `out`, `lse` and normalised `weights` for query rows `q0..q0 + rows`.
+    /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows`.
     #[inline(always)]
     fn finish_rows(&mut self, q0: usize, rows: usize, m: &[T], sum: &[T], acc: &[T], scores: &[T]) {
         let (s, ev) = (self.spec.kv_len, self.spec.dim_v);
+        let group = self.heads.len();
         for r in 0..rows {
-            let i = q0 + r;
+            let (i, head) = ((q0 + r) / group, &mut self.heads[(q0 + r) % group]);
             let empty = m[r] == T::NEG_INFINITY;
-            let out = &mut self.out[i * ev..(i + 1) * ev];
+            let out = &mut head.out[i * ev..(i + 1) * ev];
             for (o, &a) in out.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
                 o.write(if empty { T::ZERO } else { a / sum[r] });
             }
-            if let Some(lse) = self.lse.as_deref_mut() {
+            if let Some(lse) = head.lse.as_deref_mut() {
                 lse[i].write(if empty { T::NEG_INFINITY } else { m[r] + sum[r].ln() });
             }
-            if let Some(w) = self.weights.as_deref_mut() {
+            if let Some(w) = head.weights.as_deref_mut() {
                 for (x, &score) in w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
                     x.write(if empty { T::ZERO } else { (score - m[r]).exp_nonpositive() / sum[r] });
                 }
