@@ -1,4 +1,9 @@
-"""Command line: ``python -m attnkit bench [--quick] [--threads 1 2] [--json FILE]``."""
+"""Command line.
+
+``python -m attnkit bench [--quick] [--threads 1 2] [--json FILE]``: each kernel's speed against
+NumPy and PyTorch. ``python -m attnkit demo [SENTENCE] [--plot FILE.png]``: static embeddings
+become contextual ones through self-attention.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (about a minute)")
     bench.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
     bench.add_argument("--json", metavar="FILE", help="save the figures as JSON")
+    demo = commands.add_parser("demo", help="self-attention on the words of a sentence")
+    demo.add_argument("sentence", nargs="?", help="the sentence (default: a sentence with two kinds of bank)")
+    demo.add_argument("--plot", metavar="FILE.png", help="save the attention map (needs matplotlib)")
     args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from attnkit import _demo
+
+        return _demo.run(args.sentence, args.plot)
 
     if args.command == "bench":
         from attnkit import _bench

@@ -31,6 +31,7 @@ class Case:
     nbytes: int  # bytes read + written by one call, for GB/s
     ours: Fn
     peers: dict[str, Fn] = field(default_factory=dict)
+    flops: float = 0.0  # floating-point operations of one call; when set, rows show GFLOP/s
 
 
 @dataclass
@@ -39,7 +40,8 @@ class Row:
     shape: str
     threads: int
     ms: dict[str, float]  # median milliseconds per implementation
-    gbps: float  # attnkit's GB/s
+    rate: float  # attnkit's GB/s, or GFLOP/s for attention
+    unit: str = "GB/s"
 
     def ratio(self, peer: str) -> float | None:
         return self.ms[peer] / self.ms["attnkit"] if peer in self.ms else None
@@ -81,6 +83,16 @@ def calibration_gflops(n: int = 2048, repeats: int = 5) -> float:
     b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
     best = min(_time(lambda: a @ b, 0.05) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
+
+
+def _blas_limiter() -> Any:
+    """``threadpoolctl.threadpool_limits`` when installed (it is not a dependency of attnkit), so
+    NumPy's BLAS uses the row's thread count; otherwise None."""
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        return None
+    return threadpool_limits
 
 
 def _torch() -> Any:
@@ -170,8 +182,79 @@ def cases(quick: bool, torch: Any) -> list[Case]:
         tables.peers["torch"] = torch_cos_sin
     out.append(tables)
 
+    out.extend(attention_cases(quick, torch))
+
     # The harness against itself: the ratio shows the measurement noise.
     out.append(Case("A/A check (embedding)", emb.shape, emb.nbytes, emb.ours, {"attnkit again": emb.ours}))
+    return out
+
+
+# name, batch, query heads, key/value heads, L, S, E, mask ("pad", "causal" or "")
+ATTENTION_GRID = [
+    ("BERT-base, padding", 8, 12, 12, 128, 128, 64, "pad"),
+    ("MiniLM, padding", 32, 12, 12, 128, 128, 32, "pad"),
+    ("GPT-2 prefill", 1, 12, 12, 1024, 1024, 64, "causal"),
+    ("Llama-3-8B prefill", 1, 32, 8, 2048, 2048, 128, "causal"),
+    ("Llama-3-8B decode", 1, 32, 8, 1, 4096, 128, ""),
+    ("TinyLlama decode", 1, 32, 4, 1, 2048, 64, ""),
+    ("GPT-2 decode B8", 8, 12, 12, 1, 1024, 64, ""),
+    ("tiny", 1, 1, 1, 16, 16, 64, ""),
+]
+
+
+def _numpy_attention(q: Any, k: Any, v: Any, key_mask: Any, causal: bool) -> Any:
+    """softmax(q kᵀ / sqrt(E) + mask) v, one (batch, head) at a time to bound the memory."""
+    b, hq, length, e = q.shape
+    group = hq // k.shape[1]
+    out = np.empty(q.shape[:3] + (v.shape[-1],), q.dtype)
+    allowed = np.ones((length, k.shape[2]), bool)
+    if causal:
+        allowed = np.tril(allowed)
+    for bi in range(b):
+        ok = allowed if key_mask is None else allowed & key_mask[bi]
+        for h in range(hq):
+            s = q[bi, h] @ k[bi, h // group].T / np.float32(np.sqrt(e))
+            s = np.where(ok, s, -np.inf)
+            p = np.exp(s - s.max(axis=-1, keepdims=True))
+            out[bi, h] = (p / p.sum(axis=-1, keepdims=True)) @ v[bi, h // group]
+    return out
+
+
+def attention_cases(quick: bool, torch: Any) -> list[Case]:
+    """The attention grid of the performance notes (quick: shorter sequences, fewer rows)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for name, b, hq, hkv, length, s, e, mask in ATTENTION_GRID:
+        if quick and length > 1 and length * s > 512 * 512:
+            length = s = 512
+        q = rng.standard_normal((b, hq, length, e), dtype=np.float32)
+        k = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
+        v = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
+        key_mask = np.arange(s)[None, :] < rng.integers(s // 2, s + 1, size=b)[:, None] if mask == "pad" else None
+        causal = mask == "causal"
+        flops = 4.0 * b * hq * length * s * e / (2 if causal and length == s else 1)
+        gqa = hq != hkv
+
+        def ours(q: Any = q, k: Any = k, v: Any = v, km: Any = key_mask, causal: bool = causal, gqa: bool = gqa) -> object:
+            return attnkit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, key_mask=km)
+
+        case = Case(f"attention: {name}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", q.nbytes + k.nbytes + v.nbytes, ours,
+                    flops=flops)
+        if b * hq * length * s <= 64 * 1024 * 1024:
+
+            def numpy_peer(q: Any = q, k: Any = k, v: Any = v, km: Any = key_mask, c: bool = causal) -> object:
+                return _numpy_attention(q, k, v, km, c)
+
+            case.peers["numpy"] = numpy_peer
+        if torch is not None:
+            tq, tk, tv = torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)
+            tmask = None if key_mask is None else torch.from_numpy(key_mask[:, None, None, :])
+
+            def theirs(tq: Any = tq, tk: Any = tk, tv: Any = tv, tm: Any = tmask, causal: bool = causal, gqa: bool = gqa) -> object:
+                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, is_causal=causal, enable_gqa=gqa)
+
+            case.peers["torch"] = theirs
+        out.append(case)
     return out
 
 
@@ -184,10 +267,14 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     gflops = calibration_gflops(1024 if quick else 2048)
     print(f"calibration: NumPy float32 matmul {gflops:.0f} GFLOP/s (NumPy's default BLAS threads)\n")
     time.sleep(1.0)  # OpenBLAS's threads spin for a while after the matmul; let them go idle first
+    limiter = _blas_limiter()
+    if limiter is None:
+        print("note: NumPy's BLAS threads are not controlled (install threadpoolctl to pin them per row)\n")
     rows: list[Row] = []
     before = attnkit.get_num_threads()
     torch_before = torch.get_num_threads() if torch else None
-    header = f"{'kernel':<24}{'shape':<26}{'thr':>4}{'attnkit ms':>12}{'GB/s':>7}{'numpy ms':>10}{'torch ms':>10}{'vs numpy':>10}{'vs torch':>10}"
+    header = (f"{'kernel':<36}{'shape':<28}{'thr':>4}{'attnkit ms':>12}{'rate':>12}{'numpy ms':>10}{'torch ms':>10}"
+              f"{'vs numpy':>10}{'vs torch':>10}")
     print(header)
     print("-" * len(header))
     try:
@@ -197,8 +284,16 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
             if torch:
                 torch.set_num_threads(n)
             for case in all_cases:
-                ms = measure(case, repeats, min_time)
-                row = Row(case.kernel, case.shape, n, ms, case.nbytes / (ms["attnkit"] / 1e3) / 1e9)
+                if limiter is not None:
+                    with limiter(limits=n, user_api="blas"):
+                        ms = measure(case, repeats, min_time)
+                else:
+                    ms = measure(case, repeats, min_time)
+                seconds = ms["attnkit"] / 1e3
+                if case.flops:
+                    row = Row(case.kernel, case.shape, n, ms, case.flops / seconds / 1e9, "GF/s")
+                else:
+                    row = Row(case.kernel, case.shape, n, ms, case.nbytes / seconds / 1e9)
                 rows.append(row)
                 print(_format(row))
     finally:
@@ -221,6 +316,7 @@ def _format(row: Row) -> str:
 
     peer_ms = row.ms.get("numpy"), row.ms.get("torch", row.ms.get("attnkit again"))
     torch_ratio = row.ratio("torch") or row.ratio("attnkit again")
-    return (f"{row.kernel:<24}{row.shape:<26}{row.threads:>4}{row.ms['attnkit']:>12.3f}{row.gbps:>7.1f}"
+    rate = f"{row.rate:.1f} {row.unit}"
+    return (f"{row.kernel:<36}{row.shape:<28}{row.threads:>4}{row.ms['attnkit']:>12.3f}{rate:>12}"
             f"{cell(peer_ms[0], 10)}{cell(peer_ms[1], 10)}"
             f"{cell(row.ratio('numpy'), 10, 'x')}{cell(torch_ratio, 10, 'x')}")

@@ -73,7 +73,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 kt[(block * e + d) * BK + col] = x;
             }
         }
-        let mut qpack = vec![T::ZERO; (BQ + MR) * e]; // the query block, times `scale`
+        let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
         let scale = T::from_f64(sp.scale);
         let mut scores = [T::ZERO; BQ * BK];
         let mut acc = vec![T::ZERO; BQ * ev];
@@ -98,9 +98,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             sum[..rows].fill(T::ZERO);
             acc[..rows * ev].fill(T::ZERO);
             block_scores.fill(T::NEG_INFINITY);
-            // Pack the block's queries times `scale` (rows past the block repeat its last row, so
-            // whole micro-tiles can be computed and their extra rows dropped).
-            for r in 0..rows.next_multiple_of(MR) {
+            // Pack the block's queries times `scale`.
+            for r in 0..rows {
                 let row = q0 + r.min(rows - 1);
                 let q_at = self.b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row;
                 let src = &self.q[q_at..][..e];
@@ -124,14 +123,22 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 // (whole NR-column tiles; the columns outside are dropped).
                 let panel = &kt[block * e * BK..(block + 1) * e * BK];
                 let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
-                for r0 in (0..rows).step_by(MR) {
+                // Whole groups of MR rows, then the rest one row at a time: every score is the
+                // same chain of fused multiply-adds whichever tile computes it.
+                let full = rows / MR * MR;
+                for r0 in (0..full).step_by(MR) {
                     let qs = [q_row(r0), q_row(r0 + 1), q_row(r0 + 2), q_row(r0 + 3)];
                     for j0 in (t0..t1).step_by(NR) {
                         let tile = score_tile(qs, panel, j0, e);
-                        for (r, tile_row) in tile.iter().enumerate().take(rows - r0) {
-                            let row = &mut scores[(r0 + r) * BK..(r0 + r + 1) * BK];
-                            row[j0..j0 + NR].copy_from_slice(tile_row);
+                        for (r, tile_row) in tile.iter().enumerate() {
+                            scores[(r0 + r) * BK + j0..(r0 + r) * BK + j0 + NR].copy_from_slice(tile_row);
                         }
+                    }
+                }
+                for r in full..rows {
+                    for j0 in (t0..t1).step_by(NR) {
+                        let [tile_row] = score_tile([q_row(r)], panel, j0, e);
+                        scores[r * BK + j0..r * BK + j0 + NR].copy_from_slice(&tile_row);
                     }
                 }
                 // From here on, a row's scores are scores[r·BK + col0..][..cols].
@@ -160,9 +167,14 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
-                    for r0 in (0..rows).step_by(MR) {
-                        let n = MR.min(rows - r0);
-                        pv_tiles(&scores[r0 * BK + col0..], &alpha[r0..r0 + n], &mut acc[r0 * ev..(r0 + n) * ev], cols, ev, &v_block);
+                    let full = rows / MR * MR;
+                    for r0 in (0..full).step_by(MR) {
+                        let out = &mut acc[r0 * ev..(r0 + MR) * ev];
+                        pv_tiles::<T, MR>(&scores[r0 * BK + col0..], &alpha[r0..r0 + MR], out, cols, ev, &v_block);
+                    }
+                    for r in full..rows {
+                        let out = &mut acc[r * ev..(r + 1) * ev];
+                        pv_tiles::<T, 1>(&scores[r * BK + col0..], &alpha[r..r + 1], out, cols, ev, &v_block);
                     }
                 } else {
                     // Some value is NaN or infinite: leave masked pairs out one by one, so they
@@ -202,9 +214,9 @@ const NR: usize = 16;
 /// `MR x NR / lanes` vector accumulators, one broadcast and `NR / lanes` fused multiply-adds per
 /// row and dimension.
 #[inline(always)]
-fn score_tile<T: AttnFloat>(q: [&[T]; MR], kt: &[T], j0: usize, e: usize) -> [[T; NR]; MR] {
+fn score_tile<T: AttnFloat, const M: usize>(q: [&[T]; M], kt: &[T], j0: usize, e: usize) -> [[T; NR]; M] {
     let zeros = [T::ZERO; NR];
-    let mut acc = [[T::ZERO; NR]; MR];
+    let mut acc = [[T::ZERO; NR]; M];
     let q = q.map(|row| &row[..e]);
     for d in 0..e {
         let kd: &[T; NR] = kt.get(d * BK + j0..d * BK + j0 + NR).and_then(|x| x.try_into().ok()).unwrap_or(&zeros);
@@ -218,10 +230,10 @@ fn score_tile<T: AttnFloat>(q: [&[T]; MR], kt: &[T], j0: usize, e: usize) -> [[T
     acc
 }
 
-/// `out[r] = alpha[r] * out[r] + sum_j p[r][j] v_j` for up to `MR` rows (`p` rows `BK` apart),
-/// `NR` output columns at a time (a register tile, as in [`score_tile`]), keys in order.
+/// `out[r] = alpha[r] * out[r] + sum_j p[r][j] v_j` for `M` rows (`p` rows `BK` apart), `NR`
+/// output columns at a time (a register tile, as in [`score_tile`]), keys in order.
 #[inline(always)]
-fn pv_tiles<'v, T: AttnFloat + 'v>(
+fn pv_tiles<'v, T: AttnFloat + 'v, const M: usize>(
     p: &[T],
     alpha: &[T],
     out: &mut [T],
@@ -229,26 +241,26 @@ fn pv_tiles<'v, T: AttnFloat + 'v>(
     ev: usize,
     v_row: &impl Fn(usize) -> &'v [T],
 ) {
-    let rows = alpha.len();
+    let rows = M;
     let zeros = [T::ZERO; NR];
     let mut d0 = 0;
     while d0 + NR <= ev {
-        let mut tile = [[T::ZERO; NR]; MR];
-        for (r, row) in tile.iter_mut().enumerate().take(rows) {
+        let mut tile = [[T::ZERO; NR]; M];
+        for (r, row) in tile.iter_mut().enumerate() {
             for (t, &o) in row.iter_mut().zip(&out[r * ev + d0..r * ev + d0 + NR]) {
                 *t = o * alpha[r];
             }
         }
         for j in 0..cols {
             let vj: &[T; NR] = v_row(j).get(d0..d0 + NR).and_then(|x| x.try_into().ok()).unwrap_or(&zeros);
-            let pj: [T; MR] = std::array::from_fn(|r| if r < rows { p[r * BK + j] } else { T::ZERO });
+            let pj: [T; M] = std::array::from_fn(|r| p[r * BK + j]);
             for (row, &pr) in tile.iter_mut().zip(&pj) {
                 for (t, &v) in row.iter_mut().zip(vj) {
                     *t = pr.mul_add(v, *t);
                 }
             }
         }
-        for (r, row) in tile.iter().enumerate().take(rows) {
+        for (r, row) in tile.iter().enumerate() {
             out[r * ev + d0..r * ev + d0 + NR].copy_from_slice(row);
         }
         d0 += NR;
