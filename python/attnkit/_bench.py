@@ -89,7 +89,7 @@ def _blas_limiter() -> Any:
     """``threadpoolctl.threadpool_limits`` when installed (it is not a dependency of attnkit), so
     NumPy's BLAS uses the row's thread count; otherwise None."""
     try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        from threadpoolctl import threadpool_limits
     except ImportError:
         return None
     return threadpool_limits
