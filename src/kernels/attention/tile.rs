@@ -22,7 +22,7 @@ const ALL_KEYS: [u8; BK] = [1; BK];
 /// Query rows per block.
 const BQ: usize = 32;
 /// Keys per block.
-const BK: usize = 64;
+const BK: usize = 128;
 
 /// One head's rows of `out`, `lse` and `weights`.
 pub(super) struct HeadOut<'o, T> {
