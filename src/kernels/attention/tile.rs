@@ -62,15 +62,27 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let slope = move |h: usize| alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
-        // K packed transposed once per head, in blocks of BK keys (`e x BK` each, zero-padded),
-        // for every query block to reuse.
+        // K packed once per task, transposed, as strips of NR keys: strip t of key block n holds
+        // `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
         let n_blocks = s.div_ceil(BK);
-        let mut kt = vec![T::ZERO; n_blocks * e * BK];
+        let mut kt = vec![T::ZERO; n_blocks * BK * e];
         for j in 0..s {
-            let (block, col) = (j / BK, j % BK);
+            let (strip, n) = (j / NR, j % NR);
             let row = &self.k[k_base + j * sp.k.row..][..e];
             for (d, &x) in row.iter().enumerate() {
-                kt[(block * e + d) * BK + col] = x;
+                kt[(strip * e + d) * NR + n] = x;
+            }
+        }
+        // V packed likewise when all of it is finite (the fast path): for key block n and output
+        // columns c·NR.., `vt[j][0..NR]` for its keys, contiguous (`BK x NR`).
+        let ev_strips = ev / NR;
+        let mut vt = vec![T::ZERO; n_blocks * BK * ev_strips * NR];
+        for j in 0..s {
+            let (block, jj) = (j / BK, j % BK);
+            let row = &self.v[v_base + j * sp.v.row..][..ev];
+            for c in 0..ev_strips {
+                let at = ((block * ev_strips + c) * BK + jj) * NR;
+                vt[at..at + NR].copy_from_slice(&row[c * NR..(c + 1) * NR]);
             }
         }
         let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
@@ -121,15 +133,15 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 }
                 // Scores of the block's columns col0..col0 + cols, MR rows x NR keys at a time
                 // (whole NR-column tiles; the columns outside are dropped).
-                let panel = &kt[block * e * BK..(block + 1) * e * BK];
                 let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
+                let strip = |j0: usize| &kt[((block * BK + j0) / NR * e) * NR..][..e * NR];
                 // Whole groups of MR rows, then the rest one row at a time: every score is the
                 // same chain of fused multiply-adds whichever tile computes it.
                 let full = rows / MR * MR;
                 for r0 in (0..full).step_by(MR) {
                     let qs = [q_row(r0), q_row(r0 + 1), q_row(r0 + 2), q_row(r0 + 3)];
                     for j0 in (t0..t1).step_by(NR) {
-                        let tile = score_tile(qs, panel, j0, e);
+                        let tile = score_tile(qs, strip(j0));
                         for (r, tile_row) in tile.iter().enumerate() {
                             scores[(r0 + r) * BK + j0..(r0 + r) * BK + j0 + NR].copy_from_slice(tile_row);
                         }
@@ -137,7 +149,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 }
                 for r in full..rows {
                     for j0 in (t0..t1).step_by(NR) {
-                        let [tile_row] = score_tile([q_row(r)], panel, j0, e);
+                        let [tile_row] = score_tile([q_row(r)], strip(j0));
                         scores[r * BK + j0..r * BK + j0 + NR].copy_from_slice(&tile_row);
                     }
                 }
@@ -167,14 +179,16 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
+                    let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
+                    let vb = PvBlock { strips: vstrips, col0, cols, ev };
                     let full = rows / MR * MR;
                     for r0 in (0..full).step_by(MR) {
                         let out = &mut acc[r0 * ev..(r0 + MR) * ev];
-                        pv_tiles::<T, MR>(&scores[r0 * BK + col0..], &alpha[r0..r0 + MR], out, cols, ev, &v_block);
+                        pv_tiles::<T, MR>(&scores[r0 * BK + col0..], &alpha[r0..r0 + MR], out, &vb, &v_block);
                     }
                     for r in full..rows {
                         let out = &mut acc[r * ev..(r + 1) * ev];
-                        pv_tiles::<T, 1>(&scores[r * BK + col0..], &alpha[r..r + 1], out, cols, ev, &v_block);
+                        pv_tiles::<T, 1>(&scores[r * BK + col0..], &alpha[r..r + 1], out, &vb, &v_block);
                     }
                 } else {
                     // Some value is NaN or infinite: leave masked pairs out one by one, so they
@@ -208,18 +222,17 @@ const MR: usize = 4;
 /// Keys of a score micro-tile, and output columns of a P·V micro-tile.
 const NR: usize = 16;
 
-/// `MR x NR` raw scores `q_r · k_j` for keys `j0..j0 + NR` of the packed block `kt` (`e x BK`).
+/// `M x NR` raw scores `q_r · k_j` for the NR keys of one packed strip (`e x NR`, `kt[d][n]`).
 ///
 /// Written with fixed-size arrays iterated by `zip`, the form LLVM turns into a register tile:
-/// `MR x NR / lanes` vector accumulators, one broadcast and `NR / lanes` fused multiply-adds per
-/// row and dimension.
+/// `M x NR / lanes` vector accumulators, one broadcast and `NR / lanes` fused multiply-adds per
+/// row and dimension, no bounds checks in the loop.
 #[inline(always)]
-fn score_tile<T: AttnFloat, const M: usize>(q: [&[T]; M], kt: &[T], j0: usize, e: usize) -> [[T; NR]; M] {
-    let zeros = [T::ZERO; NR];
+fn score_tile<T: AttnFloat, const M: usize>(q: [&[T]; M], strip: &[T]) -> [[T; NR]; M] {
+    let (kd, _) = strip.as_chunks::<NR>();
+    let q = q.map(|row| &row[..kd.len()]);
     let mut acc = [[T::ZERO; NR]; M];
-    let q = q.map(|row| &row[..e]);
-    for d in 0..e {
-        let kd: &[T; NR] = kt.get(d * BK + j0..d * BK + j0 + NR).and_then(|x| x.try_into().ok()).unwrap_or(&zeros);
+    for (d, kd) in kd.iter().enumerate() {
         for (row, q) in acc.iter_mut().zip(&q) {
             let qd = q[d];
             for (a, &k) in row.iter_mut().zip(kd) {
@@ -230,29 +243,37 @@ fn score_tile<T: AttnFloat, const M: usize>(q: [&[T]; M], kt: &[T], j0: usize, e
     acc
 }
 
+/// A key block of packed V: `strips[c]` holds rows `vt[j][0..NR]` of output columns `c·NR..`.
+struct PvBlock<'a, T> {
+    strips: &'a [T],
+    col0: usize,
+    cols: usize,
+    ev: usize,
+}
+
 /// `out[r] = alpha[r] * out[r] + sum_j p[r][j] v_j` for `M` rows (`p` rows `BK` apart), `NR`
-/// output columns at a time (a register tile, as in [`score_tile`]), keys in order.
+/// output columns at a time from the packed strips (a register tile, as in [`score_tile`]), keys
+/// in order; the last `ev % NR` columns from the unpacked rows `v_row(j)`.
 #[inline(always)]
 fn pv_tiles<'v, T: AttnFloat + 'v, const M: usize>(
     p: &[T],
     alpha: &[T],
     out: &mut [T],
-    cols: usize,
-    ev: usize,
+    vb: &PvBlock<'_, T>,
     v_row: &impl Fn(usize) -> &'v [T],
 ) {
-    let rows = M;
-    let zeros = [T::ZERO; NR];
-    let mut d0 = 0;
-    while d0 + NR <= ev {
+    let (ev, cols) = (vb.ev, vb.cols);
+    let full = ev / NR;
+    for c in 0..full {
+        let d0 = c * NR;
+        let (rows_v, _) = vb.strips[(c * BK + vb.col0) * NR..(c * BK + vb.col0 + cols) * NR].as_chunks::<NR>();
         let mut tile = [[T::ZERO; NR]; M];
         for (r, row) in tile.iter_mut().enumerate() {
             for (t, &o) in row.iter_mut().zip(&out[r * ev + d0..r * ev + d0 + NR]) {
                 *t = o * alpha[r];
             }
         }
-        for j in 0..cols {
-            let vj: &[T; NR] = v_row(j).get(d0..d0 + NR).and_then(|x| x.try_into().ok()).unwrap_or(&zeros);
+        for (j, vj) in rows_v.iter().enumerate() {
             let pj: [T; M] = std::array::from_fn(|r| p[r * BK + j]);
             for (row, &pr) in tile.iter_mut().zip(&pj) {
                 for (t, &v) in row.iter_mut().zip(vj) {
@@ -263,10 +284,9 @@ fn pv_tiles<'v, T: AttnFloat + 'v, const M: usize>(
         for (r, row) in tile.iter().enumerate() {
             out[r * ev + d0..r * ev + d0 + NR].copy_from_slice(row);
         }
-        d0 += NR;
     }
-    for r in 0..rows {
-        for d in d0..ev {
+    for r in 0..M {
+        for d in full * NR..ev {
             let mut x = out[r * ev + d] * alpha[r];
             for j in 0..cols {
                 x = p[r * BK + j].mul_add(v_row(j)[d], x);
