@@ -16,9 +16,6 @@ use std::mem::MaybeUninit;
 use super::{Alignment, AttnFloat, AttnSpec, Masks};
 use crate::kernels::simd::Task;
 
-/// A key-padding row that lets every key through.
-const ALL_KEYS: [u8; BK] = [1; BK];
-
 /// Query rows per block.
 const BQ: usize = 32;
 /// Keys per block.
@@ -373,24 +370,32 @@ impl<T: AttnFloat> Group<'_, '_, T> {
                 *x = if bm.at(self.b, h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
             }
         }
-        // One pass: causal/window bounds, key padding, and the maximum in eight lanes (NaN
-        // tracked apart: a NaN score wins).
+        // Causal/window bounds as index ranges, key padding as a select, then the maximum in
+        // eight lanes and, apart, whether any score is NaN (a NaN score wins). Each is a plain
+        // loop that LLVM vectorises.
         let (lo, hi) = key_range(sp, offset, i, i);
         let start = lo.saturating_sub(k0).min(cols);
         let end = hi.saturating_sub(k0).clamp(start, cols);
-        let keep: &[u8] = key_mask.map_or(&ALL_KEYS[..cols], |km| &km[k0..k0 + cols]);
-        let (mut lanes, mut nan) = ([T::NEG_INFINITY; 8], [false; 8]);
-        for (c, (chunk, keep)) in srow.chunks_mut(8).zip(keep.chunks(8)).enumerate() {
-            for (k, (x, &kp)) in chunk.iter_mut().zip(keep).enumerate() {
-                let j = c * 8 + k;
-                let v = if j >= start && j < end && kp != 0 { *x } else { T::NEG_INFINITY };
-                *x = v;
-                lanes[k] = if v > lanes[k] { v } else { lanes[k] };
-                nan[k] |= v.is_nan();
+        srow[..start].fill(T::NEG_INFINITY);
+        srow[end..].fill(T::NEG_INFINITY);
+        if let Some(km) = key_mask {
+            for (x, &keep) in srow.iter_mut().zip(&km[k0..k0 + cols]) {
+                *x = if keep != 0 { *x } else { T::NEG_INFINITY };
             }
         }
+        let mut lanes = [T::NEG_INFINITY; 8];
+        let (chunks, tail) = srow.as_chunks::<8>();
+        for chunk in chunks {
+            for (m, &x) in lanes.iter_mut().zip(chunk) {
+                *m = if x > *m { x } else { *m };
+            }
+        }
+        for (m, &x) in lanes.iter_mut().zip(tail) {
+            *m = if x > *m { x } else { *m };
+        }
+        let nan = srow.iter().fold(false, |any, x| any | x.is_nan());
         let max = lanes.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        if nan.iter().any(|&n| n) { T::from_f64(f64::NAN) } else { max }
+        if nan { T::from_f64(f64::NAN) } else { max }
     }
 
     /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows`.
