@@ -292,7 +292,11 @@ pub fn attention<T: AttnFloat>(
     };
     // ... gathered into one task per (batch, key/value head) with the query heads that share it.
     let group = spec.heads_q / spec.heads_kv;
-    let mut heads = outs.into_iter().zip(lses).zip(weights).map(|((out, lse), weights)| tile::HeadOut { out, lse, weights });
+    let mut heads = outs.into_iter().zip(lses).zip(weights).map(|((out, lse), weights)| tile::HeadOut {
+        out,
+        lse,
+        weights,
+    });
     let tasks: Vec<tile::Group<'_, '_, T>> = (0..spec.batch * spec.heads_kv)
         .map(|t| tile::Group {
             q,
@@ -308,7 +312,9 @@ pub fn attention<T: AttnFloat>(
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
     let run = |mut task: tile::Group<'_, '_, T>| simd::task(&mut task);
     match par {
-        Par::Pool(pool) if tasks.len() > 1 && flops > 1e6 => pool.install(|| tasks.into_par_iter().for_each(run)),
+        Par::Pool(pool) if tasks.len() > 1 && flops > 1e6 => {
+            pool.install(|| tasks.into_par_iter().for_each(run))
+        }
         _ => tasks.into_iter().for_each(run),
     }
     Ok(())

@@ -5,11 +5,16 @@
 //! key range, and K is packed once for the whole group; with a single query position (decode) the
 //! heads of a group fill the rows of the micro-tiles.
 //!
-//! Per key block: K is packed transposed (`kt[d][j]`) so each score row is built by vectorised
-//! outer-product updates `s[j] += q[d] · kt[d][j]`; the scores are scaled, capped, masked and
-//! biased in one pass, which also finds the row maximum; then the probabilities update the
-//! running sum and the output accumulator (rescaled first when the maximum grew). All products
-//! are fused multiply-adds, which are correctly rounded, so every code path gives the same bits.
+//! K and V are packed once per task into 16-wide strips. Per query block the queries are packed
+//! times `scale`; per key block, 4 x 16 register tiles of fused multiply-adds build the scores
+//! (`s[j] += q[d] · kt[d][j]`), which are capped and biased, then masked by selects (after all
+//! arithmetic) while the row maximum is found; `exp` turns them into probabilities (masked ones
+//! into −0.0) and their sum; and 4 x 16 tiles add `P · V` to the output rows, rescaled first when
+//! the maximum grew. Fused multiply-adds are correctly rounded, so every code path (AVX2 or
+//! portable, any tile shape) gives the same bits.
+//!
+//! The loops are written in the shapes LLVM vectorises (fixed-size arrays, `zip`, `for`): small
+//! changes can make one scalar and cost half the speed, so measure after every edit.
 
 use std::mem::MaybeUninit;
 
@@ -56,7 +61,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         // Task row r: query position r / group of head g·group + r % group.
         let (b, g, alibi) = (self.b, self.g, self.masks.alibi);
         let head_of = move |r: usize| g * group + r % group;
-        let slope = move |h: usize| alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
+        let slope =
+            move |h: usize| alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
         // K packed once per task, transposed, as strips of NR keys: strip t of key block n holds
@@ -98,7 +104,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             })
             .collect();
         // The masked scores of the current query block, kept only when weights are requested.
-        let mut block_scores = vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
+        let mut block_scores =
+            vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
 
         let total = group * l;
         for q0 in (0..total).step_by(BQ) {
@@ -263,7 +270,8 @@ fn pv_tiles<'v, T: AttnFloat + 'v, const M: usize>(
     let full = ev / NR;
     for c in 0..full {
         let d0 = c * NR;
-        let (rows_v, _) = vb.strips[(c * BK + vb.col0) * NR..(c * BK + vb.col0 + cols) * NR].as_chunks::<NR>();
+        let (rows_v, _) =
+            vb.strips[(c * BK + vb.col0) * NR..(c * BK + vb.col0 + cols) * NR].as_chunks::<NR>();
         let mut tile = [[T::ZERO; NR]; M];
         for (r, row) in tile.iter_mut().enumerate() {
             for (t, &o) in row.iter_mut().zip(&out[r * ev + d0..r * ev + d0 + NR]) {
@@ -395,7 +403,11 @@ impl<T: AttnFloat> Group<'_, '_, T> {
         }
         let nan = srow.iter().fold(false, |any, x| any | x.is_nan());
         let max = lanes.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        if nan { T::from_f64(f64::NAN) } else { max }
+        if nan {
+            T::from_f64(f64::NAN)
+        } else {
+            max
+        }
     }
 
     /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows`.
