@@ -306,3 +306,23 @@ def test_bad_input_raises_the_contract_exception(name, call, exc, pattern):
     assert status == "raised", f"{name}: nothing was raised"
     assert detail[0] == exc.__name__, f"{name}: {detail}"
     assert re.search(pattern, detail[1]), f"{name}: {detail[1]!r} does not match {pattern!r}"
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_decode_shapes_keep_every_promise(length, threads):
+    """Decode-like calls (a few query positions, grouped heads filling the micro-tiles)."""
+    q, k, v = qkv(b=2, hq=8, hkv=2, length=length, s=300, e=24, ev=40)
+    km = np.ones((2, 300), bool)
+    km[:, ::7] = False
+    kw = {"key_mask": km, "is_causal": True, "causal_alignment": "bottom_right"}
+    out = sdpa(q, k, v, enable_gqa=True, **kw)
+    want, _, _, score_max = ref.attention(q, k, v, key_mask=km, causal=True, alignment="bottom_right")
+    assert_within_bound(out, want, v, score_max, np.float32, 8)
+    assert sdpa(q, np.repeat(k, 4, 1), np.repeat(v, 4, 1), **kw).tobytes() == out.tobytes()
+    kp, vp = k.copy(), v.copy()
+    kp[:, :, ::7], vp[:, :, ::7] = np.nan, np.inf
+    assert sdpa(q, kp, vp, enable_gqa=True, **kw).tobytes() == out.tobytes()
+    threads(1)
+    one = sdpa(q, k, v, enable_gqa=True, **kw)
+    threads(3)
+    assert sdpa(q, k, v, enable_gqa=True, **kw).tobytes() == one.tobytes()
