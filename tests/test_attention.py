@@ -326,3 +326,15 @@ def test_decode_shapes_keep_every_promise(length, threads):
     one = sdpa(q, k, v, enable_gqa=True, **kw)
     threads(3)
     assert sdpa(q, k, v, enable_gqa=True, **kw).tobytes() == one.tobytes()
+
+
+def test_fast_path_for_plain_calls_gives_the_full_paths_bits():
+    q, k, v = qkv(b=2, hq=4, hkv=4, length=9, s=13)
+    for causal in (False, True):
+        fast = sdpa(q, k, v, is_causal=causal)
+        full, _ = sdpa(q, k, v, is_causal=causal, return_lse=True)  # any extra takes the full path
+        assert fast.tobytes() == full.tobytes()
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        sdpa(q, k[:, :2], v[:, :2])  # the core would take grouped heads; the API asks for enable_gqa
+    with pytest.raises(TypeError, match="must share one dtype"):
+        sdpa(q, k.astype(np.float64), v)  # refused by the core, explained by the full path

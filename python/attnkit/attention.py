@@ -86,6 +86,22 @@ def scaled_dot_product_attention(
                [0.36 , 0.64 , 0.   ],
                [0.264, 0.264, 0.471]], dtype=float32)
     """
+    if (
+        type(query) is np.ndarray and type(key) is np.ndarray and type(value) is np.ndarray
+        and query.ndim == 4 and key.ndim == 4 and query.shape[1] == key.shape[1]
+        and attn_mask is None and key_mask is None and window is None and alibi_slopes is None
+        and softcap is None and not (return_lse or return_weights or dropout_p)
+        and layout == "bhsd" and causal_alignment == "top_left"
+        and (scale is None or (type(scale) is float and math.isfinite(scale)))
+    ):
+        # Fast path for small calls: the core re-validates everything and refuses (TypeError or
+        # ValueError) what it cannot take directly; the full path below then converts or explains.
+        dim = query.shape[-1]
+        s = scale if scale is not None else (1.0 / math.sqrt(dim) if dim else 1.0)
+        try:
+            return _core.attention(query, key, value, "bhsd", s, None, bool(is_causal), (None, None), "top_left")[0]
+        except (TypeError, ValueError):
+            pass
     layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
     alignment = choice(causal_alignment, "causal_alignment", ("top_left", "bottom_right"))
     q, k, v = (float_array(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
