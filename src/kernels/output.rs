@@ -1,9 +1,10 @@
-//! Fresh output buffers, written once.
+//! Fresh output buffers, written once: how Rust code calls the kernels.
 //!
-//! A kernel's output is allocated uninitialised and handed to the kernel as `&mut [MaybeUninit<T>]`;
-//! the kernel writes every element, and only then does the buffer become a `Vec<T>`. Zero-filling
-//! it first would cost a whole extra pass over memory: for a memory-bound kernel such as embedding
-//! lookup, that is a third of the time.
+//! Kernels write into `&mut [MaybeUninit<T>]` and promise to write every element; [`collect`]
+//! allocates such a buffer and turns it into a `Vec<T>` once the kernel has filled it. Zero-filling
+//! first would cost a whole extra pass over memory: for a memory-bound kernel such as embedding
+//! lookup, that is a third of the time. (The Python binding allocates its outputs through NumPy
+//! instead, in `py/arrays.rs`, so they get NumPy's allocator; the kernels' tests use this module.)
 
 use std::mem::MaybeUninit;
 
