@@ -65,11 +65,17 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             move |h: usize| alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
-        // K packed once per task, transposed, as strips of NR keys: strip t of key block n holds
-        // `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
+        // A task with fewer rows than a micro-tile (decode without grouped heads) reads K and V
+        // rows as they are: each score is the same chain of fused multiply-adds over d as in the
+        // packed tiles, and each output element the same chain over keys, so the bits are those
+        // of the packed path and the choice can follow the row count.
+        let direct = group * l < MR;
+        // Otherwise K is packed once per task, transposed, as strips of NR keys: strip t of key
+        // block n holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
         let n_blocks = s.div_ceil(BK);
-        let mut kt = vec![T::ZERO; n_blocks * BK * e];
-        for j in 0..s {
+        let packed = if direct { 0 } else { n_blocks * BK };
+        let mut kt = vec![T::ZERO; packed * e];
+        for j in 0..packed.min(s) {
             let (strip, n) = (j / NR, j % NR);
             let row = &self.k[k_base + j * sp.k.row..][..e];
             for (d, &x) in row.iter().enumerate() {
@@ -79,8 +85,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         // V packed likewise when all of it is finite (the fast path): for key block n and output
         // columns c·NR.., `vt[j][0..NR]` for its keys, contiguous (`BK x NR`).
         let ev_strips = ev / NR;
-        let mut vt = vec![T::ZERO; n_blocks * BK * ev_strips * NR];
-        for j in 0..s {
+        let mut vt = vec![T::ZERO; packed * ev_strips * NR];
+        for j in 0..packed.min(s) {
             let (block, jj) = (j / BK, j % BK);
             let row = &self.v[v_base + j * sp.v.row..][..ev];
             for c in 0..ev_strips {
@@ -152,6 +158,11 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     }
                 }
                 for r in full..rows {
+                    if direct {
+                        let k_row = |j: usize| &self.k[k_base + (k0 + j) * sp.k.row..][..e];
+                        direct_scores(q_row(r), &k_row, &mut scores[r * BK + col0..r * BK + col0 + cols]);
+                        continue;
+                    }
                     for j0 in (t0..t1).step_by(NR) {
                         let [tile_row] = score_tile([q_row(r)], strip(j0));
                         scores[r * BK + j0..r * BK + j0 + NR].copy_from_slice(&tile_row);
@@ -180,7 +191,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 }
                 // out = alpha * out + P V.
                 let v_block = |j: usize| &self.v[v_base + (k0 + j) * sp.v.row..][..ev];
-                if v_finite[k0..k0 + cols].iter().all(|&f| f) {
+                if !direct && v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
@@ -195,8 +206,9 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                         pv_tiles::<T, 1>(&scores[r * BK + col0..], &alpha[r..r + 1], out, &vb, &v_block);
                     }
                 } else {
-                    // Some value is NaN or infinite: leave masked pairs out one by one, so they
-                    // cannot turn 0 * inf into NaN.
+                    // Direct rows, or some value is NaN or infinite: leave masked pairs out one by
+                    // one (so they cannot turn 0 * inf into NaN); each output element is the same
+                    // chain of fused multiply-adds, in key order, as in `pv_tiles`.
                     for r in 0..rows {
                         let a = &mut acc[r * ev..(r + 1) * ev];
                         for x in a.iter_mut() {
@@ -245,6 +257,26 @@ fn score_tile<T: AttnFloat, const M: usize>(q: [&[T]; M], strip: &[T]) -> [[T; N
         }
     }
     acc
+}
+
+/// Scores `q · k_j` for `out.len()` keys read from their rows, each the chain
+/// `fma(q[d], k[d], ·)` over `d = 0..e` from zero, exactly as [`score_tile`] computes it; eight
+/// keys at a time, so eight independent chains keep the multiply-add units busy.
+#[inline(always)]
+fn direct_scores<'k, T: AttnFloat + 'k>(q: &[T], k_row: &impl Fn(usize) -> &'k [T], out: &mut [T]) {
+    let mut j0 = 0;
+    while j0 < out.len() {
+        let n = 8.min(out.len() - j0);
+        let rows: [&[T]; 8] = std::array::from_fn(|t| k_row(j0 + t.min(n - 1)));
+        let mut acc = [T::ZERO; 8];
+        for (d, &qd) in q.iter().enumerate() {
+            for (a, row) in acc.iter_mut().zip(&rows) {
+                *a = qd.mul_add(row[d], *a);
+            }
+        }
+        out[j0..j0 + n].copy_from_slice(&acc[..n]);
+        j0 += n;
+    }
 }
 
 /// A key block of packed V: `strips[c]` holds rows `vt[j][0..NR]` of output columns `c·NR..`.
