@@ -41,9 +41,22 @@ impl fmt::Display for KernelError {
 
 impl std::error::Error for KernelError {}
 
+/// The product of `dims`, or `None` when it overflows `usize`.
+pub fn product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 /// The product of `dims`, or an `Allocation` error naming `arg` when it overflows `usize`.
 pub fn checked_product(arg: &'static str, dims: &[usize]) -> Result<usize, KernelError> {
-    dims.iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or(KernelError::Allocation { arg, elements: None })
+    product(dims).ok_or(KernelError::Allocation { arg, elements: None })
+}
+
+/// An `InvalidArgument` naming `arg` unless a slice of `len` elements has the `expected` length
+/// (`None`: the expected length overflowed, so no slice can have it).
+pub fn expect_len(arg: &'static str, len: usize, expected: Option<usize>) -> Result<(), KernelError> {
+    if Some(len) == expected {
+        Ok(())
+    } else {
+        Err(KernelError::invalid(arg, format!("has {len} elements, expected {expected:?}")))
+    }
 }

@@ -15,7 +15,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::error::KernelError;
+use crate::error::{expect_len, KernelError};
 use crate::kernels::{for_each_row_block, simd, Float, Rows};
 use crate::pool::Par;
 
@@ -69,13 +69,6 @@ fn check_table<T>(weight: &[T], rows: usize, dim: usize) -> Result<(), KernelErr
     }
 }
 
-fn check_out_len(out_len: usize, expected: Option<usize>) -> Result<(), KernelError> {
-    match expected {
-        Some(n) if n == out_len => Ok(()),
-        _ => Err(KernelError::invalid("out", format!("has {out_len} elements, expected {expected:?}"))),
-    }
-}
-
 /// Converts every id to a row index, or reports the first one outside `[0, rows)`.
 pub fn rows_of<I: TokenId>(ids: &[I], rows: usize) -> Result<Vec<usize>, KernelError> {
     ids.iter()
@@ -98,7 +91,7 @@ pub fn embedding<T: Float, I: TokenId>(
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     check_table(weight, rows, dim)?;
-    check_out_len(out.len(), ids.len().checked_mul(dim))?;
+    expect_len("out", out.len(), ids.len().checked_mul(dim))?;
     let row_index = rows_of(ids, rows)?;
     let table = Table { weight, row_index: &row_index, dim };
     for_each_row_block(out, dim, par, &Lookup { table, scale });
@@ -183,7 +176,7 @@ pub fn embedding_bag<T: Float, I: TokenId>(
         .len()
         .checked_sub(1)
         .ok_or_else(|| KernelError::invalid("offsets", "bounds must hold at least one entry (bags + 1)"))?;
-    check_out_len(out.len(), n_bags.checked_mul(dim))?;
+    expect_len("out", out.len(), n_bags.checked_mul(dim))?;
     if bounds[0] != 0 || bounds[n_bags] != bags.ids.len() || bounds.windows(2).any(|w| w[0] > w[1]) {
         return Err(KernelError::invalid(
             "offsets",

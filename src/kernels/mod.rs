@@ -80,7 +80,7 @@ fn rows_per_block(row_len: usize) -> usize {
 
 /// The work of a row-parallel kernel: writing one block of consecutive output rows.
 ///
-/// `rows` and everything it calls must be `#[inline(always)]`: [`simd::rows`] compiles it inside a
+/// `rows` and everything it calls must be `#[inline(always)]`: [`simd`] compiles it inside a
 /// function built for AVX2, which only happens to code inlined there. For the same reason the loops
 /// in `rows` are `for` loops, not `Iterator::for_each`: `for_each` goes through `fold`, which LLVM
 /// may leave out of line and so compile for the baseline instruction set.

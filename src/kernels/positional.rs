@@ -22,7 +22,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::error::KernelError;
+use crate::error::{expect_len, KernelError};
 use crate::kernels::{for_each_row_block, for_each_row_block_pair, trig, Float, Rows, RowsPair};
 use crate::pool::Par;
 
@@ -49,14 +49,6 @@ fn check_inputs(positions: &[i64], inv_freq: &[f64]) -> Result<(), KernelError> 
     Ok(())
 }
 
-fn check_len(arg: &'static str, len: usize, expected: Option<usize>) -> Result<(), KernelError> {
-    if Some(len) == expected {
-        Ok(())
-    } else {
-        Err(KernelError::invalid(arg, format!("has {len} elements, expected {expected:?}")))
-    }
-}
-
 /// Writes the sinusoidal encoding of `positions` into `out` (`positions.len() * 2 * inv_freq.len()`).
 pub fn sinusoidal<T: Float>(
     positions: &[i64],
@@ -68,7 +60,7 @@ pub fn sinusoidal<T: Float>(
     check_inputs(positions, inv_freq)?;
     let half = inv_freq.len();
     let dim = 2 * half;
-    check_len("out", out.len(), positions.len().checked_mul(dim))?;
+    expect_len("out", out.len(), positions.len().checked_mul(dim))?;
     for_each_row_block(out, dim, par, &Sinusoid { phases: Phases::new(positions, inv_freq), layout });
     Ok(())
 }
@@ -153,8 +145,8 @@ pub fn rope_cos_sin<T: Float>(
     }
     let half = inv_freq.len();
     let expected = positions.len().checked_mul(half);
-    check_len("cos", cos.len(), expected)?;
-    check_len("sin", sin.len(), expected)?;
+    expect_len("cos", cos.len(), expected)?;
+    expect_len("sin", sin.len(), expected)?;
     for_each_row_block_pair(
         cos,
         sin,

@@ -20,7 +20,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::error::KernelError;
+use crate::error::{expect_len, product, KernelError};
 use crate::kernels::{for_each_row_block, Float, Rows};
 use crate::pool::Par;
 
@@ -58,11 +58,9 @@ pub struct RopeSpec {
 impl RopeSpec {
     /// Checks the slice lengths against the shape (with overflow checks).
     fn check(&self, x: usize, cos: usize, sin: usize, out: usize) -> Result<(), KernelError> {
-        let x_len = [self.batch, self.heads, self.seq, self.head_dim]
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d));
+        let x_len = product(&[self.batch, self.heads, self.seq, self.head_dim]);
         let table_batch = if self.per_batch_tables { self.batch } else { 1 };
-        let table_len = [table_batch, self.seq, self.half].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let table_len = product(&[table_batch, self.seq, self.half]);
         if self.half.checked_mul(2).is_none_or(|r| r > self.head_dim) {
             return Err(KernelError::invalid(
                 "cos",
@@ -72,9 +70,7 @@ impl RopeSpec {
         for (arg, len, expected) in
             [("x", x, x_len), ("cos", cos, table_len), ("sin", sin, table_len), ("out", out, x_len)]
         {
-            if Some(len) != expected {
-                return Err(KernelError::invalid(arg, format!("has {len} elements, expected {expected:?}")));
-            }
+            expect_len(arg, len, expected)?;
         }
         Ok(())
     }

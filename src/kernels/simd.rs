@@ -1,7 +1,7 @@
 //! Runtime choice of instruction set for the kernels' inner loops, and prefetch hints.
 //!
-//! The crate is compiled for the baseline of its target (SSE2 on x86-64). `rows` runs a kernel's
-//! `Rows::rows` inside a function compiled for AVX2 and FMA when the CPU has them; `rows` is
+//! The crate is compiled for the baseline of its target (SSE2 on x86-64). `task` runs a kernel's
+//! work inside a function compiled for AVX2 and FMA when the CPU has them; the work is
 //! `#[inline(always)]`, so its loops are compiled there and LLVM vectorises them with 256-bit
 //! registers. Rust never contracts `a * b + c` into an FMA on its own, so both paths compute the
 //! same operations in the same order and give the same bits; the tests run each kernel on both
@@ -35,30 +35,15 @@ pub fn accelerated() -> bool {
     }
 }
 
-/// Runs `kernel.rows(first, block)`, compiled for AVX2 + FMA when [`accelerated`].
-#[inline(always)]
-pub(crate) fn rows<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if accelerated() {
-        // SAFETY: the CPU supports AVX2 and FMA, checked by `accelerated` just above.
-        return unsafe { rows_avx2(kernel, first, block) };
-    }
-    kernel.rows(first, block)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn rows_avx2<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
-    kernel.rows(first, block)
-}
-
-/// A unit of kernel work that does not fit the row-block shape of [`Rows`] (attention's
-/// per-head tasks). `run` and everything it calls must be `#[inline(always)]`, with `for` loops.
+/// A unit of kernel work: `run` executes inside a function compiled for AVX2 + FMA when
+/// [`accelerated`]. `run` and everything it calls must be `#[inline(always)]`, with `for` loops,
+/// to be compiled there. Row kernels ([`Rows`], [`RowsPair`]) reach it through [`rows`] and
+/// [`rows_pair`]; attention's per-head tasks implement it directly.
 pub(crate) trait Task {
     fn run(&mut self);
 }
 
-/// Runs `task`, compiled for AVX2 + FMA when [`accelerated`].
+/// Runs `task`, compiled for AVX2 + FMA when [`accelerated`]: the one place that does.
 #[inline(always)]
 pub(crate) fn task<K: Task>(task: &mut K) {
     #[cfg(target_arch = "x86_64")]
@@ -75,21 +60,45 @@ fn task_avx2<K: Task>(task: &mut K) {
     task.run()
 }
 
-/// [`rows`] for a kernel with two outputs.
-#[inline(always)]
-pub(crate) fn rows_pair<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T], b: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if accelerated() {
-        // SAFETY: the CPU supports AVX2 and FMA, checked by `accelerated` just above.
-        return unsafe { rows_pair_avx2(kernel, first, a, b) };
-    }
-    kernel.rows(first, a, b)
+/// One block of a [`Rows`] kernel, as a [`Task`].
+struct RowsTask<'a, K, T> {
+    kernel: &'a K,
+    first: usize,
+    block: &'a mut [T],
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn rows_pair_avx2<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T], b: &mut [T]) {
-    kernel.rows(first, a, b)
+impl<T, K: Rows<T>> Task for RowsTask<'_, K, T> {
+    #[inline(always)]
+    fn run(&mut self) {
+        self.kernel.rows(self.first, self.block)
+    }
+}
+
+/// One block of a [`RowsPair`] kernel, as a [`Task`].
+struct RowsPairTask<'a, K, T> {
+    kernel: &'a K,
+    first: usize,
+    a: &'a mut [T],
+    b: &'a mut [T],
+}
+
+impl<T, K: RowsPair<T>> Task for RowsPairTask<'_, K, T> {
+    #[inline(always)]
+    fn run(&mut self) {
+        self.kernel.rows(self.first, self.a, self.b)
+    }
+}
+
+/// Runs `kernel.rows(first, block)` through [`task`].
+#[inline(always)]
+pub(crate) fn rows<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
+    task(&mut RowsTask { kernel, first, block })
+}
+
+/// Runs `kernel.rows(first, a, b)` through [`task`].
+#[inline(always)]
+pub(crate) fn rows_pair<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T], b: &mut [T]) {
+    task(&mut RowsPairTask { kernel, first, a, b })
 }
 
 /// Asks the CPU to start loading `data` into cache: a hint for gathers of rows from tables too big

@@ -30,7 +30,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::error::KernelError;
+use crate::error::{expect_len, product, KernelError};
 use crate::kernels::exp::Exp;
 use crate::kernels::{simd, Float};
 use crate::pool::Par;
@@ -242,7 +242,7 @@ impl AttnSpec {
                 ));
             }
         }
-        let rows = [self.batch, self.heads_q, self.q_len].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let rows = product(&[self.batch, self.heads_q, self.q_len]);
         let sizes = [
             ("out", Some(outputs.out.len()), rows.and_then(|r| r.checked_mul(self.dim_v))),
             ("lse", outputs.lse.as_ref().map(|l| l.len()), rows),
@@ -253,8 +253,8 @@ impl AttnSpec {
             ),
         ];
         for (arg, got, expected) in sizes {
-            if got.is_some_and(|n| Some(n) != expected) {
-                return Err(invalid(arg, format!("has {got:?} elements, expected {expected:?}")));
+            if let Some(len) = got {
+                expect_len(arg, len, expected)?;
             }
         }
         Ok(())
