@@ -43,23 +43,29 @@ pub fn set_num_threads(n: usize) {
     }
 }
 
+impl State {
+    /// The configured number of threads (the number of CPUs until one is set).
+    fn threads(&mut self) -> usize {
+        if self.threads == 0 {
+            self.threads = default_threads();
+        }
+        self.threads
+    }
+}
+
 /// The number of threads the kernels may use.
 pub fn num_threads() -> usize {
-    let mut state = lock();
-    if state.threads == 0 {
-        state.threads = default_threads();
-    }
-    state.threads
+    lock().threads()
 }
 
 /// The pool to run on, or `None` when one thread is configured (or the pool cannot be built, in
 /// which case the work runs on the calling thread and still gives the same bits).
 pub fn current() -> Option<Arc<ThreadPool>> {
-    let threads = num_threads();
+    let mut state = lock(); // one lock per call: this runs before every kernel
+    let threads = state.threads();
     if threads <= 1 {
         return None;
     }
-    let mut state = lock();
     let pid = std::process::id();
     if state.pid != pid {
         // After fork the old pool's threads are gone; dropping it would signal threads that do

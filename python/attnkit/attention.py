@@ -141,7 +141,9 @@ def scaled_dot_product_attention(
     bool_mask, float_mask = _attn_mask(attn_mask, q.dtype, batch_shape, (hq, length, s_len))
     keys = None
     if key_mask is not None:
-        km = int_array(key_mask, "key_mask") if _as_array(key_mask, "key_mask").dtype != bool else np.asarray(key_mask)
+        km = _as_array(key_mask, "key_mask")
+        if km.dtype != bool:
+            km = int_array(km, "key_mask")
         if km.shape != batch_shape + (s_len,):
             raise ValueError(f"key_mask: expected shape {batch_shape + (s_len,)} (batch..., S), got {km.shape}")
         keys = np.ascontiguousarray(km.reshape(b, s_len) != 0, dtype=np.uint8)

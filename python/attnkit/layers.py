@@ -9,7 +9,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
-from attnkit._validate import _as_array, float_array, integer
+from attnkit._validate import float_array, integer
 from attnkit.attention import scaled_dot_product_attention
 from attnkit.rope import apply_rope
 
@@ -220,8 +220,6 @@ class MultiheadAttention:
             style = cast(Literal["half", "interleaved"], rope[2] if len(rope) == 3 else "half")
             q = apply_rope(q, rope[0], rope[1], style=style, layout="bshd")
             k = apply_rope(k, rope[0], rope[1], style=style, layout="bshd")
-        if key_mask is not None:
-            key_mask = _as_array(key_mask, "key_mask")
         result = scaled_dot_product_attention(
             q, k, v, attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
             key_mask=key_mask, return_weights=need_weights, layout="bshd",

@@ -156,7 +156,7 @@ pub fn run<R: Send>(
     }
 }
 
-/// A fresh, uninitialised, C-ordered NumPy array of `shape` with `n` elements.
+/// A fresh, uninitialised, C-ordered NumPy array of `shape`.
 ///
 /// Outputs come from `numpy.empty`, so they get NumPy's allocator: huge pages for big arrays (a
 /// 100 MB output otherwise costs 25,000 page faults, more than the kernel itself) and NumPy's
@@ -167,35 +167,24 @@ fn empty<'py, T: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<Bound<'p
     Ok(empty.call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))?.cast_into()?)
 }
 
-/// The `n` elements of an array that [`empty`] has just created, for a kernel to write.
-///
-/// # Safety
-///
-/// `arr` must come straight from [`empty`] with `n` elements, and nothing else may touch it while
-/// the returned slice is in use.
-unsafe fn fresh_elements<'a, T: Element>(
-    arr: &Bound<'_, PyArrayDyn<T>>,
-    n: usize,
-) -> &'a mut [MaybeUninit<T>] {
-    if n == 0 {
-        return &mut [];
-    }
-    // SAFETY: numpy.empty returns a C-contiguous array aligned for T with n elements, which no one
-    // else references yet (the caller's contract); MaybeUninit makes no claim about the contents.
-    unsafe { std::slice::from_raw_parts_mut(arr.data().cast::<MaybeUninit<T>>(), n) }
-}
-
-/// A fresh NumPy array of `shape` and its elements, for a kernel that writes several outputs.
-/// The caller must have the kernel write every element before the array is used.
-pub fn empty_uninit<'py, T: Element>(
+/// A fresh NumPy array of `shape` and its elements, for a kernel to write. The only place that
+/// hands out an array's memory: the caller must have a kernel write every element before the
+/// array is used, and must not touch the array otherwise while the slice is in use.
+pub fn empty_uninit<'py, 'a, T: Element>(
     py: Python<'py>,
     shape: &[usize],
-) -> PyResult<(Bound<'py, PyAny>, &'py mut [MaybeUninit<T>])> {
+) -> PyResult<(Bound<'py, PyAny>, &'a mut [MaybeUninit<T>])> {
     let n = output_len("output", shape)?;
     let arr = empty::<T>(py, shape)?;
-    // SAFETY: `arr` was just created with n elements; the slice is the only access to them until
-    // the caller returns the array, after the kernel has written them.
-    let data = unsafe { fresh_elements(&arr, n) };
+    let data: &mut [MaybeUninit<T>] = if n == 0 {
+        &mut []
+    } else {
+        // SAFETY: numpy.empty has just returned a C-contiguous array aligned for T with n
+        // elements, which nothing else references yet; MaybeUninit makes no claim about the
+        // contents, and the caller's contract keeps the slice the only access until the kernel
+        // has written them.
+        unsafe { std::slice::from_raw_parts_mut(arr.data().cast::<MaybeUninit<T>>(), n) }
+    };
     Ok((arr.into_any(), data))
 }
 
@@ -206,12 +195,9 @@ pub fn fill_new<'py, T: Element + Send>(
     index_shape: &[usize],
     kernel: impl FnOnce(&mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let n = output_len("output", shape)?;
-    let out = empty::<T>(py, shape)?;
-    // SAFETY: `out` was just created with n elements and is not shared until returned.
-    let data = unsafe { fresh_elements(&out, n) };
+    let (out, data) = empty_uninit::<T>(py, shape)?;
     run(py, index_shape, |par| kernel(data, par))?;
-    Ok(out.into_any())
+    Ok(out)
 }
 
 /// [`fill_new`] for a kernel with two outputs of the same shape.
@@ -220,12 +206,10 @@ pub fn fill_new_pair<'py, T: Element + Send>(
     shape: &[usize],
     kernel: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let n = output_len("output", shape)?;
-    let (a, b) = (empty::<T>(py, shape)?, empty::<T>(py, shape)?);
-    // SAFETY: `a` and `b` were just created with n elements each and are not shared until returned.
-    let (da, db) = unsafe { (fresh_elements(&a, n), fresh_elements(&b, n)) };
+    let (a, da) = empty_uninit::<T>(py, shape)?;
+    let (b, db) = empty_uninit::<T>(py, shape)?;
     run(py, &[], |par| kernel(da, db, par))?;
-    Ok((a.into_any(), b.into_any()))
+    Ok((a, b))
 }
 
 /// Runs `$body` with `$a` bound to the borrowed array of whichever integer dtype `$ints` holds.
