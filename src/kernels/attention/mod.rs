@@ -167,10 +167,6 @@ pub struct Outputs<'a, T> {
     pub weights: Option<&'a mut [MaybeUninit<T>]>,
 }
 
-fn invalid(arg: &'static str, message: String) -> KernelError {
-    KernelError::invalid(arg, message)
-}
-
 fn last_index(
     spec_len: usize,
     s: Strides,
@@ -202,16 +198,19 @@ impl AttnSpec {
         if self.heads_kv == 0 && self.heads_q > 0
             || self.heads_kv > 0 && !self.heads_q.is_multiple_of(self.heads_kv)
         {
-            return Err(invalid(
+            return Err(KernelError::invalid(
                 "key",
                 format!("{} query heads cannot share {} key/value heads", self.heads_q, self.heads_kv),
             ));
         }
         if !self.scale.is_finite() {
-            return Err(invalid("scale", format!("must be finite, got {}", self.scale)));
+            return Err(KernelError::invalid("scale", format!("must be finite, got {}", self.scale)));
         }
         if let Some(c) = self.softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
-            return Err(invalid("softcap", format!("must be a finite positive number, got {c}")));
+            return Err(KernelError::invalid(
+                "softcap",
+                format!("must be a finite positive number, got {c}"),
+            ));
         }
         let checks = [
             ("query", q.len(), self.q, self.heads_q, self.q_len, self.dim_qk),
@@ -220,23 +219,26 @@ impl AttnSpec {
         ];
         for (arg, len, strides, heads, rows, row_len) in checks {
             if last_index(len, strides, self.batch, heads, rows, row_len).is_none() {
-                return Err(invalid(arg, "strides and shape reach past the data".into()));
+                return Err(KernelError::invalid(arg, "strides and shape reach past the data".into()));
             }
         }
         let extents = [self.batch, self.heads_q, self.q_len, self.kv_len];
         if masks.bool_mask.as_ref().is_some_and(|m| !m.fits(extents))
             || masks.float_mask.as_ref().is_some_and(|m| !m.fits(extents))
         {
-            return Err(invalid("attn_mask", "strides and shape reach past the data".into()));
+            return Err(KernelError::invalid("attn_mask", "strides and shape reach past the data".into()));
         }
         if let Some(km) = masks.key_mask {
             if Some(km.len()) != self.batch.checked_mul(self.kv_len) {
-                return Err(invalid("key_mask", format!("has {} elements, expected batch * S", km.len())));
+                return Err(KernelError::invalid(
+                    "key_mask",
+                    format!("has {} elements, expected batch * S", km.len()),
+                ));
             }
         }
         if let Some(a) = masks.alibi {
             if a.len() != self.heads_q && Some(a.len()) != self.batch.checked_mul(self.heads_q) {
-                return Err(invalid(
+                return Err(KernelError::invalid(
                     "alibi_slopes",
                     format!("has {} elements, expected Hq or batch * Hq", a.len()),
                 ));
