@@ -219,14 +219,14 @@ impl AttnSpec {
         ];
         for (arg, len, strides, heads, rows, row_len) in checks {
             if last_index(len, strides, self.batch, heads, rows, row_len).is_none() {
-                return Err(KernelError::invalid(arg, "strides and shape reach past the data".into()));
+                return Err(KernelError::invalid(arg, "strides and shape reach past the data"));
             }
         }
         let extents = [self.batch, self.heads_q, self.q_len, self.kv_len];
         if masks.bool_mask.as_ref().is_some_and(|m| !m.fits(extents))
             || masks.float_mask.as_ref().is_some_and(|m| !m.fits(extents))
         {
-            return Err(KernelError::invalid("attn_mask", "strides and shape reach past the data".into()));
+            return Err(KernelError::invalid("attn_mask", "strides and shape reach past the data"));
         }
         if let Some(km) = masks.key_mask {
             if Some(km.len()) != self.batch.checked_mul(self.kv_len) {
