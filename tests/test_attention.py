@@ -308,16 +308,24 @@ def test_bad_input_raises_the_contract_exception(name, call, exc, pattern):
     assert re.search(pattern, detail[1]), f"{name}: {detail[1]!r} does not match {pattern!r}"
 
 
-@pytest.mark.parametrize("length", [1, 3])
-def test_decode_shapes_keep_every_promise(length, threads):
-    """Decode-like calls (a few query positions, grouped heads filling the micro-tiles)."""
-    q, k, v = qkv(b=2, hq=8, hkv=2, length=length, s=300, e=24, ev=40)
-    km = np.ones((2, 300), bool)
+@pytest.mark.parametrize("s", [300, 1300])
+@pytest.mark.parametrize("length", [1, 3, 8, 9])
+def test_decode_shapes_keep_every_promise(length, s, threads):
+    """Decode-like calls: the short-query path (L <= 8; S = 1300 splits the keys into three
+    chunks merged at the end) and, at L = 9, the tiled path."""
+    q, k, v = qkv(b=2, hq=8, hkv=2, length=length, s=s, e=24, ev=40)
+    km = np.ones((2, s), bool)
     km[:, ::7] = False
+    km[1, 200:700] = False  # whole key blocks padded, and a chunk nearly so
     kw = {"key_mask": km, "is_causal": True, "causal_alignment": "bottom_right"}
     out = sdpa(q, k, v, enable_gqa=True, **kw)
-    want, _, _, score_max = ref.attention(q, k, v, key_mask=km, causal=True, alignment="bottom_right")
+    want, want_lse, want_w, score_max = ref.attention(q, k, v, key_mask=km, causal=True, alignment="bottom_right")
     assert_within_bound(out, want, v, score_max, np.float32, 8)
+    out_w, lse, w = sdpa(q, k, v, enable_gqa=True, return_lse=True, return_weights=True, **kw)
+    assert out_w.tobytes() == out.tobytes()
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(lse, want_lse, rtol=16 * eps, atol=0)
+    np.testing.assert_allclose(w, want_w, rtol=0, atol=16 * eps)
     assert sdpa(q, np.repeat(k, 4, 1), np.repeat(v, 4, 1), **kw).tobytes() == out.tobytes()
     kp, vp = k.copy(), v.copy()
     kp[:, :, ::7], vp[:, :, ::7] = np.nan, np.inf

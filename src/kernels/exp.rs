@@ -33,7 +33,9 @@ impl Exp for f32 {
         p = p * r + 1.666_666_5e-1;
         p = p * r + f32::from_bits(0x3F00_0001); // 5.0000001201e-1
         let e_r = p * r * r + r + 1.0;
-        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2^n from the bits of `shifted` = 1.5 * 2^23 + n, whose low bits hold n as an integer:
+        // integer vector operations only (`n as i32` would be a scalar, saturating conversion).
+        let two_n = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
         if self < -87.0 {
             0.0
         } else {
@@ -59,7 +61,7 @@ impl Exp for f64 {
             p = p * r + INV_FACTORIAL[k];
         }
         let e_r = p * r + 1.0;
-        let two_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+        let two_n = f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52);
         if self < -708.0 {
             0.0
         } else {

@@ -21,9 +21,12 @@
 //! strides, so broadcast dimensions cost nothing.
 //!
 //! Parallel split: one task per (batch, key/value head), holding the rows of every query head that
-//! shares it and walking its query blocks and key blocks in a fixed order, so results do not
-//! depend on the thread count.
+//! shares it and walking its query blocks and key blocks in a fixed order (`tile.rs`); for short
+//! queries (`L <= 8`, decode) one task per (batch, key/value head, chunk of 512 keys) and a merge
+//! of the chunks in order (`decode.rs`). Neither split depends on the thread count, so neither do
+//! the results.
 
+mod decode;
 mod tile;
 
 use std::mem::MaybeUninit;
@@ -288,6 +291,7 @@ pub fn attention<T: AttnFloat>(
         Some(lse) => lse.chunks_mut(l).map(Some).collect(),
         None => (0..pairs).map(|_| None).collect(),
     };
+    let has_weights = outputs.weights.is_some() && s > 0;
     let weights: Vec<Option<&mut [MaybeUninit<T>]>> = match outputs.weights {
         Some(w) if s > 0 => w.chunks_mut(l * s).map(Some).collect(),
         _ => (0..pairs).map(|_| None).collect(),
@@ -299,6 +303,48 @@ pub fn attention<T: AttnFloat>(
         lse,
         weights,
     });
+    let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
+    let parallel = match par {
+        Par::Pool(pool) if flops > 1e6 => Some(pool),
+        _ => None,
+    };
+    if l <= decode::MAX_QUERIES {
+        // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
+        // (batch, key/value head).
+        let n_chunks = s.div_ceil(decode::CHUNK).max(1);
+        let mut chunks: Vec<decode::Chunk<'_, T>> = (0..spec.batch * spec.heads_kv * n_chunks)
+            .map(|t| {
+                let c = t % n_chunks;
+                decode::Chunk {
+                    q,
+                    k,
+                    v,
+                    spec,
+                    masks,
+                    b: t / n_chunks / spec.heads_kv,
+                    g: t / n_chunks % spec.heads_kv,
+                    keys: (c * decode::CHUNK, ((c + 1) * decode::CHUNK).min(s)),
+                    weights: has_weights,
+                    partial: Default::default(),
+                }
+            })
+            .collect();
+        let mut groups: Vec<Vec<tile::HeadOut<'_, T>>> =
+            (0..spec.batch * spec.heads_kv).map(|_| heads.by_ref().take(group).collect()).collect();
+        let merge =
+            |(c, h): (&[decode::Chunk<'_, T>], &mut Vec<tile::HeadOut<'_, T>>)| decode::merge(spec, c, h);
+        match parallel {
+            Some(pool) if chunks.len() > 1 => pool.install(|| {
+                chunks.par_iter_mut().for_each(simd::task);
+                chunks.par_chunks(n_chunks).zip(groups.par_iter_mut()).for_each(merge);
+            }),
+            _ => {
+                chunks.iter_mut().for_each(simd::task);
+                chunks.chunks(n_chunks).zip(groups.iter_mut()).for_each(merge);
+            }
+        }
+        return Ok(());
+    }
     let tasks: Vec<tile::Group<'_, '_, T>> = (0..spec.batch * spec.heads_kv)
         .map(|t| tile::Group {
             q,
@@ -311,12 +357,9 @@ pub fn attention<T: AttnFloat>(
             heads: heads.by_ref().take(group).collect(),
         })
         .collect();
-    let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
     let run = |mut task: tile::Group<'_, '_, T>| simd::task(&mut task);
-    match par {
-        Par::Pool(pool) if tasks.len() > 1 && flops > 1e6 => {
-            pool.install(|| tasks.into_par_iter().for_each(run))
-        }
+    match parallel {
+        Some(pool) if tasks.len() > 1 => pool.install(|| tasks.into_par_iter().for_each(run)),
         _ => tasks.into_iter().for_each(run),
     }
     Ok(())

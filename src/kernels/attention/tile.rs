@@ -1,17 +1,18 @@
-//! One (batch, key/value head) of attention: the rows of all query heads that share the key/value
-//! head (grouped-query attention; one head without it), in blocks of `BQ` rows against key blocks
-//! of `BK` keys, with the online softmax of the module documentation. Row `r` of a task is query
-//! position `r / G` of its `r % G`-th head (`G` heads per group), so one block's rows share their
-//! key range, and K is packed once for the whole group; with a single query position (decode) the
-//! heads of a group fill the rows of the micro-tiles.
+//! One (batch, key/value head) of attention for queries longer than the decode path's: the rows
+//! of all query heads that share the key/value head (grouped-query attention; one head without
+//! it), in blocks of `BQ` rows against key blocks of `BK` keys, with the online softmax of the
+//! module documentation. Row `r` of a task is query position `r / G` of its `r % G`-th head (`G`
+//! heads per group), so one block's rows share their key range, and K is packed once for the
+//! whole group.
 //!
 //! K and V are packed once per task into 16-wide strips. Per query block the queries are packed
 //! times `scale`; per key block, 4 x 16 register tiles of fused multiply-adds build the scores
 //! (`s[j] += q[d] · kt[d][j]`), which are capped and biased, then masked by selects (after all
 //! arithmetic) while the row maximum is found; `exp` turns them into probabilities (masked ones
 //! into −0.0) and their sum; and 4 x 16 tiles add `P · V` to the output rows, rescaled first when
-//! the maximum grew. Fused multiply-adds are correctly rounded, so every code path (AVX2 or
-//! portable, any tile shape) gives the same bits.
+//! the maximum grew. A block's last group of rows is padded to a whole micro-tile with copies of
+//! its last row. Fused multiply-adds are correctly rounded, so every code path (AVX2 or portable,
+//! any tile shape) gives the same bits.
 //!
 //! The loops are written in the shapes LLVM vectorises (fixed-size arrays, `zip`, `for`): small
 //! changes can make one scalar and cost half the speed, so measure after every edit.
@@ -24,7 +25,7 @@ use crate::kernels::simd::Task;
 /// Query rows per block.
 const BQ: usize = 32;
 /// Keys per block.
-const BK: usize = 128;
+pub(super) const BK: usize = 128;
 
 /// One head's rows of `out`, `lse` and `weights`.
 pub(super) struct HeadOut<'o, T> {
@@ -65,15 +66,10 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             move |h: usize| alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
         let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
 
-        // A task with fewer rows than a micro-tile (decode without grouped heads) reads K and V
-        // rows as they are: each score is the same chain of fused multiply-adds over d as in the
-        // packed tiles, and each output element the same chain over keys, so the bits are those
-        // of the packed path and the choice can follow the row count.
-        let direct = group * l < MR;
-        // Otherwise K is packed once per task, transposed, as strips of NR keys: strip t of key
-        // block n holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
+        // K is packed once per task, transposed, as strips of NR keys: strip t of key block n
+        // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
         let n_blocks = s.div_ceil(BK);
-        let packed = if direct { 0 } else { n_blocks * BK };
+        let packed = n_blocks * BK;
         let mut kt = vec![T::ZERO; packed * e];
         for j in 0..packed.min(s) {
             let (strip, n) = (j / NR, j % NR);
@@ -116,20 +112,24 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let total = group * l;
         for q0 in (0..total).step_by(BQ) {
             let rows = BQ.min(total - q0);
-            m[..rows].fill(T::NEG_INFINITY);
-            sum[..rows].fill(T::ZERO);
-            acc[..rows * ev].fill(T::ZERO);
+            // Tiles work on whole groups of MR rows: rows past `rows` repeat the last one, are
+            // computed alike and dropped at the end.
+            let padded = rows.next_multiple_of(MR);
+            m[..padded].fill(T::NEG_INFINITY);
+            sum[..padded].fill(T::ZERO);
+            acc[..padded * ev].fill(T::ZERO);
             block_scores.fill(T::NEG_INFINITY);
-            // Pack the block's queries times `scale`.
-            for r in 0..rows {
+            // Pack the block's queries times `scale`, each group of MR rows interleaved by
+            // dimension (`qpack[r0·e + d·MR + r]`, r0 the group's first row), so a micro-tile
+            // reads its MR queries of dimension d from one place.
+            for r in 0..padded {
                 let row = q0 + r.min(rows - 1);
                 let q_at = self.b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row;
                 let src = &self.q[q_at..][..e];
-                for (dst, &x) in qpack[r * e..(r + 1) * e].iter_mut().zip(src) {
-                    *dst = x * scale;
+                for (d, &x) in src.iter().enumerate() {
+                    qpack[(r / MR * MR) * e + d * MR + r % MR] = x * scale;
                 }
             }
-            let q_row = |r: usize| &qpack[r * e..(r + 1) * e];
             // Key blocks are the packed ones: [BK·n, BK·(n + 1)), trimmed to the allowed range.
             let (lo, hi) = key_range(sp, offset, q0 / group, (q0 + rows - 1) / group);
             let mut k0 = lo;
@@ -145,11 +145,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 // (whole NR-column tiles; the columns outside are dropped).
                 let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
                 let strip = |j0: usize| &kt[((block * BK + j0) / NR * e) * NR..][..e * NR];
-                // Whole groups of MR rows, then the rest one row at a time: every score is the
-                // same chain of fused multiply-adds whichever tile computes it.
-                let full = rows / MR * MR;
-                for r0 in (0..full).step_by(MR) {
-                    let qs = [q_row(r0), q_row(r0 + 1), q_row(r0 + 2), q_row(r0 + 3)];
+                for r0 in (0..padded).step_by(MR) {
+                    let (qs, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks::<MR>();
                     for j0 in (t0..t1).step_by(NR) {
                         let tile = score_tile(qs, strip(j0));
                         for (r, tile_row) in tile.iter().enumerate() {
@@ -157,24 +154,15 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                         }
                     }
                 }
-                for r in full..rows {
-                    if direct {
-                        let k_row = |j: usize| &self.k[k_base + (k0 + j) * sp.k.row..][..e];
-                        direct_scores(q_row(r), &k_row, &mut scores[r * BK + col0..r * BK + col0 + cols]);
-                        continue;
-                    }
-                    for j0 in (t0..t1).step_by(NR) {
-                        let [tile_row] = score_tile([q_row(r)], strip(j0));
-                        scores[r * BK + j0..r * BK + j0 + NR].copy_from_slice(&tile_row);
-                    }
-                }
                 // From here on, a row's scores are scores[r·BK + col0..][..cols].
                 // Per row: scale, biases, masks, maximum, probabilities, sum.
-                for r in 0..rows {
-                    let (i, h) = ((q0 + r) / group, head_of(q0 + r));
+                for r in 0..padded {
+                    let row = q0 + r.min(rows - 1);
+                    let (i, h) = (row / group, head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
-                    let row_max = self.mask_row(i, h, k0, offset, slope(h), key_mask, srow);
-                    if !block_scores.is_empty() {
+                    let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
+                    let row_max = mask_row(sp, self.masks, at, srow);
+                    if r < rows && !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
                     // The running maximum propagates NaN, so a NaN score (from NaN in an unmasked
@@ -191,23 +179,17 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 }
                 // out = alpha * out + P V.
                 let v_block = |j: usize| &self.v[v_base + (k0 + j) * sp.v.row..][..ev];
-                if !direct && v_finite[k0..k0 + cols].iter().all(|&f| f) {
+                if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
                     let vb = PvBlock { strips: vstrips, col0, cols, ev };
-                    let full = rows / MR * MR;
-                    for r0 in (0..full).step_by(MR) {
+                    for r0 in (0..padded).step_by(MR) {
                         let out = &mut acc[r0 * ev..(r0 + MR) * ev];
                         pv_tiles::<T, MR>(&scores[r0 * BK + col0..], &alpha[r0..r0 + MR], out, &vb, &v_block);
                     }
-                    for r in full..rows {
-                        let out = &mut acc[r * ev..(r + 1) * ev];
-                        pv_tiles::<T, 1>(&scores[r * BK + col0..], &alpha[r..r + 1], out, &vb, &v_block);
-                    }
                 } else {
-                    // Direct rows, or some value is NaN or infinite: leave masked pairs out one by
-                    // one (so they cannot turn 0 * inf into NaN); each output element is the same
+                    // Some value is NaN or infinite: leave masked pairs out one by one (so they cannot turn 0 * inf into NaN); each output element is the same
                     // chain of fused multiply-adds, in key order, as in `pv_tiles`.
                     for r in 0..rows {
                         let a = &mut acc[r * ev..(r + 1) * ev];
@@ -219,9 +201,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                             if p.is_neg_zero() {
                                 continue; // masked
                             }
-                            let vr = v_block(j);
-                            for d in 0..ev {
-                                a[d] = p.mul_add(vr[d], a[d]);
+                            for (x, &v) in a.iter_mut().zip(v_block(j)) {
+                                *x = p.mul_add(v, *x);
                             }
                         }
                     }
@@ -238,45 +219,24 @@ const MR: usize = 4;
 /// Keys of a score micro-tile, and output columns of a P·V micro-tile.
 const NR: usize = 16;
 
-/// `M x NR` raw scores `q_r · k_j` for the NR keys of one packed strip (`e x NR`, `kt[d][n]`).
+/// `M x NR` raw scores `q_r · k_j` for M queries interleaved by dimension (`q[d][r]`) and the NR
+/// keys of one packed strip (`e x NR`, `kt[d][n]`).
 ///
 /// Written with fixed-size arrays iterated by `zip`, the form LLVM turns into a register tile:
 /// `M x NR / lanes` vector accumulators, one broadcast and `NR / lanes` fused multiply-adds per
 /// row and dimension, no bounds checks in the loop.
 #[inline(always)]
-fn score_tile<T: AttnFloat, const M: usize>(q: [&[T]; M], strip: &[T]) -> [[T; NR]; M] {
+fn score_tile<T: AttnFloat, const M: usize>(q: &[[T; M]], strip: &[T]) -> [[T; NR]; M] {
     let (kd, _) = strip.as_chunks::<NR>();
-    let q = q.map(|row| &row[..kd.len()]);
     let mut acc = [[T::ZERO; NR]; M];
-    for (d, kd) in kd.iter().enumerate() {
-        for (row, q) in acc.iter_mut().zip(&q) {
-            let qd = q[d];
+    for (qd, kd) in q.iter().zip(kd) {
+        for (row, &qd) in acc.iter_mut().zip(qd) {
             for (a, &k) in row.iter_mut().zip(kd) {
                 *a = qd.mul_add(k, *a);
             }
         }
     }
     acc
-}
-
-/// Scores `q · k_j` for `out.len()` keys read from their rows, each the chain
-/// `fma(q[d], k[d], ·)` over `d = 0..e` from zero, exactly as [`score_tile`] computes it; eight
-/// keys at a time, so eight independent chains keep the multiply-add units busy.
-#[inline(always)]
-fn direct_scores<'k, T: AttnFloat + 'k>(q: &[T], k_row: &impl Fn(usize) -> &'k [T], out: &mut [T]) {
-    let mut j0 = 0;
-    while j0 < out.len() {
-        let n = 8.min(out.len() - j0);
-        let rows: [&[T]; 8] = std::array::from_fn(|t| k_row(j0 + t.min(n - 1)));
-        let mut acc = [T::ZERO; 8];
-        for (d, &qd) in q.iter().enumerate() {
-            for (a, row) in acc.iter_mut().zip(&rows) {
-                *a = qd.mul_add(row[d], *a);
-            }
-        }
-        out[j0..j0 + n].copy_from_slice(&acc[..n]);
-        j0 += n;
-    }
 }
 
 /// A key block of packed V: `strips[c]` holds rows `vt[j][0..NR]` of output columns `c·NR..`.
@@ -338,21 +298,28 @@ fn pv_tiles<'v, T: AttnFloat + 'v, const M: usize>(
 /// on nothing but the row. A masked score (−inf) becomes −0.0, which exp never returns, so the
 /// mark survives for the exact P·V path (and adding it changes no sum).
 #[inline(always)]
-fn probabilities<T: AttnFloat>(row: &mut [T], m: T) -> T {
+pub(super) fn probabilities<T: AttnFloat>(row: &mut [T], m: T) -> T {
+    // Two passes: a flat loop (which LLVM vectorises whole, without masked loads and stores)
+    // for the exponentials, then the sum in eight lanes.
+    for x in row.iter_mut() {
+        *x = if *x == T::NEG_INFINITY { -T::ZERO } else { (*x - m).exp_nonpositive() };
+    }
     let mut lanes = [T::ZERO; 8];
-    for chunk in row.chunks_mut(8) {
-        for (lane, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
-            let p = if *x == T::NEG_INFINITY { -T::ZERO } else { (*x - m).exp_nonpositive() };
-            *x = p;
+    let (chunks, tail) = row.as_chunks::<8>();
+    for chunk in chunks {
+        for (lane, &p) in lanes.iter_mut().zip(chunk) {
             *lane = *lane + p;
         }
+    }
+    for (lane, &p) in lanes.iter_mut().zip(tail) {
+        *lane = *lane + p;
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
 /// The keys `[lo, hi)` that causal and window bounds allow for query rows `first..=last`.
 #[inline(always)]
-fn key_range(sp: &AttnSpec, offset: isize, first: usize, last: usize) -> (usize, usize) {
+pub(super) fn key_range(sp: &AttnSpec, offset: isize, first: usize, last: usize) -> (usize, usize) {
     let s = sp.kv_len as isize;
     let (first, last) = (first as isize + offset, last as isize + offset);
     let mut lo = 0isize;
@@ -370,78 +337,86 @@ fn key_range(sp: &AttnSpec, offset: isize, first: usize, last: usize) -> (usize,
     (lo, (hi.clamp(0, s) as usize).max(lo))
 }
 
-impl<T: AttnFloat> Group<'_, '_, T> {
-    /// Caps and biases one row of scores (keys `k0..`, already scaled) in place, then sets every
-    /// masked one to −inf (a select, after all arithmetic), and returns the largest score (NaN if
-    /// any score is NaN, −inf if none is valid).
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn mask_row(
-        &self,
-        i: usize,
-        h: usize,
-        k0: usize,
-        offset: isize,
-        slope: Option<f64>,
-        key_mask: Option<&[u8]>,
-        srow: &mut [T],
-    ) -> T {
-        let sp = self.spec;
-        let cols = srow.len();
-        if let Some(c) = sp.softcap.map(T::from_f64) {
-            for x in srow.iter_mut() {
-                *x = c * (*x / c).tanh();
-            }
-        }
-        let pos = i as isize + offset;
-        if let Some(sl) = slope {
-            for (j, x) in srow.iter_mut().enumerate() {
-                *x = *x - T::from_f64(sl * (pos - (k0 + j) as isize).unsigned_abs() as f64);
-            }
-        }
-        if let Some(fm) = self.masks.float_mask {
-            for (j, x) in srow.iter_mut().enumerate() {
-                let add = fm.at(self.b, h, i, k0 + j);
-                *x = if add == T::NEG_INFINITY { T::NEG_INFINITY } else { *x + add };
-            }
-        }
-        if let Some(bm) = self.masks.bool_mask {
-            for (j, x) in srow.iter_mut().enumerate() {
-                *x = if bm.at(self.b, h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
-            }
-        }
-        // Causal/window bounds as index ranges, key padding as a select, then the maximum in
-        // eight lanes and, apart, whether any score is NaN (a NaN score wins). Each is a plain
-        // loop that LLVM vectorises.
-        let (lo, hi) = key_range(sp, offset, i, i);
-        let start = lo.saturating_sub(k0).min(cols);
-        let end = hi.saturating_sub(k0).clamp(start, cols);
-        srow[..start].fill(T::NEG_INFINITY);
-        srow[end..].fill(T::NEG_INFINITY);
-        if let Some(km) = key_mask {
-            for (x, &keep) in srow.iter_mut().zip(&km[k0..k0 + cols]) {
-                *x = if keep != 0 { *x } else { T::NEG_INFINITY };
-            }
-        }
-        let mut lanes = [T::NEG_INFINITY; 8];
-        let (chunks, tail) = srow.as_chunks::<8>();
-        for chunk in chunks {
-            for (m, &x) in lanes.iter_mut().zip(chunk) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        for (m, &x) in lanes.iter_mut().zip(tail) {
-            *m = if x > *m { x } else { *m };
-        }
-        let nan = srow.iter().fold(false, |any, x| any | x.is_nan());
-        let max = lanes.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        if nan {
-            T::from_f64(f64::NAN)
-        } else {
-            max
+/// Where a row of scores sits: batch `b`, query head `h`, query row `i` (aligned position
+/// `i + offset`), keys from `k0`, with its ALiBi slope and its batch's key mask.
+#[derive(Clone, Copy)]
+pub(super) struct RowAt<'m> {
+    pub b: usize,
+    pub h: usize,
+    pub i: usize,
+    pub k0: usize,
+    pub offset: isize,
+    pub slope: Option<f64>,
+    pub key_mask: Option<&'m [u8]>,
+}
+
+/// Caps and biases one row of scores (already scaled) in place, then sets every masked one to
+/// −inf (a select, after all arithmetic), and returns the largest score (NaN if any score is
+/// NaN, −inf if none is valid).
+#[inline(always)]
+pub(super) fn mask_row<T: AttnFloat>(
+    sp: &AttnSpec,
+    masks: &Masks<'_, T>,
+    at: RowAt<'_>,
+    srow: &mut [T],
+) -> T {
+    let RowAt { b, h, i, k0, offset, slope, key_mask } = at;
+    let cols = srow.len();
+    if let Some(c) = sp.softcap.map(T::from_f64) {
+        for x in srow.iter_mut() {
+            *x = c * (*x / c).tanh();
         }
     }
+    let pos = i as isize + offset;
+    if let Some(sl) = slope {
+        for (j, x) in srow.iter_mut().enumerate() {
+            *x = *x - T::from_f64(sl * (pos - (k0 + j) as isize).unsigned_abs() as f64);
+        }
+    }
+    if let Some(fm) = masks.float_mask {
+        for (j, x) in srow.iter_mut().enumerate() {
+            let add = fm.at(b, h, i, k0 + j);
+            *x = if add == T::NEG_INFINITY { T::NEG_INFINITY } else { *x + add };
+        }
+    }
+    if let Some(bm) = masks.bool_mask {
+        for (j, x) in srow.iter_mut().enumerate() {
+            *x = if bm.at(b, h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
+        }
+    }
+    // Causal/window bounds as index ranges, key padding as a select, then the maximum in
+    // eight lanes and, apart, whether any score is NaN (a NaN score wins). Each is a plain
+    // loop that LLVM vectorises.
+    let (lo, hi) = key_range(sp, offset, i, i);
+    let start = lo.saturating_sub(k0).min(cols);
+    let end = hi.saturating_sub(k0).clamp(start, cols);
+    srow[..start].fill(T::NEG_INFINITY);
+    srow[end..].fill(T::NEG_INFINITY);
+    if let Some(km) = key_mask {
+        for (x, &keep) in srow.iter_mut().zip(&km[k0..k0 + cols]) {
+            *x = if keep != 0 { *x } else { T::NEG_INFINITY };
+        }
+    }
+    let mut lanes = [T::NEG_INFINITY; 8];
+    let (chunks, tail) = srow.as_chunks::<8>();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for (m, &x) in lanes.iter_mut().zip(tail) {
+        *m = if x > *m { x } else { *m };
+    }
+    let nan = srow.iter().fold(false, |any, x| any | x.is_nan());
+    let max = lanes.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    if nan {
+        T::from_f64(f64::NAN)
+    } else {
+        max
+    }
+}
 
+impl<T: AttnFloat> Group<'_, '_, T> {
     /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows`.
     #[inline(always)]
     fn finish_rows(&mut self, q0: usize, rows: usize, m: &[T], sum: &[T], acc: &[T], scores: &[T]) {

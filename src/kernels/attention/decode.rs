@@ -1,0 +1,216 @@
+//! Attention for short queries (decode: `L <= MAX_QUERIES`), split over fixed chunks of keys.
+//!
+//! A query row meets each key once, so nothing is worth packing: K and V are read row by row as
+//! they lie, once per (batch, key/value head) for all the query heads that share them. The keys
+//! are split into chunks of `CHUNK` (so a few long heads still keep every thread busy); each
+//! chunk runs the online softmax of the module documentation over its key blocks and leaves a
+//! partial result (running maximum, sum, unnormalised output), and [`merge`] combines the chunks
+//! of each row in chunk order. The split depends on S alone, never on the thread count, and a
+//! single chunk's merge reproduces the plain formula (`exp(m − m) = 1`).
+//!
+//! Each score is the dot product `q · k` in eight lanes (lane `t` is the chain of fused
+//! multiply-adds over `d ≡ t (mod 8)`), added as `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`:
+//! the form that vectorises over `d` for row-major keys. It depends on the query length only
+//! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit.
+
+use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK};
+use super::{Alignment, AttnFloat, AttnSpec, Masks};
+use crate::kernels::simd::Task;
+
+/// The longest query that takes this path.
+pub(super) const MAX_QUERIES: usize = 8;
+/// Keys per chunk, a multiple of `BK`.
+pub(super) const CHUNK: usize = 512;
+
+/// One chunk's state for every row of its task: the running maximum, the sum of probabilities,
+/// the unnormalised output (`rows x Ev`) and, when weights are requested, the masked scores
+/// (`rows x` chunk length).
+#[derive(Default)]
+pub(super) struct Partial<T> {
+    m: Vec<T>,
+    sum: Vec<T>,
+    acc: Vec<T>,
+    scores: Vec<T>,
+}
+
+/// Keys `keys.0..keys.1` of one (batch `b`, key/value head `g`), for the `group` query heads
+/// that share it. Row `r` of the task is query position `r / group` of head `g·group + r % group`.
+pub(super) struct Chunk<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub spec: &'a AttnSpec,
+    pub masks: &'a Masks<'a, T>,
+    pub b: usize,
+    pub g: usize,
+    pub keys: (usize, usize),
+    pub weights: bool,
+    pub partial: Partial<T>,
+}
+
+impl<T: AttnFloat> Task for Chunk<'_, T> {
+    #[inline(always)]
+    fn run(&mut self) {
+        let sp = self.spec;
+        let (l, s, e, ev) = (sp.q_len, sp.kv_len, sp.dim_qk, sp.dim_v);
+        let group = sp.heads_q / sp.heads_kv;
+        let rows = group * l;
+        let (c0, c1) = self.keys;
+        let (b, g, masks) = (self.b, self.g, self.masks);
+        let k_base = b * sp.k.batch + g * sp.k.head;
+        let v_base = b * sp.v.batch + g * sp.v.head;
+        let offset = match sp.alignment {
+            Alignment::TopLeft => 0isize,
+            Alignment::BottomRight => s as isize - l as isize,
+        };
+        let head_of = |r: usize| g * group + r % group;
+        let slope =
+            |h: usize| masks.alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
+        let key_mask = masks.key_mask.map(|km| &km[b * s..(b + 1) * s]);
+        let k_row = |j: usize| &self.k[k_base + j * sp.k.row..][..e];
+        let v_row = |j: usize| &self.v[v_base + j * sp.v.row..][..ev];
+
+        let scale = T::from_f64(sp.scale);
+        let mut qs = vec![T::ZERO; rows * e]; // the queries times `scale`
+        for r in 0..rows {
+            let at = b * sp.q.batch + head_of(r) * sp.q.head + (r / group) * sp.q.row;
+            for (d, &x) in qs[r * e..(r + 1) * e].iter_mut().zip(&self.q[at..][..e]) {
+                *d = x * scale;
+            }
+        }
+        let p = &mut self.partial;
+        p.m = vec![T::NEG_INFINITY; rows];
+        p.sum = vec![T::ZERO; rows];
+        p.acc = vec![T::ZERO; rows * ev];
+        let width = c1 - c0;
+        p.scores = vec![T::NEG_INFINITY; if self.weights { rows * width } else { 0 }];
+        let mut scores = vec![T::ZERO; rows * BK];
+
+        let (lo, hi) = key_range(sp, offset, 0, l - 1);
+        let (lo, hi) = (lo.max(c0), hi.min(c1).max(lo.max(c0)));
+        let mut k0 = lo;
+        while k0 < hi {
+            // Key blocks [BK·n, BK·(n + 1)), as in the tiled path, trimmed to the allowed range.
+            let cols = (BK - k0 % BK).min(hi - k0);
+            if key_mask.is_some_and(|km| km[k0..k0 + cols].iter().all(|&x| x == 0)) {
+                k0 += cols; // a fully padded key block: nothing to compute
+                continue;
+            }
+            for r in 0..rows {
+                let (i, h) = (r / group, head_of(r));
+                let srow = &mut scores[r * BK..r * BK + cols];
+                dots(&qs[r * e..(r + 1) * e], |j| k_row(k0 + j), srow);
+                let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
+                let row_max = mask_row(sp, masks, at, srow);
+                if self.weights {
+                    p.scores[r * width + k0 - c0..][..cols].copy_from_slice(srow);
+                }
+                // As in the tiled path: NaN propagates; a row with no valid key yet is left alone.
+                let m_new = if row_max.is_nan() || row_max > p.m[r] { row_max } else { p.m[r] };
+                if m_new == T::NEG_INFINITY {
+                    continue;
+                }
+                let alpha = (p.m[r] - m_new).exp_nonpositive();
+                p.sum[r] = p.sum[r] * alpha + probabilities(srow, m_new);
+                p.m[r] = m_new;
+                add_pv(srow, alpha, &mut p.acc[r * ev..(r + 1) * ev], |j| v_row(k0 + j));
+            }
+            k0 += cols;
+        }
+    }
+}
+
+/// `out[j] = q · k_row(j)` in the eight-lane form of the module documentation. Each key is one
+/// short chain of vector multiply-adds; out-of-order execution overlaps consecutive keys. (Four
+/// keys interleaved by hand, or a tile of rows and keys, came out a third slower.)
+#[inline(always)]
+fn dots<'k, T: AttnFloat + 'k>(q: &[T], k_row: impl Fn(usize) -> &'k [T], out: &mut [T]) {
+    let (qc, qt) = q.as_chunks::<8>();
+    for (j, o) in out.iter_mut().enumerate() {
+        let (kc, kt) = k_row(j)[..q.len()].as_chunks::<8>();
+        let mut l = [T::ZERO; 8];
+        for (qv, kv) in qc.iter().zip(kc) {
+            for ((a, &x), &y) in l.iter_mut().zip(qv).zip(kv) {
+                *a = x.mul_add(y, *a);
+            }
+        }
+        for ((a, &x), &y) in l.iter_mut().zip(qt).zip(kt) {
+            *a = x.mul_add(y, *a);
+        }
+        *o = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    }
+}
+
+/// `acc = alpha · acc + Σ_j p[j] v_row(j)`, keys in order, leaving out masked pairs (`p = −0.0`)
+/// so that NaN or inf in a masked value cannot reach the output; 32 columns at a time in
+/// registers.
+#[inline(always)]
+fn add_pv<'v, T: AttnFloat + 'v>(p: &[T], alpha: T, acc: &mut [T], v_row: impl Fn(usize) -> &'v [T]) {
+    let (chunks, tail) = acc.as_chunks_mut::<32>();
+    for (c, chunk) in chunks.iter_mut().enumerate() {
+        let mut t = chunk.map(|x| x * alpha);
+        for (j, &pj) in p.iter().enumerate() {
+            if pj.is_neg_zero() {
+                continue;
+            }
+            for (x, &v) in t.iter_mut().zip(&v_row(j)[c * 32..c * 32 + 32]) {
+                *x = pj.mul_add(v, *x);
+            }
+        }
+        *chunk = t;
+    }
+    let d0 = chunks.len() * 32;
+    for x in tail.iter_mut() {
+        *x = *x * alpha;
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        if !pj.is_neg_zero() {
+            for (x, &v) in tail.iter_mut().zip(&v_row(j)[d0..]) {
+                *x = pj.mul_add(v, *x);
+            }
+        }
+    }
+}
+
+/// Combines the chunks of one (batch, key/value head), in chunk order, into the outputs of its
+/// query heads: with `M` the largest chunk maximum and `w_c = exp(m_c − M)`,
+/// `out = Σ acc_c w_c / Σ sum_c w_c`, `lse = M + ln Σ sum_c w_c`, `weights = exp(s − M) / Σ sum_c w_c`.
+pub(super) fn merge<T: AttnFloat>(spec: &AttnSpec, chunks: &[Chunk<'_, T>], heads: &mut [HeadOut<'_, T>]) {
+    let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
+    let group = heads.len();
+    let mut w = vec![T::ZERO; chunks.len()];
+    for r in 0..group * l {
+        let (i, head) = (r / group, &mut heads[r % group]);
+        let mut big = T::NEG_INFINITY;
+        for c in chunks {
+            let m = c.partial.m[r];
+            big = if m.is_nan() || big.is_nan() || m > big { m } else { big };
+        }
+        let empty = big == T::NEG_INFINITY;
+        let mut total = T::ZERO;
+        for (wc, c) in w.iter_mut().zip(chunks) {
+            *wc = (c.partial.m[r] - big).exp_nonpositive();
+            total = c.partial.sum[r].mul_add(*wc, total);
+        }
+        let out = &mut head.out[i * ev..(i + 1) * ev];
+        for (d, o) in out.iter_mut().enumerate() {
+            let mut x = T::ZERO;
+            for (&wc, c) in w.iter().zip(chunks) {
+                x = c.partial.acc[r * ev + d].mul_add(wc, x);
+            }
+            o.write(if empty { T::ZERO } else { x / total });
+        }
+        if let Some(lse) = head.lse.as_deref_mut() {
+            lse[i].write(if empty { T::NEG_INFINITY } else { big + total.ln() });
+        }
+        if let Some(weights) = head.weights.as_deref_mut() {
+            for c in chunks {
+                let (c0, c1) = c.keys;
+                let scores = &c.partial.scores[r * (c1 - c0)..(r + 1) * (c1 - c0)];
+                for (x, &score) in weights[i * s + c0..i * s + c1].iter_mut().zip(scores) {
+                    x.write(if empty { T::ZERO } else { (score - big).exp_nonpositive() / total });
+                }
+            }
+        }
+    }
+}
