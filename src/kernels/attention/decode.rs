@@ -14,7 +14,7 @@
 //! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit.
 
 use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK};
-use super::{Alignment, AttnFloat, AttnSpec, Masks};
+use super::{AttnFloat, AttnSpec, Masks};
 use crate::kernels::simd::Task;
 
 /// The longest query that takes this path.
@@ -52,21 +52,17 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
     #[inline(always)]
     fn run(&mut self) {
         let sp = self.spec;
-        let (l, s, e, ev) = (sp.q_len, sp.kv_len, sp.dim_qk, sp.dim_v);
+        let (l, e, ev) = (sp.q_len, sp.dim_qk, sp.dim_v);
         let group = sp.heads_q / sp.heads_kv;
         let rows = group * l;
         let (c0, c1) = self.keys;
         let (b, g, masks) = (self.b, self.g, self.masks);
         let k_base = b * sp.k.batch + g * sp.k.head;
         let v_base = b * sp.v.batch + g * sp.v.head;
-        let offset = match sp.alignment {
-            Alignment::TopLeft => 0isize,
-            Alignment::BottomRight => s as isize - l as isize,
-        };
+        let offset = sp.offset();
         let head_of = |r: usize| g * group + r % group;
-        let slope =
-            |h: usize| masks.alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
-        let key_mask = masks.key_mask.map(|km| &km[b * s..(b + 1) * s]);
+        let slope = |h: usize| masks.slope(sp, b, h);
+        let key_mask = masks.key_mask(sp, b);
         let k_row = |j: usize| &self.k[k_base + j * sp.k.row..][..e];
         let v_row = |j: usize| &self.v[v_base + j * sp.v.row..][..ev];
 

@@ -92,6 +92,17 @@ pub enum Alignment {
     BottomRight,
 }
 
+impl AttnSpec {
+    /// The aligned position of query row 0 among the keys: 0 (top-left) or `S − L` (bottom-right).
+    #[inline(always)]
+    fn offset(&self) -> isize {
+        match self.alignment {
+            Alignment::TopLeft => 0,
+            Alignment::BottomRight => self.kv_len as isize - self.q_len as isize,
+        }
+    }
+}
+
 /// Element strides of a tensor addressed as (batch, head, row), rows contiguous.
 #[derive(Debug, Clone, Copy)]
 pub struct Strides {
@@ -161,6 +172,20 @@ pub struct Masks<'a, T> {
     pub key_mask: Option<&'a [u8]>,
     /// ALiBi slopes, `(Hq,)` or `(batch, Hq)`.
     pub alibi: Option<&'a [f64]>,
+}
+
+impl<T> Masks<'_, T> {
+    /// The ALiBi slope of batch `b`, query head `h`, if any.
+    #[inline(always)]
+    fn slope(&self, sp: &AttnSpec, b: usize, h: usize) -> Option<f64> {
+        self.alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }])
+    }
+
+    /// Batch `b`'s key mask (S entries), if any.
+    #[inline(always)]
+    fn key_mask(&self, sp: &AttnSpec, b: usize) -> Option<&[u8]> {
+        self.key_mask.map(|km| &km[b * sp.kv_len..(b + 1) * sp.kv_len])
+    }
 }
 
 /// Where the outputs go: `out` always, `lse` and `weights` when requested.

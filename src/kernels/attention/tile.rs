@@ -19,7 +19,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::{Alignment, AttnFloat, AttnSpec, Masks};
+use super::{AttnFloat, AttnSpec, Masks};
 use crate::kernels::simd::Task;
 
 /// Query rows per block.
@@ -55,16 +55,12 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let group = self.heads.len();
         let k_base = self.b * sp.k.batch + self.g * sp.k.head;
         let v_base = self.b * sp.v.batch + self.g * sp.v.head;
-        let offset = match sp.alignment {
-            Alignment::TopLeft => 0isize,
-            Alignment::BottomRight => s as isize - l as isize,
-        };
+        let offset = sp.offset();
         // Task row r: query position r / group of head g·group + r % group.
-        let (b, g, alibi) = (self.b, self.g, self.masks.alibi);
+        let (b, g, masks) = (self.b, self.g, self.masks);
         let head_of = move |r: usize| g * group + r % group;
-        let slope =
-            move |h: usize| alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }]);
-        let key_mask = self.masks.key_mask.map(|km| &km[self.b * s..(self.b + 1) * s]);
+        let slope = |h: usize| masks.slope(sp, b, h);
+        let key_mask = masks.key_mask(sp, b);
 
         // K is packed once per task, transposed, as strips of NR keys: strip t of key block n
         // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
