@@ -14,7 +14,7 @@
 //! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit.
 
 use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK};
-use super::{AttnFloat, AttnSpec, Masks};
+use super::{AttnFloat, AttnSpec, TaskInputs};
 use crate::kernels::simd::Task;
 
 /// The longest query that takes this path.
@@ -36,13 +36,7 @@ pub(super) struct Partial<T> {
 /// Keys `keys.0..keys.1` of one (batch `b`, key/value head `g`), for the `group` query heads
 /// that share it. Row `r` of the task is query position `r / group` of head `g·group + r % group`.
 pub(super) struct Chunk<'a, T> {
-    pub q: &'a [T],
-    pub k: &'a [T],
-    pub v: &'a [T],
-    pub spec: &'a AttnSpec,
-    pub masks: &'a Masks<'a, T>,
-    pub b: usize,
-    pub g: usize,
+    pub at: TaskInputs<'a, T>,
     pub keys: (usize, usize),
     pub weights: bool,
     pub partial: Partial<T>,
@@ -51,26 +45,26 @@ pub(super) struct Chunk<'a, T> {
 impl<T: AttnFloat> Task for Chunk<'_, T> {
     #[inline(always)]
     fn run(&mut self) {
-        let sp = self.spec;
+        let sp = self.at.spec;
         let (l, e, ev) = (sp.q_len, sp.dim_qk, sp.dim_v);
         let group = sp.heads_q / sp.heads_kv;
         let rows = group * l;
         let (c0, c1) = self.keys;
-        let (b, g, masks) = (self.b, self.g, self.masks);
+        let (b, g, masks) = (self.at.b, self.at.g, self.at.masks);
         let k_base = b * sp.k.batch + g * sp.k.head;
         let v_base = b * sp.v.batch + g * sp.v.head;
         let offset = sp.offset();
         let head_of = |r: usize| g * group + r % group;
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
-        let k_row = |j: usize| &self.k[k_base + j * sp.k.row..][..e];
-        let v_row = |j: usize| &self.v[v_base + j * sp.v.row..][..ev];
+        let k_row = |j: usize| &self.at.k[k_base + j * sp.k.row..][..e];
+        let v_row = |j: usize| &self.at.v[v_base + j * sp.v.row..][..ev];
 
         let scale = T::from_f64(sp.scale);
         let mut qs = vec![T::ZERO; rows * e]; // the queries times `scale`
         for r in 0..rows {
             let at = b * sp.q.batch + head_of(r) * sp.q.head + (r / group) * sp.q.row;
-            for (d, &x) in qs[r * e..(r + 1) * e].iter_mut().zip(&self.q[at..][..e]) {
+            for (d, &x) in qs[r * e..(r + 1) * e].iter_mut().zip(&self.at.q[at..][..e]) {
                 *d = x * scale;
             }
         }

@@ -188,6 +188,18 @@ impl<T> Masks<'_, T> {
     }
 }
 
+/// What one task of either path reads: the inputs, and its batch `b` and key/value head `g`.
+#[derive(Clone, Copy)]
+struct TaskInputs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    spec: &'a AttnSpec,
+    masks: &'a Masks<'a, T>,
+    b: usize,
+    g: usize,
+}
+
 /// Where the outputs go: `out` always, `lse` and `weights` when requested.
 pub struct Outputs<'a, T> {
     pub out: &'a mut [MaybeUninit<T>],
@@ -329,6 +341,8 @@ pub fn attention<T: AttnFloat>(
         weights,
     });
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
+    // Task t works on batch t / Hkv, key/value head t % Hkv.
+    let inputs = |t: usize| TaskInputs { q, k, v, spec, masks, b: t / spec.heads_kv, g: t % spec.heads_kv };
     let parallel = match par {
         Par::Pool(pool) if flops > 1e6 => Some(pool),
         _ => None,
@@ -341,13 +355,7 @@ pub fn attention<T: AttnFloat>(
             .map(|t| {
                 let c = t % n_chunks;
                 decode::Chunk {
-                    q,
-                    k,
-                    v,
-                    spec,
-                    masks,
-                    b: t / n_chunks / spec.heads_kv,
-                    g: t / n_chunks % spec.heads_kv,
+                    at: inputs(t / n_chunks),
                     keys: (c * decode::CHUNK, ((c + 1) * decode::CHUNK).min(s)),
                     weights: has_weights,
                     partial: Default::default(),
@@ -371,16 +379,7 @@ pub fn attention<T: AttnFloat>(
         return Ok(());
     }
     let tasks: Vec<tile::Group<'_, '_, T>> = (0..spec.batch * spec.heads_kv)
-        .map(|t| tile::Group {
-            q,
-            k,
-            v,
-            spec,
-            masks,
-            b: t / spec.heads_kv,
-            g: t % spec.heads_kv,
-            heads: heads.by_ref().take(group).collect(),
-        })
+        .map(|t| tile::Group { at: inputs(t), heads: heads.by_ref().take(group).collect() })
         .collect();
     let run = |mut task: tile::Group<'_, '_, T>| simd::task(&mut task);
     match parallel {

@@ -19,7 +19,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::{AttnFloat, AttnSpec, Masks};
+use super::{AttnFloat, AttnSpec, Masks, TaskInputs};
 use crate::kernels::simd::Task;
 
 /// Query rows per block.
@@ -37,27 +37,21 @@ pub(super) struct HeadOut<'o, T> {
 /// The work of one (batch, key/value head): `heads[n]` holds the outputs of query head
 /// `g * heads.len() + n`.
 pub(super) struct Group<'a, 'o, T> {
-    pub q: &'a [T],
-    pub k: &'a [T],
-    pub v: &'a [T],
-    pub spec: &'a AttnSpec,
-    pub masks: &'a Masks<'a, T>,
-    pub b: usize,
-    pub g: usize,
+    pub at: TaskInputs<'a, T>,
     pub heads: Vec<HeadOut<'o, T>>,
 }
 
 impl<T: AttnFloat> Task for Group<'_, '_, T> {
     #[inline(always)]
     fn run(&mut self) {
-        let sp = self.spec;
+        let sp = self.at.spec;
         let (l, s, e, ev) = (sp.q_len, sp.kv_len, sp.dim_qk, sp.dim_v);
         let group = self.heads.len();
-        let k_base = self.b * sp.k.batch + self.g * sp.k.head;
-        let v_base = self.b * sp.v.batch + self.g * sp.v.head;
+        let k_base = self.at.b * sp.k.batch + self.at.g * sp.k.head;
+        let v_base = self.at.b * sp.v.batch + self.at.g * sp.v.head;
         let offset = sp.offset();
         // Task row r: query position r / group of head g·group + r % group.
-        let (b, g, masks) = (self.b, self.g, self.masks);
+        let (b, g, masks) = (self.at.b, self.at.g, self.at.masks);
         let head_of = move |r: usize| g * group + r % group;
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
@@ -69,7 +63,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let mut kt = vec![T::ZERO; packed * e];
         for j in 0..packed.min(s) {
             let (strip, n) = (j / NR, j % NR);
-            let row = &self.k[k_base + j * sp.k.row..][..e];
+            let row = &self.at.k[k_base + j * sp.k.row..][..e];
             for (d, &x) in row.iter().enumerate() {
                 kt[(strip * e + d) * NR + n] = x;
             }
@@ -80,7 +74,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let mut vt = vec![T::ZERO; packed * ev_strips * NR];
         for j in 0..packed.min(s) {
             let (block, jj) = (j / BK, j % BK);
-            let row = &self.v[v_base + j * sp.v.row..][..ev];
+            let row = &self.at.v[v_base + j * sp.v.row..][..ev];
             for c in 0..ev_strips {
                 let at = ((block * ev_strips + c) * BK + jj) * NR;
                 vt[at..at + NR].copy_from_slice(&row[c * NR..(c + 1) * NR]);
@@ -95,7 +89,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let v_finite: Vec<bool> = (0..s)
             .map(|j| {
                 let mut all = true;
-                for &x in &self.v[v_base + j * sp.v.row..][..ev] {
+                for &x in &self.at.v[v_base + j * sp.v.row..][..ev] {
                     all &= x.is_finite();
                 }
                 all
@@ -120,8 +114,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             // reads its MR queries of dimension d from one place.
             for r in 0..padded {
                 let row = q0 + r.min(rows - 1);
-                let q_at = self.b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row;
-                let src = &self.q[q_at..][..e];
+                let q_at = self.at.b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row;
+                let src = &self.at.q[q_at..][..e];
                 for (d, &x) in src.iter().enumerate() {
                     qpack[(r / MR * MR) * e + d * MR + r % MR] = x * scale;
                 }
@@ -157,7 +151,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     let (i, h) = (row / group, head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
                     let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
-                    let row_max = mask_row(sp, self.masks, at, srow);
+                    let row_max = mask_row(sp, self.at.masks, at, srow);
                     if r < rows && !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
@@ -174,7 +168,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     m[r] = m_new;
                 }
                 // out = alpha * out + P V.
-                let v_block = |j: usize| &self.v[v_base + (k0 + j) * sp.v.row..][..ev];
+                let v_block = |j: usize| &self.at.v[v_base + (k0 + j) * sp.v.row..][..ev];
                 if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
@@ -416,7 +410,7 @@ impl<T: AttnFloat> Group<'_, '_, T> {
     /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows`.
     #[inline(always)]
     fn finish_rows(&mut self, q0: usize, rows: usize, m: &[T], sum: &[T], acc: &[T], scores: &[T]) {
-        let (s, ev) = (self.spec.kv_len, self.spec.dim_v);
+        let (s, ev) = (self.at.spec.kv_len, self.at.spec.dim_v);
         let group = self.heads.len();
         for r in 0..rows {
             let (i, head) = ((q0 + r) / group, &mut self.heads[(q0 + r) % group]);
