@@ -55,6 +55,10 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let head_of = move |r: usize| g * group + r % group;
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
+        // Keys past the batch's last unpadded one are masked for every row: they are left out of
+        // the key range. Bit for bit a no-op: the blocks keep their boundaries, and a masked key
+        // would only add −inf to a maximum, −0.0 to a sum and fma(−0.0, v, acc) = acc.
+        let keys_end = key_mask.map_or(s, |km| km.iter().rposition(|&x| x != 0).map_or(0, |j| j + 1));
 
         // K is packed once per task, transposed, as strips of NR keys: strip t of key block n
         // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
@@ -122,6 +126,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             }
             // Key blocks are the packed ones: [BK·n, BK·(n + 1)), trimmed to the allowed range.
             let (lo, hi) = key_range(sp, offset, q0 / group, (q0 + rows - 1) / group);
+            let hi = hi.min(keys_end).max(lo);
             let mut k0 = lo;
             while k0 < hi {
                 let block = k0 / BK;
