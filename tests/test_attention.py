@@ -346,3 +346,44 @@ def test_fast_path_for_plain_calls_gives_the_full_paths_bits():
         sdpa(q, k[:, :2], v[:, :2])  # the core would take grouped heads; the API asks for enable_gqa
     with pytest.raises(TypeError, match="must share one dtype"):
         sdpa(q, k.astype(np.float64), v)  # refused by the core, explained by the full path
+
+
+def explicit_kernel_calls(length, s, e, ev):
+    """float32 calls of the tiled path (L > 8) that go through every explicit kernel and around it."""
+    q, k, v = qkv(b=2, hq=4, hkv=2, length=length, s=s, e=e, ev=ev, seed=length + s)
+    km = np.ones((2, s), bool)
+    km[0, ::5] = False
+    km[1, : s // 3] = False  # leading padding
+    km[1, -(s // 4):] = False  # and trailing
+    qn, kp, vp = q.copy(), k.copy(), v.copy()
+    qn[0, 1, length // 2, 0] = np.nan  # one NaN row
+    kp[0, :, ::5], vp[0, :, ::5] = np.nan, np.inf  # poison where masked
+    calls = [
+        dict(),
+        dict(is_causal=True),
+        dict(is_causal=True, causal_alignment="bottom_right", window=(40, 3)),
+        dict(key_mask=km, return_lse=True, return_weights=True),
+        dict(key_mask=km, is_causal=True, causal_alignment="bottom_right"),
+        dict(key_mask=km, softcap=2.0, alibi_slopes=attnkit.alibi_slopes(4)),  # the generic score path
+    ]
+    out = []
+    for kw in calls:
+        out.append(sdpa(q, k, v, enable_gqa=True, **kw))
+        out.append(sdpa(qn, kp, vp, enable_gqa=True, **kw) if "key_mask" in kw else sdpa(qn, k, v, enable_gqa=True, **kw))
+    return [a for r in out for a in (r if isinstance(r, tuple) else (r,))]
+
+
+@pytest.mark.parametrize("length,s,e,ev", [(9, 7, 5, 16), (37, 300, 64, 64), (70, 130, 33, 20), (130, 257, 8, 48)])
+def test_explicit_kernels_give_the_portable_bits(length, s, e, ev):
+    """The AVX2 kernels of the tiled path (fast.rs) against the generic code they replace."""
+    if not _core._simd_accelerated():
+        pytest.skip("this CPU has no AVX2: only the portable path exists")
+    want = explicit_kernel_calls(length, s, e, ev)
+    _core._set_simd_enabled(False)
+    try:
+        got = explicit_kernel_calls(length, s, e, ev)
+    finally:
+        _core._set_simd_enabled(True)
+    assert np.isfinite(want[0]).all() and any(np.isnan(a).any() for a in want)  # the NaN row is there
+    for a, b in zip(got, want, strict=True):
+        assert a.tobytes() == b.tobytes()

@@ -14,29 +14,44 @@ pub trait Exp: Copy {
     fn exp_nonpositive(self) -> Self;
 }
 
+/// The constants of the float32 `exp`, shared with the explicit vector version of the attention
+/// kernels (which must compute the same operations to give the same bits).
+pub(crate) mod f32_consts {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4; // 0.693359375: exact in few bits
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const ROUNDER: f32 = 12_582_912.0; // 1.5 * 2^23
+    /// Below this, `exp` is flushed to zero (2^n stays normal above it).
+    pub const MIN: f32 = -87.0;
+    /// The polynomial for (e^r − 1 − r) / r², highest degree first.
+    pub const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        f32::from_bits(0x3F00_0001), // 5.0000001201e-1
+    ];
+}
+
 impl Exp for f32 {
     #[inline(always)]
     fn exp_nonpositive(self) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_359_4; // 0.693359375: exact in few bits
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        const ROUNDER: f32 = 12_582_912.0; // 1.5 * 2^23
-        let x = self.max(-87.0); // keeps 2^n normal; NaN stays NaN (max ignores it only if both are)
+        use f32_consts::*;
+        let x = self.max(MIN); // keeps 2^n normal; NaN stays NaN (max ignores it only if both are)
         let x = if self.is_nan() { self } else { x };
         let shifted = x * LOG2E + ROUNDER;
         let n = shifted - ROUNDER;
         let r = x - n * LN2_HI - n * LN2_LO;
-        let mut p = 1.987_569_1e-4f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 1.666_666_5e-1;
-        p = p * r + f32::from_bits(0x3F00_0001); // 5.0000001201e-1
+        let mut p = POLY[0];
+        for c in &POLY[1..] {
+            p = p * r + c;
+        }
         let e_r = p * r * r + r + 1.0;
         // 2^n from the bits of `shifted` = 1.5 * 2^23 + n, whose low bits hold n as an integer:
         // integer vector operations only (`n as i32` would be a scalar, saturating conversion).
         let two_n = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
-        if self < -87.0 {
+        if self < MIN {
             0.0
         } else {
             e_r * two_n

@@ -26,7 +26,10 @@
 //! of the chunks in order (`decode.rs`). Neither split depends on the thread count, so neither do
 //! the results.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod decode;
+mod fast;
 mod tile;
 
 use std::mem::MaybeUninit;
@@ -39,7 +42,9 @@ use crate::kernels::{simd, Float};
 use crate::pool::Par;
 
 /// The float types attention computes in.
-pub trait AttnFloat: Float + Exp + std::ops::Div<Output = Self> + std::ops::Neg<Output = Self> {
+pub trait AttnFloat:
+    Float + Exp + fast::Explicit + std::ops::Div<Output = Self> + std::ops::Neg<Output = Self>
+{
     fn mul_add(self, a: Self, b: Self) -> Self;
     fn tanh(self) -> Self;
     fn ln(self) -> Self;

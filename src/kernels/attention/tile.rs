@@ -19,6 +19,7 @@
 
 use std::mem::MaybeUninit;
 
+use super::fast::ScoreBlock;
 use super::{AttnFloat, AttnSpec, Masks, TaskInputs};
 use crate::kernels::simd::Task;
 
@@ -89,6 +90,16 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let mut scores = [T::ZERO; BQ * BK];
         let mut acc = vec![T::ZERO; BQ * ev];
         let (mut m, mut sum, mut alpha) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ], [T::ONE; BQ]);
+        // The explicit kernels, where they exist (`fast.rs`); the score kernel handles causal and
+        // window bounds and key padding, nothing else.
+        let fast = T::detect();
+        let simple_masks = sp.softcap.is_none()
+            && masks.alibi.is_none()
+            && masks.float_mask.is_none()
+            && masks.bool_mask.is_none();
+        let fast_scores = fast.filter(|_| simple_masks);
+        let fast_pv = fast.filter(|_| ev.is_multiple_of(NR));
+        let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
         // Which value rows are finite: where all of a block's are, masked pairs need no skipping.
         let v_finite: Vec<bool> = (0..s)
             .map(|j| {
@@ -139,13 +150,36 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 // Scores of the block's columns col0..col0 + cols, MR rows x NR keys at a time
                 // (whole NR-column tiles; the columns outside are dropped).
                 let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
-                let strip = |j0: usize| &kt[((block * BK + j0) / NR * e) * NR..][..e * NR];
-                for r0 in (0..padded).step_by(MR) {
-                    let (qs, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks::<MR>();
-                    for j0 in (t0..t1).step_by(NR) {
-                        let tile = score_tile(qs, strip(j0));
-                        for (r, tile_row) in tile.iter().enumerate() {
-                            scores[(r0 + r) * BK + j0..(r0 + r) * BK + j0 + NR].copy_from_slice(tile_row);
+                let kt_block = &kt[block * BK * e..(block + 1) * BK * e];
+                if let Some(token) = fast_scores {
+                    // Block column c is key block·BK + c.
+                    let base = block * BK;
+                    for (c, kp) in keep.iter_mut().enumerate().take(t1).skip(t0) {
+                        let inside = (col0..col0 + cols).contains(&c);
+                        *kp = -i32::from(inside && key_mask.is_none_or(|km| km[base + c] != 0));
+                    }
+                    for (r, bound) in bounds[..padded].iter_mut().enumerate() {
+                        let i = (q0 + r.min(rows - 1)) / group;
+                        let (lo, hi) = key_range(sp, offset, i, i);
+                        *bound = (lo.saturating_sub(base).min(BK), hi.saturating_sub(base).min(BK));
+                    }
+                    let blk = ScoreBlock {
+                        q: &qpack[..padded * e],
+                        kt: kt_block,
+                        e,
+                        tiles: (t0, t1),
+                        bounds: &bounds[..padded],
+                        keep: &keep,
+                    };
+                    T::scores(token, &blk, &mut scores, &mut row_max);
+                } else {
+                    for r0 in (0..padded).step_by(MR) {
+                        let (qs, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks::<MR>();
+                        for j0 in (t0..t1).step_by(NR) {
+                            let tile = score_tile(qs, &kt_block[j0 * e..(j0 + NR) * e]);
+                            for (r, tile_row) in tile.iter().enumerate() {
+                                scores[(r0 + r) * BK + j0..(r0 + r) * BK + j0 + NR].copy_from_slice(tile_row);
+                            }
                         }
                     }
                 }
@@ -155,8 +189,13 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     let row = q0 + r.min(rows - 1);
                     let (i, h) = (row / group, head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
-                    let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
-                    let row_max = mask_row(sp, self.at.masks, at, srow);
+                    let row_max = match fast_scores {
+                        Some(_) => row_max[r], // masked already
+                        None => {
+                            let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
+                            mask_row(sp, self.at.masks, at, srow)
+                        }
+                    };
                     if r < rows && !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
@@ -169,7 +208,11 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                         continue;
                     }
                     alpha[r] = (m[r] - m_new).exp_nonpositive();
-                    sum[r] = sum[r] * alpha[r] + probabilities(srow, m_new);
+                    let block_sum = match fast {
+                        Some(token) => T::probabilities(token, srow, m_new),
+                        None => probabilities(srow, m_new),
+                    };
+                    sum[r] = sum[r] * alpha[r] + block_sum;
                     m[r] = m_new;
                 }
                 // out = alpha * out + P V.
@@ -181,7 +224,11 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     let vb = PvBlock { strips: vstrips, col0, cols, ev };
                     for r0 in (0..padded).step_by(MR) {
                         let out = &mut acc[r0 * ev..(r0 + MR) * ev];
-                        pv_tiles::<T, MR>(&scores[r0 * BK + col0..], &alpha[r0..r0 + MR], out, &vb, &v_block);
+                        let (p, alpha) = (&scores[r0 * BK + col0..], &alpha[r0..r0 + MR]);
+                        match fast_pv {
+                            Some(token) => T::pv(token, p, alpha, out, &vb),
+                            None => pv_tiles::<T, MR>(p, alpha, out, &vb, &v_block),
+                        }
                     }
                 } else {
                     // Some value is NaN or infinite: leave masked pairs out one by one (so they cannot turn 0 * inf into NaN); each output element is the same
@@ -210,9 +257,9 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
 }
 
 /// Query rows of a score micro-tile.
-const MR: usize = 4;
+pub(super) const MR: usize = 4;
 /// Keys of a score micro-tile, and output columns of a P·V micro-tile.
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 
 /// `M x NR` raw scores `q_r · k_j` for M queries interleaved by dimension (`q[d][r]`) and the NR
 /// keys of one packed strip (`e x NR`, `kt[d][n]`).
@@ -234,12 +281,13 @@ fn score_tile<T: AttnFloat, const M: usize>(q: &[[T; M]], strip: &[T]) -> [[T; N
     acc
 }
 
-/// A key block of packed V: `strips[c]` holds rows `vt[j][0..NR]` of output columns `c·NR..`.
-struct PvBlock<'a, T> {
-    strips: &'a [T],
-    col0: usize,
-    cols: usize,
-    ev: usize,
+/// A key block of packed V: `strips[c]` holds rows `vt[j][0..NR]` of output columns `c·NR..`;
+/// the keys used are block columns `col0..col0 + cols`.
+pub struct PvBlock<'a, T> {
+    pub strips: &'a [T],
+    pub col0: usize,
+    pub cols: usize,
+    pub ev: usize,
 }
 
 /// `out[r] = alpha[r] * out[r] + sum_j p[r][j] v_j` for `M` rows (`p` rows `BK` apart), `NR`

@@ -1,0 +1,224 @@
+//! The float32 kernels of [`Explicit`](super::fast::Explicit) in AVX2 + FMA intrinsics.
+//!
+//! Each follows its generic counterpart in `tile.rs` operation for operation, so the two give
+//! the same bits:
+//! - a score is the chain `fma(q[d], k[d], ·)` over d = 0, 1, … from +0;
+//! - masking is a select to −inf after all arithmetic; a row's maximum ignores NaN and a NaN
+//!   flag is kept apart (the order of a maximum cannot matter here: a score is never −0, since a
+//!   chain of fused multiply-adds from +0 only reaches zero as +0);
+//! - `exp` is `Exp::exp_nonpositive` step by step (separate multiplies and adds, no FMA);
+//! - sums run in eight lanes over the row's elements in order, the tail added to the first
+//!   lanes, then `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`;
+//! - P·V is `out · alpha` followed by the chain `fma(p_j, v_j, ·)` over the keys in order.
+//!
+//! `unsafe` appears only where a vector is read from or written to memory, always through a
+//! reference to exactly eight floats, and where the kernels are entered with the [`Avx2`] token
+//! as proof that the CPU has the instructions.
+
+use std::arch::x86_64::*;
+
+use super::fast::ScoreBlock;
+use super::tile::{PvBlock, BK, MR, NR};
+use crate::kernels::exp::{f32_consts as c, Exp};
+
+/// Proof that this CPU runs AVX2 and FMA (and that the accelerated path is enabled): only
+/// [`Avx2::detect`] makes one.
+#[derive(Clone, Copy)]
+pub struct Avx2(());
+
+impl Avx2 {
+    #[inline(always)]
+    pub(super) fn detect() -> Option<Self> {
+        crate::kernels::simd::accelerated().then_some(Self(()))
+    }
+
+    /// See [`Explicit::scores`](super::fast::Explicit::scores).
+    #[inline(always)]
+    pub(super) fn scores(self, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
+        // SAFETY: `self` exists only on a CPU with AVX2 and FMA.
+        unsafe { masked_scores(blk, scores, max) }
+    }
+
+    /// See [`Explicit::probabilities`](super::fast::Explicit::probabilities).
+    #[inline(always)]
+    pub(super) fn probabilities(self, row: &mut [f32], m: f32) -> f32 {
+        // SAFETY: as in `scores`.
+        unsafe { probabilities(row, m) }
+    }
+
+    /// See [`Explicit::pv`](super::fast::Explicit::pv).
+    #[inline(always)]
+    pub(super) fn pv(self, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &PvBlock<'_, f32>) {
+        // SAFETY: as in `scores`.
+        unsafe { pv(p, alpha, out, vb) }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn load(x: &[f32; 8]) -> __m256 {
+    // SAFETY: reads the eight floats of `x`.
+    unsafe { _mm256_loadu_ps(x.as_ptr()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn load_i32(x: &[i32; 8]) -> __m256i {
+    // SAFETY: reads the eight integers of `x`.
+    unsafe { _mm256_loadu_si256(x.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn store(x: &mut [f32; 8], v: __m256) {
+    // SAFETY: writes the eight floats of `x`.
+    unsafe { _mm256_storeu_ps(x.as_mut_ptr(), v) }
+}
+
+/// The first and the last eight of sixteen.
+#[inline(always)]
+fn halves(x: &[f32; NR]) -> [&[f32; 8]; 2] {
+    let (a, b) = x.split_at(8);
+    [a.try_into().unwrap(), b.try_into().unwrap()]
+}
+
+#[inline(always)]
+fn halves_mut(x: &mut [f32; NR]) -> [&mut [f32; 8]; 2] {
+    let (a, b) = x.split_at_mut(8);
+    [a.try_into().unwrap(), b.try_into().unwrap()]
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
+    let (e, (t0, t1)) = (blk.e, blk.tiles);
+    let rows = blk.bounds.len();
+    assert!(rows.is_multiple_of(MR) && t0.is_multiple_of(NR) && t1.is_multiple_of(NR) && t1 <= BK);
+    assert!(blk.keep.len() >= t1 && max.len() >= rows && scores.len() >= rows * BK);
+    let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for r0 in (0..rows).step_by(MR) {
+        let (q, _) = blk.q[r0 * e..(r0 + MR) * e].as_chunks::<MR>();
+        let mut row_max = [neg_inf; MR];
+        let mut row_nan = [_mm256_setzero_ps(); MR];
+        for j0 in (t0..t1).step_by(NR) {
+            let (kt, _) = blk.kt[j0 * e..(j0 + NR) * e].as_chunks::<NR>();
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            for (kd, qd) in kt.iter().zip(q) {
+                let k = halves(kd).map(|x| load(x));
+                for (acc, &qr) in acc.iter_mut().zip(qd) {
+                    let qr = _mm256_set1_ps(qr);
+                    for (a, &k) in acc.iter_mut().zip(&k) {
+                        *a = _mm256_fmadd_ps(qr, k, *a);
+                    }
+                }
+            }
+            // Valid: the key is kept and the column lies in the row's bounds. Then the select,
+            // the store, the maximum and the NaN flag, while the tile is in registers.
+            let (keep, _) = blk.keep[j0..j0 + NR].as_chunks::<8>();
+            let keep = [load_i32(&keep[0]), load_i32(&keep[1])];
+            let col = [0, 8].map(|h| _mm256_add_epi32(_mm256_set1_epi32((j0 + h) as i32), iota));
+            for (r, acc) in acc.iter().enumerate() {
+                let (lo, hi) = blk.bounds[r0 + r];
+                let (lo, hi) = (_mm256_set1_epi32(lo as i32), _mm256_set1_epi32(hi as i32));
+                let out: &mut [f32; NR] = (&mut scores[(r0 + r) * BK + j0..][..NR]).try_into().unwrap();
+                for h in 0..2 {
+                    // lo <= col < hi, i.e. not (lo > col) and (hi > col).
+                    let inside =
+                        _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, col[h]), _mm256_cmpgt_epi32(hi, col[h]));
+                    let valid = _mm256_castsi256_ps(_mm256_and_si256(inside, keep[h]));
+                    let s = _mm256_blendv_ps(neg_inf, acc[h], valid);
+                    store(halves_mut(out)[h], s);
+                    row_max[r] = _mm256_max_ps(s, row_max[r]); // keeps row_max where s is NaN
+                    row_nan[r] = _mm256_or_ps(row_nan[r], _mm256_cmp_ps::<_CMP_UNORD_Q>(s, s));
+                }
+            }
+        }
+        for r in 0..MR {
+            let mut lanes = [0.0f32; 8];
+            store(&mut lanes, row_max[r]);
+            let m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            max[r0 + r] = if _mm256_movemask_ps(row_nan[r]) != 0 { f32::NAN } else { m };
+        }
+    }
+}
+
+/// `exp_nonpositive` of eight floats, operation for operation.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let min = _mm256_set1_ps(c::MIN);
+    let rounder = _mm256_set1_ps(c::ROUNDER);
+    // max(MIN, x) is x when x is NaN (the instruction returns its second operand then).
+    let xm = _mm256_max_ps(min, x);
+    let shifted = _mm256_add_ps(_mm256_mul_ps(xm, _mm256_set1_ps(c::LOG2E)), rounder);
+    let n = _mm256_sub_ps(shifted, rounder);
+    let r = _mm256_sub_ps(
+        _mm256_sub_ps(xm, _mm256_mul_ps(n, _mm256_set1_ps(c::LN2_HI))),
+        _mm256_mul_ps(n, _mm256_set1_ps(c::LN2_LO)),
+    );
+    let mut p = _mm256_set1_ps(c::POLY[0]);
+    for &k in &c::POLY[1..] {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(k));
+    }
+    let e_r = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0));
+    let bits = _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127));
+    let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits));
+    // +0 below MIN.
+    _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, min), _mm256_mul_ps(e_r, two_n))
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn probabilities(row: &mut [f32], m: f32) -> f32 {
+    let (neg_inf, neg_zero, mv) =
+        (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_set1_ps(-0.0), _mm256_set1_ps(m));
+    let mut sum = _mm256_setzero_ps();
+    let (chunks, tail) = row.as_chunks_mut::<8>();
+    for chunk in chunks {
+        let x = load(chunk);
+        let masked = _mm256_cmp_ps::<_CMP_EQ_OQ>(x, neg_inf);
+        let p = _mm256_blendv_ps(exp8(_mm256_sub_ps(x, mv)), neg_zero, masked);
+        store(chunk, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    let mut lanes = [0.0f32; 8];
+    store(&mut lanes, sum);
+    for (lane, x) in lanes.iter_mut().zip(tail) {
+        *x = if *x == f32::NEG_INFINITY { -0.0 } else { (*x - m).exp_nonpositive() };
+        *lane += *x;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &PvBlock<'_, f32>) {
+    const { assert!(MR == 4) };
+    let (ev, col0, cols) = (vb.ev, vb.col0, vb.cols);
+    assert!(ev.is_multiple_of(NR) && alpha.len() >= MR && out.len() >= MR * ev);
+    let p: [&[f32]; MR] = std::array::from_fn(|r| &p[r * BK..r * BK + cols]);
+    for c in 0..ev / NR {
+        let d0 = c * NR;
+        let (v, _) = vb.strips[(c * BK + col0) * NR..(c * BK + col0 + cols) * NR].as_chunks::<NR>();
+        let mut tile = [[_mm256_setzero_ps(); 2]; MR];
+        for (r, t) in tile.iter_mut().enumerate() {
+            let o: &[f32; NR] = out[r * ev + d0..][..NR].try_into().unwrap();
+            let a = _mm256_set1_ps(alpha[r]);
+            *t = halves(o).map(|o| _mm256_mul_ps(load(o), a));
+        }
+        let keys = v.iter().zip(p[0]).zip(p[1]).zip(p[2]).zip(p[3]);
+        for ((((vj, &p0), &p1), &p2), &p3) in keys {
+            let vj = halves(vj).map(|x| load(x));
+            for (t, pr) in tile.iter_mut().zip([p0, p1, p2, p3]) {
+                let pr = _mm256_set1_ps(pr);
+                for (t, &v) in t.iter_mut().zip(&vj) {
+                    *t = _mm256_fmadd_ps(pr, v, *t);
+                }
+            }
+        }
+        for (r, t) in tile.iter().enumerate() {
+            let o: &mut [f32; NR] = (&mut out[r * ev + d0..][..NR]).try_into().unwrap();
+            for (half, &t) in halves_mut(o).into_iter().zip(t) {
+                store(half, t);
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The tiled path's explicit vector kernels, for the float types and CPUs that have them.
+//!
+//! `tile.rs` is written once, generically, in loops LLVM vectorises. For float32 on x86-64
+//! with AVX2 and FMA, three of its steps also exist as explicit kernels (`avx2.rs`): the
+//! score micro-tiles with their masks and row maxima, the probabilities with their sum, and the
+//! P·V micro-tiles. Each computes exactly the operations of its generic counterpart, in the same
+//! order, so both give the same bits (the tests compare them); what they add is control over
+//! registers, one pass where the generic code takes several, and no bounds checks in the loops.
+//!
+//! A type opts in through [`Explicit`]: `detect` returns a token only where its kernels can run,
+//! and every kernel takes that token, so they cannot be reached without it. Types and CPUs
+//! without kernels have an uninhabited token: `detect` returns `None` and the kernels are never
+//! called.
+
+use super::tile::PvBlock;
+
+/// A token that cannot exist: the kernels of a type that has none.
+#[derive(Clone, Copy)]
+pub enum Never {}
+
+/// The masked scores of one query block against one key block, for [`Explicit::scores`].
+pub struct ScoreBlock<'a, T> {
+    /// The block's queries times `scale`, each group of `MR` rows interleaved by dimension
+    /// (`q[r0·e + d·MR + r]`).
+    pub q: &'a [T],
+    /// The key block's packed K: strip `n` (`e x NR`) holds `kt[d][0..NR]` of its keys
+    /// `n·NR..(n + 1)·NR`.
+    pub kt: &'a [T],
+    pub e: usize,
+    /// Block columns to compute, `[t0, t1)`, both multiples of `NR`.
+    pub tiles: (usize, usize),
+    /// Per row (a multiple of `MR` of them), the block columns its causal and window bounds
+    /// allow, `[lo, hi)`.
+    pub bounds: &'a [(usize, usize)],
+    /// Per block column, −1 (all bits set) where the key may be attended: inside the key block's
+    /// range and not padding.
+    pub keep: &'a [i32],
+}
+
+/// Explicit kernels for one float type, behind a token that only [`Explicit::detect`] makes.
+pub trait Explicit: Sized + Copy {
+    type Token: Copy;
+
+    /// The token, where this CPU runs this type's kernels.
+    fn detect() -> Option<Self::Token>;
+
+    /// Writes the block's scores (query `q[r]` times the keys), then −inf at every masked pair,
+    /// to `scores` (rows `BK` apart, at block columns `[t0, t1)`), and each row's largest score
+    /// to `max[r]`: NaN if any valid score is NaN, −inf if none is valid. The same as
+    /// `score_tile` followed by `mask_row` without softcap, ALiBi or attention masks.
+    fn scores(t: Self::Token, blk: &ScoreBlock<'_, Self>, scores: &mut [Self], max: &mut [Self]);
+
+    /// The same as `tile::probabilities`.
+    fn probabilities(t: Self::Token, row: &mut [Self], m: Self) -> Self;
+
+    /// The same as `tile::pv_tiles` for `MR` rows, where `vb.ev` is a multiple of `NR`.
+    fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], vb: &PvBlock<'_, Self>);
+}
+
+macro_rules! no_kernels {
+    ($t:ty) => {
+        impl Explicit for $t {
+            type Token = Never;
+            fn detect() -> Option<Never> {
+                None
+            }
+            fn scores(t: Never, _: &ScoreBlock<'_, Self>, _: &mut [Self], _: &mut [Self]) {
+                match t {}
+            }
+            fn probabilities(t: Never, _: &mut [Self], _: Self) -> Self {
+                match t {}
+            }
+            fn pv(t: Never, _: &[Self], _: &[Self], _: &mut [Self], _: &PvBlock<'_, Self>) {
+                match t {}
+            }
+        }
+    };
+}
+
+no_kernels!(f64);
+#[cfg(not(target_arch = "x86_64"))]
+no_kernels!(f32);
+
+#[cfg(target_arch = "x86_64")]
+impl Explicit for f32 {
+    type Token = super::avx2::Avx2;
+    #[inline(always)]
+    fn detect() -> Option<Self::Token> {
+        Self::Token::detect()
+    }
+    #[inline(always)]
+    fn scores(t: Self::Token, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
+        t.scores(blk, scores, max)
+    }
+    #[inline(always)]
+    fn probabilities(t: Self::Token, row: &mut [f32], m: f32) -> f32 {
+        t.probabilities(row, m)
+    }
+    #[inline(always)]
+    fn pv(t: Self::Token, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &PvBlock<'_, f32>) {
+        t.pv(p, alpha, out, vb)
+    }
+}
