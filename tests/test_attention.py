@@ -348,9 +348,9 @@ def test_fast_path_for_plain_calls_gives_the_full_paths_bits():
         sdpa(q, k.astype(np.float64), v)  # refused by the core, explained by the full path
 
 
-def explicit_kernel_calls(length, s, e, ev):
-    """float32 calls of the tiled path (L > 8) that go through every explicit kernel and around it."""
-    q, k, v = qkv(b=2, hq=4, hkv=2, length=length, s=s, e=e, ev=ev, seed=length + s)
+def explicit_kernel_calls(length, s, e, ev, hq, hkv):
+    """float32 calls that go through every explicit kernel and around it."""
+    q, k, v = qkv(b=2, hq=hq, hkv=hkv, length=length, s=s, e=e, ev=ev, seed=length + s)
     km = np.ones((2, s), bool)
     km[0, ::5] = False
     km[1, : s // 3] = False  # leading padding
@@ -364,7 +364,7 @@ def explicit_kernel_calls(length, s, e, ev):
         dict(is_causal=True, causal_alignment="bottom_right", window=(40, 3)),
         dict(key_mask=km, return_lse=True, return_weights=True),
         dict(key_mask=km, is_causal=True, causal_alignment="bottom_right"),
-        dict(key_mask=km, softcap=2.0, alibi_slopes=attnkit.alibi_slopes(4)),  # the generic score path
+        dict(key_mask=km, softcap=2.0, alibi_slopes=attnkit.alibi_slopes(hq)),  # the generic score path
     ]
     out = []
     for kw in calls:
@@ -373,15 +373,18 @@ def explicit_kernel_calls(length, s, e, ev):
     return [a for r in out for a in (r if isinstance(r, tuple) else (r,))]
 
 
-@pytest.mark.parametrize("length,s,e,ev", [(9, 7, 5, 16), (37, 300, 64, 64), (70, 130, 33, 20), (130, 257, 8, 48)])
-def test_explicit_kernels_give_the_portable_bits(length, s, e, ev):
-    """The AVX2 kernels of the tiled path (fast.rs) against the generic code they replace."""
+@pytest.mark.parametrize("length,s,e,ev,hq,hkv", [
+    (9, 7, 5, 16, 4, 2), (37, 300, 64, 64, 4, 2), (70, 130, 33, 20, 4, 2), (130, 257, 8, 48, 4, 2),  # tiled
+    (1, 700, 64, 64, 8, 2), (1, 300, 13, 32, 4, 1), (3, 1100, 24, 40, 4, 2), (8, 129, 64, 16, 2, 2),  # decode
+])
+def test_explicit_kernels_give_the_portable_bits(length, s, e, ev, hq, hkv):
+    """The AVX2 kernels (fast.rs) against the generic code they replace, on both paths."""
     if not _core._simd_accelerated():
         pytest.skip("this CPU has no AVX2: only the portable path exists")
-    want = explicit_kernel_calls(length, s, e, ev)
+    want = explicit_kernel_calls(length, s, e, ev, hq, hkv)
     _core._set_simd_enabled(False)
     try:
-        got = explicit_kernel_calls(length, s, e, ev)
+        got = explicit_kernel_calls(length, s, e, ev, hq, hkv)
     finally:
         _core._set_simd_enabled(True)
     assert np.isfinite(want[0]).all() and any(np.isnan(a).any() for a in want)  # the NaN row is there

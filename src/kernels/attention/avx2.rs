@@ -17,8 +17,8 @@
 
 use std::arch::x86_64::*;
 
-use super::fast::ScoreBlock;
-use super::tile::{PvBlock, BK, MR, NR};
+use super::fast::{ScoreBlock, VBlock};
+use super::tile::{BK, MR, NR};
 use crate::kernels::exp::{f32_consts as c, Exp};
 
 /// Proof that this CPU runs AVX2 and FMA (and that the accelerated path is enabled): only
@@ -48,9 +48,16 @@ impl Avx2 {
 
     /// See [`Explicit::pv`](super::fast::Explicit::pv).
     #[inline(always)]
-    pub(super) fn pv(self, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &PvBlock<'_, f32>) {
+    pub(super) fn pv(self, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
         // SAFETY: as in `scores`.
         unsafe { pv(p, alpha, out, vb) }
+    }
+
+    /// See [`Explicit::dots`](super::fast::Explicit::dots).
+    #[inline(always)]
+    pub(super) fn dots(self, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+        // SAFETY: as in `scores`.
+        unsafe { dots(q, e, k, stride, n, out) }
     }
 }
 
@@ -190,21 +197,26 @@ fn probabilities(row: &mut [f32], m: f32) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &PvBlock<'_, f32>) {
+fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
     const { assert!(MR == 4) };
-    let (ev, col0, cols) = (vb.ev, vb.col0, vb.cols);
+    let (ev, cols, ks) = (vb.ev, vb.cols, vb.key_stride);
     assert!(ev.is_multiple_of(NR) && alpha.len() >= MR && out.len() >= MR * ev);
     let p: [&[f32]; MR] = std::array::from_fn(|r| &p[r * BK..r * BK + cols]);
     for c in 0..ev / NR {
         let d0 = c * NR;
-        let (v, _) = vb.strips[(c * BK + col0) * NR..(c * BK + col0 + cols) * NR].as_chunks::<NR>();
+        // Key j's NR values of these columns: v[j·ks..][..NR], from this strip's start.
+        let v = match cols {
+            0 => &[][..],
+            _ => &vb.v[c * vb.strip_stride..][..(cols - 1) * ks + NR],
+        };
+        let v = (0..cols).map(|j| -> &[f32; NR] { v[j * ks..][..NR].try_into().unwrap() });
         let mut tile = [[_mm256_setzero_ps(); 2]; MR];
         for (r, t) in tile.iter_mut().enumerate() {
             let o: &[f32; NR] = out[r * ev + d0..][..NR].try_into().unwrap();
             let a = _mm256_set1_ps(alpha[r]);
             *t = halves(o).map(|o| _mm256_mul_ps(load(o), a));
         }
-        let keys = v.iter().zip(p[0]).zip(p[1]).zip(p[2]).zip(p[3]);
+        let keys = v.zip(p[0]).zip(p[1]).zip(p[2]).zip(p[3]);
         for ((((vj, &p0), &p1), &p2), &p3) in keys {
             let vj = halves(vj).map(|x| load(x));
             for (t, pr) in tile.iter_mut().zip([p0, p1, p2, p3]) {
@@ -219,6 +231,98 @@ fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &PvBlock<'_, f32>) {
             for (half, &t) in halves_mut(o).into_iter().zip(t) {
                 store(half, t);
             }
+        }
+    }
+}
+
+/// The dot products of the eight-lane form for each of `acc` (four vectors of lanes): lane
+/// sums `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`, in that order.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn reduce4(acc: [__m256; 4]) -> [f32; 4] {
+    let [a, b, c, d] = acc;
+    // [a0+a4, a1+a5, a2+a6, a3+a7 | b0+b4, ..], and the same for c, d.
+    let ab = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x31>(a, b));
+    let cd = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(c, d), _mm256_permute2f128_ps::<0x31>(c, d));
+    // hadd pairs neighbours within each half: [a01, a23, c01, c23 | b01, b23, d01, d23], then
+    // [a, c, a, c | b, d, b, d].
+    let h = _mm256_hadd_ps(ab, cd);
+    let h = _mm256_hadd_ps(h, h);
+    let abcd = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let mut out = [0.0f32; 4];
+    // SAFETY: writes the four floats of `out`.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), abcd) };
+    out
+}
+
+/// Eight floats from the first eight (or fewer, then zeros) of `x`. A zero lane adds
+/// `fma(0, 0, l) = l` to a chain that is never −0, so a short tail changes no bit.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn load_padded(x: &[f32]) -> __m256 {
+    let mut t = [0.0f32; 8];
+    let n = x.len().min(8);
+    t[..n].copy_from_slice(&x[..n]);
+    load(&t)
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+    const { assert!(MR == 4) };
+    if n == 0 {
+        return;
+    }
+    assert!(q.len() >= MR * e && k.len() >= (n - 1) * stride + e && out.len() >= (MR - 1) * BK + n);
+    let full = e / 8;
+    let q: [&[f32]; MR] = std::array::from_fn(|r| &q[r * e..(r + 1) * e]);
+    let q_tail: [__m256; MR] = std::array::from_fn(|r| load_padded(&q[r][full * 8..]));
+    let key = |j: usize| &k[j * stride..j * stride + e];
+    // Two keys at a time: 4 rows x 2 keys of eight-lane chains, each query chunk loaded once for
+    // both keys and each key chunk once for all rows.
+    let mut j = 0;
+    while j + 2 <= n {
+        let (k0, k1) = (key(j).as_chunks::<8>(), key(j + 1).as_chunks::<8>());
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for (c, (x0, x1)) in k0.0.iter().zip(k1.0).enumerate() {
+            let kv = [load(x0), load(x1)];
+            for (acc, q) in acc.iter_mut().zip(&q) {
+                let qv = load(q[c * 8..][..8].try_into().unwrap());
+                acc[0] = _mm256_fmadd_ps(qv, kv[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(qv, kv[1], acc[1]);
+            }
+        }
+        if full * 8 < e {
+            let kv = [load_padded(k0.1), load_padded(k1.1)];
+            for (acc, &qv) in acc.iter_mut().zip(&q_tail) {
+                acc[0] = _mm256_fmadd_ps(qv, kv[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(qv, kv[1], acc[1]);
+            }
+        }
+        for h in 0..2 {
+            let s = reduce4(acc.map(|a| a[h]));
+            for (r, &s) in s.iter().enumerate() {
+                out[r * BK + j + h] = s;
+            }
+        }
+        j += 2;
+    }
+    if j < n {
+        let (kc, kt) = key(j).as_chunks::<8>();
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for (c, x) in kc.iter().enumerate() {
+            let kv = load(x);
+            for (acc, q) in acc.iter_mut().zip(&q) {
+                *acc = _mm256_fmadd_ps(load(q[c * 8..][..8].try_into().unwrap()), kv, *acc);
+            }
+        }
+        if full * 8 < e {
+            let kv = load_padded(kt);
+            for (acc, &qv) in acc.iter_mut().zip(&q_tail) {
+                *acc = _mm256_fmadd_ps(qv, kv, *acc);
+            }
+        }
+        for (r, &s) in reduce4(acc).iter().enumerate() {
+            out[r * BK + j] = s;
         }
     }
 }

@@ -13,7 +13,8 @@
 //! the form that vectorises over `d` for row-major keys. It depends on the query length only
 //! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit.
 
-use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK};
+use super::fast::VBlock;
+use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK, MR, NR};
 use super::{AttnFloat, AttnSpec, TaskInputs};
 use crate::kernels::simd::Task;
 
@@ -75,6 +76,11 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let width = c1 - c0;
         p.scores = vec![T::NEG_INFINITY; if self.weights { rows * width } else { 0 }];
         let mut scores = vec![T::ZERO; rows * BK];
+        let mut alpha = vec![T::ONE; rows];
+        // The explicit kernels (`fast.rs`), where they exist, for whole groups of MR rows.
+        let fast = T::detect();
+        let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
+        let fast_rows = if fast.is_some() && e > 0 { rows / MR * MR } else { 0 };
 
         let (lo, hi) = key_range(sp, offset, 0, l - 1);
         let (lo, hi) = (lo.max(c0), hi.min(c1).max(lo.max(c0)));
@@ -86,24 +92,69 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 k0 += cols; // a fully padded key block: nothing to compute
                 continue;
             }
+            if let Some(token) = fast.filter(|_| fast_rows > 0) {
+                let k_block = &self.at.k[k_base + k0 * sp.k.row..];
+                for r in (0..fast_rows).step_by(MR) {
+                    T::dots(
+                        token,
+                        &qs[r * e..(r + MR) * e],
+                        e,
+                        k_block,
+                        sp.k.row,
+                        cols,
+                        &mut scores[r * BK..],
+                    );
+                }
+            }
+            for r in fast_rows..rows {
+                dots(&qs[r * e..(r + 1) * e], |j| k_row(k0 + j), &mut scores[r * BK..r * BK + cols]);
+            }
             for r in 0..rows {
                 let (i, h) = (r / group, head_of(r));
                 let srow = &mut scores[r * BK..r * BK + cols];
-                dots(&qs[r * e..(r + 1) * e], |j| k_row(k0 + j), srow);
                 let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                 let row_max = mask_row(sp, masks, at, srow);
                 if self.weights {
                     p.scores[r * width + k0 - c0..][..cols].copy_from_slice(srow);
                 }
-                // As in the tiled path: NaN propagates; a row with no valid key yet is left alone.
+                // As in the tiled path: NaN propagates; a row with no valid key yet adds nothing
+                // (its probabilities are −0.0, its accumulator is scaled by 1).
                 let m_new = if row_max.is_nan() || row_max > p.m[r] { row_max } else { p.m[r] };
                 if m_new == T::NEG_INFINITY {
+                    srow.fill(-T::ZERO);
+                    alpha[r] = T::ONE;
                     continue;
                 }
-                let alpha = (p.m[r] - m_new).exp_nonpositive();
-                p.sum[r] = p.sum[r] * alpha + probabilities(srow, m_new);
+                alpha[r] = (p.m[r] - m_new).exp_nonpositive();
+                let block_sum = match fast {
+                    Some(token) => T::probabilities(token, srow, m_new),
+                    None => probabilities(srow, m_new),
+                };
+                p.sum[r] = p.sum[r] * alpha[r] + block_sum;
                 p.m[r] = m_new;
-                add_pv(srow, alpha, &mut p.acc[r * ev..(r + 1) * ev], |j| v_row(k0 + j));
+            }
+            // P·V: the explicit tiles where every value is finite (there fma(−0.0, v, acc) = acc,
+            // so masked pairs need no skipping), else row by row, skipping them.
+            let mut pv_rows = 0;
+            let finite = || (k0..k0 + cols).all(|j| v_row(j).iter().fold(true, |all, x| all & x.is_finite()));
+            if let Some(token) = fast_pv.filter(|_| fast_rows > 0 && finite()) {
+                let v = &self.at.v[v_base + k0 * sp.v.row..];
+                let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
+                for r in (0..fast_rows).step_by(MR) {
+                    T::pv(
+                        token,
+                        &scores[r * BK..],
+                        &alpha[r..r + MR],
+                        &mut p.acc[r * ev..(r + MR) * ev],
+                        &vb,
+                    );
+                }
+                pv_rows = fast_rows;
+            }
+            for r in pv_rows..rows {
+                add_pv(&scores[r * BK..r * BK + cols], alpha[r], &mut p.acc[r * ev..(r + 1) * ev], |j| {
+                    v_row(k0 + j)
+                });
             }
             k0 += cols;
         }

@@ -12,7 +12,17 @@
 //! without kernels have an uninhabited token: `detect` returns `None` and the kernels are never
 //! called.
 
-use super::tile::PvBlock;
+/// The values of one key block for [`Explicit::pv`]: value column `c·NR + t` of the block's key
+/// `j` is `v[j·key_stride + c·strip_stride + t]`, for keys `0..cols` and `ev` columns. Packed
+/// strips (`tile.rs`) have `key_stride = NR`; rows as they lie (`decode.rs`) have
+/// `strip_stride = NR`.
+pub struct VBlock<'a, T> {
+    pub v: &'a [T],
+    pub key_stride: usize,
+    pub strip_stride: usize,
+    pub cols: usize,
+    pub ev: usize,
+}
 
 /// A token that cannot exist: the kernels of a type that has none.
 #[derive(Clone, Copy)]
@@ -53,8 +63,14 @@ pub trait Explicit: Sized + Copy {
     /// The same as `tile::probabilities`.
     fn probabilities(t: Self::Token, row: &mut [Self], m: Self) -> Self;
 
-    /// The same as `tile::pv_tiles` for `MR` rows, where `vb.ev` is a multiple of `NR`.
-    fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], vb: &PvBlock<'_, Self>);
+    /// `out[r] = alpha[r] · out[r] + Σ_j p[r·BK + j] v_j` for `MR` rows, keys in order: the same
+    /// as `tile::pv_tiles`, and as `decode::add_pv` where every value is finite. `vb.ev` must be
+    /// a multiple of `NR`.
+    fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], vb: &VBlock<'_, Self>);
+
+    /// `out[r·BK + j] = q_r · k_j` for `MR` query rows (`q`, rows `e` apart) and the keys
+    /// `k[j·stride..][..e]`, `j < n`: the same as `decode::dots`, each key read once for all rows.
+    fn dots(t: Self::Token, q: &[Self], e: usize, k: &[Self], stride: usize, n: usize, out: &mut [Self]);
 }
 
 macro_rules! no_kernels {
@@ -70,7 +86,10 @@ macro_rules! no_kernels {
             fn probabilities(t: Never, _: &mut [Self], _: Self) -> Self {
                 match t {}
             }
-            fn pv(t: Never, _: &[Self], _: &[Self], _: &mut [Self], _: &PvBlock<'_, Self>) {
+            fn pv(t: Never, _: &[Self], _: &[Self], _: &mut [Self], _: &VBlock<'_, Self>) {
+                match t {}
+            }
+            fn dots(t: Never, _: &[Self], _: usize, _: &[Self], _: usize, _: usize, _: &mut [Self]) {
                 match t {}
             }
         }
@@ -97,7 +116,11 @@ impl Explicit for f32 {
         t.probabilities(row, m)
     }
     #[inline(always)]
-    fn pv(t: Self::Token, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &PvBlock<'_, f32>) {
+    fn pv(t: Self::Token, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
         t.pv(p, alpha, out, vb)
+    }
+    #[inline(always)]
+    fn dots(t: Self::Token, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+        t.dots(q, e, k, stride, n, out)
     }
 }

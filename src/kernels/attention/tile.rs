@@ -19,7 +19,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::fast::ScoreBlock;
+use super::fast::{ScoreBlock, VBlock};
 use super::{AttnFloat, AttnSpec, Masks, TaskInputs};
 use crate::kernels::simd::Task;
 
@@ -98,7 +98,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             && masks.float_mask.is_none()
             && masks.bool_mask.is_none();
         let fast_scores = fast.filter(|_| simple_masks);
-        let fast_pv = fast.filter(|_| ev.is_multiple_of(NR));
+        let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
         let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
         // Which value rows are finite: where all of a block's are, masked pairs need no skipping.
         let v_finite: Vec<bool> = (0..s)
@@ -226,7 +226,11 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                         let out = &mut acc[r0 * ev..(r0 + MR) * ev];
                         let (p, alpha) = (&scores[r0 * BK + col0..], &alpha[r0..r0 + MR]);
                         match fast_pv {
-                            Some(token) => T::pv(token, p, alpha, out, &vb),
+                            Some(token) => {
+                                let v = &vstrips[col0 * NR..]; // whole strips: ev is a multiple of NR
+                                let vb = VBlock { v, key_stride: NR, strip_stride: BK * NR, cols, ev };
+                                T::pv(token, p, alpha, out, &vb)
+                            }
                             None => pv_tiles::<T, MR>(p, alpha, out, &vb, &v_block),
                         }
                     }
