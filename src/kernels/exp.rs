@@ -6,7 +6,7 @@
 //! next to a weight of 1 changes nothing), `exp(-inf) = 0`, and NaN stays NaN. Softmax arguments
 //! are never positive (scores minus their maximum), so overflow is not handled.
 //!
-//! float32: Cephes `expf` (S. Moshier), within 2 ulp. float64: Taylor polynomial of degree 13,
+//! float32: Cephes `expf` (S. Moshier) evaluated with fused multiply-adds, within 2 ulp. float64: Taylor polynomial of degree 13,
 //! whose truncation error on `|r| <= ln 2 / 2` is below 2^-57, within 2 ulp.
 
 /// `exp(x)` for `x <= 0` (or NaN), as described in the module documentation.
@@ -40,14 +40,14 @@ impl Exp for f32 {
         use f32_consts::*;
         let x = self.max(MIN); // keeps 2^n normal; NaN stays NaN (max ignores it only if both are)
         let x = if self.is_nan() { self } else { x };
-        let shifted = x * LOG2E + ROUNDER;
+        let shifted = x.mul_add(LOG2E, ROUNDER);
         let n = shifted - ROUNDER;
-        let r = x - n * LN2_HI - n * LN2_LO;
+        let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
         let mut p = POLY[0];
-        for c in &POLY[1..] {
-            p = p * r + c;
+        for &c in &POLY[1..] {
+            p = p.mul_add(r, c);
         }
-        let e_r = p * r * r + r + 1.0;
+        let e_r = p.mul_add(r * r, r) + 1.0;
         // 2^n from the bits of `shifted` = 1.5 * 2^23 + n, whose low bits hold n as an integer:
         // integer vector operations only (`n as i32` would be a scalar, saturating conversion).
         let two_n = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);

@@ -6,7 +6,7 @@
 //! - masking is a select to −inf after all arithmetic; a row's maximum ignores NaN and a NaN
 //!   flag is kept apart (the order of a maximum cannot matter here: a score is never −0, since a
 //!   chain of fused multiply-adds from +0 only reaches zero as +0);
-//! - `exp` is `Exp::exp_nonpositive` step by step (separate multiplies and adds, no FMA);
+//! - `exp` is `Exp::exp_nonpositive` step by step (the same fused multiply-adds);
 //! - sums run in eight lanes over the row's elements in order, the tail added to the first
 //!   lanes, then `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`;
 //! - P·V is `out · alpha` followed by the chain `fma(p_j, v_j, ·)` over the keys in order.
@@ -157,17 +157,15 @@ fn exp8(x: __m256) -> __m256 {
     let rounder = _mm256_set1_ps(c::ROUNDER);
     // max(MIN, x) is x when x is NaN (the instruction returns its second operand then).
     let xm = _mm256_max_ps(min, x);
-    let shifted = _mm256_add_ps(_mm256_mul_ps(xm, _mm256_set1_ps(c::LOG2E)), rounder);
+    let shifted = _mm256_fmadd_ps(xm, _mm256_set1_ps(c::LOG2E), rounder);
     let n = _mm256_sub_ps(shifted, rounder);
-    let r = _mm256_sub_ps(
-        _mm256_sub_ps(xm, _mm256_mul_ps(n, _mm256_set1_ps(c::LN2_HI))),
-        _mm256_mul_ps(n, _mm256_set1_ps(c::LN2_LO)),
-    );
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-c::LN2_HI), xm);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-c::LN2_LO), r);
     let mut p = _mm256_set1_ps(c::POLY[0]);
     for &k in &c::POLY[1..] {
-        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(k));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(k));
     }
-    let e_r = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0));
+    let e_r = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
     let bits = _mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127));
     let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits));
     // +0 below MIN.
