@@ -309,10 +309,10 @@ def test_bad_input_raises_the_contract_exception(name, call, exc, pattern):
 
 
 @pytest.mark.parametrize("s", [300, 1300])
-@pytest.mark.parametrize("length", [1, 3, 8, 9])
+@pytest.mark.parametrize("length", [1, 3, 16, 17])
 def test_decode_shapes_keep_every_promise(length, s, threads):
-    """Decode-like calls: the short-query path (L <= 8; S = 1300 splits the keys into three
-    chunks merged at the end) and, at L = 9, the tiled path."""
+    """Decode-like calls: the short-query path (L <= 16; S = 1300 splits the keys into three
+    chunks merged at the end) and, at L = 17, the tiled path."""
     q, k, v = qkv(b=2, hq=8, hkv=2, length=length, s=s, e=24, ev=40)
     km = np.ones((2, s), bool)
     km[:, ::7] = False
@@ -349,7 +349,7 @@ def test_fast_path_for_plain_calls_gives_the_full_paths_bits():
 
 
 def explicit_kernel_calls(length, s, e, ev, hq, hkv):
-    """float32 calls that go through every explicit kernel and around it."""
+    """float32 calls that go through every explicit kernel and around it (L <= 16: decode path)."""
     q, k, v = qkv(b=2, hq=hq, hkv=hkv, length=length, s=s, e=e, ev=ev, seed=length + s)
     km = np.ones((2, s), bool)
     km[0, ::5] = False
@@ -374,8 +374,8 @@ def explicit_kernel_calls(length, s, e, ev, hq, hkv):
 
 
 @pytest.mark.parametrize("length,s,e,ev,hq,hkv", [
-    (9, 7, 5, 16, 4, 2), (37, 300, 64, 64, 4, 2), (70, 130, 33, 20, 4, 2), (130, 257, 8, 48, 4, 2),  # tiled
-    (1, 700, 64, 64, 8, 2), (1, 300, 13, 32, 4, 1), (3, 1100, 24, 40, 4, 2), (8, 129, 64, 16, 2, 2),  # decode
+    (17, 7, 5, 16, 4, 2), (37, 300, 64, 64, 4, 2), (70, 130, 33, 20, 4, 2), (130, 257, 8, 48, 4, 2),  # tiled
+    (1, 700, 64, 64, 8, 2), (1, 300, 13, 32, 4, 1), (3, 1100, 24, 40, 4, 2), (16, 129, 64, 16, 2, 2),  # decode
 ])
 def test_explicit_kernels_give_the_portable_bits(length, s, e, ev, hq, hkv):
     """The AVX2 kernels (fast.rs) against the generic code they replace, on both paths."""

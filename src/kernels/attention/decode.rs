@@ -19,7 +19,7 @@ use super::{AttnFloat, AttnSpec, TaskInputs};
 use crate::kernels::simd::Task;
 
 /// The longest query that takes this path.
-pub(super) const MAX_QUERIES: usize = 8;
+pub(super) const MAX_QUERIES: usize = 16;
 /// Keys per chunk, a multiple of `BK`.
 pub(super) const CHUNK: usize = 512;
 
@@ -213,9 +213,26 @@ fn add_pv<'v, T: AttnFloat + 'v>(p: &[T], alpha: T, acc: &mut [T], v_row: impl F
     }
 }
 
+/// The merge of one (batch, key/value head)'s chunks into its heads' outputs, as a [`Task`] so
+/// that its fused multiply-adds compile to instructions where the CPU has them (outside, they
+/// are library calls).
+pub(super) struct Merge<'c, 'a, 'h, 'o, T> {
+    pub spec: &'a AttnSpec,
+    pub chunks: &'c [Chunk<'a, T>],
+    pub heads: &'h mut [HeadOut<'o, T>],
+}
+
+impl<T: AttnFloat> Task for Merge<'_, '_, '_, '_, T> {
+    #[inline(always)]
+    fn run(&mut self) {
+        merge(self.spec, self.chunks, self.heads)
+    }
+}
+
 /// Combines the chunks of one (batch, key/value head), in chunk order, into the outputs of its
 /// query heads: with `M` the largest chunk maximum and `w_c = exp(m_c − M)`,
 /// `out = Σ acc_c w_c / Σ sum_c w_c`, `lse = M + ln Σ sum_c w_c`, `weights = exp(s − M) / Σ sum_c w_c`.
+#[inline(always)]
 pub(super) fn merge<T: AttnFloat>(spec: &AttnSpec, chunks: &[Chunk<'_, T>], heads: &mut [HeadOut<'_, T>]) {
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
     let group = heads.len();

@@ -22,7 +22,7 @@
 //!
 //! Parallel split: one task per (batch, key/value head), holding the rows of every query head that
 //! shares it and walking its query blocks and key blocks in a fixed order (`tile.rs`); for short
-//! queries (`L <= 8`, decode) one task per (batch, key/value head, chunk of 512 keys) and a merge
+//! queries (`L <= 16`, decode) one task per (batch, key/value head, chunk of 512 keys) and a merge
 //! of the chunks in order (`decode.rs`). Neither split depends on the thread count, so neither do
 //! the results.
 
@@ -369,8 +369,9 @@ pub fn attention<T: AttnFloat>(
             .collect();
         let mut groups: Vec<Vec<tile::HeadOut<'_, T>>> =
             (0..spec.batch * spec.heads_kv).map(|_| heads.by_ref().take(group).collect()).collect();
-        let merge =
-            |(c, h): (&[decode::Chunk<'_, T>], &mut Vec<tile::HeadOut<'_, T>>)| decode::merge(spec, c, h);
+        let merge = |(chunks, heads): (&[decode::Chunk<'_, T>], &mut Vec<tile::HeadOut<'_, T>>)| {
+            simd::task(&mut decode::Merge { spec, chunks, heads })
+        };
         match parallel {
             Some(pool) if chunks.len() > 1 => pool.install(|| {
                 chunks.par_iter_mut().for_each(simd::task);
