@@ -53,6 +53,13 @@ impl Avx2 {
         unsafe { pv(p, alpha, out, vb) }
     }
 
+    /// See [`Explicit::pack_keys`](super::fast::Explicit::pack_keys).
+    #[inline(always)]
+    pub(super) fn pack_keys(self, k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
+        // SAFETY: as in `scores`.
+        unsafe { pack_keys(k, stride, e, n, kt) }
+    }
+
     /// See [`Explicit::dots`](super::fast::Explicit::dots).
     #[inline(always)]
     pub(super) fn dots(self, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
@@ -321,6 +328,75 @@ fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]
         }
         for (r, &s) in reduce4(acc).iter().enumerate() {
             out[r * BK + j] = s;
+        }
+    }
+}
+
+/// Rows `r[0..8]` transposed: `out[d][i] = r[i][d]`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+    ]
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn pack_keys(k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
+    if n == 0 || e == 0 {
+        return;
+    }
+    assert!(k.len() >= (n - 1) * stride + e && kt.len() >= n.next_multiple_of(NR) * e);
+    let key = |j: usize| &k[j * stride..j * stride + e];
+    // Eight keys by eight dimensions at a time, transposed in registers; what is left, one by one.
+    let (groups, dims) = (n / 8 * 8, e / 8 * 8);
+    for j0 in (0..groups).step_by(8) {
+        let rows: [&[f32]; 8] = std::array::from_fn(|i| key(j0 + i));
+        let (strip, n0) = (j0 / NR, j0 % NR);
+        let dst = &mut kt[strip * e * NR..(strip + 1) * e * NR];
+        for d0 in (0..dims).step_by(8) {
+            let cols = transpose8(rows.map(|r| load(r[d0..d0 + 8].try_into().unwrap())));
+            for (d, col) in cols.into_iter().enumerate() {
+                store((&mut dst[(d0 + d) * NR + n0..][..8]).try_into().unwrap(), col);
+            }
+        }
+        for (i, row) in rows.iter().enumerate() {
+            for (d, &x) in row.iter().enumerate().skip(dims) {
+                dst[d * NR + n0 + i] = x;
+            }
+        }
+    }
+    for j in groups..n {
+        let (strip, n0) = (j / NR, j % NR);
+        for (d, &x) in key(j).iter().enumerate() {
+            kt[(strip * e + d) * NR + n0] = x;
         }
     }
 }

@@ -68,6 +68,10 @@ pub trait Explicit: Sized + Copy {
     /// a multiple of `NR`.
     fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], vb: &VBlock<'_, Self>);
 
+    /// `kt[(j / NR · e + d) · NR + j % NR] = k[j · stride + d]` for keys `j < n` and `d < e`: the
+    /// keys transposed into strips of `NR`, as `tile.rs` packs them.
+    fn pack_keys(t: Self::Token, k: &[Self], stride: usize, e: usize, n: usize, kt: &mut [Self]);
+
     /// `out[r·BK + j] = q_r · k_j` for `MR` query rows (`q`, rows `e` apart) and the keys
     /// `k[j·stride..][..e]`, `j < n`: the same as `decode::dots`, each key read once for all rows.
     fn dots(t: Self::Token, q: &[Self], e: usize, k: &[Self], stride: usize, n: usize, out: &mut [Self]);
@@ -90,6 +94,9 @@ macro_rules! no_kernels {
                 match t {}
             }
             fn dots(t: Never, _: &[Self], _: usize, _: &[Self], _: usize, _: usize, _: &mut [Self]) {
+                match t {}
+            }
+            fn pack_keys(t: Never, _: &[Self], _: usize, _: usize, _: usize, _: &mut [Self]) {
                 match t {}
             }
         }
@@ -122,5 +129,9 @@ impl Explicit for f32 {
     #[inline(always)]
     fn dots(t: Self::Token, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
         t.dots(q, e, k, stride, n, out)
+    }
+    #[inline(always)]
+    fn pack_keys(t: Self::Token, k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
+        t.pack_keys(k, stride, e, n, kt)
     }
 }

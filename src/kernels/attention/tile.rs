@@ -63,21 +63,31 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
 
         // K is packed once per task, transposed, as strips of NR keys: strip t of key block n
         // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
+        // Only keys before `keys_end` are ever read.
+        let fast = T::detect();
+        let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
         let n_blocks = s.div_ceil(BK);
         let packed = n_blocks * BK;
         let mut kt = vec![T::ZERO; packed * e];
-        for j in 0..packed.min(s) {
-            let (strip, n) = (j / NR, j % NR);
-            let row = &self.at.k[k_base + j * sp.k.row..][..e];
-            for (d, &x) in row.iter().enumerate() {
-                kt[(strip * e + d) * NR + n] = x;
+        match fast {
+            Some(token) if keys_end > 0 => {
+                T::pack_keys(token, &self.at.k[k_base..], sp.k.row, e, keys_end, &mut kt)
+            }
+            _ => {
+                for j in 0..keys_end {
+                    let (strip, n) = (j / NR, j % NR);
+                    let row = &self.at.k[k_base + j * sp.k.row..][..e];
+                    for (d, &x) in row.iter().enumerate() {
+                        kt[(strip * e + d) * NR + n] = x;
+                    }
+                }
             }
         }
-        // V packed likewise when all of it is finite (the fast path): for key block n and output
-        // columns c·NR.., `vt[j][0..NR]` for its keys, contiguous (`BK x NR`).
+        // V packed likewise: for key block n and output columns c·NR.., `vt[j][0..NR]` for its
+        // keys, contiguous (`BK x NR`).
         let ev_strips = ev / NR;
-        let mut vt = vec![T::ZERO; packed * ev_strips * NR];
-        for j in 0..packed.min(s) {
+        let mut vt = vec![T::ZERO; keys_end.div_ceil(BK) * BK * ev_strips * NR];
+        for j in 0..keys_end {
             let (block, jj) = (j / BK, j % BK);
             let row = &self.at.v[v_base + j * sp.v.row..][..ev];
             for c in 0..ev_strips {
@@ -92,13 +102,11 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let (mut m, mut sum, mut alpha) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ], [T::ONE; BQ]);
         // The explicit kernels, where they exist (`fast.rs`); the score kernel handles causal and
         // window bounds and key padding, nothing else.
-        let fast = T::detect();
         let simple_masks = sp.softcap.is_none()
             && masks.alibi.is_none()
             && masks.float_mask.is_none()
             && masks.bool_mask.is_none();
         let fast_scores = fast.filter(|_| simple_masks);
-        let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
         let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
         // Which value rows are finite: where all of a block's are, masked pairs need no skipping.
         let v_finite: Vec<bool> = (0..s)
