@@ -7,7 +7,11 @@
 //! same operations in the same order and give the same bits; the tests run each kernel on both
 //! ([`set_enabled`]).
 //!
-//! `unsafe` code lives here (calling the AVX2 functions, prefetch), in
+//! Attention also has explicit AVX2 + FMA kernels for float32 (`attention/avx2.rs`, reached through
+//! `attention/fast.rs`), which compute the same operations as the generic code in the same order.
+//!
+//! `unsafe` code lives here (calling the AVX2 functions, prefetch), in `attention/avx2.rs`
+//! (entering its kernels, vector loads and stores of whole arrays), in
 //! [`output`](super::output) (a buffer's length set after a kernel filled it) and in the binding's
 //! `arrays.rs` (a fresh NumPy array's memory handed to a kernel), each block with a `SAFETY` note.
 
