@@ -1,6 +1,6 @@
 """Command line.
 
-``python -m attnkit bench [--quick] [--threads 1 2] [--json FILE]``: each kernel's speed against
+``python -m attnkit bench [--quick] [--threads 1 2] [--json FILE] [--plot FILE.png]``: each kernel's speed against
 NumPy and PyTorch. ``python -m attnkit demo [SENTENCE] [--plot FILE.png]``: static embeddings
 become contextual ones through self-attention.
 """
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (about a minute)")
     bench.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
     bench.add_argument("--json", metavar="FILE", help="save the figures as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw the ratios to PyTorch (needs matplotlib)")
     demo = commands.add_parser("demo", help="self-attention on the words of a sentence")
     demo.add_argument("sentence", nargs="?", help="the sentence (default: a sentence with two kinds of bank)")
     demo.add_argument("--plot", metavar="FILE.png", help="save the attention map (needs matplotlib)")
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if any(n < 1 for n in args.threads):
             parser.error("--threads: thread counts must be positive")
-        _bench.run(quick=args.quick, threads=tuple(args.threads), json_path=args.json)
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                parser.error("--plot needs matplotlib (pip install matplotlib)")
+        _bench.run(quick=args.quick, threads=tuple(args.threads), json_path=args.json, plot_path=args.plot)
     return 0
 
 

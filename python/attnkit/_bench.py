@@ -32,6 +32,8 @@ class Case:
     ours: Fn
     peers: dict[str, Fn] = field(default_factory=dict)
     flops: float = 0.0  # floating-point operations of one call; when set, rows show GFLOP/s
+    kv_bytes: int = 0  # bytes of K and V one call reads (decode rows), for GB/s of K/V
+    repeats: int | None = None  # fewer interleaved repeats for the longest rows
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Row:
     ms: dict[str, float]  # median milliseconds per implementation
     rate: float  # attnkit's GB/s, or GFLOP/s for attention
     unit: str = "GB/s"
+    calibration: float | None = None  # GFLOP/s rows: the rate as a fraction of the calibration
+    kv_gbps: float | None = None  # decode rows: GB/s of K and V read
 
     def ratio(self, peer: str) -> float | None:
         return self.ms[peer] / self.ms["attnkit"] if peer in self.ms else None
@@ -66,15 +70,23 @@ def _time(fn: Fn, min_time: float) -> float:
 # OpenMP threads do) and slow whatever runs next on a 2-core machine; every implementation gets
 # this pause before it is timed, so none inherits another's spinning threads.
 SETTLE_SECONDS = 0.01
+# OpenBLAS's worker threads spin far longer (measured here: attnkit at 2 threads ran 1.8x slower
+# right after the NumPy peer, and was back to full speed 0.2-0.5 s later); with more than one BLAS
+# thread, the NumPy peer is followed by this pause.
+BLAS_SETTLE_SECONDS = 0.3
 
 
-def measure(case: Case, repeats: int, min_time: float) -> dict[str, float]:
+def measure(case: Case, repeats: int, min_time: float, blas_settle: float = 0.0) -> dict[str, float]:
+    """Median milliseconds per call of attnkit and each peer, interleaved; ``blas_settle`` is the pause
+    after the NumPy peer."""
     impls = {"attnkit": case.ours, **case.peers}
     samples: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(repeats):
         for name, fn in impls.items():  # interleaved: A B C A B C ...
             time.sleep(SETTLE_SECONDS)
             samples[name].append(_time(fn, min_time))
+            if name == "numpy":
+                time.sleep(blas_settle)
     return {name: 1e3 * statistics.median(s) for name, s in samples.items()}
 
 
@@ -183,6 +195,7 @@ def cases(quick: bool, torch: Any) -> list[Case]:
     out.append(tables)
 
     out.extend(attention_cases(quick, torch))
+    out.append(layer_case(quick, torch))
 
     # The harness against itself: the ratio shows the measurement noise.
     out.append(Case("A/A check (embedding)", emb.shape, emb.nbytes, emb.ours, {"attnkit again": emb.ours}))
@@ -192,14 +205,20 @@ def cases(quick: bool, torch: Any) -> list[Case]:
 # name, batch, query heads, key/value heads, L, S, E, mask ("pad", "causal" or "")
 ATTENTION_GRID = [
     ("BERT-base, padding", 8, 12, 12, 128, 128, 64, "pad"),
+    ("BERT-base 512, padding", 8, 12, 12, 512, 512, 64, "pad"),
     ("MiniLM, padding", 32, 12, 12, 128, 128, 32, "pad"),
     ("GPT-2 prefill", 1, 12, 12, 1024, 1024, 64, "causal"),
     ("Llama-3-8B prefill", 1, 32, 8, 2048, 2048, 128, "causal"),
+    ("long prefill", 1, 32, 8, 8192, 8192, 128, "causal"),
+    ("GPT-2 decode", 1, 12, 12, 1, 1024, 64, ""),
+    ("GPT-2 decode B8", 8, 12, 12, 1, 1024, 64, ""),
     ("Llama-3-8B decode", 1, 32, 8, 1, 4096, 128, ""),
     ("TinyLlama decode", 1, 32, 4, 1, 2048, 64, ""),
-    ("GPT-2 decode B8", 8, 12, 12, 1, 1024, 64, ""),
+    ("Llama-3-8B decode 8k", 1, 32, 8, 1, 8192, 128, ""),
     ("tiny", 1, 1, 1, 16, 16, 64, ""),
 ]
+# Rows above this many GFLOP per call get 3 interleaved repeats (the long prefill takes seconds).
+LONG_GFLOP = 100.0
 
 
 def _numpy_attention(q: Any, k: Any, v: Any, key_mask: Any, causal: bool) -> Any:
@@ -239,7 +258,8 @@ def attention_cases(quick: bool, torch: Any) -> list[Case]:
             return attnkit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, key_mask=km)
 
         case = Case(f"attention: {name}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", q.nbytes + k.nbytes + v.nbytes, ours,
-                    flops=flops)
+                    flops=flops, kv_bytes=k.nbytes + v.nbytes if length == 1 else 0,
+                    repeats=3 if flops > LONG_GFLOP * 1e9 else None)
         if b * hq * length * s <= 64 * 1024 * 1024:
 
             def numpy_peer(q: Any = q, k: Any = k, v: Any = v, km: Any = key_mask, c: bool = causal) -> object:
@@ -258,23 +278,65 @@ def attention_cases(quick: bool, torch: Any) -> list[Case]:
     return out
 
 
-def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str | None = None) -> list[Row]:
+def layer_case(quick: bool, torch: Any) -> Case:
+    """The MultiheadAttention layer on BERT-base shapes against torch.nn.MultiheadAttention (eval mode,
+    need_weights=False), both with the same weights and a padding mask."""
+    b, s, embed, heads = (2 if quick else 8), 128, 768, 12
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((b, s, embed), dtype=np.float32)
+    keep = np.arange(s)[None, :] < rng.integers(s // 2, s + 1, size=b)[:, None]
+    w = {"in_proj_weight": rng.standard_normal((3 * embed, embed), dtype=np.float32) / np.float32(np.sqrt(embed)),
+         "in_proj_bias": rng.standard_normal(3 * embed, dtype=np.float32) / 10,
+         "out_proj.weight": rng.standard_normal((embed, embed), dtype=np.float32) / np.float32(np.sqrt(embed)),
+         "out_proj.bias": rng.standard_normal(embed, dtype=np.float32) / 10}
+    layer = attnkit.MultiheadAttention.from_torch_state_dict(w, num_heads=heads)
+    flops = 2.0 * b * s * embed * embed * 4 + 4.0 * b * s * s * embed  # 4 projections + attention
+
+    def ours() -> object:
+        return layer(x, key_mask=keep)[0]
+
+    case = Case("MultiheadAttention layer", f"B{b} S{s} embed {embed} H{heads}", 2 * x.nbytes, ours, flops=flops)
+    if torch is not None:
+        peer = torch.nn.MultiheadAttention(embed, heads, batch_first=True).eval()
+        peer.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()})
+        tx, pad = torch.from_numpy(x), torch.from_numpy(~keep)
+
+        def theirs() -> object:
+            with torch.inference_mode():
+                return peer(tx, tx, tx, key_padding_mask=pad, need_weights=False)[0]
+
+        case.peers["torch"] = theirs
+    return case
+
+
+def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str | None = None,
+        plot_path: str | None = None) -> list[Row]:
     torch = _torch()
     repeats, min_time = (5, 0.02) if quick else (11, 0.05)
     print(f"attnkit {attnkit.__version__} | numpy {np.__version__} | torch {torch.__version__ if torch else 'not installed'}")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs | "
           f"{repeats} interleaved repeats, medians")
-    gflops = calibration_gflops(1024 if quick else 2048)
-    print(f"calibration: NumPy float32 matmul {gflops:.0f} GFLOP/s (NumPy's default BLAS threads)\n")
-    time.sleep(1.0)  # OpenBLAS's threads spin for a while after the matmul; let them go idle first
     limiter = _blas_limiter()
+    # The calibration at each thread count (BLAS pinned to it), so each row's fraction compares like
+    # with like.
+    calibration: dict[int, float] = {}
+    for n in threads:
+        if limiter is not None:
+            with limiter(limits=n, user_api="blas"):
+                calibration[n] = calibration_gflops(1024 if quick else 2048)
+        else:
+            calibration[n] = calibration_gflops(1024 if quick else 2048)
+    pinned = "BLAS pinned to the thread count" if limiter else "NumPy's default BLAS threads"
+    print("calibration: NumPy float32 matmul " + ", ".join(f"{g:.0f} GFLOP/s at {n} thread{'s' * (n > 1)}"
+                                                            for n, g in calibration.items()) + f" ({pinned})\n")
+    time.sleep(1.0)  # OpenBLAS's threads spin for a while after the matmul; let them go idle first
     if limiter is None:
         print("note: NumPy's BLAS threads are not controlled (install threadpoolctl to pin them per row)\n")
     rows: list[Row] = []
     before = attnkit.get_num_threads()
     torch_before = torch.get_num_threads() if torch else None
-    header = (f"{'kernel':<36}{'shape':<28}{'thr':>4}{'attnkit ms':>12}{'rate':>12}{'numpy ms':>10}{'torch ms':>10}"
-              f"{'vs numpy':>10}{'vs torch':>10}")
+    header = (f"{'kernel':<36}{'shape':<28}{'thr':>4}{'attnkit ms':>12}{'rate':>12}{'of cal':>8}{'K/V GB/s':>10}"
+              f"{'numpy ms':>10}{'torch ms':>10}{'vs numpy':>10}{'vs torch':>10}")
     print(header)
     print("-" * len(header))
     try:
@@ -284,14 +346,18 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
             if torch:
                 torch.set_num_threads(n)
             for case in all_cases:
+                reps = min(repeats, case.repeats or repeats)
+                settle = BLAS_SETTLE_SECONDS if n > 1 else 0.0
                 if limiter is not None:
                     with limiter(limits=n, user_api="blas"):
-                        ms = measure(case, repeats, min_time)
+                        ms = measure(case, reps, min_time, settle)
                 else:
-                    ms = measure(case, repeats, min_time)
+                    ms = measure(case, reps, min_time, BLAS_SETTLE_SECONDS)
                 seconds = ms["attnkit"] / 1e3
                 if case.flops:
-                    row = Row(case.kernel, case.shape, n, ms, case.flops / seconds / 1e9, "GF/s")
+                    gflops = case.flops / seconds / 1e9
+                    row = Row(case.kernel, case.shape, n, ms, gflops, "GF/s", gflops / calibration[n],
+                              case.kv_bytes / seconds / 1e9 if case.kv_bytes else None)
                 else:
                     row = Row(case.kernel, case.shape, n, ms, case.nbytes / seconds / 1e9)
                 rows.append(row)
@@ -304,8 +370,11 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     print("in the A/A rows the torch columns hold attnkit timed a second time (the harness's noise)")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"calibration_gflops": gflops, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"calibration_gflops": calibration, "rows": [asdict(r) for r in rows]}, f, indent=1)
         print(f"saved {json_path}")
+    if plot_path:
+        plot(rows, plot_path)
+        print(f"saved {plot_path}")
     return rows
 
 
@@ -317,6 +386,37 @@ def _format(row: Row) -> str:
     peer_ms = row.ms.get("numpy"), row.ms.get("torch", row.ms.get("attnkit again"))
     torch_ratio = row.ratio("torch") or row.ratio("attnkit again")
     rate = f"{row.rate:.1f} {row.unit}"
+    fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
+    kv = "-" if row.kv_gbps is None else f"{row.kv_gbps:.1f}"
     return (f"{row.kernel:<36}{row.shape:<28}{row.threads:>4}{row.ms['attnkit']:>12.3f}{rate:>12}"
-            f"{cell(peer_ms[0], 10)}{cell(peer_ms[1], 10)}"
+            f"{fraction:>8}{kv:>10}{cell(peer_ms[0], 10)}{cell(peer_ms[1], 10)}"
             f"{cell(row.ratio('numpy'), 10, 'x')}{cell(torch_ratio, 10, 'x')}")
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Bars of each row's speed ratio to PyTorch (and NumPy where PyTorch is absent), one group per
+    thread count, saved to ``path``. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = sorted({r.threads for r in rows})
+    kernels = list(dict.fromkeys(r.kernel for r in rows if not r.kernel.startswith("A/A")))
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(kernels) * len(threads) + 1.5))
+    height = 0.8 / len(threads)
+    for t, n in enumerate(threads):
+        by_kernel = {r.kernel: r for r in rows if r.threads == n}
+        ratios = []
+        for k in kernels:
+            r = by_kernel.get(k)
+            ratios.append((r.ratio("torch") or r.ratio("numpy") or 0.0) if r else 0.0)
+        ax.barh([i + t * height for i in range(len(kernels))], ratios, height, label=f"{n} thread{'s' * (n > 1)}")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(kernels))], kernels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed relative to PyTorch (NumPy where PyTorch has no peer); > 1: attnkit is faster")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
