@@ -29,5 +29,10 @@ def test_kernel(benchmark, case, impl, threads):
         torch.set_num_threads(threads)
     benchmark.group = f"{case.kernel} {case.shape} {threads} thread(s)"
     benchmark.extra_info["GB"] = case.nbytes / 1e9
+    if case.flops:
+        benchmark.extra_info["GFLOP"] = case.flops / 1e9
     fn = case.ours if impl == "attnkit" else case.peers[impl]
-    benchmark(fn)
+    if case.repeats:  # the longest rows (seconds a call): a few rounds, not pytest-benchmark's default
+        benchmark.pedantic(fn, rounds=case.repeats, iterations=1, warmup_rounds=0)
+    else:
+        benchmark(fn)

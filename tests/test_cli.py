@@ -54,3 +54,31 @@ def test_bench_cases_are_well_formed():
         assert case.kernel and callable(case.ours)
     with pytest.raises(SystemExit):
         main(["bench", "--threads", "0"])
+
+
+def test_bench_rows_show_the_fraction_of_calibration_and_kv_bandwidth():
+    row = _bench.Row("attention: x", "B1", 2, {"attnkit": 2.0, "torch": 3.0}, 50.0, "GF/s", calibration=0.25, kv_gbps=12.5)
+    text = _bench._format(row)
+    assert "25%" in text and "12.5" in text and "1.50x" in text
+    plain = _bench._format(_bench.Row("embedding", "(4,)", 1, {"attnkit": 1.0}, 3.0))
+    assert "25%" not in plain and "1.50x" not in plain
+
+
+def test_bench_grid_has_the_layer_and_decode_bandwidth():
+    cases = {c.kernel: c for c in _bench.cases(quick=True, torch=None)}
+    layer = cases["MultiheadAttention layer"]
+    assert layer.flops > 0 and layer.ours().shape == (2, 128, 768)
+    assert cases["attention: GPT-2 decode"].kv_bytes == 2 * 12 * 1024 * 64 * 4
+    assert cases["attention: BERT-base, padding"].kv_bytes == 0  # prefill rows have no K/V column
+    # The full-size long prefill (not built here: its inputs take 200 MB) runs 3 repeats.
+    name, b, hq, hkv, length, s, e, mask = next(g for g in _bench.ATTENTION_GRID if g[0] == "long prefill")
+    assert 4.0 * b * hq * length * s * e / 2 > _bench.LONG_GFLOP * 1e9
+
+
+def test_bench_plot_draws_the_ratios(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_bench.Row("attention: a", "s", n, {"attnkit": 1.0, "torch": 1.5 * n}, 1.0) for n in (1, 2)]
+    rows.append(_bench.Row("embedding", "s", 1, {"attnkit": 1.0, "numpy": 2.0}, 1.0))
+    target = tmp_path / "bench.png"
+    _bench.plot(rows, str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
