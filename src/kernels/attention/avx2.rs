@@ -105,9 +105,10 @@ fn halves_mut(x: &mut [f32; NR]) -> [&mut [f32; 8]; 2] {
 #[target_feature(enable = "avx2,fma")]
 fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
     let (e, (t0, t1)) = (blk.e, blk.tiles);
-    let rows = blk.bounds.len();
+    let rows = blk.rows;
     assert!(rows.is_multiple_of(MR) && t0.is_multiple_of(NR) && t1.is_multiple_of(NR) && t1 <= BK);
-    assert!(blk.keep.len() >= t1 && max.len() >= rows && scores.len() >= rows * BK);
+    assert!(max.len() >= rows && scores.len() >= rows * BK);
+    assert!(blk.all_valid || blk.keep.len() >= t1 && blk.bounds.len() >= rows);
     let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
     let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for r0 in (0..rows).step_by(MR) {
@@ -128,20 +129,27 @@ fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32])
             }
             // Valid: the key is kept and the column lies in the row's bounds. Then the select,
             // the store, the maximum and the NaN flag, while the tile is in registers.
-            let (keep, _) = blk.keep[j0..j0 + NR].as_chunks::<8>();
-            let keep = [load_i32(&keep[0]), load_i32(&keep[1])];
-            let col = [0, 8].map(|h| _mm256_add_epi32(_mm256_set1_epi32((j0 + h) as i32), iota));
-            for (r, acc) in acc.iter().enumerate() {
-                let (lo, hi) = blk.bounds[r0 + r];
-                let (lo, hi) = (_mm256_set1_epi32(lo as i32), _mm256_set1_epi32(hi as i32));
+            let mut tile = acc;
+            if !blk.all_valid {
+                let (keep, _) = blk.keep[j0..j0 + NR].as_chunks::<8>();
+                let keep = [load_i32(&keep[0]), load_i32(&keep[1])];
+                let col = [0, 8].map(|h| _mm256_add_epi32(_mm256_set1_epi32((j0 + h) as i32), iota));
+                for (r, row) in tile.iter_mut().enumerate() {
+                    let (lo, hi) = blk.bounds[r0 + r];
+                    let (lo, hi) = (_mm256_set1_epi32(lo as i32), _mm256_set1_epi32(hi as i32));
+                    for (s, (&col, &keep)) in row.iter_mut().zip(col.iter().zip(&keep)) {
+                        // lo <= col < hi, i.e. not (lo > col) and (hi > col).
+                        let inside =
+                            _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, col), _mm256_cmpgt_epi32(hi, col));
+                        let valid = _mm256_castsi256_ps(_mm256_and_si256(inside, keep));
+                        *s = _mm256_blendv_ps(neg_inf, *s, valid);
+                    }
+                }
+            }
+            for (r, row) in tile.iter().enumerate() {
                 let out: &mut [f32; NR] = (&mut scores[(r0 + r) * BK + j0..][..NR]).try_into().unwrap();
-                for h in 0..2 {
-                    // lo <= col < hi, i.e. not (lo > col) and (hi > col).
-                    let inside =
-                        _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, col[h]), _mm256_cmpgt_epi32(hi, col[h]));
-                    let valid = _mm256_castsi256_ps(_mm256_and_si256(inside, keep[h]));
-                    let s = _mm256_blendv_ps(neg_inf, acc[h], valid);
-                    store(halves_mut(out)[h], s);
+                for (out, &s) in halves_mut(out).into_iter().zip(row) {
+                    store(out, s);
                     row_max[r] = _mm256_max_ps(s, row_max[r]); // keeps row_max where s is NaN
                     row_nan[r] = _mm256_or_ps(row_nan[r], _mm256_cmp_ps::<_CMP_UNORD_Q>(s, s));
                 }

@@ -39,8 +39,11 @@ pub struct ScoreBlock<'a, T> {
     pub e: usize,
     /// Block columns to compute, `[t0, t1)`, both multiples of `NR`.
     pub tiles: (usize, usize),
-    /// Per row (a multiple of `MR` of them), the block columns its causal and window bounds
-    /// allow, `[lo, hi)`.
+    /// Rows (a multiple of `MR`).
+    pub rows: usize,
+    /// Whether every pair of the tiles is valid (then `bounds` and `keep` are not read).
+    pub all_valid: bool,
+    /// Per row, the block columns its causal and window bounds allow, `[lo, hi)`.
     pub bounds: &'a [(usize, usize)],
     /// Per block column, −1 (all bits set) where the key may be attended: inside the key block's
     /// range and not padding.

@@ -160,22 +160,35 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
                 let kt_block = &kt[block * BK * e..(block + 1) * BK * e];
                 if let Some(token) = fast_scores {
+                    // Every pair valid (most blocks away from a causal diagonal, with no padding):
+                    // the tiles are exactly the columns, no key is padding, and the bounds of
+                    // the block's first row (the smallest upper bound) and last row (the largest
+                    // lower bound) hold them all. Else the masks, column by column and row by row.
+                    let (first, last) = (q0 / group, (q0 + rows - 1) / group);
+                    let all_valid = (t0, t1) == (col0, col0 + cols)
+                        && key_mask.is_none_or(|km| km[k0..k0 + cols].iter().all(|&x| x != 0))
+                        && key_range(sp, offset, last, last).0 <= k0
+                        && key_range(sp, offset, first, first).1 >= k0 + cols;
                     // Block column c is key block·BK + c.
                     let base = block * BK;
-                    for (c, kp) in keep.iter_mut().enumerate().take(t1).skip(t0) {
-                        let inside = (col0..col0 + cols).contains(&c);
-                        *kp = -i32::from(inside && key_mask.is_none_or(|km| km[base + c] != 0));
-                    }
-                    for (r, bound) in bounds[..padded].iter_mut().enumerate() {
-                        let i = (q0 + r.min(rows - 1)) / group;
-                        let (lo, hi) = key_range(sp, offset, i, i);
-                        *bound = (lo.saturating_sub(base).min(BK), hi.saturating_sub(base).min(BK));
+                    if !all_valid {
+                        for (c, kp) in keep.iter_mut().enumerate().take(t1).skip(t0) {
+                            let inside = (col0..col0 + cols).contains(&c);
+                            *kp = -i32::from(inside && key_mask.is_none_or(|km| km[base + c] != 0));
+                        }
+                        for (r, bound) in bounds[..padded].iter_mut().enumerate() {
+                            let i = (q0 + r.min(rows - 1)) / group;
+                            let (lo, hi) = key_range(sp, offset, i, i);
+                            *bound = (lo.saturating_sub(base).min(BK), hi.saturating_sub(base).min(BK));
+                        }
                     }
                     let blk = ScoreBlock {
                         q: &qpack[..padded * e],
                         kt: kt_block,
                         e,
                         tiles: (t0, t1),
+                        rows: padded,
+                        all_valid,
                         bounds: &bounds[..padded],
                         keep: &keep,
                     };
