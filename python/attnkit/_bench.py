@@ -107,6 +107,14 @@ def _blas_limiter() -> Any:
     return threadpool_limits
 
 
+def _blas_threads(limiter: Any, n: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` with NumPy's BLAS pinned to ``n`` threads (when threadpoolctl is installed)."""
+    if limiter is None:
+        return fn()
+    with limiter(limits=n, user_api="blas"):
+        return fn()
+
+
 def _torch() -> Any:
     try:
         import torch
@@ -319,13 +327,8 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     limiter = _blas_limiter()
     # The calibration at each thread count (BLAS pinned to it), so each row's fraction compares like
     # with like.
-    calibration: dict[int, float] = {}
-    for n in threads:
-        if limiter is not None:
-            with limiter(limits=n, user_api="blas"):
-                calibration[n] = calibration_gflops(1024 if quick else 2048)
-        else:
-            calibration[n] = calibration_gflops(1024 if quick else 2048)
+    size = 1024 if quick else 2048
+    calibration = {n: _blas_threads(limiter, n, lambda: calibration_gflops(size)) for n in threads}
     pinned = "BLAS pinned to the thread count" if limiter else "NumPy's default BLAS threads"
     print("calibration: NumPy float32 matmul " + ", ".join(f"{g:.0f} GFLOP/s at {n} thread{'s' * (n > 1)}"
                                                             for n, g in calibration.items()) + f" ({pinned})\n")
@@ -347,12 +350,9 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
                 torch.set_num_threads(n)
             for case in all_cases:
                 reps = min(repeats, case.repeats or repeats)
-                settle = BLAS_SETTLE_SECONDS if n > 1 else 0.0
-                if limiter is not None:
-                    with limiter(limits=n, user_api="blas"):
-                        ms = measure(case, reps, min_time, settle)
-                else:
-                    ms = measure(case, reps, min_time, BLAS_SETTLE_SECONDS)
+                # Unpinned, NumPy's BLAS runs on all cores, and spins.
+                settle = BLAS_SETTLE_SECONDS if n > 1 or limiter is None else 0.0
+                ms = _blas_threads(limiter, n, lambda: measure(case, reps, min_time, settle))
                 seconds = ms["attnkit"] / 1e3
                 if case.flops:
                     gflops = case.flops / seconds / 1e9

@@ -11,7 +11,10 @@
 //! Each score is the dot product `q · k` in eight lanes (lane `t` is the chain of fused
 //! multiply-adds over `d ≡ t (mod 8)`), added as `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`:
 //! the form that vectorises over `d` for row-major keys. It depends on the query length only
-//! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit.
+//! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit. For
+//! float32 on AVX2 + FMA, groups of four rows take explicit kernels (`fast.rs`): the dot products
+//! of four rows and two keys at a time, each key read once for all four, and P·V tiles where the
+//! values are finite.
 
 use super::fast::VBlock;
 use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK, MR, NR};

@@ -15,7 +15,10 @@
 //! any tile shape) gives the same bits.
 //!
 //! The loops are written in the shapes LLVM vectorises (fixed-size arrays, `zip`, `for`): small
-//! changes can make one scalar and cost half the speed, so measure after every edit.
+//! changes can make one scalar and cost half the speed, so measure after every edit. For float32
+//! on AVX2 + FMA, the K transpose, the score tiles with their masks, the probabilities and the
+//! P·V tiles run as explicit kernels instead (`fast.rs`, `avx2.rs`), with the same operations in
+//! the same order.
 
 use std::mem::MaybeUninit;
 
