@@ -1,8 +1,10 @@
 //! The float32 kernels of [`Explicit`](super::fast::Explicit) in AVX2 + FMA intrinsics.
 //!
-//! Each follows its generic counterpart in `tile.rs` operation for operation, so the two give
-//! the same bits:
-//! - a score is the chain `fma(q[d], k[d], ·)` over d = 0, 1, … from +0;
+//! Each follows its generic counterpart in `tile.rs` or `decode.rs` operation for operation, so
+//! the two give the same bits:
+//! - a tiled-path score is the chain `fma(q[d], k[d], ·)` over d = 0, 1, … from +0; a decode
+//!   score is the eight-lane form of `decode::dots` (lane t the chain over d ≡ t mod 8, padded
+//!   with zeros, which add nothing), reduced by the same addition tree;
 //! - masking is a select to −inf after all arithmetic; a row's maximum ignores NaN and a NaN
 //!   flag is kept apart (the order of a maximum cannot matter here: a score is never −0, since a
 //!   chain of fused multiply-adds from +0 only reaches zero as +0);
@@ -12,8 +14,8 @@
 //! - P·V is `out · alpha` followed by the chain `fma(p_j, v_j, ·)` over the keys in order.
 //!
 //! `unsafe` appears only where a vector is read from or written to memory, always through a
-//! reference to exactly eight floats, and where the kernels are entered with the [`Avx2`] token
-//! as proof that the CPU has the instructions.
+//! reference to exactly the floats it moves (an array of eight, or of four), and where the
+//! kernels are entered with the [`Avx2`] token as proof that the CPU has the instructions.
 
 use std::arch::x86_64::*;
 
