@@ -86,6 +86,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let fast_rows = if fast.is_some() && e > 0 { rows / MR * MR } else { 0 };
 
         let (lo, hi) = key_range(sp, offset, 0, l - 1);
+        let hi = hi.min(masks.keys_end(sp, b)); // no key after it is ever read
         let (lo, hi) = (lo.max(c0), hi.min(c1).max(lo.max(c0)));
         let mut k0 = lo;
         while k0 < hi {
@@ -165,8 +166,9 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
 }
 
 /// `out[j] = q · k_row(j)` in the eight-lane form of the module documentation. Each key is one
-/// short chain of vector multiply-adds; out-of-order execution overlaps consecutive keys. (Four
-/// keys interleaved by hand, or a tile of rows and keys, came out a third slower.)
+/// short chain of vector multiply-adds; out-of-order execution overlaps consecutive keys. (Written
+/// for LLVM to vectorise, four keys interleaved by hand or a tile of rows and keys came out a
+/// third slower; the explicit kernel, `Explicit::dots`, does tile them.)
 #[inline(always)]
 fn dots<'k, T: AttnFloat + 'k>(q: &[T], k_row: impl Fn(usize) -> &'k [T], out: &mut [T]) {
     let (qc, qt) = q.as_chunks::<8>();

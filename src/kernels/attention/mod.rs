@@ -191,6 +191,15 @@ impl<T> Masks<'_, T> {
     fn key_mask(&self, sp: &AttnSpec, b: usize) -> Option<&[u8]> {
         self.key_mask.map(|km| &km[b * sp.kv_len..(b + 1) * sp.kv_len])
     }
+
+    /// One past batch `b`'s last unpadded key (S without a key mask). The keys after it are
+    /// masked for every row, so both paths leave them out of their key ranges: bit for bit a
+    /// no-op, since key blocks keep their boundaries and a masked key would only add −inf to a
+    /// maximum, −0.0 to a sum and fma(−0.0, v, acc) = acc.
+    #[inline(always)]
+    fn keys_end(&self, sp: &AttnSpec, b: usize) -> usize {
+        self.key_mask(sp, b).map_or(sp.kv_len, |km| km.iter().rposition(|&x| x != 0).map_or(0, |j| j + 1))
+    }
 }
 
 /// What one task of either path reads: the inputs, and its batch `b` and key/value head `g`.

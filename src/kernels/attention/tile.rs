@@ -59,14 +59,10 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let head_of = move |r: usize| g * group + r % group;
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
-        // Keys past the batch's last unpadded one are masked for every row: they are left out of
-        // the key range. Bit for bit a no-op: the blocks keep their boundaries, and a masked key
-        // would only add −inf to a maximum, −0.0 to a sum and fma(−0.0, v, acc) = acc.
-        let keys_end = key_mask.map_or(s, |km| km.iter().rposition(|&x| x != 0).map_or(0, |j| j + 1));
+        let keys_end = masks.keys_end(sp, b); // no key after it is ever read
 
         // K is packed once per task, transposed, as strips of NR keys: strip t of key block n
         // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
-        // Only keys before `keys_end` are ever read.
         let fast = T::detect();
         let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
         let n_blocks = s.div_ceil(BK);
@@ -112,7 +108,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let fast_scores = fast.filter(|_| simple_masks);
         let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
         // Which value rows are finite: where all of a block's are, masked pairs need no skipping.
-        let v_finite: Vec<bool> = (0..s)
+        let v_finite: Vec<bool> = (0..keys_end)
             .map(|j| {
                 let mut all = true;
                 for &x in &self.at.v[v_base + j * sp.v.row..][..ev] {
@@ -154,7 +150,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 let block = k0 / BK;
                 let col0 = k0 % BK;
                 let cols = (BK - col0).min(hi - k0);
-                if key_mask.is_some_and(|km| km[k0..k0 + cols].iter().all(|&x| x == 0)) {
+                let kept = key_mask.map_or(cols, |km| km[k0..k0 + cols].iter().filter(|&&x| x != 0).count());
+                if kept == 0 {
                     k0 += cols; // a fully padded key block: nothing to compute
                     continue;
                 }
@@ -169,7 +166,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     // lower bound) hold them all. Else the masks, column by column and row by row.
                     let (first, last) = (q0 / group, (q0 + rows - 1) / group);
                     let all_valid = (t0, t1) == (col0, col0 + cols)
-                        && key_mask.is_none_or(|km| km[k0..k0 + cols].iter().all(|&x| x != 0))
+                        && kept == cols
                         && key_range(sp, offset, last, last).0 <= k0
                         && key_range(sp, offset, first, first).1 >= k0 + cols;
                     // Block column c is key block·BK + c.
@@ -259,8 +256,9 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                         }
                     }
                 } else {
-                    // Some value is NaN or infinite: leave masked pairs out one by one (so they cannot turn 0 * inf into NaN); each output element is the same
-                    // chain of fused multiply-adds, in key order, as in `pv_tiles`.
+                    // Some value is NaN or infinite: leave masked pairs out one by one (so they
+                    // cannot turn 0 * inf into NaN); each output element is the same chain of
+                    // fused multiply-adds, in key order, as in `pv_tiles`.
                     for r in 0..rows {
                         let a = &mut acc[r * ev..(r + 1) * ev];
                         for x in a.iter_mut() {
