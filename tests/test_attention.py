@@ -375,15 +375,23 @@ def explicit_kernel_calls(length, s, e, ev, hq, hkv):
 
 @pytest.mark.parametrize("length,s,e,ev,hq,hkv", [
     (17, 7, 5, 16, 4, 2), (37, 300, 64, 64, 4, 2), (70, 130, 33, 20, 4, 2), (130, 257, 8, 48, 4, 2),  # tiled
+    (45, 200, 128, 112, 4, 1), (23, 141, 32, 32, 2, 2),  # tiled: 8-row tiles and a 4-row rest, 7 strips
     (1, 700, 64, 64, 8, 2), (1, 300, 13, 32, 4, 1), (3, 1100, 24, 40, 4, 2), (16, 129, 64, 16, 2, 2),  # decode
+    (5, 600, 128, 80, 8, 2),  # decode: 20 rows of tiles, 5 strips
 ])
-def test_explicit_kernels_give_the_portable_bits(length, s, e, ev, hq, hkv):
-    """The AVX2 kernels (fast.rs) against the generic code they replace, on both paths."""
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+def test_explicit_kernels_give_the_portable_bits(length, s, e, ev, hq, hkv, level):
+    """The explicit kernels (fast.rs: AVX2, and AVX-512 where the CPU has it) against the generic
+    code they replace, on both paths."""
     if not _core._simd_accelerated():
         pytest.skip("this CPU has no AVX2: only the portable path exists")
-    want = explicit_kernel_calls(length, s, e, ev, hq, hkv)
-    _core._set_simd_enabled(False)
+    if level == "avx512" and not _core._simd_avx512():
+        pytest.skip("this CPU has no AVX-512F: the AVX2 kernels run instead")
+    _core._set_simd_enabled(True, avx512=level == "avx512")
     try:
+        assert _core._simd_avx512() == (level == "avx512")
+        want = explicit_kernel_calls(length, s, e, ev, hq, hkv)
+        _core._set_simd_enabled(False)
         got = explicit_kernel_calls(length, s, e, ev, hq, hkv)
     finally:
         _core._set_simd_enabled(True)

@@ -19,6 +19,7 @@ use crate::kernels::{Rows, RowsPair};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
+static AVX512: AtomicBool = AtomicBool::new(true);
 
 /// Allows (`true`, the default) or forbids the accelerated path, so tests can run the portable one.
 pub fn set_enabled(enabled: bool) {
@@ -32,6 +33,25 @@ pub fn accelerated() -> bool {
         ENABLED.load(Ordering::Relaxed)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Allows (`true`, the default) or forbids the AVX-512 kernels alone, so tests can compare them
+/// with the AVX2 ones.
+pub fn set_avx512_enabled(enabled: bool) {
+    AVX512.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the kernels that have an AVX-512F form (attention's float32 matrix products) run it:
+/// the CPU has it, and it and the accelerated path are enabled.
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        accelerated() && AVX512.load(Ordering::Relaxed) && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -29,16 +29,25 @@ fn get_num_threads() -> usize {
     crate::pool::num_threads()
 }
 
-/// Allows (the default) or forbids the AVX2 code paths; for tests, since every path gives the same bits.
+/// Allows (the default) or forbids the AVX2 code paths, and the AVX-512 ones alone; for tests,
+/// since every path gives the same bits.
 #[pyfunction]
-fn _set_simd_enabled(enabled: bool) {
+#[pyo3(signature = (enabled, avx512=true))]
+fn _set_simd_enabled(enabled: bool, avx512: bool) {
     crate::kernels::simd::set_enabled(enabled);
+    crate::kernels::simd::set_avx512_enabled(avx512);
 }
 
 /// Whether the kernels run their AVX2 code paths on this CPU.
 #[pyfunction]
 fn _simd_accelerated() -> bool {
     crate::kernels::simd::accelerated()
+}
+
+/// Whether attention's float32 matrix products run their AVX-512 kernels on this CPU.
+#[pyfunction]
+fn _simd_avx512() -> bool {
+    crate::kernels::simd::avx512()
 }
 
 #[pymodule]
@@ -49,6 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_simd_accelerated, m)?)?;
+    m.add_function(wrap_pyfunction!(_simd_avx512, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding_bag, m)?)?;
     m.add_function(wrap_pyfunction!(positional::sinusoidal, m)?)?;

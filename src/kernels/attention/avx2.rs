@@ -23,20 +23,27 @@ use super::fast::{ScoreBlock, VBlock};
 use super::tile::{BK, MR, NR};
 use crate::kernels::exp::{f32_consts as c, Exp};
 
-/// Proof that this CPU runs AVX2 and FMA (and that the accelerated path is enabled): only
-/// [`Avx2::detect`] makes one.
+/// Proof that this CPU runs AVX2 and FMA (and that the accelerated path is enabled), and
+/// whether it runs AVX-512F too: only [`Avx2::detect`] makes one.
 #[derive(Clone, Copy)]
-pub struct Avx2(());
+pub struct Avx2 {
+    avx512: bool,
+}
 
 impl Avx2 {
     #[inline(always)]
     pub(super) fn detect() -> Option<Self> {
-        crate::kernels::simd::accelerated().then_some(Self(()))
+        use crate::kernels::simd;
+        simd::accelerated().then(|| Self { avx512: simd::avx512() })
     }
 
     /// See [`Explicit::scores`](super::fast::Explicit::scores).
     #[inline(always)]
     pub(super) fn scores(self, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
+        if self.avx512 {
+            // SAFETY: `avx512` is true only on a CPU with AVX-512F.
+            return unsafe { super::avx512::masked_scores(blk, scores, max) };
+        }
         // SAFETY: `self` exists only on a CPU with AVX2 and FMA.
         unsafe { masked_scores(blk, scores, max) }
     }
@@ -44,15 +51,27 @@ impl Avx2 {
     /// See [`Explicit::probabilities`](super::fast::Explicit::probabilities).
     #[inline(always)]
     pub(super) fn probabilities(self, row: &mut [f32], m: f32) -> f32 {
+        if self.avx512 {
+            // SAFETY: as in `scores`.
+            return unsafe { super::avx512::probabilities(row, m) };
+        }
         // SAFETY: as in `scores`.
         unsafe { probabilities(row, m) }
     }
 
     /// See [`Explicit::pv`](super::fast::Explicit::pv).
     #[inline(always)]
-    pub(super) fn pv(self, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
-        // SAFETY: as in `scores`.
-        unsafe { pv(p, alpha, out, vb) }
+    pub(super) fn pv(self, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<'_, f32>) {
+        if self.avx512 {
+            // SAFETY: as in `scores`.
+            return unsafe { super::avx512::pv(p, alpha, out, rows, vb) };
+        }
+        for r0 in (0..rows).step_by(MR) {
+            let (p, alpha, out) =
+                (&p[r0 * BK..], &alpha[r0..r0 + MR], &mut out[r0 * vb.ev..(r0 + MR) * vb.ev]);
+            // SAFETY: as in `scores`.
+            unsafe { pv(p, alpha, out, vb) }
+        }
     }
 
     /// See [`Explicit::pack_keys`](super::fast::Explicit::pack_keys).

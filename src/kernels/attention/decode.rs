@@ -144,15 +144,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
             if let Some(token) = fast_pv.filter(|_| fast_rows > 0 && finite()) {
                 let v = &self.at.v[v_base + k0 * sp.v.row..];
                 let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
-                for r in (0..fast_rows).step_by(MR) {
-                    T::pv(
-                        token,
-                        &scores[r * BK..],
-                        &alpha[r..r + MR],
-                        &mut p.acc[r * ev..(r + MR) * ev],
-                        &vb,
-                    );
-                }
+                T::pv(token, &scores, &alpha, &mut p.acc, fast_rows, &vb);
                 pv_rows = fast_rows;
             }
             for r in pv_rows..rows {

@@ -66,10 +66,10 @@ pub trait Explicit: Sized + Copy {
     /// The same as `tile::probabilities`.
     fn probabilities(t: Self::Token, row: &mut [Self], m: Self) -> Self;
 
-    /// `out[r] = alpha[r] · out[r] + Σ_j p[r·BK + j] v_j` for `MR` rows, keys in order: the same
-    /// as `tile::pv_tiles`, and as `decode::add_pv` where every value is finite. `vb.ev` must be
-    /// a multiple of `NR`.
-    fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], vb: &VBlock<'_, Self>);
+    /// `out[r] = alpha[r] · out[r] + Σ_j p[r·BK + j] v_j` for `rows` rows (a multiple of `MR`),
+    /// keys in order: the same as `tile::pv_tiles`, and as `decode::add_pv` where every value is
+    /// finite. `vb.ev` must be a multiple of `NR`.
+    fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], rows: usize, vb: &VBlock<'_, Self>);
 
     /// `kt[(j / NR · e + d) · NR + j % NR] = k[j · stride + d]` for keys `j < n` and `d < e`: the
     /// keys transposed into strips of `NR`, as `tile.rs` packs them.
@@ -93,7 +93,7 @@ macro_rules! no_kernels {
             fn probabilities(t: Never, _: &mut [Self], _: Self) -> Self {
                 match t {}
             }
-            fn pv(t: Never, _: &[Self], _: &[Self], _: &mut [Self], _: &VBlock<'_, Self>) {
+            fn pv(t: Never, _: &[Self], _: &[Self], _: &mut [Self], _: usize, _: &VBlock<'_, Self>) {
                 match t {}
             }
             fn dots(t: Never, _: &[Self], _: usize, _: &[Self], _: usize, _: usize, _: &mut [Self]) {
@@ -126,8 +126,8 @@ impl Explicit for f32 {
         t.probabilities(row, m)
     }
     #[inline(always)]
-    fn pv(t: Self::Token, p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
-        t.pv(p, alpha, out, vb)
+    fn pv(t: Self::Token, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<'_, f32>) {
+        t.pv(p, alpha, out, rows, vb)
     }
     #[inline(always)]
     fn dots(t: Self::Token, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {

@@ -242,17 +242,16 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
-                    let vb = PvBlock { strips: vstrips, col0, cols, ev };
-                    for r0 in (0..padded).step_by(MR) {
-                        let out = &mut acc[r0 * ev..(r0 + MR) * ev];
-                        let (p, alpha) = (&scores[r0 * BK + col0..], &alpha[r0..r0 + MR]);
-                        match fast_pv {
-                            Some(token) => {
-                                let v = &vstrips[col0 * NR..]; // whole strips: ev is a multiple of NR
-                                let vb = VBlock { v, key_stride: NR, strip_stride: BK * NR, cols, ev };
-                                T::pv(token, p, alpha, out, &vb)
-                            }
-                            None => pv_tiles::<T, MR>(p, alpha, out, &vb, &v_block),
+                    if let Some(token) = fast_pv {
+                        let v = &vstrips[col0 * NR..]; // whole strips: ev is a multiple of NR
+                        let vb = VBlock { v, key_stride: NR, strip_stride: BK * NR, cols, ev };
+                        T::pv(token, &scores[col0..], &alpha, &mut acc, padded, &vb);
+                    } else {
+                        let vb = PvBlock { strips: vstrips, col0, cols, ev };
+                        for r0 in (0..padded).step_by(MR) {
+                            let out = &mut acc[r0 * ev..(r0 + MR) * ev];
+                            let (p, alpha) = (&scores[r0 * BK + col0..], &alpha[r0..r0 + MR]);
+                            pv_tiles::<T, MR>(p, alpha, out, &vb, &v_block);
                         }
                     }
                 } else {
