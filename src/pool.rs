@@ -5,6 +5,7 @@
 //! the size changes, and rebuilt in a child process after `fork` (the parent's worker threads do not
 //! exist there). Kernels receive a [`Par`] explicitly; nothing reads a hidden global inside a kernel.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rayon::ThreadPool;
@@ -14,6 +15,41 @@ use rayon::ThreadPool;
 pub enum Par<'a> {
     Seq,
     Pool(&'a ThreadPool),
+}
+
+impl Par<'_> {
+    /// Runs `f` on every task, each once, and returns when all are done.
+    ///
+    /// On a pool, the calling thread takes tasks from the first at once while the pool's other
+    /// threads wake up and join it (`threads − 1` helpers, so `threads` in all), each taking the
+    /// next task left as it comes free. A thread asleep in the pool takes 9–100 µs to wake on a
+    /// busy machine, so a call whose work is that short is not kept waiting for one to start;
+    /// `rayon`'s `install` would wait for one before any work began, and again for the caller
+    /// at the end. Which thread runs a task never changes its result.
+    pub fn for_each<T: Send>(self, tasks: &mut [T], f: impl Fn(&mut T) + Sync) {
+        let Par::Pool(pool) = self else {
+            return tasks.iter_mut().for_each(f);
+        };
+        let helpers = pool.current_num_threads().min(tasks.len()).saturating_sub(1);
+        if helpers == 0 {
+            return tasks.iter_mut().for_each(f);
+        }
+        // Each task behind its own lock, taken once by whichever thread draws its index.
+        let tasks: Vec<Mutex<&mut T>> = tasks.iter_mut().map(Mutex::new).collect();
+        let next = AtomicUsize::new(0);
+        let work = || {
+            while let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                // A task that panicked poisons only its own lock, and the panic reaches the caller.
+                f(&mut task.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+            }
+        };
+        pool.in_place_scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(|_| work());
+            }
+            work();
+        });
+    }
 }
 
 struct State {

@@ -36,7 +36,6 @@ mod tile;
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
 
 use crate::error::{expect_len, product, KernelError};
 use crate::kernels::exp::Exp;
@@ -359,10 +358,7 @@ pub fn attention<T: AttnFloat>(
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
     // Task t works on batch t / Hkv, key/value head t % Hkv.
     let inputs = |t: usize| TaskInputs { q, k, v, spec, masks, b: t / spec.heads_kv, g: t % spec.heads_kv };
-    let parallel = match par {
-        Par::Pool(pool) if flops > 1e6 => Some(pool),
-        _ => None,
-    };
+    let par = if flops > 1e6 { par } else { Par::Seq };
     if l <= decode::MAX_QUERIES {
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
         // (batch, key/value head).
@@ -383,26 +379,15 @@ pub fn attention<T: AttnFloat>(
         let merge = |(chunks, heads): (&[decode::Chunk<'_, T>], &mut Vec<tile::HeadOut<'_, T>>)| {
             simd::task(&mut decode::Merge { spec, chunks, heads })
         };
-        match parallel {
-            Some(pool) if chunks.len() > 1 => pool.install(|| {
-                chunks.par_iter_mut().for_each(simd::task);
-                chunks.par_chunks(n_chunks).zip(groups.par_iter_mut()).for_each(merge);
-            }),
-            _ => {
-                chunks.iter_mut().for_each(simd::task);
-                chunks.chunks(n_chunks).zip(groups.iter_mut()).for_each(merge);
-            }
-        }
+        par.for_each(&mut chunks, simd::task);
+        // The merges are short (each row's outputs once per chunk): on the calling thread.
+        chunks.chunks(n_chunks).zip(groups.iter_mut()).for_each(merge);
         return Ok(());
     }
-    let tasks: Vec<tile::Group<'_, '_, T>> = (0..spec.batch * spec.heads_kv)
+    let mut tasks: Vec<tile::Group<'_, '_, T>> = (0..spec.batch * spec.heads_kv)
         .map(|t| tile::Group { at: inputs(t), heads: heads.by_ref().take(group).collect() })
         .collect();
-    let run = |mut task: tile::Group<'_, '_, T>| simd::task(&mut task);
-    match parallel {
-        Some(pool) if tasks.len() > 1 => pool.install(|| tasks.into_par_iter().for_each(run)),
-        _ => tasks.into_iter().for_each(run),
-    }
+    par.for_each(&mut tasks, simd::task);
     Ok(())
 }
 
