@@ -8,10 +8,11 @@
 //! ([`set_enabled`]).
 //!
 //! Attention also has explicit AVX2 + FMA kernels for float32 (`attention/avx2.rs`, reached through
-//! `attention/fast.rs`), which compute the same operations as the generic code in the same order.
+//! `attention/fast.rs`), three of them also in AVX-512F (`attention/avx512.rs`, where [`avx512`]),
+//! which compute the same operations as the generic code in the same order.
 //!
-//! `unsafe` code lives here (calling the AVX2 functions, prefetch), in `attention/avx2.rs`
-//! (entering its kernels, vector loads and stores of whole arrays), in
+//! `unsafe` code lives here (calling the AVX2 functions, prefetch), in `attention/avx2.rs` and
+//! `attention/avx512.rs` (entering their kernels, vector loads and stores of whole arrays), in
 //! [`output`](super::output) (a buffer's length set after a kernel filled it) and in the binding's
 //! `arrays.rs` (a fresh NumPy array's memory handed to a kernel), each block with a `SAFETY` note.
 

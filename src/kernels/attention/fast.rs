@@ -3,9 +3,11 @@
 //! `tile.rs` is written once, generically, in loops LLVM vectorises. For float32 on x86-64
 //! with AVX2 and FMA, three of its steps also exist as explicit kernels (`avx2.rs`): the
 //! score micro-tiles with their masks and row maxima, the probabilities with their sum, and the
-//! P·V micro-tiles. Each computes exactly the operations of its generic counterpart, in the same
-//! order, so both give the same bits (the tests compare them); what they add is control over
-//! registers, one pass where the generic code takes several, and no bounds checks in the loops.
+//! P·V micro-tiles. Where the CPU has AVX-512F, those three run in 16-lane registers instead
+//! (`avx512.rs`), the matrix products with tiles twice as large. Each computes exactly the
+//! operations of its generic counterpart, in the same order, so all give the same bits (the
+//! tests compare them); what they add is control over registers, one pass where the generic code
+//! takes several, and no bounds checks in the loops.
 //!
 //! A type opts in through [`Explicit`]: `detect` returns a token only where its kernels can run,
 //! and every kernel takes that token, so they cannot be reached without it. Types and CPUs

@@ -36,7 +36,6 @@ mod tile;
 
 use std::mem::MaybeUninit;
 
-
 use crate::error::{expect_len, product, KernelError};
 use crate::kernels::exp::Exp;
 use crate::kernels::{simd, Float};

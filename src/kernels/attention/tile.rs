@@ -11,14 +11,14 @@
 //! arithmetic) while the row maximum is found; `exp` turns them into probabilities (masked ones
 //! into −0.0) and their sum; and 4 x 16 tiles add `P · V` to the output rows, rescaled first when
 //! the maximum grew. A block's last group of rows is padded to a whole micro-tile with copies of
-//! its last row. Fused multiply-adds are correctly rounded, so every code path (AVX2 or portable,
-//! any tile shape) gives the same bits.
+//! its last row. Fused multiply-adds are correctly rounded, so every code path (AVX-512, AVX2 or
+//! portable, any tile shape) gives the same bits.
 //!
 //! The loops are written in the shapes LLVM vectorises (fixed-size arrays, `zip`, `for`): small
 //! changes can make one scalar and cost half the speed, so measure after every edit. For float32
 //! on AVX2 + FMA, the K transpose, the score tiles with their masks, the probabilities and the
-//! P·V tiles run as explicit kernels instead (`fast.rs`, `avx2.rs`), with the same operations in
-//! the same order.
+//! P·V tiles run as explicit kernels instead (`fast.rs`, `avx2.rs`, and `avx512.rs` where the
+//! CPU has AVX-512F), with the same operations in the same order.
 
 use std::mem::MaybeUninit;
 
