@@ -21,6 +21,7 @@ TABLE = RNG.standard_normal((5000, 96)).astype(np.float32)
 IDS = RNG.integers(0, 5000, size=(16, 300))
 X = RNG.standard_normal((4, 8, 300, 64)).astype(np.float32)
 POSITIONS = RNG.integers(0, 1 << 20, size=(7, 1000))
+Q, K, V = (RNG.standard_normal((2, h, n, 32)).astype(np.float32) for h, n in ((8, 70), (2, 2000), (2, 2000)))
 
 
 def workload():
@@ -36,6 +37,8 @@ def workload():
         *attnkit.rope_cos_sin(POSITIONS, 128),
         attnkit.apply_rope(X, cos, sin),
         attnkit.apply_rope(X.transpose(0, 2, 1, 3), cos, sin, style="interleaved", layout="bshd"),
+        attnkit.scaled_dot_product_attention(Q, K, V, is_causal=True, causal_alignment="bottom_right", enable_gqa=True),
+        attnkit.scaled_dot_product_attention(Q[:, :, :3], K, V, enable_gqa=True),  # the decode path
     ]
 
 
