@@ -81,6 +81,20 @@ impl Avx2 {
         unsafe { pack_keys(k, stride, e, n, kt) }
     }
 
+    /// See [`Explicit::dots_row`](super::fast::Explicit::dots_row).
+    #[inline(always)]
+    pub(super) fn dots_row(self, q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+        // SAFETY: as in `scores`.
+        unsafe { dots_row(q, k, stride, n, out) }
+    }
+
+    /// See [`Explicit::pv_row`](super::fast::Explicit::pv_row).
+    #[inline(always)]
+    pub(super) fn pv_row(self, p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+        // SAFETY: as in `scores`.
+        unsafe { pv_row(p, alpha, out, v, stride) }
+    }
+
     /// See [`Explicit::dots`](super::fast::Explicit::dots).
     #[inline(always)]
     pub(super) fn dots(self, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
@@ -357,6 +371,78 @@ fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]
         }
         for (r, &s) in reduce4(acc).iter().enumerate() {
             out[r * BK + j] = s;
+        }
+    }
+}
+
+/// One query row against keys four at a time: four eight-lane chains side by side, each chunk of
+/// the query loaded once for the four keys, reduced together.
+#[target_feature(enable = "avx2,fma")]
+fn dots_row(q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+    let e = q.len();
+    if n == 0 {
+        return;
+    }
+    assert!(k.len() >= (n - 1) * stride + e && out.len() >= n);
+    let (qc, qt) = q.as_chunks::<8>();
+    let q_tail = load_padded(qt);
+    let key = |j: usize| k[j * stride..j * stride + e].as_chunks::<8>();
+    let chain = |acc: &mut __m256, (kc, kt): (&[[f32; 8]], &[f32])| {
+        for (qv, kv) in qc.iter().zip(kc) {
+            *acc = _mm256_fmadd_ps(load(qv), load(kv), *acc);
+        }
+        if !qt.is_empty() {
+            *acc = _mm256_fmadd_ps(q_tail, load_padded(kt), *acc);
+        }
+    };
+    let mut j = 0;
+    while j + 4 <= n {
+        let keys: [(&[[f32; 8]], &[f32]); 4] = std::array::from_fn(|i| key(j + i));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        // Chunk by chunk across the four keys, so the four chains advance together.
+        for (c, qv) in qc.iter().enumerate() {
+            let qv = load(qv);
+            for (a, (kc, _)) in acc.iter_mut().zip(&keys) {
+                *a = _mm256_fmadd_ps(qv, load(&kc[c]), *a);
+            }
+        }
+        if !qt.is_empty() {
+            for (a, (_, kt)) in acc.iter_mut().zip(&keys) {
+                *a = _mm256_fmadd_ps(q_tail, load_padded(kt), *a);
+            }
+        }
+        out[j..j + 4].copy_from_slice(&reduce4(acc));
+        j += 4;
+    }
+    for (j, o) in out.iter_mut().enumerate().take(n).skip(j) {
+        let mut acc = _mm256_setzero_ps();
+        chain(&mut acc, key(j));
+        *o = reduce4([acc; 4])[0];
+    }
+}
+
+/// `out = alpha · out + Σ_j p[j] v_j` for one row, up to 64 columns (eight registers) at a time.
+#[target_feature(enable = "avx2,fma")]
+fn pv_row(p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+    let (ev, cols) = (out.len(), p.len());
+    assert!(ev.is_multiple_of(8) && (cols == 0 || v.len() >= (cols - 1) * stride + ev));
+    let a = _mm256_set1_ps(alpha);
+    let (out, _) = out.as_chunks_mut::<8>();
+    for (c, out) in out.chunks_mut(8).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (acc, o) in acc.iter_mut().zip(out.iter()) {
+            *acc = _mm256_mul_ps(load(o), a);
+        }
+        let width = out.len() * 8;
+        for (j, &pj) in p.iter().enumerate() {
+            let pj = _mm256_set1_ps(pj);
+            let (row, _) = v[j * stride + c * 64..][..width].as_chunks::<8>();
+            for (acc, x) in acc.iter_mut().zip(row) {
+                *acc = _mm256_fmadd_ps(pj, load(x), *acc);
+            }
+        }
+        for (o, &acc) in out.iter_mut().zip(&acc) {
+            store(o, acc);
         }
     }
 }

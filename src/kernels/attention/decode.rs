@@ -13,8 +13,10 @@
 //! the form that vectorises over `d` for row-major keys. It depends on the query length only
 //! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit. For
 //! float32 on AVX2 + FMA, groups of four rows take explicit kernels (`fast.rs`): the dot products
-//! of four rows and two keys at a time, each key read once for all four, and P·V tiles where the
-//! values are finite.
+//! of four rows and two keys at a time, each key read once for all four, and P·V tiles; the rows
+//! left over (all of them without grouped heads at L = 1) take single-row kernels: dot products
+//! of four keys side by side and a P·V row held in registers. The explicit P·V leaves out no
+//! key, so it runs where no pair of its rows is masked or every value is finite.
 
 use super::fast::VBlock;
 use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK, MR, NR};
@@ -111,7 +113,13 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 }
             }
             for r in fast_rows..rows {
-                dots(&qs[r * e..(r + 1) * e], |j| k_row(k0 + j), &mut scores[r * BK..r * BK + cols]);
+                let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);
+                match fast.filter(|_| e > 0) {
+                    Some(token) => {
+                        T::dots_row(token, q, &self.at.k[k_base + k0 * sp.k.row..], sp.k.row, cols, out)
+                    }
+                    None => dots(q, |j| k_row(k0 + j), out),
+                }
             }
             for r in 0..rows {
                 let (i, h) = (r / group, head_of(r));
@@ -137,20 +145,31 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 p.sum[r] = p.sum[r] * alpha[r] + block_sum;
                 p.m[r] = m_new;
             }
-            // P·V: the explicit tiles where every value is finite (there fma(−0.0, v, acc) = acc,
-            // so masked pairs need no skipping), else row by row, skipping them.
+            // P·V: the explicit kernels, which leave out no key, where that changes nothing: where
+            // no probability is masked (−0.0), or where every value is finite (fma(−0.0, v, acc)
+            // = acc then); else row by row, skipping masked pairs. The values are scanned only
+            // when some pair is masked, and then once.
+            let v = &self.at.v[v_base + k0 * sp.v.row..];
+            let masked = |r: usize| scores[r * BK..r * BK + cols].iter().any(|x| x.is_neg_zero());
+            let mut finite = None;
+            let mut plain = |rows: std::ops::Range<usize>| {
+                !rows.into_iter().any(masked)
+                    || *finite.get_or_insert_with(|| {
+                        (k0..k0 + cols).all(|j| v_row(j).iter().fold(true, |all, x| all & x.is_finite()))
+                    })
+            };
             let mut pv_rows = 0;
-            let finite = || (k0..k0 + cols).all(|j| v_row(j).iter().fold(true, |all, x| all & x.is_finite()));
-            if let Some(token) = fast_pv.filter(|_| fast_rows > 0 && finite()) {
-                let v = &self.at.v[v_base + k0 * sp.v.row..];
+            if let Some(token) = fast_pv.filter(|_| fast_rows > 0 && plain(0..fast_rows)) {
                 let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
                 T::pv(token, &scores, &alpha, &mut p.acc, fast_rows, &vb);
                 pv_rows = fast_rows;
             }
             for r in pv_rows..rows {
-                add_pv(&scores[r * BK..r * BK + cols], alpha[r], &mut p.acc[r * ev..(r + 1) * ev], |j| {
-                    v_row(k0 + j)
-                });
+                let (pr, acc) = (&scores[r * BK..r * BK + cols], &mut p.acc[r * ev..(r + 1) * ev]);
+                match fast_pv.filter(|_| plain(r..r + 1)) {
+                    Some(token) => T::pv_row(token, pr, alpha[r], acc, v, sp.v.row),
+                    None => add_pv(pr, alpha[r], acc, |j| v_row(k0 + j)),
+                }
             }
             k0 += cols;
         }

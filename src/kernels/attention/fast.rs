@@ -73,6 +73,15 @@ pub trait Explicit: Sized + Copy {
     /// finite. `vb.ev` must be a multiple of `NR`.
     fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], rows: usize, vb: &VBlock<'_, Self>);
 
+    /// `out[j] = q · k_j` for one query row and the keys `k[j·stride..][..q.len()]`, `j < n`: the
+    /// same as `decode::dots`.
+    fn dots_row(t: Self::Token, q: &[Self], k: &[Self], stride: usize, n: usize, out: &mut [Self]);
+
+    /// `out = alpha · out + Σ_j p[j] v_j` for one row and the values `v[j·stride..][..out.len()]`,
+    /// keys in order, none left out: the same as `decode::add_pv` where no `p[j]` is −0.0 or
+    /// every value is finite. `out.len()` must be a multiple of 8.
+    fn pv_row(t: Self::Token, p: &[Self], alpha: Self, out: &mut [Self], v: &[Self], stride: usize);
+
     /// `kt[(j / NR · e + d) · NR + j % NR] = k[j · stride + d]` for keys `j < n` and `d < e`: the
     /// keys transposed into strips of `NR`, as `tile.rs` packs them.
     fn pack_keys(t: Self::Token, k: &[Self], stride: usize, e: usize, n: usize, kt: &mut [Self]);
@@ -102,6 +111,12 @@ macro_rules! no_kernels {
                 match t {}
             }
             fn pack_keys(t: Never, _: &[Self], _: usize, _: usize, _: usize, _: &mut [Self]) {
+                match t {}
+            }
+            fn dots_row(t: Never, _: &[Self], _: &[Self], _: usize, _: usize, _: &mut [Self]) {
+                match t {}
+            }
+            fn pv_row(t: Never, _: &[Self], _: Self, _: &mut [Self], _: &[Self], _: usize) {
                 match t {}
             }
         }
@@ -138,5 +153,13 @@ impl Explicit for f32 {
     #[inline(always)]
     fn pack_keys(t: Self::Token, k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
         t.pack_keys(k, stride, e, n, kt)
+    }
+    #[inline(always)]
+    fn dots_row(t: Self::Token, q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+        t.dots_row(q, k, stride, n, out)
+    }
+    #[inline(always)]
+    fn pv_row(t: Self::Token, p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+        t.pv_row(p, alpha, out, v, stride)
     }
 }
