@@ -82,7 +82,8 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         p.scores = vec![T::NEG_INFINITY; if self.weights { rows * width } else { 0 }];
         let mut scores = vec![T::ZERO; rows * BK];
         let mut alpha = vec![T::ONE; rows];
-        // The explicit kernels (`fast.rs`), where they exist, for whole groups of MR rows.
+        // The explicit kernels (`fast.rs`), where they exist: tiles for whole groups of MR rows,
+        // single-row kernels for the rest.
         let fast = T::detect();
         let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
         let fast_rows = if fast.is_some() && e > 0 { rows / MR * MR } else { 0 };
