@@ -18,6 +18,14 @@ pub enum Par<'a> {
 }
 
 impl Par<'_> {
+    /// The threads this may run on.
+    pub fn threads(self) -> usize {
+        match self {
+            Par::Seq => 1,
+            Par::Pool(pool) => pool.current_num_threads(),
+        }
+    }
+
     /// Runs `f` on every task, each once, and returns when all are done.
     ///
     /// On a pool, the calling thread takes tasks from the first at once while the pool's other

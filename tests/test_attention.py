@@ -166,6 +166,28 @@ def test_thread_count_does_not_change_the_bits(threads, threads_n):
     assert sdpa(q, k, v, **kw).tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("hq,length", [(3, 200), (8, 100), (1, 300)])
+def test_tasks_split_along_the_queries_keep_every_row_in_place(threads, hq, length):
+    """With few (batch, key/value head) tasks for the threads, each is split into parts of whole
+    query blocks (group 3: parts of 96 rows); outputs, lse and weights land in place, bit for bit."""
+    q, k, v = qkv(b=1, hq=hq, hkv=1, length=length, s=150, e=16, ev=16)
+    km = np.arange(150)[None] < 140
+    kw = dict(enable_gqa=True, key_mask=km, is_causal=True, causal_alignment="bottom_right", window=(90, None),
+              return_lse=True, return_weights=True)
+    threads(1)
+    want = sdpa(q, k, v, **kw)
+    ref_out, ref_lse, ref_w, _ = ref.attention(q, k, v, key_mask=km, causal=True, alignment="bottom_right",
+                                               window=(90, None))
+    np.testing.assert_allclose(want[0], ref_out, atol=1e-5)
+    np.testing.assert_allclose(want[1], ref_lse, atol=1e-5)
+    np.testing.assert_allclose(want[2], ref_w, atol=1e-6)
+    for n in (2, 5, 16):
+        threads(n)
+        got = sdpa(q, k, v, **kw)
+        for a, b in zip(got, want, strict=True):
+            assert a.tobytes() == b.tobytes()
+
+
 def test_batch_items_equal_the_same_items_run_alone():
     q, k, v = qkv(b=3, hq=2, hkv=2, length=40, s=70)
     km = np.ones((3, 70), bool)

@@ -317,6 +317,10 @@ impl AttnSpec {
     }
 }
 
+/// Tasks a thread should have to choose from, so an unlucky last task does not leave the others
+/// idle.
+const TASKS_PER_THREAD: usize = 4;
+
 /// Computes attention for every (batch, query head) into `outputs`.
 pub fn attention<T: AttnFloat>(
     q: &[T],
@@ -383,9 +387,31 @@ pub fn attention<T: AttnFloat>(
         chunks.chunks(n_chunks).zip(groups.iter_mut()).for_each(merge);
         return Ok(());
     }
-    let mut tasks: Vec<tile::Group<'_, '_, T>> = (0..spec.batch * spec.heads_kv)
-        .map(|t| tile::Group { at: inputs(t), heads: heads.by_ref().take(group).collect() })
-        .collect();
+    // One task per (batch, key/value head), split along the queries into parts of whole query
+    // blocks when that gives fewer than TASKS_PER_THREAD tasks a thread, so that every thread
+    // stays busy to the end. Which task computes a row never changes its bits.
+    let groups = spec.batch * spec.heads_kv;
+    let unit = tile::positions_per_unit(group);
+    let units = l.div_ceil(unit);
+    let parts = match par.threads() {
+        1 => 1,
+        threads => (TASKS_PER_THREAD * threads).div_ceil(groups).clamp(1, units),
+    };
+    // Part p holds the query positions [bound(p), bound(p + 1)).
+    let bound = |p: usize| (p * units / parts * unit).min(l);
+    let mut tasks: Vec<tile::Group<'_, '_, T>> = Vec::with_capacity(groups * parts);
+    for t in 0..groups {
+        let mut rest: Vec<tile::HeadOut<'_, T>> = heads.by_ref().take(group).collect();
+        for p in (0..parts).rev() {
+            // Split off the last part first: with causal masks, later parts hold more work, and
+            // tasks are taken in order.
+            let first = bound(p);
+            let part = rest.iter_mut().map(|h| h.split_off(first, ev, s)).collect();
+            tasks.push(tile::Group { at: inputs(t), first, positions: bound(p + 1) - first, heads: part });
+        }
+    }
+    // The heaviest parts (the last of each group) first.
+    tasks.sort_by_key(|task| std::cmp::Reverse(task.first));
     par.for_each(&mut tasks, simd::task);
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! it), in blocks of `BQ` rows against key blocks of `BK` keys, with the online softmax of the
 //! module documentation. Row `r` of a task is query position `r / G` of its `r % G`-th head (`G`
 //! heads per group), so one block's rows share their key range, and K is packed once for the
-//! whole group.
+//! whole group. When there are few groups for the threads, a group's positions are split into
+//! parts of whole query blocks (`first`, `positions`), each a task of its own that packs the keys
+//! its rows can reach; every block computes exactly what it would unsplit.
 //!
 //! K and V are packed once per task into 16-wide strips. Per query block the queries are packed
 //! times `scale`; per key block, 4 x 16 register tiles of fused multiply-adds build the scores
@@ -38,10 +40,43 @@ pub(super) struct HeadOut<'o, T> {
     pub weights: Option<&'o mut [MaybeUninit<T>]>,
 }
 
-/// The work of one (batch, key/value head): `heads[n]` holds the outputs of query head
-/// `g * heads.len() + n`.
+impl<'o, T> HeadOut<'o, T> {
+    /// Splits off the rows from query position `i` on (`ev` values and `s` weights a row).
+    pub fn split_off(&mut self, i: usize, ev: usize, s: usize) -> Self {
+        fn split<'o, X>(x: &mut &'o mut [X], at: usize) -> &'o mut [X] {
+            let (head, tail) = std::mem::take(x).split_at_mut(at);
+            *x = head;
+            tail
+        }
+        Self {
+            out: split(&mut self.out, i * ev),
+            lse: self.lse.as_mut().map(|x| split(x, i)),
+            weights: self.weights.as_mut().map(|x| split(x, i * s)),
+        }
+    }
+}
+
+/// Query positions per split unit of a group: lcm(BQ, group) task rows, whole positions of every
+/// head and whole query blocks, so a split leaves every query block as it was.
+pub(super) fn positions_per_unit(group: usize) -> usize {
+    let rows = BQ / gcd(BQ, group) * group; // lcm(BQ, group)
+    rows / group
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The work of one (batch, key/value head) on query positions `first..first + positions`:
+/// `heads[n]` holds those rows of the outputs of query head `g * heads.len() + n`.
 pub(super) struct Group<'a, 'o, T> {
     pub at: TaskInputs<'a, T>,
+    pub first: usize,
+    pub positions: usize,
     pub heads: Vec<HeadOut<'o, T>>,
 }
 
@@ -49,7 +84,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
     #[inline(always)]
     fn run(&mut self) {
         let sp = self.at.spec;
-        let (l, s, e, ev) = (sp.q_len, sp.kv_len, sp.dim_qk, sp.dim_v);
+        let (s, e, ev) = (sp.kv_len, sp.dim_qk, sp.dim_v);
         let group = self.heads.len();
         let k_base = self.at.b * sp.k.batch + self.at.g * sp.k.head;
         let v_base = self.at.b * sp.v.batch + self.at.g * sp.v.head;
@@ -59,7 +94,10 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let head_of = move |r: usize| g * group + r % group;
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
-        let keys_end = masks.keys_end(sp, b); // no key after it is ever read
+        // No key after this is ever read: trailing padding, and keys past the last position's
+        // causal or window bound.
+        let last = self.first + self.positions - 1;
+        let keys_end = masks.keys_end(sp, b).min(key_range(sp, offset, last, last).1);
 
         // K is packed once per task, transposed, as strips of NR keys: strip t of key block n
         // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
@@ -121,9 +159,10 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let mut block_scores =
             vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
 
-        let total = group * l;
-        for q0 in (0..total).step_by(BQ) {
-            let rows = BQ.min(total - q0);
+        // This task's rows (whole query blocks: `first · group` is a multiple of BQ).
+        let (start, end) = (self.first * group, (self.first + self.positions) * group);
+        for q0 in (start..end).step_by(BQ) {
+            let rows = BQ.min(end - q0);
             // Tiles work on whole groups of MR rows: rows past `rows` repeat the last one, are
             // computed alike and dropped at the end.
             let padded = rows.next_multiple_of(MR);
@@ -491,7 +530,7 @@ impl<T: AttnFloat> Group<'_, '_, T> {
         let (s, ev) = (self.at.spec.kv_len, self.at.spec.dim_v);
         let group = self.heads.len();
         for r in 0..rows {
-            let (i, head) = ((q0 + r) / group, &mut self.heads[(q0 + r) % group]);
+            let (i, head) = ((q0 + r) / group - self.first, &mut self.heads[(q0 + r) % group]);
             let empty = m[r] == T::NEG_INFINITY;
             let out = &mut head.out[i * ev..(i + 1) * ev];
             for (o, &a) in out.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
