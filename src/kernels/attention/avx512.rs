@@ -1,18 +1,18 @@
-//! The two matrix-product kernels of [`Explicit`](super::fast::Explicit) again, in AVX-512F, for
-//! CPUs that have it: the masked score tiles and the P·V tiles. They take most of a long
-//! prefill's time, and the 32 wider registers let one micro-tile hold `MR` rows by up to four
-//! strips of `NR` (a strip is one 16-lane register): 16 accumulators, twice the AVX2 tile, so
-//! each value of K or V read feeds `MR` fused multiply-adds and each query or probability
-//! broadcast feeds four.
+//! Three kernels of [`Explicit`](super::fast::Explicit) again, in AVX-512F, for CPUs that have
+//! it: the masked score tiles and the P·V tiles, which take most of a long prefill's time, and
+//! the probabilities. The 32 wider registers let one micro-tile hold two groups of `MR` rows by
+//! two strips of `NR` (a strip is one 16-lane register), or one group by four: 16 accumulators,
+//! twice the AVX2 tile, so each value of K or V loaded feeds eight (or four) fused multiply-adds.
 //!
 //! Every output element is the same chain of operations as in `avx2.rs` and the generic code (a
 //! score is `fma(q[d], k[d], ·)` over d from +0, then the select to −inf; P·V is `out · alpha`
-//! then `fma(p_j, v_j, ·)` over the keys in order): only how many elements run side by side
-//! changes, so the bits do not.
+//! then `fma(p_j, v_j, ·)` over the keys in order; `exp` step by step, sums in the generic
+//! eight-lane order): only how many elements run side by side changes, so the bits do not.
 //!
-//! `unsafe` appears only where sixteen floats are read or written through a reference to
-//! exactly those floats, and where [`Avx2`](super::avx2::Avx2) enters the kernels after
-//! checking that the CPU has AVX-512F.
+//! `unsafe` appears only where floats are read or written (sixteen through a reference to
+//! exactly those, a masked tail of a slice, a value row or probability inside a length asserted
+//! beforehand), and where [`Avx2`](super::avx2::Avx2) enters the kernels after checking that
+//! the CPU has AVX-512F.
 
 use std::arch::x86_64::*;
 
