@@ -78,6 +78,17 @@ def test_fully_padded_rows_give_zeros_where_torch_gives_nan():
     np.testing.assert_allclose(out, np.broadcast_to(layer.o_bias, out.shape), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch,length,s", [(0, 5, 5), (2, 0, 5), (2, 3, 0)])
+def test_empty_batches_and_sequences_give_empty_or_bias_outputs(batch, length, s):
+    w = weights(embed=24, heads=6, kv_heads=2)
+    x = np.ones((batch, length, 24), np.float32)
+    kv = np.ones((batch, s, 24), np.float32)
+    out, weights_ = MHA(**w)(x, kv, kv, need_weights=True, average_attn_weights=False)
+    assert out.shape == (batch, length, 24) and weights_.shape == (batch, 6, length, s)
+    # No key to attend to: the attention is zero and the output is the output bias.
+    np.testing.assert_array_equal(out, np.broadcast_to(w["o_bias"], out.shape))
+
+
 def test_grouped_query_attention_equals_repeated_key_value_weights():
     w = weights(embed=24, heads=6, kv_heads=2)
     gqa = MHA(**w)
