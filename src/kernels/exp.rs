@@ -6,8 +6,9 @@
 //! next to a weight of 1 changes nothing), `exp(-inf) = 0`, and NaN stays NaN. Softmax arguments
 //! are never positive (scores minus their maximum), so overflow is not handled.
 //!
-//! float32: Cephes `expf` (S. Moshier) evaluated with fused multiply-adds, within 2 ulp. float64: Taylor polynomial of degree 13,
-//! whose truncation error on `|r| <= ln 2 / 2` is below 2^-57, within 2 ulp.
+//! float32: Cephes `expf` (S. Moshier) evaluated with fused multiply-adds, within 2 ulp.
+//! float64: Taylor polynomial of degree 13, whose truncation error on `|r| <= ln 2 / 2` is below
+//! 2^-57, within 2 ulp.
 
 /// `exp(x)` for `x <= 0` (or NaN), as described in the module documentation.
 pub trait Exp: Copy {

@@ -19,7 +19,7 @@
 //! key, so it runs where no pair of its rows is masked or every value is finite.
 
 use super::fast::VBlock;
-use super::tile::{key_range, mask_row, probabilities, HeadOut, RowAt, BK, MR, NR};
+use super::tile::{add_pv, key_range, mask_row, update_row, HeadOut, RowAt, BK, MR, NR};
 use super::{AttnFloat, AttnSpec, TaskInputs};
 use crate::kernels::simd::Task;
 
@@ -130,21 +130,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 if self.weights {
                     p.scores[r * width + k0 - c0..][..cols].copy_from_slice(srow);
                 }
-                // As in the tiled path: NaN propagates; a row with no valid key yet adds nothing
-                // (its probabilities are −0.0, its accumulator is scaled by 1).
-                let m_new = if row_max.is_nan() || row_max > p.m[r] { row_max } else { p.m[r] };
-                if m_new == T::NEG_INFINITY {
-                    srow.fill(-T::ZERO);
-                    alpha[r] = T::ONE;
-                    continue;
-                }
-                alpha[r] = (p.m[r] - m_new).exp_nonpositive();
-                let block_sum = match fast {
-                    Some(token) => T::probabilities(token, srow, m_new),
-                    None => probabilities(srow, m_new),
-                };
-                p.sum[r] = p.sum[r] * alpha[r] + block_sum;
-                p.m[r] = m_new;
+                alpha[r] = update_row(fast, srow, row_max, &mut p.m[r], &mut p.sum[r]);
             }
             // P·V: the explicit kernels, which leave out no key, where that changes nothing: where
             // no probability is masked (−0.0), or where every value is finite (fma(−0.0, v, acc)
@@ -196,37 +182,6 @@ fn dots<'k, T: AttnFloat + 'k>(q: &[T], k_row: impl Fn(usize) -> &'k [T], out: &
             *a = x.mul_add(y, *a);
         }
         *o = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-    }
-}
-
-/// `acc = alpha · acc + Σ_j p[j] v_row(j)`, keys in order, leaving out masked pairs (`p = −0.0`)
-/// so that NaN or inf in a masked value cannot reach the output; 32 columns at a time in
-/// registers.
-#[inline(always)]
-fn add_pv<'v, T: AttnFloat + 'v>(p: &[T], alpha: T, acc: &mut [T], v_row: impl Fn(usize) -> &'v [T]) {
-    let (chunks, tail) = acc.as_chunks_mut::<32>();
-    for (c, chunk) in chunks.iter_mut().enumerate() {
-        let mut t = chunk.map(|x| x * alpha);
-        for (j, &pj) in p.iter().enumerate() {
-            if pj.is_neg_zero() {
-                continue;
-            }
-            for (x, &v) in t.iter_mut().zip(&v_row(j)[c * 32..c * 32 + 32]) {
-                *x = pj.mul_add(v, *x);
-            }
-        }
-        *chunk = t;
-    }
-    let d0 = chunks.len() * 32;
-    for x in tail.iter_mut() {
-        *x = *x * alpha;
-    }
-    for (j, &pj) in p.iter().enumerate() {
-        if !pj.is_neg_zero() {
-            for (x, &v) in tail.iter_mut().zip(&v_row(j)[d0..]) {
-                *x = pj.mul_add(v, *x);
-            }
-        }
     }
 }
 

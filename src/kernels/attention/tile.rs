@@ -103,8 +103,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
         let fast = T::detect();
         let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
-        let n_blocks = s.div_ceil(BK);
-        let packed = n_blocks * BK;
+        let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
         let mut kt = vec![T::ZERO; packed * e];
         match fast {
             Some(token) if keys_end > 0 => {
@@ -121,16 +120,19 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             }
         }
         // V packed likewise: for key block n and output columns c·NR.., `vt[j][0..NR]` for its
-        // keys, contiguous (`BK x NR`).
+        // keys, contiguous (`BK x NR`). In the same pass, which value rows are finite: where all
+        // of a block's are, masked pairs need no skipping.
         let ev_strips = ev / NR;
-        let mut vt = vec![T::ZERO; keys_end.div_ceil(BK) * BK * ev_strips * NR];
-        for j in 0..keys_end {
+        let mut vt = vec![T::ZERO; packed * ev_strips * NR];
+        let mut v_finite = vec![true; keys_end];
+        for (j, finite) in v_finite.iter_mut().enumerate() {
             let (block, jj) = (j / BK, j % BK);
             let row = &self.at.v[v_base + j * sp.v.row..][..ev];
             for c in 0..ev_strips {
                 let at = ((block * ev_strips + c) * BK + jj) * NR;
                 vt[at..at + NR].copy_from_slice(&row[c * NR..(c + 1) * NR]);
             }
+            *finite = row.iter().fold(true, |all, x| all & x.is_finite());
         }
         let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
         let scale = T::from_f64(sp.scale);
@@ -145,16 +147,6 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             && masks.bool_mask.is_none();
         let fast_scores = fast.filter(|_| simple_masks);
         let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
-        // Which value rows are finite: where all of a block's are, masked pairs need no skipping.
-        let v_finite: Vec<bool> = (0..keys_end)
-            .map(|j| {
-                let mut all = true;
-                for &x in &self.at.v[v_base + j * sp.v.row..][..ev] {
-                    all &= x.is_finite();
-                }
-                all
-            })
-            .collect();
         // The masked scores of the current query block, kept only when weights are requested.
         let mut block_scores =
             vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
@@ -259,21 +251,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     if r < rows && !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
-                    // The running maximum propagates NaN, so a NaN score (from NaN in an unmasked
-                    // query or key) makes its row NaN instead of being passed over.
-                    let m_new = if row_max.is_nan() || row_max > m[r] { row_max } else { m[r] };
-                    if m_new == T::NEG_INFINITY {
-                        srow.fill(-T::ZERO); // no valid key for this row yet: all masked
-                        alpha[r] = T::ONE;
-                        continue;
-                    }
-                    alpha[r] = (m[r] - m_new).exp_nonpositive();
-                    let block_sum = match fast {
-                        Some(token) => T::probabilities(token, srow, m_new),
-                        None => probabilities(srow, m_new),
-                    };
-                    sum[r] = sum[r] * alpha[r] + block_sum;
-                    m[r] = m_new;
+                    alpha[r] = update_row(fast, srow, row_max, &mut m[r], &mut sum[r]);
                 }
                 // out = alpha * out + P V.
                 let v_block = |j: usize| &self.at.v[v_base + (k0 + j) * sp.v.row..][..ev];
@@ -298,19 +276,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     // cannot turn 0 * inf into NaN); each output element is the same chain of
                     // fused multiply-adds, in key order, as in `pv_tiles`.
                     for r in 0..rows {
-                        let a = &mut acc[r * ev..(r + 1) * ev];
-                        for x in a.iter_mut() {
-                            *x = *x * alpha[r];
-                        }
-                        for j in 0..cols {
-                            let p = scores[r * BK + col0 + j];
-                            if p.is_neg_zero() {
-                                continue; // masked
-                            }
-                            for (x, &v) in a.iter_mut().zip(v_block(j)) {
-                                *x = p.mul_add(v, *x);
-                            }
-                        }
+                        let p = &scores[r * BK + col0..r * BK + col0 + cols];
+                        add_pv(p, alpha[r], &mut acc[r * ev..(r + 1) * ev], v_block);
                     }
                 }
                 k0 += cols;
@@ -318,6 +285,71 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores);
         }
     }
+}
+
+/// `acc = alpha · acc + Σ_j p[j] v_row(j)`, keys in order, leaving out masked pairs (`p = −0.0`)
+/// so that NaN or inf in a masked value cannot reach the output; 32 columns at a time in
+/// registers.
+#[inline(always)]
+pub(super) fn add_pv<'v, T: AttnFloat + 'v>(
+    p: &[T],
+    alpha: T,
+    acc: &mut [T],
+    v_row: impl Fn(usize) -> &'v [T],
+) {
+    let (chunks, tail) = acc.as_chunks_mut::<32>();
+    for (c, chunk) in chunks.iter_mut().enumerate() {
+        let mut t = chunk.map(|x| x * alpha);
+        for (j, &pj) in p.iter().enumerate() {
+            if pj.is_neg_zero() {
+                continue;
+            }
+            for (x, &v) in t.iter_mut().zip(&v_row(j)[c * 32..c * 32 + 32]) {
+                *x = pj.mul_add(v, *x);
+            }
+        }
+        *chunk = t;
+    }
+    let d0 = chunks.len() * 32;
+    for x in tail.iter_mut() {
+        *x = *x * alpha;
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        if !pj.is_neg_zero() {
+            for (x, &v) in tail.iter_mut().zip(&v_row(j)[d0..]) {
+                *x = pj.mul_add(v, *x);
+            }
+        }
+    }
+}
+
+/// The online softmax's step for one row and one key block, shared by both paths: from the
+/// block's masked scores `srow` and their maximum `row_max`, the running maximum `m` grows,
+/// `srow` becomes probabilities (−0.0 where masked) and `sum` is rescaled and added to; returns
+/// the factor `alpha` for the row's accumulated output. The maximum propagates NaN, so a NaN
+/// score (from NaN in an unmasked query or key) makes its row NaN instead of being passed over;
+/// a row with no valid key yet adds nothing (its probabilities are −0.0, alpha is 1).
+#[inline(always)]
+pub(super) fn update_row<T: AttnFloat>(
+    fast: Option<T::Token>,
+    srow: &mut [T],
+    row_max: T,
+    m: &mut T,
+    sum: &mut T,
+) -> T {
+    let m_new = if row_max.is_nan() || row_max > *m { row_max } else { *m };
+    if m_new == T::NEG_INFINITY {
+        srow.fill(-T::ZERO);
+        return T::ONE;
+    }
+    let alpha = (*m - m_new).exp_nonpositive();
+    let block_sum = match fast {
+        Some(token) => T::probabilities(token, srow, m_new),
+        None => probabilities(srow, m_new),
+    };
+    *sum = *sum * alpha + block_sum;
+    *m = m_new;
+    alpha
 }
 
 /// Query rows of a score micro-tile.
