@@ -85,8 +85,9 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         // The explicit kernels (`fast.rs`), where they exist: tiles for whole groups of MR rows,
         // single-row kernels for the rest.
         let fast = T::detect();
+        let fast_dots = fast.filter(|_| e > 0);
         let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
-        let fast_rows = if fast.is_some() && e > 0 { rows / MR * MR } else { 0 };
+        let fast_rows = if fast_dots.is_some() { rows / MR * MR } else { 0 };
 
         let (lo, hi) = key_range(sp, offset, 0, l - 1);
         let hi = hi.min(masks.keys_end(sp, b)); // no key after it is ever read
@@ -99,8 +100,8 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 k0 += cols; // a fully padded key block: nothing to compute
                 continue;
             }
-            if let Some(token) = fast.filter(|_| fast_rows > 0) {
-                let k_block = &self.at.k[k_base + k0 * sp.k.row..];
+            let k_block = &self.at.k[k_base + k0 * sp.k.row..];
+            if let Some(token) = fast_dots.filter(|_| fast_rows > 0) {
                 for r in (0..fast_rows).step_by(MR) {
                     T::dots(
                         token,
@@ -115,10 +116,8 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
             }
             for r in fast_rows..rows {
                 let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);
-                match fast.filter(|_| e > 0) {
-                    Some(token) => {
-                        T::dots_row(token, q, &self.at.k[k_base + k0 * sp.k.row..], sp.k.row, cols, out)
-                    }
+                match fast_dots {
+                    Some(token) => T::dots_row(token, q, k_block, sp.k.row, cols, out),
                     None => dots(q, |j| k_row(k0 + j), out),
                 }
             }

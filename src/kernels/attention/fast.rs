@@ -1,10 +1,12 @@
-//! The tiled path's explicit vector kernels, for the float types and CPUs that have them.
+//! The attention paths' explicit vector kernels, for the float types and CPUs that have them.
 //!
-//! `tile.rs` is written once, generically, in loops LLVM vectorises. For float32 on x86-64
-//! with AVX2 and FMA, three of its steps also exist as explicit kernels (`avx2.rs`): the
-//! score micro-tiles with their masks and row maxima, the probabilities with their sum, and the
-//! P·V micro-tiles. Where the CPU has AVX-512F, those three run in 16-lane registers instead
-//! (`avx512.rs`), the matrix products with tiles twice as large. Each computes exactly the
+//! `tile.rs` and `decode.rs` are written once, generically, in loops LLVM vectorises. For
+//! float32 on x86-64 with AVX2 and FMA, their hot steps also exist as explicit kernels
+//! (`avx2.rs`): the K transpose, the score micro-tiles with their masks and row maxima, the
+//! probabilities with their sum, the P·V micro-tiles, and decode's dot products and P·V for
+//! groups of four rows and for single rows. Where the CPU has AVX-512F, the score tiles, the
+//! probabilities and the P·V tiles run in 16-lane registers instead (`avx512.rs`), the matrix
+//! products with tiles twice as large. Each computes exactly the
 //! operations of its generic counterpart, in the same order, so all give the same bits (the
 //! tests compare them); what they add is control over registers, one pass where the generic code
 //! takes several, and no bounds checks in the loops.
