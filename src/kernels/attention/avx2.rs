@@ -421,29 +421,49 @@ fn dots_row(q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
     }
 }
 
-/// `out = alpha · out + Σ_j p[j] v_j` for one row, up to 64 columns (eight registers) at a time.
+/// `out = alpha · out + Σ_j p[j] v_j` for one row: 64 columns (eight registers) at a time, then
+/// 32, 16 and 8, each block's accumulators held in registers across all the keys.
 #[target_feature(enable = "avx2,fma")]
 fn pv_row(p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
     let (ev, cols) = (out.len(), p.len());
     assert!(ev.is_multiple_of(8) && (cols == 0 || v.len() >= (cols - 1) * stride + ev));
-    let a = _mm256_set1_ps(alpha);
-    let (out, _) = out.as_chunks_mut::<8>();
-    for (c, out) in out.chunks_mut(8).enumerate() {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (acc, o) in acc.iter_mut().zip(out.iter()) {
-            *acc = _mm256_mul_ps(load(o), a);
-        }
-        let width = out.len() * 8;
-        for (j, &pj) in p.iter().enumerate() {
-            let pj = _mm256_set1_ps(pj);
-            let (row, _) = v[j * stride + c * 64..][..width].as_chunks::<8>();
-            for (acc, x) in acc.iter_mut().zip(row) {
-                *acc = _mm256_fmadd_ps(pj, load(x), *acc);
+    let mut c = 0;
+    while c + 64 <= ev {
+        pv_columns::<8>(p, alpha, &mut out[c..c + 64], &v[c..], stride);
+        c += 64;
+    }
+    for width in [4, 2, 1] {
+        if c + 8 * width <= ev {
+            let (out, v) = (&mut out[c..c + 8 * width], &v[c..]);
+            match width {
+                4 => pv_columns::<4>(p, alpha, out, v, stride),
+                2 => pv_columns::<2>(p, alpha, out, v, stride),
+                _ => pv_columns::<1>(p, alpha, out, v, stride),
             }
+            c += 8 * width;
         }
-        for (o, &acc) in out.iter_mut().zip(&acc) {
-            store(o, acc);
+    }
+}
+
+/// [`pv_row`] for its `8·R` columns `out` (`R` registers; value `j` at `v[j·stride..]`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn pv_columns<const R: usize>(p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+    let (out, _) = out.as_chunks_mut::<8>();
+    let a = _mm256_set1_ps(alpha);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (acc, o) in acc.iter_mut().zip(out.iter()) {
+        *acc = _mm256_mul_ps(load(o), a);
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let pj = _mm256_set1_ps(pj);
+        let (row, _) = v[j * stride..][..8 * R].as_chunks::<8>();
+        for (acc, x) in acc.iter_mut().zip(row) {
+            *acc = _mm256_fmadd_ps(pj, load(x), *acc);
         }
+    }
+    for (o, &acc) in out.iter_mut().zip(&acc) {
+        store(o, acc);
     }
 }
 
