@@ -399,7 +399,8 @@ def explicit_kernel_calls(length, s, e, ev, hq, hkv):
     (17, 7, 5, 16, 4, 2), (37, 300, 64, 64, 4, 2), (70, 130, 33, 20, 4, 2), (130, 257, 8, 48, 4, 2),  # tiled
     (45, 200, 128, 112, 4, 1), (23, 141, 32, 32, 2, 2),  # tiled: 8-row tiles and a 4-row rest, 7 strips
     (1, 700, 64, 64, 8, 2), (1, 300, 13, 32, 4, 1), (3, 1100, 24, 40, 4, 2), (16, 129, 64, 16, 2, 2),  # decode
-    (5, 600, 128, 80, 8, 2),  # decode: 20 rows of tiles, 5 strips
+    (5, 600, 128, 80, 8, 2),  # decode: 20 rows of tiles (eight-row dots twice, then four), 5 strips
+    (1, 300, 64, 64, 8, 1), (2, 301, 20, 32, 8, 2),  # decode: eight-row dots, with a dimension tail
     (1, 601, 64, 64, 2, 2), (3, 601, 13, 48, 4, 2), (2, 300, 40, 80, 3, 3),  # decode: single rows
 ])
 @pytest.mark.parametrize("level", ["avx2", "avx512"])

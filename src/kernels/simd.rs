@@ -8,7 +8,7 @@
 //! ([`set_enabled`]).
 //!
 //! Attention also has explicit AVX2 + FMA kernels for float32 (`attention/avx2.rs`, reached through
-//! `attention/fast.rs`), three of them also in AVX-512F (`attention/avx512.rs`, where [`avx512`]),
+//! `attention/fast.rs`), four of them also in AVX-512 (`attention/avx512.rs`, where [`avx512`]),
 //! which compute the same operations as the generic code in the same order.
 //!
 //! `unsafe` code lives here (calling the AVX2 functions, prefetch), in `attention/avx2.rs` and
@@ -47,12 +47,16 @@ pub fn set_avx512_enabled(enabled: bool) {
     AVX512.store(enabled, Ordering::Relaxed);
 }
 
-/// Whether the kernels that have an AVX-512F form (attention's float32 matrix products) run it:
-/// the CPU has it, and it and the accelerated path are enabled.
+/// Whether the kernels that have an AVX-512 form (attention's float32 matrix products) run it:
+/// the CPU has AVX-512F and AVX-512VL (the 32 registers at 256 bits too), and it and the
+/// accelerated path are enabled.
 pub fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        accelerated() && AVX512.load(Ordering::Relaxed) && std::arch::is_x86_feature_detected!("avx512f")
+        accelerated()
+            && AVX512.load(Ordering::Relaxed)
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -98,8 +98,22 @@ impl Avx2 {
     /// See [`Explicit::dots`](super::fast::Explicit::dots).
     #[inline(always)]
     pub(super) fn dots(self, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
-        // SAFETY: as in `scores`.
-        unsafe { dots(q, e, k, stride, n, out) }
+        let rows = q.len() / e;
+        assert!(rows.is_multiple_of(MR));
+        let mut r = 0;
+        if self.avx512 {
+            while r + 2 * MR <= rows {
+                let (q, out) = (&q[r * e..(r + 2 * MR) * e], &mut out[r * BK..]);
+                // SAFETY: as in `scores`.
+                unsafe { super::avx512::dots(q, e, k, stride, n, out) };
+                r += 2 * MR;
+            }
+        }
+        while r < rows {
+            // SAFETY: as in `scores`.
+            unsafe { dots(&q[r * e..(r + MR) * e], e, k, stride, n, &mut out[r * BK..]) };
+            r += MR;
+        }
     }
 }
 
@@ -316,21 +330,36 @@ fn load_padded(x: &[f32]) -> __m256 {
 
 #[target_feature(enable = "avx2,fma")]
 fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
-    const { assert!(MR == 4) };
+    dots_tile::<MR>(q, e, k, stride, n, out)
+}
+
+/// [`Explicit::dots`](super::fast::Explicit::dots) for `R` rows (a multiple of four): `R` rows x
+/// two keys of eight-lane chains, each query chunk loaded once for both keys and each key chunk
+/// once for all rows. Eight rows take 16 accumulators, so only a caller with the 32 registers of
+/// AVX-512 (`avx512::dots`) should ask for them.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dots_tile<const R: usize>(
+    q: &[f32],
+    e: usize,
+    k: &[f32],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    const { assert!(R.is_multiple_of(4)) };
     if n == 0 {
         return;
     }
-    assert!(q.len() >= MR * e && k.len() >= (n - 1) * stride + e && out.len() >= (MR - 1) * BK + n);
+    assert!(q.len() >= R * e && k.len() >= (n - 1) * stride + e && out.len() >= (R - 1) * BK + n);
     let full = e / 8;
-    let q: [&[f32]; MR] = std::array::from_fn(|r| &q[r * e..(r + 1) * e]);
-    let q_tail: [__m256; MR] = std::array::from_fn(|r| load_padded(&q[r][full * 8..]));
+    let q: [&[f32]; R] = std::array::from_fn(|r| &q[r * e..(r + 1) * e]);
+    let q_tail: [__m256; R] = std::array::from_fn(|r| load_padded(&q[r][full * 8..]));
     let key = |j: usize| &k[j * stride..j * stride + e];
-    // Two keys at a time: 4 rows x 2 keys of eight-lane chains, each query chunk loaded once for
-    // both keys and each key chunk once for all rows.
     let mut j = 0;
     while j + 2 <= n {
         let (k0, k1) = (key(j).as_chunks::<8>(), key(j + 1).as_chunks::<8>());
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for (c, (x0, x1)) in k0.0.iter().zip(k1.0).enumerate() {
             let kv = [load(x0), load(x1)];
             for (acc, q) in acc.iter_mut().zip(&q) {
@@ -346,17 +375,19 @@ fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]
                 acc[1] = _mm256_fmadd_ps(qv, kv[1], acc[1]);
             }
         }
-        for h in 0..2 {
-            let s = reduce4(acc.map(|a| a[h]));
-            for (r, &s) in s.iter().enumerate() {
-                out[r * BK + j + h] = s;
+        for r0 in (0..R).step_by(4) {
+            for h in 0..2 {
+                let s = reduce4(std::array::from_fn(|r| acc[r0 + r][h]));
+                for (r, &s) in s.iter().enumerate() {
+                    out[(r0 + r) * BK + j + h] = s;
+                }
             }
         }
         j += 2;
     }
     if j < n {
         let (kc, kt) = key(j).as_chunks::<8>();
-        let mut acc = [_mm256_setzero_ps(); MR];
+        let mut acc = [_mm256_setzero_ps(); R];
         for (c, x) in kc.iter().enumerate() {
             let kv = load(x);
             for (acc, q) in acc.iter_mut().zip(&q) {
@@ -369,8 +400,11 @@ fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]
                 *acc = _mm256_fmadd_ps(qv, kv, *acc);
             }
         }
-        for (r, &s) in reduce4(acc).iter().enumerate() {
-            out[r * BK + j] = s;
+        for r0 in (0..R).step_by(4) {
+            let s = reduce4(std::array::from_fn(|r| acc[r0 + r]));
+            for (r, &s) in s.iter().enumerate() {
+                out[(r0 + r) * BK + j] = s;
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
-//! Three kernels of [`Explicit`](super::fast::Explicit) again, in AVX-512F, for CPUs that have
-//! it: the masked score tiles and the P·V tiles, which take most of a long prefill's time, and
-//! the probabilities. The 32 wider registers let one micro-tile hold two groups of `MR` rows by
-//! two strips of `NR` (a strip is one 16-lane register), or one group by four: 16 accumulators,
-//! twice the AVX2 tile, so each value of K or V loaded feeds eight (or four) fused multiply-adds.
+//! Four kernels of [`Explicit`](super::fast::Explicit) again, in AVX-512 (F and VL), for CPUs
+//! that have it: the masked score tiles and the P·V tiles, which take most of a long prefill's
+//! time, the probabilities, and decode's dot products of grouped rows. The 32 wider registers
+//! let one micro-tile hold two groups of `MR` rows by two strips of `NR` (a strip is one 16-lane
+//! register), or one group by four: 16 accumulators, twice the AVX2 tile, so each value of K or
+//! V loaded feeds eight (or four) fused multiply-adds. Decode's dot products stay in eight-lane
+//! registers (their form is eight lanes) but take eight rows at a time, in 16 of the 32.
 //!
 //! Every output element is the same chain of operations as in `avx2.rs` and the generic code (a
 //! score is `fma(q[d], k[d], ·)` over d from +0, then the select to −inf; P·V is `out · alpha`
@@ -301,4 +303,11 @@ fn pv_tile<const G: usize, const S: usize>(
             }
         }
     }
+}
+
+/// See [`Explicit::dots`](super::fast::Explicit::dots): eight rows at a time, the AVX2 kernel with
+/// twice its rows, for which the 32 registers of AVX-512 make room (16 accumulators).
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+    super::avx2::dots_tile::<{ 2 * MR }>(q, e, k, stride, n, out)
 }

@@ -13,7 +13,8 @@
 //! the form that vectorises over `d` for row-major keys. It depends on the query length only
 //! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit. For
 //! float32 on AVX2 + FMA, groups of four rows take explicit kernels (`fast.rs`): the dot products
-//! of four rows and two keys at a time, each key read once for all four, and P·V tiles; the rows
+//! of four rows (eight with AVX-512) and two keys at a time, each key read once for all of them,
+//! and P·V tiles; the rows
 //! left over (all of them without grouped heads at L = 1) take single-row kernels: dot products
 //! of four keys side by side and a P·V row held in registers. The explicit P·V leaves out no
 //! key, so it runs where no pair of its rows is masked or every value is finite.
@@ -102,17 +103,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
             }
             let k_block = &self.at.k[k_base + k0 * sp.k.row..];
             if let Some(token) = fast_dots.filter(|_| fast_rows > 0) {
-                for r in (0..fast_rows).step_by(MR) {
-                    T::dots(
-                        token,
-                        &qs[r * e..(r + MR) * e],
-                        e,
-                        k_block,
-                        sp.k.row,
-                        cols,
-                        &mut scores[r * BK..],
-                    );
-                }
+                T::dots(token, &qs[..fast_rows * e], e, k_block, sp.k.row, cols, &mut scores);
             }
             for r in fast_rows..rows {
                 let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);

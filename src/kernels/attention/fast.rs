@@ -4,9 +4,10 @@
 //! float32 on x86-64 with AVX2 and FMA, their hot steps also exist as explicit kernels
 //! (`avx2.rs`): the K transpose, the score micro-tiles with their masks and row maxima, the
 //! probabilities with their sum, the P·V micro-tiles, and decode's dot products and P·V for
-//! groups of four rows and for single rows. Where the CPU has AVX-512F, the score tiles, the
-//! probabilities and the P·V tiles run in 16-lane registers instead (`avx512.rs`), the matrix
-//! products with tiles twice as large. Each computes exactly the
+//! groups of four rows and for single rows. Where the CPU has AVX-512 (F and VL), the score
+//! tiles, the probabilities and the P·V tiles run in 16-lane registers instead (`avx512.rs`),
+//! the matrix products with tiles twice as large, and decode's dot products take eight rows at a
+//! time. Each computes exactly the
 //! operations of its generic counterpart, in the same order, so all give the same bits (the
 //! tests compare them); what they add is control over registers, one pass where the generic code
 //! takes several, and no bounds checks in the loops.
@@ -88,7 +89,7 @@ pub trait Explicit: Sized + Copy {
     /// keys transposed into strips of `NR`, as `tile.rs` packs them.
     fn pack_keys(t: Self::Token, k: &[Self], stride: usize, e: usize, n: usize, kt: &mut [Self]);
 
-    /// `out[r·BK + j] = q_r · k_j` for `MR` query rows (`q`, rows `e` apart) and the keys
+    /// `out[r·BK + j] = q_r · k_j` for the query rows of `q` (`e` apart, a multiple of `MR`) and the keys
     /// `k[j·stride..][..e]`, `j < n`: the same as `decode::dots`, each key read once for all rows.
     fn dots(t: Self::Token, q: &[Self], e: usize, k: &[Self], stride: usize, n: usize, out: &mut [Self]);
 }
