@@ -89,8 +89,9 @@ pub trait Explicit: Sized + Copy {
     /// keys transposed into strips of `NR`, as `tile.rs` packs them.
     fn pack_keys(t: Self::Token, k: &[Self], stride: usize, e: usize, n: usize, kt: &mut [Self]);
 
-    /// `out[r·BK + j] = q_r · k_j` for the query rows of `q` (`e` apart, a multiple of `MR`) and the keys
-    /// `k[j·stride..][..e]`, `j < n`: the same as `decode::dots`, each key read once for all rows.
+    /// `out[r·BK + j] = q_r · k_j` for the query rows of `q` (`e > 0` apart, a multiple of `MR`
+    /// of them) and the keys `k[j·stride..][..e]`, `j < n`: the same as `decode::dots`, each key
+    /// read once for several rows.
     fn dots(t: Self::Token, q: &[Self], e: usize, k: &[Self], stride: usize, n: usize, out: &mut [Self]);
 }
 
