@@ -548,6 +548,10 @@ fn pack_keys(k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
     let (groups, dims) = (n / 8 * 8, e / 8 * 8);
     for j0 in (0..groups).step_by(8) {
         let rows: [&[f32]; 8] = std::array::from_fn(|i| key(j0 + i));
+        // The next eight keys, to be in cache when their turn comes.
+        for j in (j0 + 8..j0 + 16).take_while(|&j| j < n) {
+            crate::kernels::simd::prefetch(key(j));
+        }
         let (strip, n0) = (j0 / NR, j0 % NR);
         let dst = &mut kt[strip * e * NR..(strip + 1) * e * NR];
         for d0 in (0..dims).step_by(8) {

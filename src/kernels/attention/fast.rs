@@ -18,9 +18,9 @@
 //! called.
 
 /// The values of one key block for [`Explicit::pv`]: value column `c·NR + t` of the block's key
-/// `j` is `v[j·key_stride + c·strip_stride + t]`, for keys `0..cols` and `ev` columns. Packed
-/// strips (`tile.rs`) have `key_stride = NR`; rows as they lie (`decode.rs`) have
-/// `strip_stride = NR`.
+/// `j` is `v[j·key_stride + c·strip_stride + t]`, for keys `0..cols` and `ev` columns: value rows
+/// as they lie (`tile.rs`, `decode.rs`) have `strip_stride = NR`; packed strips would have
+/// `key_stride = NR`.
 pub struct VBlock<'a, T> {
     pub v: &'a [T],
     pub key_stride: usize,

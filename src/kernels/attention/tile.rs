@@ -7,7 +7,8 @@
 //! parts of whole query blocks (`first`, `positions`), each a task of its own that packs the keys
 //! its rows can reach; every block computes exactly what it would unsplit.
 //!
-//! K and V are packed once per task into 16-wide strips. Per query block the queries are packed
+//! K is packed once per task into 16-wide strips, and so is V where the generic P·V runs (the
+//! explicit kernel reads the value rows as they lie). Per query block the queries are packed
 //! times `scale`; per key block, 4 x 16 register tiles of fused multiply-adds build the scores
 //! (`s[j] += q[d] · kt[d][j]`), which are capped and biased, then masked by selects (after all
 //! arithmetic) while the row maximum is found; `exp` turns them into probabilities (masked ones
@@ -119,18 +120,22 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 }
             }
         }
-        // V packed likewise: for key block n and output columns c·NR.., `vt[j][0..NR]` for its
-        // keys, contiguous (`BK x NR`). In the same pass, which value rows are finite: where all
-        // of a block's are, masked pairs need no skipping.
+        // V packed likewise for the generic P·V (the explicit kernel reads the rows as they lie,
+        // which costs it nothing and saves the copy): for key block n and output columns c·NR..,
+        // `vt[j][0..NR]` for its keys, contiguous (`BK x NR`). In the same pass, which value rows
+        // are finite: where all of a block's are, masked pairs need no skipping.
         let ev_strips = ev / NR;
-        let mut vt = vec![T::ZERO; packed * ev_strips * NR];
+        let pack_v = fast_pv.is_none();
+        let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
         let mut v_finite = vec![true; keys_end];
         for (j, finite) in v_finite.iter_mut().enumerate() {
             let (block, jj) = (j / BK, j % BK);
             let row = &self.at.v[v_base + j * sp.v.row..][..ev];
-            for c in 0..ev_strips {
-                let at = ((block * ev_strips + c) * BK + jj) * NR;
-                vt[at..at + NR].copy_from_slice(&row[c * NR..(c + 1) * NR]);
+            if pack_v {
+                for c in 0..ev_strips {
+                    let at = ((block * ev_strips + c) * BK + jj) * NR;
+                    vt[at..at + NR].copy_from_slice(&row[c * NR..(c + 1) * NR]);
+                }
             }
             *finite = row.iter().fold(true, |all, x| all & x.is_finite());
         }
@@ -153,6 +158,9 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
 
         // This task's rows (whole query blocks: `first · group` is a multiple of BQ).
         let (start, end) = (self.first * group, (self.first + self.positions) * group);
+        let q = self.at.q;
+        let q_row =
+            |row: usize| &q[b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row..][..e];
         for q0 in (start..end).step_by(BQ) {
             let rows = BQ.min(end - q0);
             // Tiles work on whole groups of MR rows: rows past `rows` repeat the last one, are
@@ -165,12 +173,13 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             // Pack the block's queries times `scale`, each group of MR rows interleaved by
             // dimension (`qpack[r0·e + d·MR + r]`, r0 the group's first row), so a micro-tile
             // reads its MR queries of dimension d from one place.
-            for r in 0..padded {
-                let row = q0 + r.min(rows - 1);
-                let q_at = self.at.b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row;
-                let src = &self.at.q[q_at..][..e];
-                for (d, &x) in src.iter().enumerate() {
-                    qpack[(r / MR * MR) * e + d * MR + r % MR] = x * scale;
+            for r0 in (0..padded).step_by(MR) {
+                let src: [&[T]; MR] = std::array::from_fn(|r| q_row(q0 + (r0 + r).min(rows - 1)));
+                let (dst, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks_mut::<MR>();
+                for (d, x) in dst.iter_mut().enumerate() {
+                    for (x, src) in x.iter_mut().zip(&src) {
+                        *x = src[d] * scale;
+                    }
                 }
             }
             // Key blocks are the packed ones: [BK·n, BK·(n + 1)), trimmed to the allowed range.
@@ -258,12 +267,13 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
-                    let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
                     if let Some(token) = fast_pv {
-                        let v = &vstrips[col0 * NR..]; // whole strips: ev is a multiple of NR
-                        let vb = VBlock { v, key_stride: NR, strip_stride: BK * NR, cols, ev };
+                        // Value rows from key k0 on (ev is a multiple of NR: whole strips).
+                        let v = &self.at.v[v_base + k0 * sp.v.row..];
+                        let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
                         T::pv(token, &scores[col0..], &alpha, &mut acc, padded, &vb);
                     } else {
+                        let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
                         let vb = PvBlock { strips: vstrips, col0, cols, ev };
                         for r0 in (0..padded).step_by(MR) {
                             let out = &mut acc[r0 * ev..(r0 + MR) * ev];
