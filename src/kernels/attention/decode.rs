@@ -29,15 +29,39 @@ pub(super) const MAX_QUERIES: usize = 16;
 /// Keys per chunk, a multiple of `BK`.
 pub(super) const CHUNK: usize = 512;
 
-/// One chunk's state for every row of its task: the running maximum, the sum of probabilities,
-/// the unnormalised output (`rows x Ev`) and, when weights are requested, the masked scores
-/// (`rows x` chunk length).
+/// One chunk's state for every row of its task, in one allocation (a decode call is short, and
+/// allocations add up): the running maximum, the sum of probabilities, the unnormalised output
+/// (`rows x Ev`) and, when weights are requested, the masked scores (`rows x` chunk length).
 #[derive(Default)]
 pub(super) struct Partial<T> {
-    m: Vec<T>,
-    sum: Vec<T>,
-    acc: Vec<T>,
-    scores: Vec<T>,
+    data: Vec<T>,
+    rows: usize,
+    ev: usize,
+}
+
+impl<T: AttnFloat> Partial<T> {
+    fn new(rows: usize, ev: usize, width: usize) -> Self {
+        let mut data = vec![T::ZERO; rows * (2 + ev + width)];
+        data[..rows].fill(T::NEG_INFINITY); // m
+        data[rows * (2 + ev)..].fill(T::NEG_INFINITY); // scores
+        Self { data, rows, ev }
+    }
+
+    /// `(m, sum, acc, scores)`.
+    fn parts(&self) -> (&[T], &[T], &[T], &[T]) {
+        let (m, rest) = self.data.split_at(self.rows);
+        let (sum, rest) = rest.split_at(self.rows);
+        let (acc, scores) = rest.split_at(self.rows * self.ev);
+        (m, sum, acc, scores)
+    }
+
+    /// `(m, sum, acc, scores)`.
+    fn parts_mut(&mut self) -> (&mut [T], &mut [T], &mut [T], &mut [T]) {
+        let (m, rest) = self.data.split_at_mut(self.rows);
+        let (sum, rest) = rest.split_at_mut(self.rows);
+        let (acc, scores) = rest.split_at_mut(self.rows * self.ev);
+        (m, sum, acc, scores)
+    }
 }
 
 /// Keys `keys.0..keys.1` of one (batch `b`, key/value head `g`), for the `group` query heads
@@ -68,21 +92,20 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let v_row = |j: usize| &self.at.v[v_base + j * sp.v.row..][..ev];
 
         let scale = T::from_f64(sp.scale);
-        let mut qs = vec![T::ZERO; rows * e]; // the queries times `scale`
+        // Scratch, in one allocation: the queries times `scale`, a key block's scores, and the
+        // rows' rescaling factors.
+        let mut work = vec![T::ZERO; rows * (e + BK + 1)];
+        let (qs, rest) = work.split_at_mut(rows * e);
+        let (scores, alpha) = rest.split_at_mut(rows * BK);
         for r in 0..rows {
             let at = b * sp.q.batch + head_of(r) * sp.q.head + (r / group) * sp.q.row;
             for (d, &x) in qs[r * e..(r + 1) * e].iter_mut().zip(&self.at.q[at..][..e]) {
                 *d = x * scale;
             }
         }
-        let p = &mut self.partial;
-        p.m = vec![T::NEG_INFINITY; rows];
-        p.sum = vec![T::ZERO; rows];
-        p.acc = vec![T::ZERO; rows * ev];
         let width = c1 - c0;
-        p.scores = vec![T::NEG_INFINITY; if self.weights { rows * width } else { 0 }];
-        let mut scores = vec![T::ZERO; rows * BK];
-        let mut alpha = vec![T::ONE; rows];
+        self.partial = Partial::new(rows, ev, if self.weights { width } else { 0 });
+        let (p_m, p_sum, p_acc, p_scores) = self.partial.parts_mut();
         // The explicit kernels (`fast.rs`), where they exist: tiles for whole groups of MR rows,
         // single-row kernels for the rest.
         let fast = T::detect();
@@ -103,7 +126,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
             }
             let k_block = &self.at.k[k_base + k0 * sp.k.row..];
             if let Some(token) = fast_dots.filter(|_| fast_rows > 0) {
-                T::dots(token, &qs[..fast_rows * e], e, k_block, sp.k.row, cols, &mut scores);
+                T::dots(token, &qs[..fast_rows * e], e, k_block, sp.k.row, cols, scores);
             }
             for r in fast_rows..rows {
                 let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);
@@ -118,16 +141,18 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                 let row_max = mask_row(sp, masks, at, srow);
                 if self.weights {
-                    p.scores[r * width + k0 - c0..][..cols].copy_from_slice(srow);
+                    p_scores[r * width + k0 - c0..][..cols].copy_from_slice(srow);
                 }
-                alpha[r] = update_row(fast, srow, row_max, &mut p.m[r], &mut p.sum[r]);
+                alpha[r] = update_row(fast, srow, row_max, &mut p_m[r], &mut p_sum[r]);
             }
             // P·V: the explicit kernels, which leave out no key, where that changes nothing: where
             // no probability is masked (−0.0), or where every value is finite (fma(−0.0, v, acc)
             // = acc then); else row by row, skipping masked pairs. The values are scanned only
             // when some pair is masked, and then once.
             let v = &self.at.v[v_base + k0 * sp.v.row..];
-            let masked = |r: usize| scores[r * BK..r * BK + cols].iter().any(|x| x.is_neg_zero());
+            // (A fold, not `any`, so that it vectorises: a row is short.)
+            let masked =
+                |r: usize| scores[r * BK..r * BK + cols].iter().fold(false, |m, x| m | x.is_neg_zero());
             let mut finite = None;
             let mut plain = |rows: std::ops::Range<usize>| {
                 !rows.into_iter().any(masked)
@@ -138,11 +163,11 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
             let mut pv_rows = 0;
             if let Some(token) = fast_pv.filter(|_| fast_rows > 0 && plain(0..fast_rows)) {
                 let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
-                T::pv(token, &scores, &alpha, &mut p.acc, fast_rows, &vb);
+                T::pv(token, scores, alpha, p_acc, fast_rows, &vb);
                 pv_rows = fast_rows;
             }
             for r in pv_rows..rows {
-                let (pr, acc) = (&scores[r * BK..r * BK + cols], &mut p.acc[r * ev..(r + 1) * ev]);
+                let (pr, acc) = (&scores[r * BK..r * BK + cols], &mut p_acc[r * ev..(r + 1) * ev]);
                 match fast_pv.filter(|_| plain(r..r + 1)) {
                     Some(token) => T::pv_row(token, pr, alpha[r], acc, v, sp.v.row),
                     None => add_pv(pr, alpha[r], acc, |j| v_row(k0 + j)),
@@ -199,24 +224,25 @@ pub(super) fn merge<T: AttnFloat>(spec: &AttnSpec, chunks: &[Chunk<'_, T>], head
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
     let group = heads.len();
     let mut w = vec![T::ZERO; chunks.len()];
+    let parts: Vec<_> = chunks.iter().map(|c| c.partial.parts()).collect();
     for r in 0..group * l {
         let (i, head) = (r / group, &mut heads[r % group]);
         let mut big = T::NEG_INFINITY;
-        for c in chunks {
-            let m = c.partial.m[r];
+        for &(m, ..) in &parts {
+            let m = m[r];
             big = if m.is_nan() || big.is_nan() || m > big { m } else { big };
         }
         let empty = big == T::NEG_INFINITY;
         let mut total = T::ZERO;
-        for (wc, c) in w.iter_mut().zip(chunks) {
-            *wc = (c.partial.m[r] - big).exp_nonpositive();
-            total = c.partial.sum[r].mul_add(*wc, total);
+        for (wc, &(m, sum, ..)) in w.iter_mut().zip(&parts) {
+            *wc = (m[r] - big).exp_nonpositive();
+            total = sum[r].mul_add(*wc, total);
         }
         let out = &mut head.out[i * ev..(i + 1) * ev];
         for (d, o) in out.iter_mut().enumerate() {
             let mut x = T::ZERO;
-            for (&wc, c) in w.iter().zip(chunks) {
-                x = c.partial.acc[r * ev + d].mul_add(wc, x);
+            for (&wc, &(_, _, acc, _)) in w.iter().zip(&parts) {
+                x = acc[r * ev + d].mul_add(wc, x);
             }
             o.write(if empty { T::ZERO } else { x / total });
         }
@@ -224,9 +250,9 @@ pub(super) fn merge<T: AttnFloat>(spec: &AttnSpec, chunks: &[Chunk<'_, T>], head
             lse[i].write(if empty { T::NEG_INFINITY } else { big + total.ln() });
         }
         if let Some(weights) = head.weights.as_deref_mut() {
-            for c in chunks {
+            for (c, &(.., scores)) in chunks.iter().zip(&parts) {
                 let (c0, c1) = c.keys;
-                let scores = &c.partial.scores[r * (c1 - c0)..(r + 1) * (c1 - c0)];
+                let scores = &scores[r * (c1 - c0)..(r + 1) * (c1 - c0)];
                 for (x, &score) in weights[i * s + c0..i * s + c1].iter_mut().zip(scores) {
                     x.write(if empty { T::ZERO } else { (score - big).exp_nonpositive() / total });
                 }

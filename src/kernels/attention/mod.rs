@@ -377,14 +377,14 @@ pub fn attention<T: AttnFloat>(
                 }
             })
             .collect();
-        let mut groups: Vec<Vec<tile::HeadOut<'_, T>>> =
-            (0..spec.batch * spec.heads_kv).map(|_| heads.by_ref().take(group).collect()).collect();
-        let merge = |(chunks, heads): (&[decode::Chunk<'_, T>], &mut Vec<tile::HeadOut<'_, T>>)| {
+        let mut heads: Vec<tile::HeadOut<'_, T>> = heads.collect();
+        let merge = |(chunks, heads): (&[decode::Chunk<'_, T>], &mut [tile::HeadOut<'_, T>])| {
             simd::task(&mut decode::Merge { spec, chunks, heads })
         };
         par.for_each(&mut chunks, simd::task);
-        // The merges are short (each row's outputs once per chunk): on the calling thread.
-        chunks.chunks(n_chunks).zip(groups.iter_mut()).for_each(merge);
+        // The merges are short (each row's outputs once per chunk): on the calling thread, for
+        // the query heads of each (batch, key/value head) in turn.
+        chunks.chunks(n_chunks).zip(heads.chunks_mut(group)).for_each(merge);
         return Ok(());
     }
     // One task per (batch, key/value head), split along the queries into parts of whole query
