@@ -33,7 +33,10 @@ impl Par<'_> {
     /// next task left as it comes free. A thread asleep in the pool takes 9–100 µs to wake on a
     /// busy machine, so a call whose work is that short is not kept waiting for one to start;
     /// `rayon`'s `install` would wait for one before any work began, and again for the caller
-    /// at the end. Which thread runs a task never changes its result.
+    /// at the end. After a call the helpers stay awake for up to `LINGER` (100 µs), spinning, so that the
+    /// next call of a loop (a decode step per token) finds them ready instead of asleep; they stop
+    /// as soon as a call starts. OpenMP runtimes do the same, for longer by default. Which thread
+    /// runs a task never changes its result.
     pub fn for_each<T: Send>(self, tasks: &mut [T], f: impl Fn(&mut T) + Sync) {
         let Par::Pool(pool) = self else {
             return tasks.iter_mut().for_each(f);
@@ -55,8 +58,29 @@ impl Par<'_> {
             for _ in 0..helpers {
                 scope.spawn(|_| work());
             }
+            // Helpers still lingering from the last call stop, and take these tasks at once.
+            CALLS.fetch_add(1, Ordering::Relaxed);
             work();
         });
+        let call = CALLS.load(Ordering::Relaxed);
+        for _ in 0..helpers {
+            pool.spawn(move || linger(call));
+        }
+    }
+}
+
+/// Calls of [`Par::for_each`] on a pool so far: a lingering helper stops when it moves.
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How long a helper stays awake after a call, ready for the next: longer than the Python side
+/// of a call takes, short enough that other work on the machine barely notices.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Spins until the next call starts or [`LINGER`] has passed, whichever comes first.
+fn linger(call: usize) {
+    let start = std::time::Instant::now();
+    while CALLS.load(Ordering::Relaxed) == call && start.elapsed() < LINGER {
+        std::hint::spin_loop();
     }
 }
 
