@@ -31,12 +31,12 @@ impl Par<'_> {
     /// On a pool, the calling thread takes tasks from the first at once while the pool's other
     /// threads wake up and join it (`threads − 1` helpers, so `threads` in all), each taking the
     /// next task left as it comes free. A thread asleep in the pool takes 9–100 µs to wake on a
-    /// busy machine, so a call whose work is that short is not kept waiting for one to start;
-    /// `rayon`'s `install` would wait for one before any work began, and again for the caller
-    /// at the end. After a call the helpers stay awake for up to `LINGER` (100 µs), spinning, so that the
-    /// next call of a loop (a decode step per token) finds them ready instead of asleep; they stop
-    /// as soon as a call starts. OpenMP runtimes do the same, for longer by default. Which thread
-    /// runs a task never changes its result.
+    /// busy machine, so a call whose work is that short does not wait for one to start work
+    /// (`rayon`'s `install` would); it does end only once every helper has started and found the
+    /// tasks done. So after a call the helpers stay awake for up to `LINGER` (100 µs), spinning,
+    /// and the next call of a loop (a decode step per token) finds them ready instead of asleep;
+    /// they stop as soon as a call starts. OpenMP runtimes do the same, for longer by default.
+    /// Which thread runs a task never changes its result.
     pub fn for_each<T: Send>(self, tasks: &mut [T], f: impl Fn(&mut T) + Sync) {
         let Par::Pool(pool) = self else {
             return tasks.iter_mut().for_each(f);
