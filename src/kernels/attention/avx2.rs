@@ -41,7 +41,7 @@ impl Avx2 {
     #[inline(always)]
     pub(super) fn scores(self, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
         if self.avx512 {
-            // SAFETY: `avx512` is true only on a CPU with AVX-512F.
+            // SAFETY: `avx512` is true only on a CPU with AVX-512F and AVX-512VL.
             return unsafe { super::avx512::masked_scores(blk, scores, max) };
         }
         // SAFETY: `self` exists only on a CPU with AVX2 and FMA.

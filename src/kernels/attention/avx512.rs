@@ -186,7 +186,7 @@ fn exp16(x: __m512) -> __m512 {
 /// See [`Explicit::probabilities`](super::fast::Explicit::probabilities): sixteen at a time,
 /// summed in the eight lanes of the generic form (each half added in turn, the tail past the
 /// last eight added to the first lanes), so the sum has its bits.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512vl")]
 pub(super) fn probabilities(row: &mut [f32], m: f32) -> f32 {
     let (neg_inf, neg_zero, mv) =
         (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(-0.0), _mm512_set1_ps(m));
@@ -212,14 +212,15 @@ pub(super) fn probabilities(row: &mut [f32], m: f32) -> f32 {
         let x = p(unsafe { _mm512_maskz_loadu_ps(lanes, tail.as_ptr()) });
         // SAFETY: as above.
         unsafe { _mm512_mask_storeu_ps(tail.as_mut_ptr(), lanes, x) };
+        // Added as the generic code adds them: its elements 0..8 to lanes 0..8, then those past
+        // the eighth to the first lanes; masked adds leave the other lanes as they are.
+        let (lo, hi) = halves(x);
+        sum = _mm256_mask_add_ps(sum, lanes as __mmask8, sum, lo);
+        sum = _mm256_mask_add_ps(sum, (lanes >> 8) as __mmask8, sum, hi);
     }
     let mut l = [0.0f32; 8];
     // SAFETY: writes the eight floats of `l`.
     unsafe { _mm256_storeu_ps(l.as_mut_ptr(), sum) };
-    // The tail, lane by lane: a whole eight first (what a vector add does), then the rest.
-    for (i, &x) in tail.iter().enumerate() {
-        l[i % 8] += x;
-    }
     ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
 }
 
