@@ -14,10 +14,10 @@
 //! through this path's choice (`L`), so grouped heads equal repeated ones, bit for bit. For
 //! float32 on AVX2 + FMA, groups of four rows take explicit kernels (`fast.rs`): the dot products
 //! of four rows (eight with AVX-512) and two keys at a time, each key read once for all of them,
-//! and P·V tiles; the rows
-//! left over (all of them without grouped heads at L = 1) take single-row kernels: dot products
-//! of four keys side by side and a P·V row held in registers. The explicit P·V leaves out no
-//! key, so it runs where no pair of its rows is masked or every value is finite.
+//! and P·V tiles; the rows left over (all of them without grouped heads at L = 1) take
+//! single-row kernels: dot products of four keys side by side and a P·V row held in registers.
+//! The explicit P·V leaves out no key, so it runs where no pair of its rows is masked or every
+//! value is finite.
 
 use super::fast::VBlock;
 use super::tile::{add_pv, key_range, mask_row, update_row, HeadOut, RowAt, BK, MR, NR};
