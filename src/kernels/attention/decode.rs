@@ -85,7 +85,6 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let k_base = b * sp.k.batch + g * sp.k.head;
         let v_base = b * sp.v.batch + g * sp.v.head;
         let offset = sp.offset();
-        let head_of = |r: usize| g * group + r % group;
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
         let k_row = |j: usize| &self.at.k[k_base + j * sp.k.row..][..e];
@@ -98,8 +97,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let (qs, rest) = work.split_at_mut(rows * e);
         let (scores, alpha) = rest.split_at_mut(rows * BK);
         for r in 0..rows {
-            let at = b * sp.q.batch + head_of(r) * sp.q.head + (r / group) * sp.q.row;
-            for (d, &x) in qs[r * e..(r + 1) * e].iter_mut().zip(&self.at.q[at..][..e]) {
+            for (d, &x) in qs[r * e..(r + 1) * e].iter_mut().zip(self.at.q_row(r)) {
                 *d = x * scale;
             }
         }
@@ -136,7 +134,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 }
             }
             for r in 0..rows {
-                let (i, h) = (r / group, head_of(r));
+                let (i, h) = (r / group, self.at.head_of(r));
                 let srow = &mut scores[r * BK..r * BK + cols];
                 let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                 let row_max = mask_row(sp, masks, at, srow);

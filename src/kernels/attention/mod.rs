@@ -214,6 +214,23 @@ struct TaskInputs<'a, T> {
     g: usize,
 }
 
+impl<'a, T> TaskInputs<'a, T> {
+    /// The query head of task row `r`: row `r` is query position `r / G` of head `g·G + r % G`,
+    /// with `G` the query heads per key/value head.
+    #[inline(always)]
+    fn head_of(&self, r: usize) -> usize {
+        let group = self.spec.heads_q / self.spec.heads_kv;
+        self.g * group + r % group
+    }
+
+    /// The query of task row `r` (see [`TaskInputs::head_of`]).
+    #[inline(always)]
+    fn q_row(&self, r: usize) -> &'a [T] {
+        let (sp, group) = (self.spec, self.spec.heads_q / self.spec.heads_kv);
+        &self.q[self.b * sp.q.batch + self.head_of(r) * sp.q.head + (r / group) * sp.q.row..][..sp.dim_qk]
+    }
+}
+
 /// Where the outputs go: `out` always, `lse` and `weights` when requested.
 pub struct Outputs<'a, T> {
     pub out: &'a mut [MaybeUninit<T>],

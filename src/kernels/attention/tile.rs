@@ -90,9 +90,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let k_base = self.at.b * sp.k.batch + self.at.g * sp.k.head;
         let v_base = self.at.b * sp.v.batch + self.at.g * sp.v.head;
         let offset = sp.offset();
-        // Task row r: query position r / group of head g·group + r % group.
-        let (b, g, masks) = (self.at.b, self.at.g, self.at.masks);
-        let head_of = move |r: usize| g * group + r % group;
+        // Task row r: query position r / group of head at.head_of(r).
+        let (at, b, masks) = (self.at, self.at.b, self.at.masks);
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
         // No key after this is ever read: trailing padding, and keys past the last position's
@@ -158,9 +157,6 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
 
         // This task's rows (whole query blocks: `first · group` is a multiple of BQ).
         let (start, end) = (self.first * group, (self.first + self.positions) * group);
-        let q = self.at.q;
-        let q_row =
-            |row: usize| &q[b * sp.q.batch + head_of(row) * sp.q.head + (row / group) * sp.q.row..][..e];
         for q0 in (start..end).step_by(BQ) {
             let rows = BQ.min(end - q0);
             // Tiles work on whole groups of MR rows: rows past `rows` repeat the last one, are
@@ -174,7 +170,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             // dimension (`qpack[r0·e + d·MR + r]`, r0 the group's first row), so a micro-tile
             // reads its MR queries of dimension d from one place.
             for r0 in (0..padded).step_by(MR) {
-                let src: [&[T]; MR] = std::array::from_fn(|r| q_row(q0 + (r0 + r).min(rows - 1)));
+                let src: [&[T]; MR] = std::array::from_fn(|r| at.q_row(q0 + (r0 + r).min(rows - 1)));
                 let (dst, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks_mut::<MR>();
                 for (d, x) in dst.iter_mut().enumerate() {
                     for (x, src) in x.iter_mut().zip(&src) {
@@ -248,7 +244,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 // Per row: scale, biases, masks, maximum, probabilities, sum.
                 for r in 0..padded {
                     let row = q0 + r.min(rows - 1);
-                    let (i, h) = (row / group, head_of(row));
+                    let (i, h) = (row / group, at.head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
                     let row_max = match fast_scores {
                         Some(_) => row_max[r], // masked already
