@@ -573,3 +573,49 @@ fn pack_keys(k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::attention::tile;
+
+    /// Scores minus their maximum across exp's whole range and its edges: the flush to zero
+    /// below `MIN` and the smallest results above it, −inf (masked), NaN, and a tail that is not
+    /// a whole vector.
+    fn edge_row() -> Vec<f32> {
+        let mut row: Vec<f32> = (0..2400).map(|i| -(i as f32) * 0.0419).collect();
+        let min = c::MIN;
+        row.extend([min, min.next_up(), min.next_down(), -87.33, -87.34, -103.0, -104.0, -0.0, -1e-30]);
+        row.extend([f32::NEG_INFINITY, f32::NAN, f32::MIN, -f32::MIN_POSITIVE]);
+        row
+    }
+
+    #[test]
+    fn explicit_probabilities_give_the_portable_bits_at_the_edges_of_exp() {
+        let Some(token) = Avx2::detect() else { return }; // no AVX2 here: nothing to compare
+        let levels = if token.avx512 { vec![false, true] } else { vec![false] };
+        let full = edge_row().len();
+        for (m, len) in [(0.0f32, full), (0.5, full), (0.0, full - 4), (0.5, 2400 + 7), (0.0, 13)] {
+            let mut want = edge_row();
+            want.truncate(len);
+            let want_sum = tile::probabilities(&mut want, m);
+            if len == full {
+                // The row reaches exp's edges: results flushed to +0, and exp(MIN) = 1.6e-38.
+                assert!(want.iter().any(|x| x.to_bits() == 0) && want.iter().any(|&x| x > 0.0 && x < 2e-38));
+            }
+            for &avx512 in &levels {
+                let mut got = edge_row();
+                got.truncate(len);
+                let sum = Avx2 { avx512 }.probabilities(&mut got, m);
+                assert_eq!(sum.to_bits(), want_sum.to_bits(), "avx512 {avx512}, m {m}, length {len}");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "avx512 {avx512}, m {m}, element {i}: {g:e} vs {w:e}"
+                    );
+                }
+            }
+        }
+    }
+}
