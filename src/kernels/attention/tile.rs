@@ -151,6 +151,9 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             && masks.bool_mask.is_none();
         let fast_scores = fast.filter(|_| simple_masks);
         let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
+        // The key columns (k0, cols) whose marks `keep` holds: query blocks that share them (all
+        // of a task's, without causal or window bounds) build them once.
+        let mut keep_for = None;
         // The masked scores of the current query block, kept only when weights are requested.
         let mut block_scores =
             vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
@@ -208,9 +211,12 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     // Block column c is key block·BK + c.
                     let base = block * BK;
                     if !all_valid {
-                        for (c, kp) in keep.iter_mut().enumerate().take(t1).skip(t0) {
-                            let inside = (col0..col0 + cols).contains(&c);
-                            *kp = -i32::from(inside && key_mask.is_none_or(|km| km[base + c] != 0));
+                        if keep_for != Some((k0, cols)) {
+                            for (c, kp) in keep.iter_mut().enumerate().take(t1).skip(t0) {
+                                let inside = (col0..col0 + cols).contains(&c);
+                                *kp = -i32::from(inside && key_mask.is_none_or(|km| km[base + c] != 0));
+                            }
+                            keep_for = Some((k0, cols));
                         }
                         for (r, bound) in bounds[..padded].iter_mut().enumerate() {
                             let i = (q0 + r.min(rows - 1)) / group;
