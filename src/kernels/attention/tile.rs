@@ -27,7 +27,7 @@ use std::mem::MaybeUninit;
 
 use super::fast::{ScoreBlock, VBlock};
 use super::{AttnFloat, AttnSpec, Masks, TaskInputs};
-use crate::kernels::simd::Task;
+use crate::kernels::simd::{self, Task};
 
 /// Query rows per block.
 const BQ: usize = 32;
@@ -127,9 +127,15 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let pack_v = fast_pv.is_none();
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
         let mut v_finite = vec![true; keys_end];
+        let v_row = |j: usize| &self.at.v[v_base + j * sp.v.row..][..ev];
         for (j, finite) in v_finite.iter_mut().enumerate() {
             let (block, jj) = (j / BK, j % BK);
-            let row = &self.at.v[v_base + j * sp.v.row..][..ev];
+            // The row eight ahead, to be in cache when its turn comes: rows that lie apart
+            // (layout bshd, a row of every head in between) are not streamed in by the hardware.
+            if j + 8 < keys_end {
+                simd::prefetch(v_row(j + 8));
+            }
+            let row = v_row(j);
             if pack_v {
                 for c in 0..ev_strips {
                     let at = ((block * ev_strips + c) * BK + jj) * NR;
@@ -162,6 +168,10 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let (start, end) = (self.first * group, (self.first + self.positions) * group);
         for q0 in (start..end).step_by(BQ) {
             let rows = BQ.min(end - q0);
+            // The next block's queries, likewise (its packing reads them first).
+            for r in q0 + BQ..(q0 + 2 * BQ).min(end) {
+                simd::prefetch(at.q_row(r));
+            }
             // Tiles work on whole groups of MR rows: rows past `rows` repeat the last one, are
             // computed alike and dropped at the end.
             let padded = rows.next_multiple_of(MR);
