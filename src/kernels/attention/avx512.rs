@@ -161,10 +161,10 @@ fn score_tile<const G: usize, const S: usize>(
     }
 }
 
-/// `exp_nonpositive` of sixteen floats, with the same bits (as `avx2::exp8`). Two steps are
-/// shorter: x is not raised to `MIN` first, since every lane below it is set to +0 at the end
-/// and the others are unchanged by it; and `e^r · 2^n` is one `vscalefps`, which rounds the same
-/// exact product once, as the multiplication by 2^n built in the exponent bits does.
+/// `exp_nonpositive` of sixteen floats, with the same bits (as `avx2::exp8`) in two steps fewer:
+/// x is not raised to `MIN` first, since every lane below it is set to +0 at the end and the
+/// others are unchanged by it; and `e^r · 2^n` is one `vscalefps`, which rounds the same exact
+/// product once, as the multiplication by 2^n built in the exponent bits does.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp16(x: __m512) -> __m512 {
