@@ -147,3 +147,15 @@ pub fn prefetch<T>(data: &[T]) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
 }
+
+/// `[f(0), f(1), …, f(N − 1)]`, called in that order, like `std::array::from_fn`, which the
+/// kernels' small arrays (the rows or strips of a tile, a tile's vectors) used before: LLVM left
+/// some of those calls out of line, a call per tile in the hottest loops. This loop is inlined.
+#[inline(always)]
+pub fn array<T: Copy, const N: usize>(mut f: impl FnMut(usize) -> T) -> [T; N] {
+    let mut out = [f(0); N];
+    for (i, x) in out.iter_mut().enumerate().skip(1) {
+        *x = f(i);
+    }
+    out
+}

@@ -22,6 +22,7 @@ use std::arch::x86_64::*;
 use super::fast::{ScoreBlock, VBlock};
 use super::tile::{BK, MR, NR};
 use crate::kernels::exp::f32_consts as c;
+use crate::kernels::simd;
 
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -116,11 +117,11 @@ fn score_tile<const G: usize, const S: usize>(
 ) {
     let e = blk.e;
     // Group g's queries of dimension d: q[g][d][0..MR]; strip s's keys: kt[s][d][0..NR].
-    let q: [&[[f32; MR]]; G] = std::array::from_fn(|g| blk.q[(r0 + g * MR) * e..][..MR * e].as_chunks().0);
-    let kt: [&[[f32; NR]]; S] = std::array::from_fn(|s| blk.kt[(j0 + s * NR) * e..][..NR * e].as_chunks().0);
+    let q: [&[[f32; MR]]; G] = simd::array(|g| blk.q[(r0 + g * MR) * e..][..MR * e].as_chunks().0);
+    let kt: [&[[f32; NR]]; S] = simd::array(|s| blk.kt[(j0 + s * NR) * e..][..NR * e].as_chunks().0);
     let mut acc = [[[_mm512_setzero_ps(); S]; MR]; G];
     for d in 0..e {
-        let k: [__m512; S] = std::array::from_fn(|s| load(&kt[s][d]));
+        let k: [__m512; S] = simd::array(|s| load(&kt[s][d]));
         for (acc, q) in acc.iter_mut().zip(&q) {
             for (acc, &qr) in acc.iter_mut().zip(&q[d]) {
                 let qr = _mm512_set1_ps(qr);
@@ -277,14 +278,11 @@ fn pv_tile<const G: usize, const S: usize>(
     }
     if cols > 0 {
         // Row r's probabilities p[r][0..cols]; strip s's values of key j v[s][j·ks..][..NR].
-        let p: [[&[f32]; MR]; G] =
-            std::array::from_fn(|g| std::array::from_fn(|r| &p[(r0 + g * MR + r) * BK..][..cols]));
-        let v: [&[f32]; S] =
-            std::array::from_fn(|s| &vb.v[(c + s) * vb.strip_stride..][..(cols - 1) * ks + NR]);
+        let p: [[&[f32]; MR]; G] = simd::array(|g| simd::array(|r| &p[(r0 + g * MR + r) * BK..][..cols]));
+        let v: [&[f32]; S] = simd::array(|s| &vb.v[(c + s) * vb.strip_stride..][..(cols - 1) * ks + NR]);
         for j in 0..cols {
             // SAFETY: j < cols, so j·ks + NR <= v[s].len() (its length above).
-            let vj: [__m512; S] =
-                std::array::from_fn(|s| unsafe { _mm512_loadu_ps(v[s].as_ptr().add(j * ks)) });
+            let vj: [__m512; S] = simd::array(|s| unsafe { _mm512_loadu_ps(v[s].as_ptr().add(j * ks)) });
             for (tile, p) in tile.iter_mut().zip(&p) {
                 for (t, pr) in tile.iter_mut().zip(p) {
                     // SAFETY: j < cols = pr.len().

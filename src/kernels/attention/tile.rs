@@ -183,7 +183,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             // dimension (`qpack[r0·e + d·MR + r]`, r0 the group's first row), so a micro-tile
             // reads its MR queries of dimension d from one place.
             for r0 in (0..padded).step_by(MR) {
-                let src: [&[T]; MR] = std::array::from_fn(|r| at.q_row(q0 + (r0 + r).min(rows - 1)));
+                let src: [&[T]; MR] = simd::array(|r| at.q_row(q0 + (r0 + r).min(rows - 1)));
                 let (dst, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks_mut::<MR>();
                 for (d, x) in dst.iter_mut().enumerate() {
                     for (x, src) in x.iter_mut().zip(&src) {
@@ -432,7 +432,7 @@ fn pv_tiles<'v, T: AttnFloat + 'v, const M: usize>(
             }
         }
         for (j, vj) in rows_v.iter().enumerate() {
-            let pj: [T; M] = std::array::from_fn(|r| p[r * BK + j]);
+            let pj: [T; M] = simd::array(|r| p[r * BK + j]);
             for (row, &pr) in tile.iter_mut().zip(&pj) {
                 for (t, &v) in row.iter_mut().zip(vj) {
                     *t = pr.mul_add(v, *t);
