@@ -168,10 +168,6 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let (start, end) = (self.first * group, (self.first + self.positions) * group);
         for q0 in (start..end).step_by(BQ) {
             let rows = BQ.min(end - q0);
-            // The next block's queries, likewise (its packing reads them first).
-            for r in q0 + BQ..(q0 + 2 * BQ).min(end) {
-                simd::prefetch(at.q_row(r));
-            }
             // Tiles work on whole groups of MR rows: rows past `rows` repeat the last one, are
             // computed alike and dropped at the end.
             let padded = rows.next_multiple_of(MR);
@@ -259,6 +255,11 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                 // From here on, a row's scores are scores[r·BK + col0..][..cols].
                 // Per row: scale, biases, masks, maximum, probabilities, sum.
                 for r in 0..padded {
+                    // The next block's queries, likewise (its packing reads them first), a row
+                    // at a time: all at once, they stalled on the memory system.
+                    if k0 == lo && q0 + BQ + r < end {
+                        simd::prefetch(at.q_row(q0 + BQ + r));
+                    }
                     let row = q0 + r.min(rows - 1);
                     let (i, h) = (row / group, at.head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
