@@ -36,8 +36,8 @@ impl Par<'_> {
     /// tasks done. So after a call the helpers stay awake for up to `LINGER` (100 µs), spinning,
     /// and the next call of a loop (a decode step per token) finds them ready instead of asleep;
     /// they stop as soon as a call starts. OpenMP runtimes do the same, for longer by default.
-    /// Likewise the calling thread waits for the helpers to finish spinning (up to `LINGER`),
-    /// not asleep. Which thread runs a task never changes its result.
+    /// At the end of a call the calling thread likewise waits for the helpers spinning (for up
+    /// to `LINGER`), not asleep. Which thread runs a task never changes its result.
     pub fn for_each<T: Send>(self, tasks: &mut [T], f: impl Fn(&mut T) + Sync) {
         let Par::Pool(pool) = self else {
             return tasks.iter_mut().for_each(f);

@@ -1,4 +1,5 @@
-//! Runtime choice of instruction set for the kernels' inner loops, and prefetch hints.
+//! Runtime choice of instruction set for the kernels' inner loops, prefetch hints, and [`array()`]
+//! for their small arrays.
 //!
 //! The crate is compiled for the baseline of its target (SSE2 on x86-64). `task` runs a kernel's
 //! work inside a function compiled for AVX2 and FMA when the CPU has them; the work is
@@ -148,9 +149,9 @@ pub fn prefetch<T>(data: &[T]) {
     let _ = data;
 }
 
-/// `[f(0), f(1), …, f(N − 1)]`, called in that order, like `std::array::from_fn`, which the
-/// kernels' small arrays (the rows or strips of a tile, a tile's vectors) used before: LLVM left
-/// some of those calls out of line, a call per tile in the hottest loops. This loop is inlined.
+/// `[f(0), f(1), …, f(N − 1)]`, called in that order: `std::array::from_fn` as a loop that is
+/// always inlined. The kernels build their small arrays (a tile's rows, strips and vectors) with
+/// it: LLVM left some `from_fn` calls out of line, a call per tile in the hottest loops.
 #[inline(always)]
 pub fn array<T: Copy, const N: usize>(mut f: impl FnMut(usize) -> T) -> [T; N] {
     let mut out = [f(0); N];

@@ -276,7 +276,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     alpha[r] = update_row(fast, srow, row_max, &mut m[r], &mut sum[r]);
                 }
                 // out = alpha * out + P V.
-                let v_block = |j: usize| &self.at.v[v_base + (k0 + j) * sp.v.row..][..ev];
+                let v_block = |j: usize| v_row(k0 + j);
                 if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
