@@ -70,10 +70,7 @@ impl Par<'_> {
             // spinning, keeps this thread awake: the scope's own wait would put it to sleep, and
             // waking it took 6-8 µs of a 60 µs decode call (GPT-2 at two threads: 1.1x faster
             // now). Past `LINGER`, the scope's wait takes over.
-            let start = std::time::Instant::now();
-            while finished.load(Ordering::Acquire) < helpers && start.elapsed() < LINGER {
-                std::hint::spin_loop();
-            }
+            spin_while(|| finished.load(Ordering::Acquire) < helpers);
         });
         let call = CALLS.load(Ordering::Relaxed);
         for _ in 0..helpers {
@@ -91,8 +88,13 @@ const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Spins until the next call starts or [`LINGER`] has passed, whichever comes first.
 fn linger(call: usize) {
+    spin_while(|| CALLS.load(Ordering::Relaxed) == call);
+}
+
+/// Spins while `busy` holds, for at most [`LINGER`].
+fn spin_while(busy: impl Fn() -> bool) {
     let start = std::time::Instant::now();
-    while CALLS.load(Ordering::Relaxed) == call && start.elapsed() < LINGER {
+    while busy() && start.elapsed() < LINGER {
         std::hint::spin_loop();
     }
 }
