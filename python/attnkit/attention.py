@@ -110,8 +110,9 @@ def scaled_dot_product_attention(
     if dropout_p != 0:
         raise ValueError(f"dropout_p: attnkit is for inference and takes only 0.0, got {dropout_p}")
     squeeze = q.ndim == 2
-    if squeeze:  # (L, E): one head, no batch
+    if squeeze:  # (L, E): one batch item and one head, in either layout
         q, k, v = q[None], k[None], v[None]
+        layout = "bhsd"  # type: ignore[assignment]
     if not (q.ndim == k.ndim == v.ndim) or q.ndim < 3:
         raise ValueError(
             f"query, key, value: expected arrays of the same rank >= 2, got shapes {q.shape}, {k.shape}, {v.shape}"

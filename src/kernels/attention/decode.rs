@@ -114,6 +114,9 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let (lo, hi) = key_range(sp, offset, 0, l - 1);
         let hi = hi.min(masks.keys_end(sp, b)); // no key after it is ever read
         let (lo, hi) = (lo.max(c0), hi.min(c1).max(lo.max(c0)));
+        // Whole key blocks from the start, as in the tiled path (a row's sum runs in lanes
+        // counted from its block's first column).
+        let lo = if lo < hi { lo / BK * BK } else { hi };
         let mut k0 = lo;
         while k0 < hi {
             // Key blocks [BK·n, BK·(n + 1)), as in the tiled path, trimmed to the allowed range.
@@ -225,10 +228,14 @@ pub(super) fn merge<T: AttnFloat>(spec: &AttnSpec, chunks: &[Chunk<'_, T>], head
     let parts: Vec<_> = chunks.iter().map(|c| c.partial.parts()).collect();
     for r in 0..group * l {
         let (i, head) = (r / group, &mut heads[r % group]);
+        // The largest chunk maximum; NaN, once met, stays (a later fully masked chunk's −inf
+        // must not replace it: NaN in an attended key reaches its row on every path).
         let mut big = T::NEG_INFINITY;
         for &(m, ..) in &parts {
             let m = m[r];
-            big = if m.is_nan() || big.is_nan() || m > big { m } else { big };
+            if !big.is_nan() && (m.is_nan() || m > big) {
+                big = m;
+            }
         }
         let empty = big == T::NEG_INFINITY;
         let mut total = T::ZERO;

@@ -187,9 +187,14 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     }
                 }
             }
-            // Key blocks are the packed ones: [BK·n, BK·(n + 1)), trimmed to the allowed range.
+            // Key blocks are the packed ones: [BK·n, BK·(n + 1)), from the block holding the
+            // first allowed key, the last trimmed to the allowed range. A block is never trimmed
+            // at its start: a row's sum of probabilities runs in lanes counted from the block's
+            // first column, so where that column moved with the rows sharing the query block
+            // (a left window bound), grouped heads or another batch split would change the bits.
             let (lo, hi) = key_range(sp, offset, q0 / group, (q0 + rows - 1) / group);
             let hi = hi.min(keys_end).max(lo);
+            let lo = if lo < hi { lo / BK * BK } else { hi };
             let mut k0 = lo;
             while k0 < hi {
                 let block = k0 / BK;
