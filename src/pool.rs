@@ -113,13 +113,17 @@ fn lock() -> MutexGuard<'static, State> {
 }
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
 }
 
-/// Sets the number of threads the kernels may use (at least 1).
+/// The most threads the pool may have: more than any CPU this runs on has, few enough that
+/// building the pool takes milliseconds.
+pub const MAX_THREADS: usize = 1024;
+
+/// Sets the number of threads the kernels may use (clamped to `1..=MAX_THREADS`).
 pub fn set_num_threads(n: usize) {
     let mut state = lock();
-    let n = n.max(1);
+    let n = n.clamp(1, MAX_THREADS);
     if state.threads != n {
         state.threads = n;
         state.pool = None;

@@ -63,3 +63,133 @@ def test_gqa_with_a_window_equals_repeated_heads(dtype, length, window, alignmen
     # And the batch split: each row of a batch equals that item alone.
     alone = attnkit.scaled_dot_product_attention(q[:, :1], k[:, :1], v[:, :1], **kw)
     assert alone[0].tobytes() == grouped[0][:, :1].tobytes()
+
+
+# 6. A fork at any moment, from any thread, leaves the child able to use attnkit.
+def test_forks_while_other_threads_call_attention_never_hang(threads):
+    import os
+    import threading
+    import time
+
+    threads(2)
+    q = RNG.standard_normal((1, 4, 64, 32)).astype(np.float32)
+    k = RNG.standard_normal((1, 4, 256, 32)).astype(np.float32)
+    want = attnkit.scaled_dot_product_attention(q, k, k)
+    stop = threading.Event()
+
+    def call_in_a_loop():
+        while not stop.is_set():
+            attnkit.scaled_dot_product_attention(q, k, k)
+            attnkit.embedding(np.array([1, 2]), k[0, 0])
+
+    callers = [threading.Thread(target=call_in_a_loop) for _ in range(2)]
+    for t in callers:
+        t.start()
+    hung = wrong = 0
+    try:
+        for _ in range(200):
+            pid = os.fork()
+            if pid == 0:  # child: the pool and the locks must work
+                ok = attnkit.scaled_dot_product_attention(q, k, k).tobytes() == want.tobytes()
+                os._exit(0 if ok else 1)
+            deadline = time.monotonic() + 10
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            if done[0] == 0:
+                hung += 1
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            elif done[1] != 0:
+                wrong += 1
+    finally:
+        stop.set()
+        for t in callers:
+            t.join()
+    assert (hung, wrong) == (0, 0)
+
+
+# 8. The thread count has a documented maximum; anything else is a ValueError naming its source.
+@pytest.mark.parametrize("n", [0, -1, attnkit.MAX_THREADS + 1, 10**6, 2**64, 2**200])
+def test_thread_counts_out_of_range_raise_value_error(n):
+    before = attnkit.get_num_threads()
+    with pytest.raises(ValueError, match=rf"n: expected a number of threads from 1 to {attnkit.MAX_THREADS}, got {n}"):
+        attnkit.set_num_threads(n)
+    from attnkit import _core
+
+    with pytest.raises(ValueError, match=r"^n: expected a number of threads from 1 to"):
+        _core.set_num_threads(n)
+    assert attnkit.get_num_threads() == before
+
+
+def test_the_maximum_thread_count_is_accepted(threads):
+    threads(attnkit.MAX_THREADS)
+    assert attnkit.get_num_threads() == attnkit.MAX_THREADS == 1024
+    threads(1)
+
+
+def _python(code, **env):
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATTNKIT_NUM_THREADS", "OMP_NUM_THREADS")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "1025", "0"])
+def test_environment_thread_counts_out_of_range_raise_value_error(value):
+    done = _python("import attnkit", ATTNKIT_NUM_THREADS=value)
+    assert done.returncode != 0
+    assert "ValueError: ATTNKIT_NUM_THREADS: expected a" in done.stderr
+    assert "OverflowError" not in done.stderr
+
+
+# 9. Without ATTNKIT_NUM_THREADS the pool follows OMP_NUM_THREADS, then the CPUs the process may use.
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({"OMP_NUM_THREADS": "3"}, "3"),
+        ({"OMP_NUM_THREADS": "5,2"}, "5"),  # nested OpenMP levels: the outer one
+        ({"OMP_NUM_THREADS": "3", "ATTNKIT_NUM_THREADS": "2"}, "2"),
+        ({"OMP_NUM_THREADS": "100000"}, "1024"),
+        ({"OMP_NUM_THREADS": "many"}, "cpus"),
+        ({}, "cpus"),
+    ],
+)
+def test_thread_count_follows_the_conventional_variables(env, want):
+    import os
+
+    done = _python("import attnkit; print(attnkit.get_num_threads())", **env)
+    assert done.returncode == 0, done.stderr
+    cpus = len(os.sched_getaffinity(0))
+    assert done.stdout.strip() == (str(cpus) if want == "cpus" else want)
+
+
+def test_thread_count_follows_the_cpu_affinity():
+    import os
+    import shutil
+
+    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and two CPUs")
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATTNKIT_NUM_THREADS", "OMP_NUM_THREADS")}
+    cpu = str(min(os.sched_getaffinity(0)))
+    done = subprocess.run(["taskset", "-c", cpu, sys.executable, "-c", "import attnkit; print(attnkit.get_num_threads())"],
+                          env=clean, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "1", done.stderr
+
+
+def test_threadpoolctl_lists_and_limits_the_pool(threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    threads(2)
+    pools = [p for p in threadpoolctl.threadpool_info() if p["internal_api"] == "attnkit"]
+    assert len(pools) == 1 and pools[0]["num_threads"] == 2 and pools[0]["version"] == attnkit.__version__
+    with threadpoolctl.threadpool_limits(1):
+        assert attnkit.get_num_threads() == 1
+    assert attnkit.get_num_threads() == 2
+    with threadpoolctl.threadpool_limits(limits=1, user_api="attnkit"):
+        assert attnkit.get_num_threads() == 1
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        assert attnkit.get_num_threads() == 2

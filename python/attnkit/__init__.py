@@ -19,9 +19,10 @@ from attnkit.positional import (
     sinusoidal_positions,
 )
 from attnkit.rope import apply_rope, rope_cos_sin, rope_frequencies
-from attnkit.threads import _configure_from_env, get_num_threads, set_num_threads
+from attnkit.threads import MAX_THREADS, _configure_from_env, _register_with_threadpoolctl, get_num_threads, set_num_threads
 
 __all__ = [
+    "MAX_THREADS",
     "InternalError",
     "MultiheadAttention",
     "__version__",
@@ -41,4 +42,5 @@ __all__ = [
 ]
 
 _configure_from_env()
-del _configure_from_env, _core
+_register_with_threadpoolctl()
+del _configure_from_env, _register_with_threadpoolctl, _core

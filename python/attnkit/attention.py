@@ -112,7 +112,7 @@ def scaled_dot_product_attention(
     squeeze = q.ndim == 2
     if squeeze:  # (L, E): one batch item and one head, in either layout
         q, k, v = q[None], k[None], v[None]
-        layout = "bhsd"  # type: ignore[assignment]
+        layout = "bhsd"
     if not (q.ndim == k.ndim == v.ndim) or q.ndim < 3:
         raise ValueError(
             f"query, key, value: expected arrays of the same rank >= 2, got shapes {q.shape}, {k.shape}, {v.shape}"

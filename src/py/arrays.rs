@@ -142,9 +142,12 @@ pub fn run<R: Send>(
     index_shape: &[usize],
     kernel: impl FnOnce(Par<'_>) -> Result<R, KernelError> + Send,
 ) -> PyResult<R> {
+    // The pool is looked up while this thread holds the GIL, so no other thread can hold the
+    // pool's lock when `os.fork()` (which holds the GIL) copies the process: a child forked while
+    // another thread is inside a kernel finds the lock free.
+    let pool = pool::current();
     let result = py.detach(|| {
         catch_unwind(AssertUnwindSafe(|| {
-            let pool = pool::current();
             let par = pool.as_deref().map_or(Par::Seq, Par::Pool);
             kernel(par)
         }))

@@ -8,18 +8,29 @@ mod errors;
 mod positional;
 mod rope;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyInt;
 
-/// Sets the number of threads attnkit's kernels use (at least 1).
+/// Sets the number of threads attnkit's kernels use (1 to `MAX_THREADS`).
 #[pyfunction]
-fn set_num_threads(n: i64) -> PyResult<()> {
-    match usize::try_from(n) {
-        Ok(n) if n >= 1 => {
-            crate::pool::set_num_threads(n);
+fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
+    let count = match n.extract::<i64>() {
+        Ok(count) => count,
+        Err(_) if n.is_instance_of::<PyInt>() => i64::MAX, // beyond i64: too many either way
+        Err(_) => {
+            return Err(PyTypeError::new_err(format!("n: expected an int, got {}", n.get_type().name()?)))
+        }
+    };
+    match usize::try_from(count) {
+        Ok(count) if (1..=crate::pool::MAX_THREADS).contains(&count) => {
+            crate::pool::set_num_threads(count);
             Ok(())
         }
-        _ => Err(PyValueError::new_err(format!("n: expected a positive number of threads, got {n}"))),
+        _ => Err(PyValueError::new_err(format!(
+            "n: expected a number of threads from 1 to {}, got {n}",
+            crate::pool::MAX_THREADS
+        ))),
     }
 }
 
@@ -53,6 +64,7 @@ fn _simd_avx512() -> bool {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_THREADS", crate::pool::MAX_THREADS)?;
     m.add("InternalError", m.py().get_type::<errors::InternalError>())?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
