@@ -5,25 +5,55 @@
 //! the size changes, and rebuilt in a child process after `fork` (the parent's worker threads do not
 //! exist there). Kernels receive a [`Par`] explicitly; nothing reads a hidden global inside a kernel.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use rayon::ThreadPool;
 
-/// How a kernel may run: on the calling thread, or on a pool.
+/// How a kernel may run: on the calling thread or on a pool, and whether it can be told to stop.
 #[derive(Clone, Copy)]
-pub enum Par<'a> {
-    Seq,
-    Pool(&'a ThreadPool),
+pub struct Par<'a> {
+    pool: Option<&'a ThreadPool>,
+    stop: Option<&'a Stop<'a>>,
 }
 
-impl Par<'_> {
+impl<'a> Par<'a> {
+    /// On the calling thread, never stopped.
+    pub const SEQ: Par<'static> = Par { pool: None, stop: None };
+
+    /// On `pool`, never stopped.
+    pub fn on(pool: &'a ThreadPool) -> Self {
+        Par { pool: Some(pool), stop: None }
+    }
+
+    /// On `pool` (or the calling thread), stopping early once `stop` says so.
+    pub fn new(pool: Option<&'a ThreadPool>, stop: Option<&'a Stop<'a>>) -> Self {
+        Par { pool, stop }
+    }
+
+    /// The same, on the calling thread only.
+    pub fn sequential(self) -> Self {
+        Par { pool: None, ..self }
+    }
+
+    /// The pool to run on, if any.
+    pub fn pool(self) -> Option<&'a ThreadPool> {
+        self.pool
+    }
+
+    /// Whether the call has been told to stop: its outputs are then discarded, so the work left
+    /// may be skipped. Kernels ask between tasks and between blocks of a long task; it costs an
+    /// atomic load, and a clock read on the calling thread.
+    #[inline]
+    pub fn stopped(self) -> bool {
+        self.stop.is_some_and(Stop::requested)
+    }
+
     /// The threads this may run on.
     pub fn threads(self) -> usize {
-        match self {
-            Par::Seq => 1,
-            Par::Pool(pool) => pool.current_num_threads(),
-        }
+        self.pool.map_or(1, ThreadPool::current_num_threads)
     }
 
     /// Runs `f` on every task, each once, and returns when all are done.
@@ -39,18 +69,29 @@ impl Par<'_> {
     /// At the end of a call the calling thread likewise waits for the helpers spinning (for up
     /// to `LINGER`), not asleep. Which thread runs a task never changes its result.
     pub fn for_each<T: Send>(self, tasks: &mut [T], f: impl Fn(&mut T) + Sync) {
-        let Par::Pool(pool) = self else {
-            return tasks.iter_mut().for_each(f);
+        let sequential = |tasks: &mut [T]| {
+            for task in tasks {
+                if self.stopped() {
+                    return;
+                }
+                f(task);
+            }
+        };
+        let Some(pool) = self.pool else {
+            return sequential(tasks);
         };
         let helpers = pool.current_num_threads().min(tasks.len()).saturating_sub(1);
         if helpers == 0 {
-            return tasks.iter_mut().for_each(f);
+            return sequential(tasks);
         }
         // Each task behind its own lock, taken once by whichever thread draws its index.
         let tasks: Vec<Mutex<&mut T>> = tasks.iter_mut().map(Mutex::new).collect();
         let next = AtomicUsize::new(0);
         let work = || {
             while let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                if self.stopped() {
+                    break; // the tasks left are skipped: the call's outputs are discarded
+                }
                 // A task that panicked poisons only its own lock, and the panic reaches the caller.
                 f(&mut task.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
             }
@@ -84,7 +125,7 @@ static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// How long a helper stays awake after a call, ready for the next: longer than the Python side
 /// of a call takes, short enough that other work on the machine barely notices.
-const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
+const LINGER: Duration = Duration::from_micros(100);
 
 /// Spins until the next call starts or [`LINGER`] has passed, whichever comes first.
 fn linger(call: usize) {
@@ -93,9 +134,62 @@ fn linger(call: usize) {
 
 /// Spins while `busy` holds, for at most [`LINGER`].
 fn spin_while(busy: impl Fn() -> bool) {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while busy() && start.elapsed() < LINGER {
         std::hint::spin_loop();
+    }
+}
+
+/// A call's stop request: set when the calling thread's `poll` (run at most every
+/// [`POLL_INTERVAL`], and only on that thread) says the call must end, as when Python has a
+/// `KeyboardInterrupt` to raise. Any thread working for the call sees it.
+pub struct Stop<'a> {
+    requested: AtomicBool,
+    caller: ThreadId,
+    start: Instant,
+    /// Nanoseconds from `start` to the last poll.
+    polled: AtomicU64,
+    poll: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// How often the calling thread polls, at most: a signal stops a call within about this long
+/// (plus the longest block of work between two checks, a few milliseconds).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+impl<'a> Stop<'a> {
+    /// A request for calls made from this thread, polled with `poll`.
+    pub fn new(poll: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Stop {
+            requested: AtomicBool::new(false),
+            caller: std::thread::current().id(),
+            start: Instant::now(),
+            polled: AtomicU64::new(0),
+            poll,
+        }
+    }
+
+    /// Whether the call must stop, polling first when this is the calling thread and the last
+    /// poll is [`POLL_INTERVAL`] ago.
+    pub fn requested(&self) -> bool {
+        if self.requested.load(Ordering::Relaxed) {
+            return true;
+        }
+        if std::thread::current().id() == self.caller {
+            let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if now.saturating_sub(self.polled.load(Ordering::Relaxed)) >= POLL_INTERVAL.as_nanos() as u64 {
+                self.polled.store(now, Ordering::Relaxed);
+                if (self.poll)() {
+                    self.requested.store(true, Ordering::Relaxed);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether the call was told to stop.
+    pub fn was_requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
     }
 }
 

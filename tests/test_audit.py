@@ -193,3 +193,125 @@ def test_threadpoolctl_lists_and_limits_the_pool(threads):
         assert attnkit.get_num_threads() == 1
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         assert attnkit.get_num_threads() == 2
+
+
+# 7. Ctrl-C stops a long call within about 100 ms; no result is returned, and the pool works after.
+INTERRUPT_SCRIPT = """
+import os, signal, sys, threading, time
+import numpy as np, attnkit
+attnkit.set_num_threads(int(sys.argv[1]))
+q = np.random.default_rng(0).standard_normal((1, 4, 4096, 64), dtype=np.float32)
+start = time.perf_counter(); want = attnkit.scaled_dot_product_attention(q, q, q)
+full = time.perf_counter() - start
+fired = []
+def interrupt():
+    time.sleep(full / 4); fired.append(time.perf_counter()); os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=interrupt).start()
+try:
+    got = attnkit.scaled_dot_product_attention(q, q, q)
+    print("returned", full)
+except KeyboardInterrupt:
+    late = time.perf_counter() - fired[0]
+    again = attnkit.scaled_dot_product_attention(q, q, q)
+    print("interrupted", full, late, again.tobytes() == want.tobytes())
+"""
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_ctrl_c_stops_a_long_call(n_threads):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_SCRIPT, str(n_threads)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    what, full, *rest = done.stdout.split()
+    assert what == "interrupted", f"the call ran to its end ({float(full):.2f} s) despite the signal"
+    late, pool_works = float(rest[0]), rest[1]
+    assert late < 0.25, f"KeyboardInterrupt came {late:.3f} s after the signal (call {float(full):.2f} s)"
+    assert pool_works == "True"
+
+
+def test_bench_stopped_with_ctrl_c_exits_with_one_line():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "attnkit", "bench", "--quick", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 2
+    assert proc.returncode == 130
+    assert err.strip() == "interrupted"
+
+
+# 4. Every integer input gets the right bucket or a ValueError naming the argument.
+def test_buckets_at_the_ends_of_int64_and_uint64():
+    i64 = np.iinfo(np.int64)
+    got = attnkit.relative_position_bucket(np.array([i64.min, i64.min + 1, -1, 0, 1, i64.max], np.int64))
+    np.testing.assert_array_equal(got, [15, 15, 1, 0, 17, 31])
+    got = attnkit.relative_position_bucket(np.array([2**64 - 1, 2**63, 2**63 - 1, 3], np.uint64))
+    np.testing.assert_array_equal(got, [31, 31, 31, 19])
+    got = attnkit.relative_position_bucket(np.array([i64.min, i64.max, 2], np.int64), bidirectional=False)
+    np.testing.assert_array_equal(got, [31, 0, 0])
+
+
+def test_buckets_stay_in_range_for_extreme_options():
+    rel = np.array([np.iinfo(np.int64).min, -(2**40), -5, 0, 5, 2**40, np.iinfo(np.int64).max])
+    for bidirectional, buckets, distance in [(True, 2**62, 2**62 + 7), (False, 4, 3), (True, 2**40, 2**39 + 1)]:
+        got = attnkit.relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=buckets, max_distance=distance)
+        assert got.min() >= 0 and got.max() < buckets
+    with pytest.raises(ValueError, match=r"max_distance: .* too close to the .* exact buckets"):
+        attnkit.relative_position_bucket(rel, num_buckets=2**62, max_distance=2**60 + 1)
+
+
+def test_position_ids_refuse_an_offset_that_would_wrap():
+    mask = np.ones((2, 3), int)
+    top = np.iinfo(np.int64).max
+    np.testing.assert_array_equal(attnkit.position_ids(mask, offset=top - 2)[0], [top - 2, top - 1, top])
+    for offset in (top - 1, 2**63, 2**70, -(2**63) - 1):
+        with pytest.raises(ValueError, match=r"^offset: positions offset\.\.offset \+ 2 must fit in int64"):
+            attnkit.position_ids(mask, offset=offset)
+
+
+# 5. Parameters that would turn every output into NaN are refused, naming the argument.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+
+
+@pytest.mark.parametrize(
+    "extra,name",
+    [({"mscale": float("nan")}, "mscale"), ({"mscale_all_dim": float("inf")}, "mscale_all_dim"),
+     ({"beta_fast": float("nan")}, "beta_fast"), ({"beta_slow": -1.0}, "beta_slow"), ({"beta_fast": -1}, "beta_fast"),
+     ({"mscale": -1.0, "mscale_all_dim": 1.0}, "mscale"), ({"truncate": "no"}, "truncate")],
+)
+def test_yarn_parameters_that_give_nan_are_refused(extra, name):
+    pattern = r"^scaling: 'truncate' must be a bool" if name == "truncate" else rf"^scaling\['{name}'\]: expected a finite"
+    with pytest.raises(ValueError, match=pattern):
+        attnkit.rope_frequencies(64, scaling={**YARN, **extra})
+
+
+def test_scalings_that_overflow_are_refused():
+    with pytest.raises(ValueError, match=r"^base: yarn needs a base above 1"):
+        attnkit.rope_frequencies(64, base=1.0, scaling=YARN)
+    with pytest.raises(ValueError, match=r"^scaling: rope_type 'dynamic' .* not finite"):
+        attnkit.rope_frequencies(4, scaling={"rope_type": "dynamic", "factor": 1e300, "max_position_embeddings": 10}, seq_len=10**6)
+
+
+@pytest.mark.parametrize("kw,name", [({"scale": 1e39}, "scale"), ({"softcap": 1e39}, "softcap"), ({"scale": -1e39}, "scale")])
+def test_options_infinite_in_float32_are_refused(kw, name):
+    q = np.ones((1, 1, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=rf"^{name}: must .*finite in float32"):
+        attnkit.scaled_dot_product_attention(q, q, q, **kw)
+    # float64 computes them.
+    out = attnkit.scaled_dot_product_attention(q.astype(np.float64), q.astype(np.float64), q.astype(np.float64), **kw)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])
+def test_non_finite_alibi_slopes_are_refused(bad):
+    q = np.ones((1, 2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"^alibi_slopes: must be finite in float32"):
+        attnkit.scaled_dot_product_attention(q, q, q, alibi_slopes=np.array([0.5, bad]))

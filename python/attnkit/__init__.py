@@ -6,6 +6,9 @@ embeddings. Every function takes and returns NumPy arrays; the kernels are Rust 
 attnkit's own thread pool (:func:`set_num_threads`).
 """
 
+import os
+import threading
+
 from attnkit import _core
 from attnkit._core import InternalError, __version__
 from attnkit.attention import scaled_dot_product_attention
@@ -42,5 +45,11 @@ __all__ = [
 ]
 
 _configure_from_env()
+# Kernels called from Python's main thread poll for signals (Ctrl-C stops a long call); after a
+# fork, the forking thread is the child's main thread.
+if threading.current_thread() is threading.main_thread():
+    _core._set_main_thread()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_core._set_main_thread)
 _register_with_threadpoolctl()
-del _configure_from_env, _register_with_threadpoolctl, _core
+del _configure_from_env, _register_with_threadpoolctl, _core, os, threading

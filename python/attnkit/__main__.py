@@ -44,4 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C: a long attnkit call stops within milliseconds; say so in one line, no traceback.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -125,6 +125,11 @@ def position_ids(attention_mask: npt.ArrayLike, *, offset: int = 0) -> npt.NDArr
     if mask.ndim != 2:
         raise ValueError(f"attention_mask: expected a 2-d (batch, seq) array, got shape {mask.shape}")
     offset = integer(offset, "offset")
+    int64 = np.iinfo(np.int64)
+    if not int64.min <= offset <= int64.max - max(mask.shape[1] - 1, 0):
+        raise ValueError(
+            f"offset: positions offset..offset + {max(mask.shape[1] - 1, 0)} must fit in int64, got offset = {offset}"
+        )
     real_token = mask != 0
     counts = np.cumsum(real_token, axis=-1, dtype=np.int64) - 1
     return np.where(real_token, counts + offset, np.int64(offset))
@@ -175,6 +180,11 @@ def _check_bucket_options(bidirectional: bool, num_buckets: int, max_distance: i
         )
     if max_distance <= max_exact:
         raise ValueError(f"max_distance: must exceed the {max_exact} exact buckets, got {max_distance}")
+    if not np.float32(math.log(max_distance / max_exact)) > 0:
+        raise ValueError(
+            f"max_distance: {max_distance} is too close to the {max_exact} exact buckets for T5's float32 "
+            "logarithm (their ratio rounds to 1)"
+        )
     return per_side, max_exact
 
 
@@ -211,7 +221,7 @@ def relative_position_bucket(
         >>> attnkit.relative_position_bucket(np.array([-200, -3, 0, 3, 200]))
         array([15,  3,  0, 19, 31])
     """
-    rel = int_array(relative_position, "relative_position").astype(np.int64)
+    rel = _relative_int64(int_array(relative_position, "relative_position"))
     per_side, max_exact = _check_bucket_options(bidirectional, num_buckets, max_distance)
     buckets = np.zeros(rel.shape, dtype=np.int64)
     if bidirectional:
@@ -226,8 +236,23 @@ def relative_position_bucket(
         / np.float32(math.log(max_distance / max_exact))
         * np.float32(per_side - max_exact)
     )
-    if_large = np.minimum(max_exact + scaled.astype(np.int64), per_side - 1)
+    # Clipped before the cast: a float beyond int64 (or NaN) has no defined integer value.
+    steps = np.minimum(scaled, np.float32(per_side - max_exact)).astype(np.int64)
+    if_large = np.minimum(max_exact + steps, per_side - 1)
     return buckets + np.where(rel < max_exact, rel, if_large)
+
+
+def _relative_int64(rel: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
+    """Relative positions as int64 in [-(2**63 - 1), 2**63 - 1]: every bucket is the same for
+    the values moved there (distances that large share the last bucket), and ``abs`` of each is
+    defined."""
+    top = np.iinfo(np.int64).max
+    clipped: npt.NDArray[np.int64]
+    if rel.dtype == np.uint64:
+        clipped = np.minimum(rel, np.uint64(top)).astype(np.int64)
+    else:
+        clipped = np.maximum(rel.astype(np.int64), np.int64(-top))
+    return clipped
 
 
 def relative_position_bias(

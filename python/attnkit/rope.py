@@ -14,6 +14,7 @@ hold the ``rotary_dim // 2`` distinct values; ``np.concatenate([cos, cos], -1)``
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -125,7 +126,16 @@ def rope_frequencies(
     compute = _SCALINGS.get(rope_type)
     if compute is None:
         return inverse_frequencies(dim, base), 1.0
-    return compute(dim, base, p, seq_len)
+    try:
+        inv_freq, factor = compute(dim, base, p, seq_len)
+    except (OverflowError, ZeroDivisionError):
+        inv_freq, factor = np.array([np.inf]), np.inf
+    if not (np.isfinite(inv_freq).all() and math.isfinite(factor)):
+        raise ValueError(
+            f"scaling: rope_type {rope_type!r} with {dict(p)} and base = {base} gives frequencies or an "
+            "attention factor that are not finite in float64"
+        )
+    return inv_freq, factor
 
 
 def _positive(p: Mapping[str, Any], key: str, default: float | None = None) -> float:
@@ -138,6 +148,16 @@ def _positive(p: Mapping[str, Any], key: str, default: float | None = None) -> f
         return real(value, f"scaling[{key!r}]", positive=True)
     except TypeError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _nonnegative(p: Mapping[str, Any], key: str) -> float:
+    """An optional finite number >= 0 (0 when absent)."""
+    value = p.get(key)
+    if value is None:
+        return 0.0
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not 0 <= float(value) < math.inf:
+        raise ValueError(f"scaling[{key!r}]: expected a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _factor_or_ratio(p: Mapping[str, Any]) -> float:
@@ -170,20 +190,26 @@ def _yarn(dim: int, base: float, p: Mapping[str, Any], seq_len: int | None) -> t
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
+    if base <= 1:
+        raise ValueError(f"base: yarn needs a base above 1 (it divides by log(base)), got {base}")
     attention_factor = p.get("attention_factor")
     if attention_factor is None:
-        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        # As in transformers, 0 or None means "not given" for these four.
+        m, m_all = (_nonnegative(p, key) for key in ("mscale", "mscale_all_dim"))
         attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
     else:
         attention_factor = _positive(p, "attention_factor")
-    beta_fast = p.get("beta_fast") or 32.0
-    beta_slow = p.get("beta_slow") or 1.0
+    beta_fast = _positive(p, "beta_fast", 32.0) if p.get("beta_fast") else 32.0
+    beta_slow = _positive(p, "beta_slow", 1.0) if p.get("beta_slow") else 1.0
+    truncate = p.get("truncate", True)
+    if not isinstance(truncate, (bool, np.bool_)):
+        raise ValueError(f"scaling: 'truncate' must be a bool, got {truncate!r}")
 
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if p.get("truncate", True):
+    if truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:

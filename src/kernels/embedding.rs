@@ -335,7 +335,7 @@ mod tests {
         dim: usize,
         scale: Option<f32>,
     ) -> Result<Vec<f32>, KernelError> {
-        collect("out", ids.len() * dim, |out| embedding(ids, w, rows, dim, scale, out, Par::Seq))
+        collect("out", ids.len() * dim, |out| embedding(ids, w, rows, dim, scale, out, Par::SEQ))
     }
 
     fn bag<I: TokenId>(
@@ -346,7 +346,7 @@ mod tests {
         mode: BagMode,
     ) -> Result<Vec<f32>, KernelError> {
         let n = bags.bounds.len().saturating_sub(1) * dim;
-        collect("out", n, |out| embedding_bag(bags, w, rows, dim, mode, out, Par::Seq))
+        collect("out", n, |out| embedding_bag(bags, w, rows, dim, mode, out, Par::SEQ))
     }
 
     fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
@@ -388,9 +388,9 @@ mod tests {
     #[test]
     fn lookup_rejects_inconsistent_lengths() {
         let w = table(4, 2);
-        assert!(embedding(&[1i32], &w, 4, 2, None, &mut uninit(3), Par::Seq).is_err());
-        assert!(embedding(&[1i32], &w, 5, 2, None, &mut uninit(2), Par::Seq).is_err());
-        assert!(embedding(&[1i32], &w, usize::MAX, 2, None, &mut uninit(2), Par::Seq).is_err());
+        assert!(embedding(&[1i32], &w, 4, 2, None, &mut uninit(3), Par::SEQ).is_err());
+        assert!(embedding(&[1i32], &w, 5, 2, None, &mut uninit(2), Par::SEQ).is_err());
+        assert!(embedding(&[1i32], &w, usize::MAX, 2, None, &mut uninit(2), Par::SEQ).is_err());
     }
 
     fn naive_bag(
@@ -486,7 +486,7 @@ mod tests {
         let ids = [0i32, 1, 2];
         for bounds in [&[1usize, 2, 3][..], &[0, 2, 1], &[0, 1, 4], &[]] {
             let bags = Bags { ids: &ids, bounds, per_sample_weights: None, padding_idx: None };
-            assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Sum, &mut uninit(2), Par::Seq).is_err());
+            assert!(embedding_bag(&bags, &w, 3, 1, BagMode::Sum, &mut uninit(2), Par::SEQ).is_err());
         }
         let ones = [1.0; 3];
         let bags = Bags { ids: &ids, bounds: &[0, 1, 3], per_sample_weights: Some(&ones), padding_idx: None };
@@ -503,10 +503,10 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let run =
             |par| collect("out", ids.len() * dim, |out| embedding(&ids, &w, rows, dim, Some(0.3), out, par));
-        let want = run(Par::Seq).unwrap();
-        assert_eq!(run(Par::Pool(&pool)).unwrap(), want);
+        let want = run(Par::SEQ).unwrap();
+        assert_eq!(run(Par::on(&pool)).unwrap(), want);
         crate::kernels::simd::set_enabled(false);
-        let portable = run(Par::Seq);
+        let portable = run(Par::SEQ);
         crate::kernels::simd::set_enabled(true);
         assert_eq!(portable.unwrap(), want);
     }

@@ -14,8 +14,6 @@ pub mod rope;
 pub mod simd;
 pub mod trig;
 
-use rayon::prelude::*;
-
 use crate::pool::Par;
 
 /// The float types the kernels compute in.
@@ -103,14 +101,20 @@ pub(crate) fn for_each_row_block<T: Send, K: Rows<T>>(
         return;
     }
     let rows = rows_per_block(row_len);
-    let block = rows * row_len;
-    let run = |(i, chunk): (usize, &mut [T])| simd::rows(kernel, i * rows, chunk);
-    match par {
-        Par::Pool(pool) if out.len() >= PARALLEL_MIN_ELEMENTS => {
-            pool.install(|| out.par_chunks_mut(block).enumerate().for_each(run))
+    let par = if out.len() >= PARALLEL_MIN_ELEMENTS { par } else { par.sequential() };
+    let per_task = blocks_per_task(out.len().div_ceil(rows * row_len));
+    let mut tasks: Vec<_> = out.chunks_mut(per_task * rows * row_len).enumerate().collect();
+    par.for_each(&mut tasks, |(t, task)| {
+        for (i, block) in task.chunks_mut(rows * row_len).enumerate() {
+            simd::rows(kernel, (*t * per_task + i) * rows, block);
         }
-        _ => out.chunks_mut(block).enumerate().for_each(run),
-    }
+    });
+}
+
+/// Blocks per task for `blocks` blocks: at most about 256 tasks, so that taking a task (a lock)
+/// and asking whether the call must stop cost little against the work.
+fn blocks_per_task(blocks: usize) -> usize {
+    blocks.div_ceil(256).max(1)
 }
 
 /// [`Rows`] for kernels with two outputs of the same shape.
@@ -132,11 +136,13 @@ pub(crate) fn for_each_row_block_pair<T: Send, K: RowsPair<T>>(
     }
     let rows = rows_per_block(row_len);
     let block = rows * row_len;
-    let run = |(i, (x, y)): (usize, (&mut [T], &mut [T]))| simd::rows_pair(kernel, i * rows, x, y);
-    match par {
-        Par::Pool(pool) if a.len() >= PARALLEL_MIN_ELEMENTS => {
-            pool.install(|| a.par_chunks_mut(block).zip(b.par_chunks_mut(block)).enumerate().for_each(run))
+    let par = if a.len() >= PARALLEL_MIN_ELEMENTS { par } else { par.sequential() };
+    let per_task = blocks_per_task(a.len().div_ceil(block));
+    let mut tasks: Vec<_> =
+        a.chunks_mut(per_task * block).zip(b.chunks_mut(per_task * block)).enumerate().collect();
+    par.for_each(&mut tasks, |(t, (x, y))| {
+        for (i, (x, y)) in x.chunks_mut(block).zip(y.chunks_mut(block)).enumerate() {
+            simd::rows_pair(kernel, (*t * per_task + i) * rows, x, y);
         }
-        _ => a.chunks_mut(block).zip(b.chunks_mut(block)).enumerate().for_each(run),
-    }
+    });
 }

@@ -188,7 +188,7 @@ mod tests {
     }
 
     fn table<T: Float>(positions: &[i64], f: &[f64], layout: SinusoidLayout) -> Result<Vec<T>, KernelError> {
-        collect("out", positions.len() * 2 * f.len(), |out| sinusoidal(positions, f, layout, out, Par::Seq))
+        collect("out", positions.len() * 2 * f.len(), |out| sinusoidal(positions, f, layout, out, Par::SEQ))
     }
 
     fn rope<T: Float>(
@@ -222,7 +222,7 @@ mod tests {
     fn rope_tables_round_once_and_scale() {
         let positions = [3i64, 7000];
         let f = inv_freq(4);
-        let (c, s) = rope::<f32>(&positions, &f, 1.25, Par::Seq).unwrap();
+        let (c, s) = rope::<f32>(&positions, &f, 1.25, Par::SEQ).unwrap();
         for (p, &pos) in positions.iter().enumerate() {
             for i in 0..2 {
                 let (sv, cv) = trig::sin_cos(pos as f64 * f[i]);
@@ -240,10 +240,10 @@ mod tests {
         assert!(table::<f32>(&[i64::MIN], &f, halves).is_err());
         assert!(table::<f32>(&[1], &[f64::NAN], halves).is_err());
         let mut short = vec![MaybeUninit::<f32>::uninit(); 2];
-        assert!(sinusoidal(&[1, 2], &f, halves, &mut short, Par::Seq).is_err());
+        assert!(sinusoidal(&[1, 2], &f, halves, &mut short, Par::SEQ).is_err());
         let (mut c, mut s) = (vec![MaybeUninit::<f32>::uninit(); 1], vec![MaybeUninit::<f32>::uninit(); 2]);
-        assert!(rope_cos_sin(&[1], &f, 1.0, &mut c, &mut s, Par::Seq).is_err());
-        assert!(rope::<f32>(&[1], &f, f64::INFINITY, Par::Seq).is_err());
+        assert!(rope_cos_sin(&[1], &f, 1.0, &mut c, &mut s, Par::SEQ).is_err());
+        assert!(rope::<f32>(&[1], &f, f64::INFINITY, Par::SEQ).is_err());
     }
 
     #[test]
@@ -270,7 +270,7 @@ mod tests {
         let positions: Vec<i64> = (0..3000).collect();
         let f = inv_freq(64);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        let seq = rope::<f32>(&positions, &f, 1.0, Par::Seq).unwrap();
-        assert_eq!(rope::<f32>(&positions, &f, 1.0, Par::Pool(&pool)).unwrap(), seq);
+        let seq = rope::<f32>(&positions, &f, 1.0, Par::SEQ).unwrap();
+        assert_eq!(rope::<f32>(&positions, &f, 1.0, Par::on(&pool)).unwrap(), seq);
     }
 }

@@ -159,7 +159,7 @@ mod tests {
     use crate::kernels::output::collect;
 
     fn run<T: Float>(x: &[T], cos: &[T], sin: &[T], s: RopeSpec) -> Result<Vec<T>, KernelError> {
-        collect("out", x.len(), |out| apply_rope(x, cos, sin, s, out, Par::Seq))
+        collect("out", x.len(), |out| apply_rope(x, cos, sin, s, out, Par::SEQ))
     }
 
     /// The formula, one element at a time, in float64.

@@ -5,8 +5,10 @@
 //! wrappers normalise their inputs first: the dtype (a `TypeError` otherwise), C order and alignment
 //! (a `ValueError`: the wrappers make such a copy), and the borrow.
 
+use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
 
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -15,8 +17,8 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 
 use crate::error::KernelError;
-use crate::pool::{self, Par};
-use crate::py::errors::{from_panic, to_pyerr};
+use crate::pool::{self, Par, Stop};
+use crate::py::errors::{from_panic, to_pyerr, InternalError};
 
 /// A float array of one of the dtypes the kernels compute in.
 pub enum Floats<'py> {
@@ -135,8 +137,24 @@ pub fn expect_ndim(shape: &[usize], ndim: usize, arg: &str, what: &str) -> PyRes
     }
 }
 
+thread_local! {
+    /// Whether this is Python's main thread, where signal handlers run (set at import, and in a
+    /// forked child for the thread that forked).
+    static MAIN_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records the calling thread as Python's main thread: the one whose kernels poll for signals.
+#[pyfunction]
+pub fn _set_main_thread() {
+    MAIN_THREAD.set(true);
+}
+
 /// Runs a kernel with the GIL released, on the crate's pool. A kernel error becomes the contract's
 /// exception; a panic becomes `InternalError` instead of a `PanicException`.
+///
+/// On Python's main thread the kernel polls for signals every [`pool::POLL_INTERVAL`]: when a
+/// handler raises (Ctrl-C's `KeyboardInterrupt`), the work stops and that exception is raised
+/// instead of a result.
 pub fn run<R: Send>(
     py: Python<'_>,
     index_shape: &[usize],
@@ -146,12 +164,20 @@ pub fn run<R: Send>(
     // pool's lock when `os.fork()` (which holds the GIL) copies the process: a child forked while
     // another thread is inside a kernel finds the lock free.
     let pool = pool::current();
-    let result = py.detach(|| {
-        catch_unwind(AssertUnwindSafe(|| {
-            let par = pool.as_deref().map_or(Par::Seq, Par::Pool);
-            kernel(par)
-        }))
-    });
+    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
+    let poll = || {
+        let checked = Python::attach(|py| py.check_signals());
+        checked.map_err(|err| *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(err)).is_err()
+    };
+    let stop = MAIN_THREAD.get().then(|| Stop::new(&poll));
+    let result =
+        py.detach(|| catch_unwind(AssertUnwindSafe(|| kernel(Par::new(pool.as_deref(), stop.as_ref())))));
+    if stop.as_ref().is_some_and(Stop::was_requested) {
+        let err = raised.into_inner().unwrap_or_else(|p| p.into_inner());
+        return Err(
+            err.unwrap_or_else(|| InternalError::new_err("attnkit bug: a call stopped without a signal"))
+        );
+    }
     match result {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(to_pyerr(err, index_shape)),

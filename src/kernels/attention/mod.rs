@@ -212,6 +212,9 @@ struct TaskInputs<'a, T> {
     masks: &'a Masks<'a, T>,
     b: usize,
     g: usize,
+    /// The call's [`Par`], asked only whether the call was told to stop (a long task asks
+    /// between its query blocks).
+    par: Par<'a>,
 }
 
 impl<'a, T> TaskInputs<'a, T> {
@@ -258,7 +261,7 @@ fn last_index(
 }
 
 impl AttnSpec {
-    fn check<T>(
+    fn check<T: crate::kernels::Float>(
         &self,
         q: &[T],
         k: &[T],
@@ -274,13 +277,25 @@ impl AttnSpec {
                 format!("{} query heads cannot share {} key/value heads", self.heads_q, self.heads_kv),
             ));
         }
-        if !self.scale.is_finite() {
-            return Err(KernelError::invalid("scale", format!("must be finite, got {}", self.scale)));
+        // Finite in the dtype computed in, not only in float64: 1e39 is infinite in float32.
+        let finite = |x: f64| T::from_f64(x).to_f64().is_finite();
+        let dtype = std::any::type_name::<T>().replace('f', "float");
+        if !finite(self.scale) {
+            return Err(KernelError::invalid(
+                "scale",
+                format!("must be finite in {dtype} (the inputs' dtype), got {}", self.scale),
+            ));
         }
-        if let Some(c) = self.softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        if let Some(c) = self.softcap.filter(|&c| !(finite(c) && c > 0.0)) {
             return Err(KernelError::invalid(
                 "softcap",
-                format!("must be a finite positive number, got {c}"),
+                format!("must be a positive number, finite in {dtype} (the inputs' dtype), got {c}"),
+            ));
+        }
+        if let Some(bad) = masks.alibi.and_then(|a| a.iter().find(|&&x| !finite(x))) {
+            return Err(KernelError::invalid(
+                "alibi_slopes",
+                format!("must be finite in {dtype} (the inputs' dtype), got {bad}"),
             ));
         }
         let checks = [
@@ -377,8 +392,9 @@ pub fn attention<T: AttnFloat>(
     });
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
     // Task t works on batch t / Hkv, key/value head t % Hkv.
-    let inputs = |t: usize| TaskInputs { q, k, v, spec, masks, b: t / spec.heads_kv, g: t % spec.heads_kv };
-    let par = if flops > 1e6 { par } else { Par::Seq };
+    let inputs =
+        |t: usize| TaskInputs { q, k, v, spec, masks, b: t / spec.heads_kv, g: t % spec.heads_kv, par };
+    let par = if flops > 1e6 { par } else { par.sequential() };
     if l <= decode::MAX_QUERIES {
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
         // (batch, key/value head).
@@ -562,10 +578,10 @@ mod tests {
     #[test]
     fn matches_naive_formula_with_every_mask_kind() {
         let mut c = case(2, 4, 2, 37, 70, 5, 3);
-        assert_close(&run(&c, Par::Seq).0, &naive(&c).0);
+        assert_close(&run(&c, Par::SEQ).0, &naive(&c).0);
         c.spec.causal = true;
         c.spec.alignment = Alignment::BottomRight;
-        let (out, lse) = run(&c, Par::Seq);
+        let (out, lse) = run(&c, Par::SEQ);
         let (want_out, want_lse) = naive(&c);
         assert_close(&out, &want_out);
         assert_close(&lse, &want_lse);
@@ -573,38 +589,38 @@ mod tests {
         c.spec.window = (Some(5), Some(2));
         c.key_mask = Some((0..2 * 70).map(|i| u8::from(i % 70 < 50 - 20 * (i / 70))).collect());
         c.bool_mask = Some((0..2 * 4 * 37 * 70).map(|i| u8::from(i % 3 != 0)).collect());
-        assert_close(&run(&c, Par::Seq).0, &naive(&c).0);
+        assert_close(&run(&c, Par::SEQ).0, &naive(&c).0);
     }
 
     #[test]
     fn fully_masked_rows_give_zeros_and_minus_infinity() {
         let mut c = case(1, 1, 1, 3, 4, 2, 2);
         c.key_mask = Some(vec![0; 4]);
-        let (out, lse) = run(&c, Par::Seq);
+        let (out, lse) = run(&c, Par::SEQ);
         assert!(out.iter().all(|&x| x == 0.0));
         assert!(lse.iter().all(|&x| x == f64::NEG_INFINITY));
         let mut c = case(1, 1, 1, 3, 0, 2, 2); // no keys at all
         c.spec.causal = true;
-        assert!(run(&c, Par::Seq).0.iter().all(|&x| x == 0.0));
+        assert!(run(&c, Par::SEQ).0.iter().all(|&x| x == 0.0));
     }
 
     #[test]
     fn masked_keys_and_values_never_enter_the_arithmetic() {
         let mut c = case(1, 2, 1, 9, 130, 4, 4);
         c.key_mask = Some((0..130).map(|j| u8::from(j % 5 != 0)).collect());
-        let want = run(&c, Par::Seq).0;
+        let want = run(&c, Par::SEQ).0;
         for j in (0..130).step_by(5) {
             c.k[j * 4..j * 4 + 4].fill(f64::NAN);
             c.v[j * 4..j * 4 + 4].fill(f64::INFINITY);
         }
-        assert_eq!(run(&c, Par::Seq).0, want);
+        assert_eq!(run(&c, Par::SEQ).0, want);
     }
 
     #[test]
     fn thread_count_does_not_change_the_bits() {
         let c = case(3, 4, 4, 45, 90, 8, 8);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        assert_eq!(run(&c, Par::Seq), run(&c, Par::Pool(&pool)));
+        assert_eq!(run(&c, Par::SEQ), run(&c, Par::on(&pool)));
     }
 
     #[test]
@@ -621,7 +637,7 @@ mod tests {
                     &c.spec,
                     &masks,
                     Outputs { out: o, lse: None, weights: None },
-                    Par::Seq,
+                    Par::SEQ,
                 )
             })
             .is_err()

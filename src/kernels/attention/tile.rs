@@ -167,6 +167,9 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         // This task's rows (whole query blocks: `first · group` is a multiple of BQ).
         let (start, end) = (self.first * group, (self.first + self.positions) * group);
         for q0 in (start..end).step_by(BQ) {
+            if self.at.par.stopped() {
+                return; // the call's outputs are discarded
+            }
             let rows = BQ.min(end - q0);
             // Tiles work on whole groups of MR rows: rows past `rows` repeat the last one, are
             // computed alike and dropped at the end.
