@@ -315,3 +315,192 @@ def test_non_finite_alibi_slopes_are_refused(bad):
     q = np.ones((1, 2, 3, 4), np.float32)
     with pytest.raises(ValueError, match=r"^alibi_slopes: must be finite in float32"):
         attnkit.scaled_dot_product_attention(q, q, q, alibi_slopes=np.array([0.5, bad]))
+
+
+# 13. from_torch_state_dict is strict like torch's load_state_dict(strict=True).
+def _mha_state(embed=8):
+    eye = np.eye(embed, dtype=np.float32)
+    return {"in_proj_weight": np.concatenate([eye, eye, eye]), "in_proj_bias": np.zeros(3 * embed, np.float32),
+            "out_proj.weight": eye, "out_proj.bias": np.ones(embed, np.float32)}
+
+
+def test_state_dict_with_a_misspelt_key_is_refused():
+    sd = _mha_state()
+    sd["out_proj.bais"] = sd.pop("out_proj.bias")
+    with pytest.raises(ValueError, match=r"^state_dict: unknown keys \['out_proj.bais'\]"):
+        attnkit.MultiheadAttention.from_torch_state_dict(sd, num_heads=2)
+    del sd["out_proj.weight"]
+    with pytest.raises(ValueError, match=r"unknown keys \['out_proj.bais'\] and missing keys \['out_proj.weight'\]"):
+        attnkit.MultiheadAttention.from_torch_state_dict(sd, num_heads=2)
+
+
+def test_state_dict_with_masked_weights_or_a_bad_bias_is_refused():
+    sd = _mha_state()
+    sd["out_proj.weight"] = np.ma.masked_array(sd["out_proj.weight"], mask=np.eye(8, dtype=bool))
+    with pytest.raises(TypeError, match=r"numpy.ma.MaskedArray"):
+        attnkit.MultiheadAttention.from_torch_state_dict(sd, num_heads=2)
+    sd = _mha_state()
+    sd["in_proj_bias"] = np.zeros(23, np.float32)
+    with pytest.raises(ValueError, match=r"^in_proj_bias: expected shape \(24,\)"):
+        attnkit.MultiheadAttention.from_torch_state_dict(sd, num_heads=2)
+
+
+# 15. Every argument with a torch name carries torch's meaning.
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("masks", ["bool", "float", "bool3d", "padding", "padding_float", "both"])
+def test_layer_called_as_torch_gives_torch_answer(batch_first, masks):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(5)
+    n, length, embed, heads = 3, 6, 16, 4
+    mha = torch.nn.MultiheadAttention(embed, heads, batch_first=batch_first).eval()
+    layer = attnkit.MultiheadAttention.from_torch(mha)
+    x = torch.randn((n, length, embed) if batch_first else (length, n, embed))
+    kw = {}
+    causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+    causal[4, 1] = True
+    padding = torch.zeros(n, length, dtype=torch.bool)
+    padding[1, -2:] = True
+    if masks in ("bool", "both"):
+        kw["attn_mask"] = causal
+    if masks == "float":
+        kw["attn_mask"] = torch.randn(length, length)
+    if masks == "bool3d":
+        kw["attn_mask"] = torch.rand(n * heads, length, length) < 0.3
+    if masks in ("padding", "both"):
+        kw["key_padding_mask"] = padding
+    if masks == "padding_float":
+        kw["key_padding_mask"] = torch.randn(n, length)
+    with torch.no_grad():
+        want, want_w = mha(x, x, x, **kw)  # torch's defaults: need_weights=True, averaged
+    got, got_w = layer(x.numpy(), x.numpy(), x.numpy(), **{k: v.numpy() for k, v in kw.items()})
+    assert got.shape == tuple(want.shape) and got_w.shape == tuple(want_w.shape)
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=3e-6)
+    np.testing.assert_allclose(got_w, want_w.numpy(), rtol=0, atol=3e-6)
+
+
+def test_layer_masks_of_attnkit_polarity_have_names_of_their_own():
+    rng = np.random.default_rng(6)
+    w = [rng.standard_normal((8, 8)).astype(np.float32) for _ in range(4)]
+    layer = attnkit.MultiheadAttention(*w, num_heads=2, batch_first=True)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    blocked = rng.random((5, 5)) < 0.3
+    padding = np.array([[False] * 5, [False, False, False, True, True]])
+    torch_style = layer(x, key_padding_mask=padding, attn_mask=blocked)
+    attnkit_style = layer(x, key_mask=~padding, attend_mask=~blocked)
+    for a, b in zip(torch_style, attnkit_style):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_layer_detects_inputs_that_are_not_laid_out_as_batch_first_says():
+    rng = np.random.default_rng(7)
+    w = [rng.standard_normal((8, 8)).astype(np.float32) for _ in range(4)]
+    layer = attnkit.MultiheadAttention(*w, num_heads=2)  # torch's default: batch_first=False
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)  # (batch, seq, embed), read as (seq, batch, embed)
+    with pytest.raises(ValueError, match=r"^key_padding_mask: expected shape \(batch, S\) = \(5, 2\) \(batch_first=False\)"):
+        layer(x, key_padding_mask=np.zeros((2, 5), bool))
+    with pytest.raises(ValueError, match=r"^attn_mask: expected shape \(L, S\) = \(2, 2\)"):
+        layer(x, attn_mask=np.zeros((5, 5), bool))
+
+
+# 10. Only TypeError, ValueError, IndexError and MemoryError, each naming the argument.
+Q = np.ones((1, 1, 3, 4), np.float32)
+CONTRACT = [
+    (lambda: attnkit.scaled_dot_product_attention(Q, Q, Q, is_causal=np.array([1, 0])), TypeError, r"^is_causal: expected a bool"),
+    (lambda: attnkit.scaled_dot_product_attention(Q, Q, Q, enable_gqa="yes"), TypeError, r"^enable_gqa: expected a bool"),
+    (lambda: attnkit.scaled_dot_product_attention(Q, Q, Q, return_lse=None), TypeError, r"^return_lse: expected a bool"),
+    (lambda: attnkit.scaled_dot_product_attention(Q, Q, Q, dropout_p=np.ones(2)), TypeError, r"^dropout_p: expected a real number"),
+    (lambda: attnkit.set_num_threads(2**64), ValueError, r"^n: "),
+    (lambda: attnkit.position_ids(np.ones((1, 2), int), offset=2**63), ValueError, r"^offset: "),
+    (lambda: attnkit.sinusoidal_positions(2**70, 4), ValueError, r"^positions: a count of positions must be from 0 to 2\*\*53"),
+    (lambda: attnkit.rope_cos_sin(2**70, 4), ValueError, r"^positions: "),
+    (lambda: attnkit.rope_frequencies(8, scaling={**YARN, "beta_fast": -1}), ValueError, r"^scaling\['beta_fast'\]"),
+    (lambda: attnkit.relative_position_bias(2**70, 3, np.zeros((32, 2), np.float32)), MemoryError, r"^out \(2, 1180591620717411303424, 3\): set by table, q_len and k_len"),
+    (lambda: attnkit.embedding_bag(np.array([1]), np.ones((3, 2), np.float32), np.array([0]), include_last_offset=[1]), TypeError, r"^include_last_offset: expected a bool"),
+    (lambda: attnkit.scaled_dot_product_attention(*[np.ones((1, 1, 1 << 20, 1), np.float32)] * 3, return_weights=True),
+     MemoryError, r"^weights \(batch, Hq, L, S: set by query and key\): cannot allocate an array of shape \(1, 1, 1048576, 1048576\)"),
+]
+
+
+@pytest.mark.parametrize("call,exc,pattern", CONTRACT, ids=[str(i) for i in range(len(CONTRACT))])
+def test_contract_errors_name_the_argument(call, exc, pattern):
+    from conftest import run_forked
+
+    status, detail = run_forked(call)
+    assert status == "raised" and detail[0] == exc.__name__, detail
+    import re
+
+    assert re.search(pattern, detail[1]), detail[1]
+
+
+def test_huge_windows_mean_unlimited():
+    q = RNG.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    want = attnkit.scaled_dot_product_attention(q, q, q, is_causal=True)
+    for w in [(2**64, 0), (2**62, None), (10**30, 0)]:
+        assert attnkit.scaled_dot_product_attention(q, q, q, is_causal=True, window=w).tobytes() == want.tobytes()
+    from attnkit import _core
+
+    got = _core.attention(q, q, q, "bhsd", 8**-0.5, None, True, (2**64 - 1, 0), "top_left")[0]
+    assert got.tobytes() == want.tobytes()
+
+
+# 11. Valid inputs that were refused.
+def test_float_masks_in_any_memory_layout():
+    from conftest import layouts
+
+    q = RNG.standard_normal((2, 2, 5, 8)).astype(np.float32)
+    mask = RNG.standard_normal((2, 1, 5, 5)).astype(np.float32)
+    want = attnkit.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    for name, variant in layouts(mask):
+        got = attnkit.scaled_dot_product_attention(q, q, q, attn_mask=variant)
+        assert got.tobytes() == want.tobytes(), name
+
+
+def test_attention_takes_array_likes():
+    q = RNG.standard_normal((1, 1, 4, 8)).astype(np.float32)
+    want = attnkit.scaled_dot_product_attention(q, q, q)
+    assert attnkit.scaled_dot_product_attention(memoryview(q), memoryview(q), memoryview(q)).tobytes() == want.tobytes()
+    with pytest.warns(PendingDeprecationWarning):
+        m = np.matrix(q[0, 0])
+    assert attnkit.scaled_dot_product_attention(m, m, m).tobytes() == want[0, 0].tobytes()
+    assert attnkit.scaled_dot_product_attention(q.tolist(), q.tolist(), q.tolist()).dtype == np.float64
+    assert attnkit.relative_position_bias(np.int64(3), np.uint8(4), np.zeros((32, 2), np.float32)).shape == (2, 3, 4)
+
+
+def test_attention_takes_torch_tensors():
+    torch = pytest.importorskip("torch")
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, q, q).detach().numpy()
+    got = attnkit.scaled_dot_product_attention(q, q, q)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match=r"^query: cannot be converted to a numpy array"):
+        attnkit.scaled_dot_product_attention(q.to(torch.bfloat16), q, q)
+
+
+# 12. Sizes that cannot be allocated are refused before any work starts.
+@pytest.mark.parametrize("n", [2**40, 2**70])
+def test_alibi_slopes_of_impossible_head_counts_fail_fast(n):
+    import time
+
+    from conftest import run_forked
+
+    start = time.monotonic()
+    status, detail = run_forked(attnkit.alibi_slopes, n)
+    assert time.monotonic() - start < 5
+    assert status == "raised" and detail[0] == "MemoryError" and detail[1].startswith(f"out ({n} slopes: set by num_heads)")
+
+
+# 14. Output buffers come from NumPy's C API and are checked: replacing numpy.empty changes nothing.
+def test_outputs_do_not_depend_on_numpy_empty():
+    from conftest import run_forked
+
+    q = RNG.standard_normal((1, 2, 40, 16)).astype(np.float32)
+    table = RNG.standard_normal((10, 4)).astype(np.float32)
+    want = [attnkit.scaled_dot_product_attention(q, q, q, return_lse=True)[1], attnkit.embedding(np.arange(10), table)]
+
+    def with_a_hostile_numpy_empty():
+        np.empty = lambda *a, **k: np.zeros(1, np.float64)[::-1]  # too short, wrong dtype
+        got = [attnkit.scaled_dot_product_attention(q, q, q, return_lse=True)[1], attnkit.embedding(np.arange(10), table)]
+        if any(g.tobytes() != w.tobytes() for g, w in zip(got, want)):
+            raise AssertionError("results changed")
+
+    assert run_forked(with_a_hostile_numpy_empty) == ("ok", None)

@@ -19,7 +19,7 @@ def weights(embed=16, heads=4, kv_heads=None, kdim=None, vdim=None, bias=True, s
     b = lambda o: rng.standard_normal(o).astype(dtype) if bias else None  # noqa: E731
     return dict(q_weight=w(embed, embed), k_weight=w(kv_heads * d, kdim or embed), v_weight=w(kv_heads * d, vdim or embed),
                 o_weight=w(embed, embed), q_bias=b(embed), k_bias=b(kv_heads * d), v_bias=b(kv_heads * d), o_bias=b(embed),
-                num_heads=heads, num_kv_heads=kv_heads)
+                num_heads=heads, num_kv_heads=kv_heads, batch_first=True)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -30,17 +30,17 @@ def test_matches_torch_multihead_attention(packed, bias, average):
     torch.manual_seed(1)
     kdim = None if packed else 12
     m = torch.nn.MultiheadAttention(16, 4, bias=bias, kdim=kdim, vdim=kdim, batch_first=True).eval()
-    layer = MHA.from_torch_state_dict(m.state_dict(), num_heads=4)
+    layer = MHA.from_torch_state_dict(m.state_dict(), num_heads=4, batch_first=True)
     x = torch.randn(3, 7, 16)
     kv = x if packed else torch.randn(3, 9, 12)
     kpm = torch.zeros(3, kv.shape[1], dtype=torch.bool)
     kpm[1, -3:] = True
     with torch.no_grad():
         want, want_w = m(x, kv, kv, key_padding_mask=kpm, need_weights=True, average_attn_weights=average)
-    out, w = layer(x.numpy(), kv.numpy(), kv.numpy(), key_mask=~kpm.numpy(), need_weights=True, average_attn_weights=average)
+    out, w = layer(x.numpy(), kv.numpy(), kv.numpy(), key_padding_mask=kpm.numpy(), average_attn_weights=average)
     np.testing.assert_allclose(out, want.numpy(), rtol=0, atol=2e-6)
     np.testing.assert_allclose(w, want_w.numpy(), rtol=0, atol=2e-6)
-    out_only, none = layer(x.numpy(), kv.numpy(), kv.numpy(), key_mask=~kpm.numpy())
+    out_only, none = layer(x.numpy(), kv.numpy(), kv.numpy(), key_mask=~kpm.numpy(), need_weights=False)
     assert none is None and out_only.tobytes() == out.tobytes()
 
 
@@ -49,7 +49,7 @@ def test_masks_match_torch(kind):
     torch = pytest.importorskip("torch")
     torch.manual_seed(2)
     m = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
-    layer = MHA.from_torch_state_dict(m.state_dict(), num_heads=2)
+    layer = MHA.from_torch_state_dict(m.state_dict(), num_heads=2, batch_first=True)
     x = torch.randn(2, 6, 16)
     if kind == "float":
         mask = torch.randn(6, 6)
@@ -58,7 +58,7 @@ def test_masks_match_torch(kind):
         mask = torch.ones(6, 6, dtype=torch.bool).triu(1)  # torch: True = not allowed
         if kind == "bool":
             mask[2, 4] = True
-        ours = {"attn_mask": ~mask.numpy()} if kind == "bool" else {"is_causal": True}
+        ours = {"attn_mask": mask.numpy()} if kind == "bool" else {"is_causal": True}
     with torch.no_grad():
         want, _ = m(x, x, x, attn_mask=mask, need_weights=False)
     out, _ = layer(x.numpy(), **ours)
@@ -68,12 +68,12 @@ def test_masks_match_torch(kind):
 def test_fully_padded_rows_give_zeros_where_torch_gives_nan():
     torch = pytest.importorskip("torch")
     m = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
-    layer = MHA.from_torch_state_dict(m.state_dict(), num_heads=2)
+    layer = MHA.from_torch_state_dict(m.state_dict(), num_heads=2, batch_first=True)
     x = torch.randn(1, 4, 8)
     kpm = torch.ones(1, 4, dtype=torch.bool)
     with torch.no_grad():
         want, _ = m(x, x, x, key_padding_mask=kpm)
-    out, _ = layer(x.numpy(), key_mask=~kpm.numpy())
+    out, _ = layer(x.numpy(), key_padding_mask=kpm.numpy())
     assert np.isnan(want.numpy()).all()
     np.testing.assert_allclose(out, np.broadcast_to(layer.o_bias, out.shape), rtol=0, atol=0)
 
@@ -95,7 +95,7 @@ def test_grouped_query_attention_equals_repeated_key_value_weights():
     d = 4
     rep = lambda a: np.repeat(a.reshape(2, d, *a.shape[1:]), 3, axis=0).reshape(6 * d, *a.shape[1:])  # noqa: E731
     full = MHA(w["q_weight"], rep(w["k_weight"]), rep(w["v_weight"]), w["o_weight"], q_bias=w["q_bias"],
-               k_bias=rep(w["k_bias"]), v_bias=rep(w["v_bias"]), o_bias=w["o_bias"], num_heads=6)
+               k_bias=rep(w["k_bias"]), v_bias=rep(w["v_bias"]), o_bias=w["o_bias"], num_heads=6, batch_first=True)
     x = np.random.default_rng(3).standard_normal((2, 5, 24)).astype(np.float32)
     np.testing.assert_array_equal(gqa(x, is_causal=True)[0], full(x, is_causal=True)[0])
 
@@ -126,9 +126,9 @@ ERRORS = [
     ("weight shape", lambda: MHA(**{**weights(), "k_weight": np.zeros((8, 16), np.float32)}), ValueError, r"k_weight: expected 4 x 4"),
     ("bias shape", lambda: MHA(**{**weights(), "q_bias": np.zeros(3, np.float32)}), ValueError, r"q_bias: expected shape \(16,\)"),
     ("input dtype", lambda: MHA(**weights())(np.zeros((1, 2, 16))), TypeError, r"query: dtype float64 differs"),
-    ("input shape", lambda: MHA(**weights())(np.zeros((1, 2, 15), np.float32)), ValueError, r"query: expected shape \(batch, seq, 16\)"),
+    ("input shape", lambda: MHA(**weights())(np.zeros((1, 2, 15), np.float32)), ValueError, r"query: expected shape \(batch, seq, 16\) \(batch_first=True\)"),
     ("bias_kv", lambda: MHA.from_torch_state_dict({"bias_k": 1, "out_proj.weight": 1}, 2), ValueError, r"bias_k/bias_v"),
-    ("missing", lambda: MHA.from_torch_state_dict({"out_proj.weight": np.eye(4, dtype=np.float32)}, 2), ValueError, r"needs 'in_proj_weight'"),
+    ("missing", lambda: MHA.from_torch_state_dict({"out_proj.weight": np.eye(4, dtype=np.float32)}, 2), ValueError, r"missing keys \['q_proj_weight', 'k_proj_weight', 'v_proj_weight'\] \(or 'in_proj_weight'\)"),
     ("rope", lambda: MHA(**weights())(np.zeros((1, 2, 16), np.float32), rope=("cos",)), ValueError, r"rope: expected"),
 ]
 

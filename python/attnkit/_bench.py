@@ -297,21 +297,22 @@ def layer_case(quick: bool, torch: Any) -> Case:
          "in_proj_bias": rng.standard_normal(3 * embed, dtype=np.float32) / 10,
          "out_proj.weight": rng.standard_normal((embed, embed), dtype=np.float32) / np.float32(np.sqrt(embed)),
          "out_proj.bias": rng.standard_normal(embed, dtype=np.float32) / 10}
-    layer = attnkit.MultiheadAttention.from_torch_state_dict(w, num_heads=heads)
+    layer = attnkit.MultiheadAttention.from_torch_state_dict(w, num_heads=heads, batch_first=True)
+    pad = ~keep  # torch's key_padding_mask: true = ignore
     flops = 2.0 * b * s * embed * embed * 4 + 4.0 * b * s * s * embed  # 4 projections + attention
 
     def ours() -> object:
-        return layer(x, key_mask=keep)[0]
+        return layer(x, key_padding_mask=pad, need_weights=False)[0]
 
     case = Case("MultiheadAttention layer", f"B{b} S{s} embed {embed} H{heads}", 2 * x.nbytes, ours, flops=flops)
     if torch is not None:
         peer = torch.nn.MultiheadAttention(embed, heads, batch_first=True).eval()
         peer.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()})
-        tx, pad = torch.from_numpy(x), torch.from_numpy(~keep)
+        tx, tpad = torch.from_numpy(x), torch.from_numpy(pad)
 
         def theirs() -> object:
             with torch.inference_mode():
-                return peer(tx, tx, tx, key_padding_mask=pad, need_weights=False)[0]
+                return peer(tx, tx, tx, key_padding_mask=tpad, need_weights=False)[0]
 
         case.peers["torch"] = theirs
     return case

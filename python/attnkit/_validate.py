@@ -8,6 +8,8 @@ error contract's exceptions, naming the argument, for anything else.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -24,18 +26,38 @@ def _as_array(x: Any, name: str) -> np.ndarray[Any, Any]:
             f"{name}: numpy.ma.MaskedArray is not supported (its mask would be silently ignored); "
             "pass x.filled(value) or x.data explicitly"
         )
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a tensor (torch's API), without importing torch
+        x = x.detach().cpu()
     try:
-        return np.asarray(x)
-    except (ValueError, OverflowError) as exc:
-        raise TypeError(f"{name}: cannot be converted to a numpy array: {exc}") from None
+        with allocating(name):
+            return np.asarray(x)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the object's conversion raises
+        raise TypeError(f"{name}: cannot be converted to a numpy array: {type(exc).__name__}: {exc}") from None
 
 
-def _contiguous(arr: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+@contextmanager
+def allocating(what: str) -> Iterator[None]:
+    """Names ``what`` (an output, or a copy of an argument) in NumPy's errors for arrays that
+    cannot be allocated, which name nothing of the call: a ``MemoryError`` either way."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise MemoryError(f"{what}: {exc}") from None
+    except ValueError as exc:
+        if "Maximum allowed" in str(exc) or "array is too big" in str(exc):
+            raise MemoryError(f"{what}: cannot be allocated ({exc})") from None
+        raise
+
+
+def _contiguous(arr: np.ndarray[Any, Any], dtype: np.dtype[Any], name: str = "input") -> np.ndarray[Any, Any]:
     """``arr`` as ``dtype`` (native byte order), C-contiguous and aligned: a copy only if needed."""
     flags = arr.flags
     if arr.dtype == dtype and dtype.isnative and flags.c_contiguous and flags.aligned:
         return arr
-    return np.require(arr, dtype.newbyteorder("="), ["C", "A"])
+    with allocating(f"{name} (a contiguous copy of shape {arr.shape})"):
+        return np.require(arr, dtype.newbyteorder("="), ["C", "A"])
 
 
 def float_array(x: Any, name: str) -> npt.NDArray[np.floating[Any]]:
@@ -43,7 +65,7 @@ def float_array(x: Any, name: str) -> npt.NDArray[np.floating[Any]]:
     arr = _as_array(x, name)
     if arr.dtype.kind != "f" or arr.dtype.itemsize not in (4, 8):
         raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}")
-    return _contiguous(arr, arr.dtype)
+    return _contiguous(arr, arr.dtype, name)
 
 
 def int_array(x: Any, name: str) -> npt.NDArray[np.integer[Any]]:
@@ -53,20 +75,21 @@ def int_array(x: Any, name: str) -> npt.NDArray[np.integer[Any]]:
         raise TypeError(
             f"{name}: expected an integer array (int8 to int64 or uint8 to uint64), got dtype {arr.dtype}"
         )
-    return _contiguous(arr, arr.dtype)
+    return _contiguous(arr, arr.dtype, name)
 
 
 def positions_array(positions: Any, name: str = "positions") -> npt.NDArray[np.int64]:
     """Integer positions as int64; an int ``n`` means ``arange(n)``."""
     if isinstance(positions, numbers.Integral) and not isinstance(positions, (bool, np.bool_)):
         n = int(positions)
-        if n < 0:
-            raise ValueError(f"{name}: a count of positions must be >= 0, got {n}")
-        return np.arange(n, dtype=np.int64)
+        if not 0 <= n <= 2**53:
+            raise ValueError(f"{name}: a count of positions must be from 0 to 2**53 (where positions stay exact), got {n}")
+        with allocating(f"{name} (arange({n}))"):
+            return np.arange(n, dtype=np.int64)
     arr = int_array(positions, name)
     if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"{name}: {int(arr.max())} is beyond ±2**53, where positions stop being exact")
-    return _contiguous(arr, np.dtype(np.int64))
+    return _contiguous(arr, np.dtype(np.int64), name)
 
 
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
@@ -77,6 +100,13 @@ def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected numpy.float32 or numpy.float64, got {dt}")
     return dt
+
+
+def flag(x: Any, name: str) -> bool:
+    """A bool (or NumPy bool, or the int 0 or 1)."""
+    if isinstance(x, (bool, np.bool_)) or (isinstance(x, numbers.Integral) and int(x) in (0, 1)):
+        return bool(x)
+    raise TypeError(f"{name}: expected a bool, got {type(x).__name__} {x!r}"[:200])
 
 
 def integer(x: Any, name: str, *, minimum: int | None = None) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import _as_array, choice, float_array, int_array, integer, real
+from attnkit._validate import _as_array, _contiguous, choice, flag, float_array, int_array, integer, real
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -90,7 +90,8 @@ def scaled_dot_product_attention(
         type(query) is np.ndarray and type(key) is np.ndarray and type(value) is np.ndarray
         and query.ndim == 4 and key.ndim == 4 and query.shape[1] == key.shape[1]
         and attn_mask is None and key_mask is None and window is None and alibi_slopes is None
-        and softcap is None and not (return_lse or return_weights or dropout_p)
+        and softcap is None and return_lse is False and return_weights is False
+        and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
         and layout == "bhsd" and causal_alignment == "top_left"
         and (scale is None or (type(scale) is float and math.isfinite(scale)))
     ):
@@ -99,7 +100,7 @@ def scaled_dot_product_attention(
         dim = query.shape[-1]
         s = scale if scale is not None else (1.0 / math.sqrt(dim) if dim else 1.0)
         try:
-            return _core.attention(query, key, value, "bhsd", s, None, bool(is_causal), (None, None), "top_left")[0]
+            return _core.attention(query, key, value, "bhsd", s, None, is_causal, (None, None), "top_left")[0]
         except (TypeError, ValueError):
             pass
     layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
@@ -107,8 +108,10 @@ def scaled_dot_product_attention(
     q, k, v = (float_array(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"query, key, value: must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    if dropout_p != 0:
+    if real(dropout_p, "dropout_p") != 0:
         raise ValueError(f"dropout_p: attnkit is for inference and takes only 0.0, got {dropout_p}")
+    is_causal, enable_gqa = flag(is_causal, "is_causal"), flag(enable_gqa, "enable_gqa")
+    return_lse, return_weights = flag(return_lse, "return_lse"), flag(return_weights, "return_weights")
     squeeze = q.ndim == 2
     if squeeze:  # (L, E): one batch item and one head, in either layout
         q, k, v = q[None], k[None], v[None]
@@ -156,8 +159,8 @@ def scaled_dot_product_attention(
         slopes = np.ascontiguousarray(sl.reshape(-1))
     win = _window(window)
     out, lse, weights = _core.attention(
-        q4, k4, v4, layout, scale_value, cap, bool(is_causal), win, alignment,
-        bool_mask, float_mask, keys, slopes, bool(return_lse), bool(return_weights),
+        q4, k4, v4, layout, scale_value, cap, is_causal, win, alignment,
+        bool_mask, float_mask, keys, slopes, return_lse, return_weights,
     )
     out = out.reshape(batch_shape + out.shape[1:])
     if layout == "bshd":
@@ -182,7 +185,7 @@ def _attn_mask(
     if m.dtype == bool:
         pass
     elif m.dtype.kind == "f":
-        if m.dtype != dtype:
+        if m.dtype.newbyteorder("=") != dtype:
             raise TypeError(f"attn_mask: a float mask must have the query's dtype {dtype}, got {m.dtype}")
     else:
         raise TypeError(f"attn_mask: expected a bool mask (true = may attend) or a float mask, got dtype {m.dtype}")
@@ -198,7 +201,7 @@ def _attn_mask(
     if any(n != 1 for n in lead) and lead != batch_shape:  # partly broadcast batch axes
         m = np.broadcast_to(m, batch_shape + m.shape[len(batch_shape):])
     b = 1 if all(n == 1 for n in m.shape[: len(batch_shape)]) else int(np.prod(batch_shape, dtype=np.int64))
-    m = np.ascontiguousarray(m.reshape((b,) + m.shape[len(batch_shape):]))
+    m = _contiguous(m.reshape((b,) + m.shape[len(batch_shape):]), m.dtype.newbyteorder("="), "attn_mask")
     if m.dtype == bool:
         return m.view(np.uint8), None
     return None, m
@@ -209,5 +212,6 @@ def _window(window: Any) -> tuple[int | None, int | None]:
         return None, None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window: expected (left, right), each an int >= 0 or None, got {window!r}")
-    left, right = (None if w is None else integer(w, "window", minimum=0) for w in window)
+    # Bounds beyond any sequence mean "unlimited"; clamped so that the core's integers hold them.
+    left, right = (None if w is None else min(integer(w, "window", minimum=0), 2**62) for w in window)
     return left, right

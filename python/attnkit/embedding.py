@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import choice, float_array, int_array, integer, real
+from attnkit._validate import choice, flag, float_array, int_array, integer, real
 
 __all__ = ["embedding", "embedding_bag"]
 
@@ -116,7 +116,7 @@ def embedding_bag(
     elif ids_arr.ndim == 1:
         if offsets is None:
             raise ValueError("offsets: required when ids is 1-d (the start of each bag)")
-        bounds = _bounds(offsets, len(ids_arr), include_last_offset)
+        bounds = _bounds(offsets, len(ids_arr), flag(include_last_offset, "include_last_offset"))
         ids_arr = ids_arr[: bounds[-1]]
     else:
         raise ValueError(f"ids: expected a 1-d or 2-d array, got shape {ids_arr.shape}")

@@ -9,7 +9,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
-from attnkit._validate import float_array, integer
+from attnkit._validate import _as_array, flag, float_array, integer
 from attnkit.attention import scaled_dot_product_attention
 from attnkit.rope import apply_rope
 
@@ -17,22 +17,32 @@ __all__ = ["MultiheadAttention"]
 
 
 def _to_numpy(value: Any, name: str) -> npt.NDArray[Any]:
-    """An array from a NumPy array or a tensor-like (``.detach()``, ``.cpu()``, ``__array__``),
-    without importing any framework."""
-    for method in ("detach", "cpu"):
-        if hasattr(value, method):
-            value = getattr(value, method)()
-    return float_array(np.asarray(value), name)
+    """A float array from a NumPy array or a tensor (``.detach().cpu()``), without importing any
+    framework; a masked array is refused (its mask would be dropped)."""
+    return float_array(value, name)
 
 
 class MultiheadAttention:
-    """Multi-head attention with its own projection weights, like ``torch.nn.MultiheadAttention``
-    with ``batch_first=True`` in eval mode.
+    """Multi-head attention with its own projection weights: ``torch.nn.MultiheadAttention`` in
+    eval mode, on NumPy arrays.
 
     ``q = query Wqᵀ + bq``, ``k = key Wkᵀ + bk``, ``v = value Wvᵀ + bv`` split into heads; attention
     per head (:func:`attnkit.scaled_dot_product_attention`); heads concatenated and projected by
     ``Wo``. With ``num_kv_heads < num_heads`` the key/value heads are shared (grouped-query
     attention).
+
+    Every argument named as in torch means what it means there (``batch_first``,
+    ``key_padding_mask`` and ``attn_mask`` with true = masked, ``need_weights`` on by default,
+    ``average_attn_weights``); attnkit's own masks, with true = may attend, have names of their
+    own (``key_mask``, ``attend_mask``). From a torch call::
+
+        mha = torch.nn.MultiheadAttention(E, H, batch_first=bf).eval()
+        out, w = mha(q, k, v, key_padding_mask=kpm, attn_mask=m)            # torch
+        layer = attnkit.MultiheadAttention.from_torch(mha)                  # or from_torch_state_dict(
+        out, w = layer(q, k, v, key_padding_mask=kpm, attn_mask=m)          #   sd, num_heads=H, batch_first=bf)
+
+    The one difference: a query with no key to attend to gives zeros (then the output bias)
+    where torch's layer gives NaN.
 
     Args:
         q_weight: ``(num_heads * head_dim, embed_dim)``.
@@ -42,6 +52,8 @@ class MultiheadAttention:
         q_bias, k_bias, v_bias, o_bias: optional biases of the matching output sizes.
         num_heads: number of query heads.
         num_kv_heads: number of key/value heads (default ``num_heads``); must divide it.
+        batch_first: inputs and outputs are ``(batch, seq, feature)``; False (torch's default):
+            ``(seq, batch, feature)``.
 
     All weights must share one float dtype (float32 or float64); inputs must have it too.
     The projections are NumPy matrix products, so their threads are NumPy's BLAS threads;
@@ -55,9 +67,9 @@ class MultiheadAttention:
         >>> import numpy as np, attnkit
         >>> rng = np.random.default_rng(0)
         >>> w = [rng.standard_normal((8, 8)).astype(np.float32) for _ in range(4)]
-        >>> layer = attnkit.MultiheadAttention(*w, num_heads=2)
+        >>> layer = attnkit.MultiheadAttention(*w, num_heads=2, batch_first=True)
         >>> x = rng.standard_normal((1, 5, 8)).astype(np.float32)       # (batch, seq, embed)
-        >>> out, weights = layer(x, need_weights=True)
+        >>> out, weights = layer(x)
         >>> out.shape, weights.shape
         ((1, 5, 8), (1, 5, 5))
     """
@@ -75,7 +87,9 @@ class MultiheadAttention:
         o_bias: npt.ArrayLike | None = None,
         num_heads: int,
         num_kv_heads: int | None = None,
+        batch_first: bool = False,
     ) -> None:
+        self.batch_first = flag(batch_first, "batch_first")
         self.num_heads = integer(num_heads, "num_heads", minimum=1)
         self.num_kv_heads = self.num_heads if num_kv_heads is None else integer(num_kv_heads, "num_kv_heads", minimum=1)
         if self.num_heads % self.num_kv_heads:
@@ -116,17 +130,26 @@ class MultiheadAttention:
         return b
 
     @classmethod
-    def from_torch_state_dict(cls, state_dict: Mapping[str, Any], num_heads: int) -> MultiheadAttention:
+    def from_torch_state_dict(
+        cls, state_dict: Mapping[str, Any], num_heads: int, *, batch_first: bool = False
+    ) -> MultiheadAttention:
         """A layer from the ``state_dict()`` of a ``torch.nn.MultiheadAttention``.
 
         Accepts the packed ``in_proj_weight`` (and ``in_proj_bias``) or separate
         ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` (``kdim``/``vdim`` differing from
-        ``embed_dim``), and ``out_proj.weight``/``out_proj.bias``. Values may be torch tensors or
-        arrays; torch is not imported.
+        ``embed_dim``), and ``out_proj.weight``/``out_proj.bias``. Strict, as torch's
+        ``load_state_dict(strict=True)``: unknown and missing keys raise. Values may be torch
+        tensors or arrays; torch is not imported.
+
+        Args:
+            state_dict: the module's ``state_dict()``.
+            num_heads: the module's ``num_heads``.
+            batch_first: the module's ``batch_first`` (torch's default, False, unless given).
 
         Raises:
-            ValueError: missing keys, or ``bias_k``/``bias_v`` (``add_bias_kv``), which attnkit
-                does not support.
+            ValueError: missing or unknown keys (listed), ``bias_k``/``bias_v``
+                (``add_bias_kv``), which attnkit does not support, or shapes that do not fit.
+            TypeError: values that are not float arrays or tensors (a masked array included).
 
         Example:
             >>> import numpy as np, attnkit
@@ -134,25 +157,59 @@ class MultiheadAttention:
             >>> attnkit.MultiheadAttention.from_torch_state_dict(sd, num_heads=1).head_dim
             2
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
         if "bias_k" in state_dict or "bias_v" in state_dict:
             raise ValueError("state_dict: bias_k/bias_v (add_bias_kv=True) are not supported")
-        if "out_proj.weight" not in state_dict:
-            raise ValueError("state_dict: missing 'out_proj.weight'")
-        if "in_proj_weight" in state_dict and state_dict["in_proj_weight"] is not None:
+        known = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                 "out_proj.weight", "out_proj.bias"}
+        unknown = sorted(str(k) for k in state_dict if k not in known)
+        present = {k for k in known if state_dict.get(k) is not None}
+        separate = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        missing = [] if "out_proj.weight" in present else ["out_proj.weight"]
+        if "in_proj_weight" not in present:
+            missing += [n for n in separate if n not in present]
+        if unknown or missing:
+            what = [f"unknown keys {unknown}"] if unknown else []
+            what += [f"missing keys {missing}" + ("" if "in_proj_weight" in present else " (or 'in_proj_weight')")] if missing else []
+            raise ValueError(f"state_dict: {' and '.join(what)}; expected the keys of a torch.nn.MultiheadAttention")
+        if "in_proj_weight" in present:
             packed = _to_numpy(state_dict["in_proj_weight"], "in_proj_weight")
             if packed.ndim != 2 or packed.shape[0] % 3:
                 raise ValueError(f"in_proj_weight: expected shape (3 * embed_dim, embed_dim), got {packed.shape}")
             wq, wk, wv = np.split(packed, 3)
         else:
-            missing = [n for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight") if n not in state_dict]
-            if missing:
-                raise ValueError(f"state_dict: needs 'in_proj_weight' or {', '.join(map(repr, missing))}")
-            wq, wk, wv = (state_dict[n] for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+            wq, wk, wv = (state_dict[n] for n in separate)
         bq = bk = bv = None
-        if state_dict.get("in_proj_bias") is not None:
-            bq, bk, bv = np.split(_to_numpy(state_dict["in_proj_bias"], "in_proj_bias"), 3)
+        if "in_proj_bias" in present:
+            packed_bias = _to_numpy(state_dict["in_proj_bias"], "in_proj_bias")
+            rows = 3 * np.shape(wq)[0] if np.ndim(wq) == 2 else None
+            if packed_bias.shape != (rows,):
+                raise ValueError(f"in_proj_bias: expected shape ({rows},) (three times embed_dim), got {packed_bias.shape}")
+            bq, bk, bv = np.split(packed_bias, 3)
         return cls(wq, wk, wv, state_dict["out_proj.weight"], q_bias=bq, k_bias=bk, v_bias=bv,
-                   o_bias=state_dict.get("out_proj.bias"), num_heads=num_heads)
+                   o_bias=state_dict.get("out_proj.bias"), num_heads=num_heads, batch_first=batch_first)
+
+    @classmethod
+    def from_torch(cls, module: Any) -> MultiheadAttention:
+        """A layer from a ``torch.nn.MultiheadAttention`` module: its weights, ``num_heads`` and
+        ``batch_first`` (torch is not imported).
+
+        Raises:
+            TypeError: an object without those attributes.
+            ValueError: as :meth:`from_torch_state_dict`.
+
+        Example:
+            >>> import numpy as np, attnkit
+            >>> from types import SimpleNamespace        # stands in for torch.nn.MultiheadAttention(2, 1)
+            >>> sd = {"in_proj_weight": np.eye(6, 2, dtype=np.float32), "out_proj.weight": np.eye(2, dtype=np.float32)}
+            >>> mha = SimpleNamespace(state_dict=lambda: sd, num_heads=1, batch_first=False)
+            >>> attnkit.MultiheadAttention.from_torch(mha).batch_first
+            False
+        """
+        if not all(hasattr(module, a) for a in ("state_dict", "num_heads", "batch_first")):
+            raise TypeError(f"module: expected a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        return cls.from_torch_state_dict(module.state_dict(), int(module.num_heads), batch_first=bool(module.batch_first))
 
     def _project(self, x: npt.NDArray[Any], w: npt.NDArray[Any], b: npt.NDArray[Any] | None, heads: int) -> npt.NDArray[Any]:
         # One (batch·seq, features) matmul: NumPy runs a 3-d operand as one BLAS call per batch
@@ -164,56 +221,82 @@ class MultiheadAttention:
         return cast(npt.NDArray[Any], y.reshape(x.shape[:-1] + (heads, w.shape[0] // heads)))
 
     def _input(self, x: Any, name: str, features: int) -> npt.NDArray[Any]:
+        """``x`` as ``(batch, seq, features)`` (a view when ``batch_first`` is False)."""
         arr = float_array(x, name)
         if arr.dtype != self.dtype:
             raise TypeError(f"{name}: dtype {arr.dtype} differs from the weights' {self.dtype}")
+        layout = "(batch, seq" if self.batch_first else "(seq, batch"
         if arr.ndim != 3 or arr.shape[-1] != features:
-            raise ValueError(f"{name}: expected shape (batch, seq, {features}), got {arr.shape}")
-        return arr
+            raise ValueError(f"{name}: expected shape {layout}, {features}) (batch_first={self.batch_first}), got {arr.shape}")
+        return arr if self.batch_first else arr.transpose(1, 0, 2)
 
     def __call__(
         self,
         query: npt.ArrayLike,
         key: npt.ArrayLike | None = None,
         value: npt.ArrayLike | None = None,
+        key_padding_mask: npt.ArrayLike | None = None,
+        need_weights: bool = True,
+        attn_mask: npt.ArrayLike | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
         *,
         key_mask: npt.ArrayLike | None = None,
-        attn_mask: npt.ArrayLike | None = None,
-        is_causal: bool = False,
+        attend_mask: npt.ArrayLike | None = None,
         rope: tuple[Any, ...] | None = None,
-        need_weights: bool = False,
-        average_attn_weights: bool = True,
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
-        """Attention of ``query`` over ``key``/``value`` (self-attention when they are None).
-
-        Masks use attnkit's polarity: **true / nonzero = may attend**. PyTorch's
-        ``key_padding_mask`` (true = ignore) becomes ``key_mask=~key_padding_mask``, and its bool
-        ``attn_mask`` (true = not allowed) becomes ``attn_mask=~attn_mask``; float masks are the same.
+        """Attention of ``query`` over ``key``/``value`` (self-attention when they are None), with
+        the arguments of ``torch.nn.MultiheadAttention.forward``, in its order and meaning.
 
         Args:
-            query: ``(batch, L, embed_dim)``.
-            key: ``(batch, S, kdim)``, default ``query``.
-            value: ``(batch, S, vdim)``, default ``key``.
-            key_mask: ``(batch, S)``, nonzero = may attend (a tokenizer's ``attention_mask``).
-            attn_mask: bool or float, broadcastable to ``(batch, num_heads, L, S)``.
-            is_causal: causal masking (top-left aligned).
-            rope: ``(cos, sin)`` or ``(cos, sin, style)`` from :func:`attnkit.rope_cos_sin`,
-                applied to the projected queries and keys (``(L, d/2)`` or ``(batch, L, d/2)``).
-            need_weights: also return the attention weights.
+            query: ``(L, batch, embed_dim)``, or ``(batch, L, embed_dim)`` with ``batch_first``.
+            key: ``(S, batch, kdim)`` (``batch_first``: ``(batch, S, kdim)``), default ``query``.
+            value: ``(S, batch, vdim)`` likewise, default ``key``.
+            key_padding_mask: torch's: ``(batch, S)``, bool **true = ignore** this key, or float
+                added to the scores.
+            need_weights: also return the attention weights (torch's default: True).
+            attn_mask: torch's: ``(L, S)`` or ``(batch * num_heads, L, S)``, bool **true = not
+                allowed**, or float added to the scores.
             average_attn_weights: average the weights over heads (``(batch, L, S)``) instead of
                 returning them per head (``(batch, num_heads, L, S)``).
+            is_causal: causal masking (top-left aligned); combined with any mask given.
+            key_mask: attnkit's ``(batch, S)``, nonzero = **may attend** (a tokenizer's
+                ``attention_mask``).
+            attend_mask: attnkit's bool mask, **true = may attend**, broadcastable to
+                ``(batch, num_heads, L, S)``.
+            rope: ``(cos, sin)`` or ``(cos, sin, style)`` from :func:`attnkit.rope_cos_sin`,
+                applied to the projected queries and keys (``(L, d/2)`` or ``(batch, L, d/2)``).
 
         Returns:
-            ``(out, weights)``: ``out`` of shape ``(batch, L, out_dim)``; ``weights`` or None. A
-            query with nothing to attend to gives zeros where PyTorch gives NaN.
+            ``(out, weights)``: ``out`` shaped like ``query`` with ``out_dim`` features;
+            ``weights`` (always batch first, as in torch) or None. A query with nothing to
+            attend to gives zeros (then the output bias) where torch's layer gives NaN.
 
         Raises:
-            TypeError, ValueError: as :func:`attnkit.scaled_dot_product_attention`, and inputs
-                whose dtype or feature size does not match the weights.
+            TypeError, ValueError: as :func:`attnkit.scaled_dot_product_attention`; inputs whose
+                dtype or feature size does not match the weights; masks whose shape does not
+                fit the batch (as when ``batch_first`` does not describe the inputs).
+
+        Example:
+            >>> import numpy as np, attnkit
+            >>> w = [np.eye(4, dtype=np.float32)] * 4
+            >>> layer = attnkit.MultiheadAttention(*w, num_heads=1)        # batch_first=False
+            >>> x = np.ones((3, 2, 4), np.float32)                            # (seq, batch, embed)
+            >>> padding = np.array([[False, False, True], [False, False, False]])
+            >>> out, weights = layer(x, key_padding_mask=padding)
+            >>> out.shape, weights[0, 0].round(2)
+            ((3, 2, 4), array([0.5, 0.5, 0. ], dtype=float32))
         """
+        need_weights = flag(need_weights, "need_weights")
+        average_attn_weights = flag(average_attn_weights, "average_attn_weights")
         q_in = self._input(query, "query", self.q_weight.shape[1])
         k_in = q_in if key is None else self._input(key, "key", self.k_weight.shape[1])
         v_in = k_in if value is None else self._input(value, "value", self.v_weight.shape[1])
+        batch, length, s_len = q_in.shape[0], q_in.shape[1], k_in.shape[1]
+        if k_in.shape[0] != batch or v_in.shape[:2] != k_in.shape[:2]:
+            raise ValueError(f"query, key, value: batch and sequence sizes {q_in.shape[:2]}, {k_in.shape[:2]}, "
+                             f"{v_in.shape[:2]} (batch, seq) do not fit (batch_first={self.batch_first})")
+        masks = self._masks(key_padding_mask, attn_mask, key_mask, attend_mask, batch, length, s_len)
         q = self._project(q_in, self.q_weight, self.q_bias, self.num_heads)
         k = self._project(k_in, self.k_weight, self.k_bias, self.num_kv_heads)
         v = self._project(v_in, self.v_weight, self.v_bias, self.num_kv_heads)
@@ -224,8 +307,8 @@ class MultiheadAttention:
             q = apply_rope(q, rope[0], rope[1], style=style, layout="bshd")
             k = apply_rope(k, rope[0], rope[1], style=style, layout="bshd")
         result = scaled_dot_product_attention(
-            q, k, v, attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
-            key_mask=key_mask, return_weights=need_weights, layout="bshd",
+            q, k, v, masks[0], is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
+            key_mask=masks[1], return_weights=need_weights, layout="bshd",
         )
         out, weights = result if need_weights else (result, None)
         b, length, heads, dim = out.shape
@@ -234,4 +317,60 @@ class MultiheadAttention:
             out += self.o_bias
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
-        return out, weights
+        return (out if self.batch_first else np.ascontiguousarray(out.transpose(1, 0, 2))), weights
+
+    def _masks(
+        self, key_padding_mask: Any, attn_mask: Any, key_mask: Any, attend_mask: Any, batch: int, length: int, s_len: int
+    ) -> tuple[npt.NDArray[Any] | None, npt.NDArray[Any] | None]:
+        """torch's and attnkit's masks as one ``attn_mask`` (bool, true = may attend, or float of
+        the weights' dtype) over ``(batch, heads, L, S)`` and one ``key_mask`` (nonzero = may attend)."""
+        hint = f" (batch_first={self.batch_first})"
+        float_parts: list[npt.NDArray[Any]] = []
+        allowed: list[npt.NDArray[Any]] = []
+        keys = None
+        if key_padding_mask is not None:
+            kpm = _as_array(key_padding_mask, "key_padding_mask")
+            if kpm.shape != (batch, s_len):
+                raise ValueError(f"key_padding_mask: expected shape (batch, S) = {(batch, s_len)}{hint}, got {kpm.shape}")
+            if kpm.dtype == bool:
+                keys = ~kpm
+            elif kpm.dtype.kind == "f":
+                float_parts.append(_float_mask(kpm, self.dtype, "key_padding_mask")[:, None, None, :])
+            else:
+                raise TypeError(f"key_padding_mask: expected a bool (true = ignore) or float mask, got dtype {kpm.dtype}")
+        if key_mask is not None:
+            km = _as_array(key_mask, "key_mask")
+            if km.shape != (batch, s_len):
+                raise ValueError(f"key_mask: expected shape (batch, S) = {(batch, s_len)}{hint}, got {km.shape}")
+            keys = km if keys is None else (keys & (km != 0))
+        if attn_mask is not None:
+            m = _as_array(attn_mask, "attn_mask")
+            if m.ndim == 3 and m.shape == (batch * self.num_heads, length, s_len):
+                m = m.reshape(batch, self.num_heads, length, s_len)
+            elif m.shape != (length, s_len):
+                raise ValueError(f"attn_mask: expected shape (L, S) = {(length, s_len)} or (batch * num_heads, L, S) = "
+                                 f"{(batch * self.num_heads, length, s_len)}{hint}, got {m.shape}")
+            if m.dtype == bool:
+                allowed.append(~m)
+            elif m.dtype.kind == "f":
+                float_parts.append(_float_mask(m, self.dtype, "attn_mask"))
+            else:
+                raise TypeError(f"attn_mask: expected a bool (true = not allowed) or float mask, got dtype {m.dtype}")
+        if attend_mask is not None:
+            am = _as_array(attend_mask, "attend_mask")
+            if am.dtype != bool:
+                raise TypeError(f"attend_mask: expected a bool mask (true = may attend), got dtype {am.dtype}")
+            allowed.append(am)
+        if not float_parts:
+            combined = None if not allowed else allowed[0] if len(allowed) == 1 else np.logical_and(*allowed)
+            return combined, keys
+        total = float_parts[0] if len(float_parts) == 1 else float_parts[0] + float_parts[1]
+        for a in allowed:  # as torch does: a bool mask becomes -inf where not allowed, and masks add
+            total = np.where(a, total, -np.inf).astype(self.dtype)
+        return np.asarray(total, self.dtype), keys
+
+
+def _float_mask(m: npt.NDArray[Any], dtype: np.dtype[Any], name: str) -> npt.NDArray[Any]:
+    if m.dtype.newbyteorder("=") != dtype:
+        raise TypeError(f"{name}: a float mask must have the weights' dtype {dtype}, got {m.dtype}")
+    return m

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import _as_array, choice, float_array, float_dtype, int_array, integer, positions_array, real
+from attnkit._validate import _as_array, allocating, choice, float_array, float_dtype, int_array, integer, positions_array, real
 
 __all__ = [
     "alibi_slopes",
@@ -161,9 +161,11 @@ def alibi_slopes(num_heads: int) -> npt.NDArray[np.float64]:
     if n == 0:
         return np.zeros(0, dtype=np.float64)
     m = 1 << (n.bit_length() - 1)  # largest power of two <= n
-    exponents = [(h + 1) / m for h in range(m)]
-    exponents += [(2 * k + 1) / (2 * m) for k in range(n - m)]
-    return np.exp2(-8.0 * np.array(exponents, dtype=np.float64))
+    with allocating(f"out ({n} slopes: set by num_heads)"):
+        exponents = np.empty(n, dtype=np.float64)  # fails at once if it cannot be had
+        exponents[:m] = (np.arange(m, dtype=np.float64) + 1) / m
+        exponents[m:] = (2 * np.arange(n - m, dtype=np.float64) + 1) / (2 * m)
+        return np.exp2(-8.0 * exponents)
 
 
 def _check_bucket_options(bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, int]:
@@ -292,10 +294,12 @@ def relative_position_bias(
     weights = float_array(table, "table")
     if weights.ndim != 2 or weights.shape[0] != num_buckets:
         raise ValueError(f"table: expected shape (num_buckets={num_buckets}, heads), got {weights.shape}")
-    # Only q_len + k_len - 1 distinct offsets exist: bucket those, then gather.
-    offsets = np.arange(-(q_len - 1), k_len, dtype=np.int64) if q_len and k_len else np.zeros(0, np.int64)
-    buckets = relative_position_bucket(
-        offsets, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
-    )
-    diagonal = np.arange(k_len)[None, :] - np.arange(q_len)[:, None] + (q_len - 1)
-    return np.ascontiguousarray(weights.T[:, buckets[diagonal]])
+    with allocating(f"out ({weights.shape[1]}, {q_len}, {k_len}): set by table, q_len and k_len"):
+        out = np.empty((weights.shape[1], q_len, k_len), weights.dtype)  # fails at once if too big
+        # Only q_len + k_len - 1 distinct offsets exist: bucket those, then gather.
+        offsets = np.arange(-(q_len - 1), k_len, dtype=np.int64) if q_len and k_len else np.zeros(0, np.int64)
+        buckets = relative_position_bucket(
+            offsets, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+        )
+        diagonal = np.arange(k_len)[None, :] - np.arange(q_len)[:, None] + (q_len - 1)
+        return np.take(weights.T, buckets[diagonal], axis=1, out=out)

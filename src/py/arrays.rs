@@ -10,11 +10,15 @@ use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use std::os::raw::c_int;
+
+use numpy::npyffi::{self, npy_intp, PY_ARRAY_API};
+use numpy::{
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::PyTuple;
 
 use crate::error::KernelError;
 use crate::pool::{self, Par, Stop};
@@ -185,33 +189,91 @@ pub fn run<R: Send>(
     }
 }
 
-/// A fresh, uninitialised, C-ordered NumPy array of `shape`.
+/// A fresh, uninitialised, C-ordered NumPy array of `shape`, or a `MemoryError` that names the
+/// output (`what`: the output and the arguments that set its size) when it cannot be made.
 ///
-/// Outputs come from `numpy.empty`, so they get NumPy's allocator: huge pages for big arrays (a
-/// 100 MB output otherwise costs 25,000 page faults, more than the kernel itself) and NumPy's
-/// memory tracing. A failed allocation raises NumPy's `MemoryError`.
-fn empty<'py, T: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    static EMPTY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    let empty = EMPTY.import(py, "numpy", "empty")?;
-    Ok(empty.call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))?.cast_into()?)
+/// Made by NumPy's C API (`PyArray_NewFromDescr`, as `numpy.empty` is), so outputs get NumPy's
+/// allocator: huge pages for big arrays (a 100 MB output otherwise costs 25,000 page faults, more
+/// than the kernel itself) and NumPy's memory tracing; nothing a user can replace from Python sits
+/// in between. The array is checked before any kernel writes to it all the same.
+fn empty<'py, T: Element>(
+    py: Python<'py>,
+    shape: &[usize],
+    what: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let dtype = numpy::dtype::<T>(py);
+    let cannot = |why: String| {
+        PyMemoryError::new_err(format!(
+            "{what}: cannot allocate an array of shape {} and dtype {dtype} ({why})",
+            shape_str(shape)
+        ))
+    };
+    let limit = isize::MAX as usize;
+    let bytes = crate::error::product(shape).and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
+    let (Some(bytes), true) = (bytes.filter(|&b| b <= limit), shape.iter().all(|&d| d <= limit)) else {
+        return Err(cannot("more bytes than memory can address".into()));
+    };
+    let mut dims: Vec<npy_intp> = shape.iter().map(|&d| d as npy_intp).collect();
+    let ndim = c_int::try_from(dims.len()).map_err(|_| cannot("too many dimensions".into()))?;
+    // SAFETY: the arguments are what PyArray_NewFromDescr documents: NumPy's array type, a
+    // reference to the descriptor that it steals, `ndim` dimensions each at most isize::MAX
+    // (checked above) whose product in bytes fits isize, and null strides, data and object, so
+    // that NumPy allocates a C-ordered buffer itself. The thread holds the GIL (`py`).
+    let ptr = unsafe {
+        PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
+            dtype.clone().into_dtype_ptr(),
+            ndim,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    // SAFETY: `ptr` is a new reference to an array, or null with an exception set.
+    let arr = unsafe { Bound::from_owned_ptr_or_err(py, ptr) }.map_err(|err| {
+        if err.is_instance_of::<PyMemoryError>(py) {
+            cannot(format!("{bytes} bytes"))
+        } else {
+            err
+        }
+    })?;
+    let arr = arr.cast_into::<PyArrayDyn<T>>()?;
+    // SAFETY: reads the flags field of the array object just made, which is alive (`arr`).
+    let writeable = unsafe { (*arr.as_array_ptr()).fields.flags } & npyffi::NPY_ARRAY_WRITEABLE != 0;
+    if arr.shape() != shape || !arr.is_c_contiguous() || !arr.is_aligned() || !writeable {
+        return Err(InternalError::new_err(format!(
+            "attnkit bug: NumPy returned an unusable output array for {what} (shape {} for {}, C order {}, \
+             aligned {}, writeable {writeable})",
+            shape_str(arr.shape()),
+            shape_str(shape),
+            arr.is_c_contiguous(),
+            arr.is_aligned(),
+        )));
+    }
+    Ok(arr)
 }
 
-/// A fresh NumPy array of `shape` and its elements, for a kernel to write. The only place that
+/// A fresh NumPy array of `shape` and its elements, for a kernel to write; `what` names it (and
+/// the arguments that set its size) in the error when it cannot be made. The only place that
 /// hands out an array's memory: the caller must have a kernel write every element before the
 /// array is used, and must not touch the array otherwise while the slice is in use.
 pub fn empty_uninit<'py, 'a, T: Element>(
     py: Python<'py>,
     shape: &[usize],
+    what: &str,
 ) -> PyResult<(Bound<'py, PyAny>, &'a mut [MaybeUninit<T>])> {
-    let n = output_len("output", shape)?;
-    let arr = empty::<T>(py, shape)?;
+    let arr = empty::<T>(py, shape, what)?;
+    let n = arr.len();
     let data: &mut [MaybeUninit<T>] = if n == 0 {
         &mut []
     } else {
-        // SAFETY: numpy.empty has just returned a C-contiguous array aligned for T with n
-        // elements, which nothing else references yet; MaybeUninit makes no claim about the
-        // contents, and the caller's contract keeps the slice the only access until the kernel
-        // has written them.
+        // SAFETY: `empty` has just made, and checked, a writeable C-contiguous array aligned for
+        // T with n elements, which nothing else references yet; MaybeUninit makes no claim about
+        // the contents, and the caller's contract keeps the slice the only access until the
+        // kernel has written them.
         unsafe { std::slice::from_raw_parts_mut(arr.data().cast::<MaybeUninit<T>>(), n) }
     };
     Ok((arr.into_any(), data))
@@ -221,10 +283,11 @@ pub fn empty_uninit<'py, 'a, T: Element>(
 pub fn fill_new<'py, T: Element + Send>(
     py: Python<'py>,
     shape: &[usize],
+    what: &str,
     index_shape: &[usize],
     kernel: impl FnOnce(&mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let (out, data) = empty_uninit::<T>(py, shape)?;
+    let (out, data) = empty_uninit::<T>(py, shape, what)?;
     run(py, index_shape, |par| kernel(data, par))?;
     Ok(out)
 }
@@ -233,10 +296,11 @@ pub fn fill_new<'py, T: Element + Send>(
 pub fn fill_new_pair<'py, T: Element + Send>(
     py: Python<'py>,
     shape: &[usize],
+    what: [&str; 2],
     kernel: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let (a, da) = empty_uninit::<T>(py, shape)?;
-    let (b, db) = empty_uninit::<T>(py, shape)?;
+    let (a, da) = empty_uninit::<T>(py, shape, what[0])?;
+    let (b, db) = empty_uninit::<T>(py, shape, what[1])?;
     run(py, &[], |par| kernel(da, db, par))?;
     Ok((a, b))
 }
@@ -257,8 +321,3 @@ macro_rules! with_ints {
     };
 }
 pub(crate) use with_ints;
-
-/// The product of `dims` as an output length, or a `ValueError` naming `arg` when it overflows.
-pub fn output_len(arg: &'static str, dims: &[usize]) -> PyResult<usize> {
-    crate::error::checked_product(arg, dims).map_err(|e| to_pyerr(e, &[]))
-}

@@ -44,6 +44,9 @@ pub fn attention<'py>(
         alignment,
         &[("top_left", Alignment::TopLeft), ("bottom_right", Alignment::BottomRight)],
     )?;
+    // A bound beyond any sequence means "unlimited" on that side; clamped so the kernel's signed
+    // position arithmetic holds it.
+    let window = (window.0.map(|w| w.min(1 << 62)), window.1.map(|w| w.min(1 << 62)));
     let options = Options { bshd, scale, softcap, causal, window, alignment, return_lse, return_weights };
     let extra = Extra { bool_mask, float_mask, key_mask, alibi };
     match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
@@ -175,9 +178,16 @@ fn typed_attention<'py, T: AttnFloat + Element>(
     };
     let (qd, kd, vd) = (slice(q, "query")?, slice(k, "key")?, slice(v, "value")?);
 
-    let (out, out_data) = empty_uninit::<T>(py, &[b, hq, l, ev])?;
-    let lse = o.return_lse.then(|| empty_uninit::<T>(py, &[b, hq, l])).transpose()?;
-    let weights = o.return_weights.then(|| empty_uninit::<T>(py, &[b, hq, l, s])).transpose()?;
+    let (out, out_data) =
+        empty_uninit::<T>(py, &[b, hq, l, ev], "out (batch, Hq, L, Ev: set by query and value)")?;
+    let lse = o
+        .return_lse
+        .then(|| empty_uninit::<T>(py, &[b, hq, l], "lse (batch, Hq, L: set by query)"))
+        .transpose()?;
+    let weights = o
+        .return_weights
+        .then(|| empty_uninit::<T>(py, &[b, hq, l, s], "weights (batch, Hq, L, S: set by query and key)"))
+        .transpose()?;
     let (lse, lse_data) = lse.map_or((None, None), |(a, d)| (Some(a), Some(d)));
     let (weights, weights_data) = weights.map_or((None, None), |(a, d)| (Some(a), Some(d)));
     run(py, &[], |par| {

@@ -55,7 +55,9 @@ fn gather<'py, T: Float + Element, I: TokenId>(
     scale: Option<T>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let shape: Vec<usize> = ids_shape.iter().copied().chain([dim]).collect();
-    fill_new(py, &shape, ids_shape, |out, par| kernel::embedding(ids, table, rows, dim, scale, out, par))
+    fill_new(py, &shape, "out (ids.shape + (dim,): set by ids and weight)", ids_shape, |out, par| {
+        kernel::embedding(ids, table, rows, dim, scale, out, par)
+    })
 }
 
 /// Bag reductions over 1-d `ids` split at `bounds` (`bags + 1` entries); returns `(bags, dim)`.
@@ -107,7 +109,11 @@ fn reduce<'py, T: Float + Element, I: TokenId>(
     let (rows, dim) = table_dims(weight)?;
     let table = slice(weight, "weight")?;
     let shape = [bags.bounds.len().saturating_sub(1), dim];
-    fill_new(py, &shape, &[bags.ids.len()], |out, par| {
-        kernel::embedding_bag(bags, table, rows, dim, mode, out, par)
-    })
+    fill_new(
+        py,
+        &shape,
+        "out (bags, dim: set by offsets or ids, and weight)",
+        &[bags.ids.len()],
+        |out, par| kernel::embedding_bag(bags, table, rows, dim, mode, out, par),
+    )
 }

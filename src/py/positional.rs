@@ -67,7 +67,9 @@ fn sinusoidal_typed<'py, T: Float + Element>(
     let (positions, inv_freq) =
         (slice(&inputs.positions, "positions")?, slice(&inputs.inv_freq, "inv_freq")?);
     let shape = inputs.shape_with(2 * inv_freq.len());
-    fill_new::<T>(py, &shape, &[], |out, par| kernel::sinusoidal(positions, inv_freq, layout, out, par))
+    fill_new::<T>(py, &shape, "out (positions.shape + (dim,): set by positions and dim)", &[], |out, par| {
+        kernel::sinusoidal(positions, inv_freq, layout, out, par)
+    })
 }
 
 /// Rotary tables `(cos, sin)`, each `positions.shape + (len(inv_freq),)`, times `attention_factor`.
@@ -95,5 +97,10 @@ fn tables_typed<'py, T: Float + Element>(
     let (positions, inv_freq) =
         (slice(&inputs.positions, "positions")?, slice(&inputs.inv_freq, "inv_freq")?);
     let shape = inputs.shape_with(inv_freq.len());
-    fill_new_pair::<T>(py, &shape, |c, s, par| kernel::rope_cos_sin(positions, inv_freq, factor, c, s, par))
+    fill_new_pair::<T>(
+        py,
+        &shape,
+        ["cos (positions.shape + (rotary_dim // 2,))", "sin (positions.shape + (rotary_dim // 2,))"],
+        |c, s, par| kernel::rope_cos_sin(positions, inv_freq, factor, c, s, par),
+    )
 }

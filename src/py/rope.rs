@@ -38,7 +38,9 @@ fn rotate<'py, T: Float + Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let spec = table_shape(x.shape(), cos.shape(), sin.shape(), layout, style)?;
     let (xs, cs, ss) = (slice(x, "x")?, slice(cos, "cos")?, slice(sin, "sin")?);
-    fill_new(py, x.shape(), &[], |out, par| kernel::apply_rope(xs, cs, ss, spec, out, par))
+    fill_new(py, x.shape(), "out (the shape of x)", &[], |out, par| {
+        kernel::apply_rope(xs, cs, ss, spec, out, par)
+    })
 }
 
 /// Checks that the tables fit `x` and describes the call.
