@@ -504,3 +504,42 @@ def test_outputs_do_not_depend_on_numpy_empty():
             raise AssertionError("results changed")
 
     assert run_forked(with_a_hostile_numpy_empty) == ("ok", None)
+
+
+# 21. A type checker knows what each call returns.
+TYPED_CALLS = '''
+from typing import Any, assert_type
+import numpy as np
+import numpy.typing as npt
+import attnkit
+
+A = npt.NDArray[Any]
+q = np.ones((1, 1, 2, 4), np.float32)
+assert_type(attnkit.scaled_dot_product_attention(q, q, q), A)
+assert_type(attnkit.scaled_dot_product_attention(q, q, q, return_lse=True), tuple[A, A])
+assert_type(attnkit.scaled_dot_product_attention(q, q, q, return_weights=True), tuple[A, A])
+assert_type(attnkit.scaled_dot_product_attention(q, q, q, return_lse=True, return_weights=True), tuple[A, A, A])
+flag: bool = bool(len("x"))
+assert_type(attnkit.scaled_dot_product_attention(q, q, q, return_lse=flag), A | tuple[A, ...])
+layer = attnkit.MultiheadAttention(q[0, 0], q[0, 0], q[0, 0], q[0, 0], num_heads=1)
+x = np.ones((2, 1, 4), np.float32)
+assert_type(layer(x), tuple[A, A])
+assert_type(layer(x, need_weights=False), tuple[A, None])
+assert_type(layer(x, need_weights=flag), tuple[A, A | None])
+assert_type(attnkit.rope_cos_sin(3, 4), tuple[A, A])
+'''
+
+
+def test_return_types_follow_the_literal_flags(tmp_path):
+    pytest.importorskip("mypy")
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    snippet = tmp_path / "calls.py"
+    snippet.write_text(TYPED_CALLS)
+    done = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(snippet)],
+                          capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**__import__("os").environ, "MYPYPATH": str(root / "python")})
+    assert done.returncode == 0, done.stdout + done.stderr

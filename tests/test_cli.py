@@ -56,23 +56,31 @@ def test_bench_cases_are_well_formed():
         main(["bench", "--threads", "0"])
 
 
-def test_bench_rows_show_the_fraction_of_calibration_and_kv_bandwidth():
-    row = _bench.Row("attention: x", "B1", 2, {"attnkit": 2.0, "torch": 3.0}, 50.0, "GF/s", calibration=0.25, kv_gbps=12.5)
+def test_bench_rows_show_the_fraction_of_calibration_and_fit_100_columns():
+    row = _bench.Row("attn x", "B1", 2, {"attnkit": 2.0, "torch": 3.0}, 50.0, "GF/s", calibration=0.25)
     text = _bench._format(row)
-    assert "25%" in text and "12.5" in text and "1.50x" in text
+    assert "25%" in text and "50.0 GF/s" in text and "1.50x" in text
+    decode = _bench._format(_bench.Row("attn y", "B1", 1, {"attnkit": 1.0}, 12.5, "GB/s K/V", kv_gbps=12.5))
+    assert "12.5 GB/s" in decode and "%" not in decode
     plain = _bench._format(_bench.Row("embedding", "(4,)", 1, {"attnkit": 1.0}, 3.0))
     assert "25%" not in plain and "1.50x" not in plain
+    for case in _bench.cases(quick=True, torch=None):
+        wide = _bench.Row(case.kernel, case.shape, 16, {"attnkit": 1234.5, "numpy": 1e5, "torch": 1e5}, 1234.5, "GF/s", 1.23)
+        assert len(_bench._format(wide)) <= 100, case.kernel
 
 
 def test_bench_grid_has_the_layer_and_decode_bandwidth():
     cases = {c.kernel: c for c in _bench.cases(quick=True, torch=None)}
     layer = cases["MultiheadAttention layer"]
     assert layer.flops > 0 and layer.ours().shape == (2, 128, 768)
-    assert cases["attention: GPT-2 decode"].kv_bytes == 2 * 12 * 1024 * 64 * 4
-    assert cases["attention: BERT-base, padding"].kv_bytes == 0  # prefill rows have no K/V column
-    # The full-size long prefill (not built here: its inputs take 200 MB) runs 3 repeats.
+    assert cases["attn GPT-2 decode"].kv_bytes == 2 * 12 * 1024 * 64 * 4
+    assert cases["attn BERT-base, pad"].kv_bytes == 0  # prefill rows have no K/V column
+    # The full-size long prefill (not built here: its inputs take 200 MB) runs 3 repeats; the quick
+    # grid leaves it out, as it would shrink to the Llama-3 row's shape.
     name, b, hq, hkv, length, s, e, mask = next(g for g in _bench.ATTENTION_GRID if g[0] == "long prefill")
     assert 4.0 * b * hq * length * s * e / 2 > _bench.LONG_GFLOP * 1e9
+    assert "attn long prefill" not in cases and len({c.shape for c in cases.values() if c.kernel.startswith("attn")}) == len(
+        [c for c in cases.values() if c.kernel.startswith("attn")])
 
 
 def test_bench_plot_draws_the_ratios(tmp_path):

@@ -212,9 +212,9 @@ def cases(quick: bool, torch: Any) -> list[Case]:
 
 # name, batch, query heads, key/value heads, L, S, E, mask ("pad", "causal" or "")
 ATTENTION_GRID = [
-    ("BERT-base, padding", 8, 12, 12, 128, 128, 64, "pad"),
-    ("BERT-base 512, padding", 8, 12, 12, 512, 512, 64, "pad"),
-    ("MiniLM, padding", 32, 12, 12, 128, 128, 32, "pad"),
+    ("BERT-base, pad", 8, 12, 12, 128, 128, 64, "pad"),
+    ("BERT-base 512, pad", 8, 12, 12, 512, 512, 64, "pad"),
+    ("MiniLM, pad", 32, 12, 12, 128, 128, 32, "pad"),
     ("GPT-2 prefill", 1, 12, 12, 1024, 1024, 64, "causal"),
     ("Llama-3-8B prefill", 1, 32, 8, 2048, 2048, 128, "causal"),
     ("long prefill", 1, 32, 8, 8192, 8192, 128, "causal"),
@@ -251,9 +251,13 @@ def attention_cases(quick: bool, torch: Any) -> list[Case]:
     """The attention grid of the performance notes (quick: shorter sequences, fewer rows)."""
     rng = np.random.default_rng(1)
     out = []
+    shapes = set()
     for name, b, hq, hkv, length, s, e, mask in ATTENTION_GRID:
         if quick and length > 1 and length * s > 512 * 512:
             length = s = 512
+        if (b, hq, hkv, length, s, e, mask) in shapes:
+            continue  # quick: the long prefill shrinks to the Llama-3 row's shape
+        shapes.add((b, hq, hkv, length, s, e, mask))
         q = rng.standard_normal((b, hq, length, e), dtype=np.float32)
         k = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
         v = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
@@ -265,7 +269,7 @@ def attention_cases(quick: bool, torch: Any) -> list[Case]:
         def ours(q: Any = q, k: Any = k, v: Any = v, km: Any = key_mask, causal: bool = causal, gqa: bool = gqa) -> object:
             return attnkit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, key_mask=km)
 
-        case = Case(f"attention: {name}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", q.nbytes + k.nbytes + v.nbytes, ours,
+        case = Case(f"attn {name}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", q.nbytes + k.nbytes + v.nbytes, ours,
                     flops=flops, kv_bytes=k.nbytes + v.nbytes if length == 1 else 0,
                     repeats=3 if flops > LONG_GFLOP * 1e9 else None)
         if b * hq * length * s <= 64 * 1024 * 1024:
@@ -328,7 +332,7 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     limiter = _blas_limiter()
     # The calibration at each thread count (BLAS pinned to it), so each row's fraction compares like
     # with like.
-    size = 1024 if quick else 2048
+    size = 2048  # in quick runs too: a smaller matmul runs slower and overstates every fraction
     calibration = {n: _blas_threads(limiter, n, lambda: calibration_gflops(size)) for n in threads}
     pinned = "BLAS pinned to the thread count" if limiter else "NumPy's default BLAS threads"
     print("calibration: NumPy float32 matmul " + ", ".join(f"{g:.0f} GFLOP/s at {n} thread{'s' * (n > 1)}"
@@ -339,8 +343,8 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     rows: list[Row] = []
     before = attnkit.get_num_threads()
     torch_before = torch.get_num_threads() if torch else None
-    header = (f"{'kernel':<36}{'shape':<28}{'thr':>4}{'attnkit ms':>12}{'rate':>12}{'of cal':>8}{'K/V GB/s':>10}"
-              f"{'numpy ms':>10}{'torch ms':>10}{'vs numpy':>10}{'vs torch':>10}")
+    header = (f"{'kernel':<26}{'shape':<22}{'thr':>4}{'attnkit ms':>11}{'rate':>12}{'of cal':>7}"
+              f"{'vs numpy':>9}{'vs torch':>9}")
     print(header)
     print("-" * len(header))
     try:
@@ -355,10 +359,12 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
                 settle = BLAS_SETTLE_SECONDS if n > 1 or limiter is None else 0.0
                 ms = _blas_threads(limiter, n, lambda: measure(case, reps, min_time, settle))
                 seconds = ms["attnkit"] / 1e3
-                if case.flops:
+                if case.kv_bytes:  # decode: bound by reading K and V, not by arithmetic
+                    row = Row(case.kernel, case.shape, n, ms, case.kv_bytes / seconds / 1e9, "GB/s K/V",
+                              kv_gbps=case.kv_bytes / seconds / 1e9)
+                elif case.flops:
                     gflops = case.flops / seconds / 1e9
-                    row = Row(case.kernel, case.shape, n, ms, gflops, "GF/s", gflops / calibration[n],
-                              case.kv_bytes / seconds / 1e9 if case.kv_bytes else None)
+                    row = Row(case.kernel, case.shape, n, ms, gflops, "GF/s", gflops / calibration[n])
                 else:
                     row = Row(case.kernel, case.shape, n, ms, case.nbytes / seconds / 1e9)
                 rows.append(row)
@@ -367,8 +373,10 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
         attnkit.set_num_threads(before)
         if torch:
             torch.set_num_threads(torch_before)
-    print("\nratios are peer time / attnkit time: above 1 means attnkit is faster;")
-    print("in the A/A rows the torch columns hold attnkit timed a second time (the harness's noise)")
+    print("\nrate: GB/s moved, GFLOP/s for attention (\"of cal\": as a share of the calibration matmul at")
+    print("that thread count), GB/s of K and V read for decode rows; vs numpy, vs torch: peer time /")
+    print("attnkit time, above 1 means attnkit is faster (the A/A row: attnkit against itself, the noise);")
+    print("--json FILE saves every implementation's milliseconds")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"calibration_gflops": calibration, "rows": [asdict(r) for r in rows]}, f, indent=1)
@@ -380,24 +388,23 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
 
 
 def _format(row: Row) -> str:
-    def cell(value: float | None, width: int, suffix: str = "") -> str:
-        text = "-" if value is None else f"{value:.{2 if suffix else 3}f}{suffix}"
-        return f"{text:>{width}}"
+    """One row of the table, in 100 columns."""
+    def ratio(value: float | None) -> str:
+        return f"{'-' if value is None else f'{value:.2f}x':>9}"
 
-    peer_ms = row.ms.get("numpy"), row.ms.get("torch", row.ms.get("attnkit again"))
     torch_ratio = row.ratio("torch") or row.ratio("attnkit again")
-    rate = f"{row.rate:.1f} {row.unit}"
+    rate = f"{row.rate:.1f} {row.unit.split()[0]}"
     fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
-    kv = "-" if row.kv_gbps is None else f"{row.kv_gbps:.1f}"
-    return (f"{row.kernel:<36}{row.shape:<28}{row.threads:>4}{row.ms['attnkit']:>12.3f}{rate:>12}"
-            f"{fraction:>8}{kv:>10}{cell(peer_ms[0], 10)}{cell(peer_ms[1], 10)}"
-            f"{cell(row.ratio('numpy'), 10, 'x')}{cell(torch_ratio, 10, 'x')}")
+    kernel = row.kernel if len(row.kernel) < 26 else row.kernel[:24] + "…"
+    return (f"{kernel:<26}{row.shape:<22}{row.threads:>4}{row.ms['attnkit']:>11.3f}{rate:>12}{fraction:>7}"
+            f"{ratio(row.ratio('numpy'))}{ratio(torch_ratio)}")
 
 
 def plot(rows: list[Row], path: str) -> None:
     """Bars of each row's speed ratio to PyTorch (and NumPy where PyTorch is absent), one group per
     thread count, saved to ``path``. Needs matplotlib."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -412,7 +419,13 @@ def plot(rows: list[Row], path: str) -> None:
         for k in kernels:
             r = by_kernel.get(k)
             ratios.append((r.ratio("torch") or r.ratio("numpy") or 0.0) if r else 0.0)
-        ax.barh([i + t * height for i in range(len(kernels))], ratios, height, label=f"{n} thread{'s' * (n > 1)}")
+        # Bars from 1 to the ratio on a log axis: 2x faster and 2x slower are bars of one length.
+        ys = [i + t * height for i, r in enumerate(ratios) if r > 0]
+        widths = [r - 1.0 for r in ratios if r > 0]
+        ax.barh(ys, widths, height, left=1.0, label=f"{n} thread{'s' * (n > 1)}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(kernels))], kernels, fontsize=8)
     ax.invert_yaxis()

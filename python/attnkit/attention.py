@@ -5,7 +5,7 @@ unless the weights are asked for."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,116 @@ from attnkit import _core
 from attnkit._validate import _as_array, _contiguous, choice, flag, float_array, int_array, integer, real
 
 __all__ = ["scaled_dot_product_attention"]
+
+
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike,
+    key: npt.ArrayLike,
+    value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    key_mask: npt.ArrayLike | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    softcap: float | None = None,
+    return_lse: Literal[False] = False,
+    return_weights: Literal[False] = False,
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+) -> npt.NDArray[Any]: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike,
+    key: npt.ArrayLike,
+    value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    key_mask: npt.ArrayLike | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    softcap: float | None = None,
+    return_lse: Literal[True],
+    return_weights: Literal[False] = False,
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike,
+    key: npt.ArrayLike,
+    value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    key_mask: npt.ArrayLike | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    softcap: float | None = None,
+    return_lse: Literal[False] = False,
+    return_weights: Literal[True],
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike,
+    key: npt.ArrayLike,
+    value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    key_mask: npt.ArrayLike | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    softcap: float | None = None,
+    return_lse: Literal[True],
+    return_weights: Literal[True],
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike,
+    key: npt.ArrayLike,
+    value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    key_mask: npt.ArrayLike | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    return_weights: bool = False,
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]: ...
 
 
 def scaled_dot_product_attention(
@@ -34,7 +144,7 @@ def scaled_dot_product_attention(
     return_lse: bool = False,
     return_weights: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
-) -> Any:
+) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]:
     """Attention as ``torch.nn.functional.scaled_dot_product_attention``, on NumPy arrays.
 
     ``out_i = sum_j softmax_j(scale * q_i . k_j + bias_ij) v_j`` over the keys ``j`` that query ``i``

@@ -4,7 +4,7 @@ the output projection, with weights held as NumPy arrays."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -230,6 +230,57 @@ class MultiheadAttention:
             raise ValueError(f"{name}: expected shape {layout}, {features}) (batch_first={self.batch_first}), got {arr.shape}")
         return arr if self.batch_first else arr.transpose(1, 0, 2)
 
+    @overload
+    def __call__(
+        self,
+        query: npt.ArrayLike,
+        key: npt.ArrayLike | None = None,
+        value: npt.ArrayLike | None = None,
+        key_padding_mask: npt.ArrayLike | None = None,
+        need_weights: Literal[True] = True,
+        attn_mask: npt.ArrayLike | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        key_mask: npt.ArrayLike | None = None,
+        attend_mask: npt.ArrayLike | None = None,
+        rope: tuple[Any, ...] | None = None,
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+
+    @overload
+    def __call__(
+        self,
+        query: npt.ArrayLike,
+        key: npt.ArrayLike | None = None,
+        value: npt.ArrayLike | None = None,
+        key_padding_mask: npt.ArrayLike | None = None,
+        *,
+        need_weights: Literal[False],
+        attn_mask: npt.ArrayLike | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        key_mask: npt.ArrayLike | None = None,
+        attend_mask: npt.ArrayLike | None = None,
+        rope: tuple[Any, ...] | None = None,
+    ) -> tuple[npt.NDArray[Any], None]: ...
+
+    @overload
+    def __call__(
+        self,
+        query: npt.ArrayLike,
+        key: npt.ArrayLike | None = None,
+        value: npt.ArrayLike | None = None,
+        key_padding_mask: npt.ArrayLike | None = None,
+        need_weights: bool = True,
+        attn_mask: npt.ArrayLike | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        key_mask: npt.ArrayLike | None = None,
+        attend_mask: npt.ArrayLike | None = None,
+        rope: tuple[Any, ...] | None = None,
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]: ...
+
     def __call__(
         self,
         query: npt.ArrayLike,
@@ -306,11 +357,13 @@ class MultiheadAttention:
             style = cast(Literal["half", "interleaved"], rope[2] if len(rope) == 3 else "half")
             q = apply_rope(q, rope[0], rope[1], style=style, layout="bshd")
             k = apply_rope(k, rope[0], rope[1], style=style, layout="bshd")
-        result = scaled_dot_product_attention(
-            q, k, v, masks[0], is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
-            key_mask=masks[1], return_weights=need_weights, layout="bshd",
-        )
-        out, weights = result if need_weights else (result, None)
+        kw: dict[str, Any] = dict(is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
+                                  key_mask=masks[1], layout="bshd")
+        weights: npt.NDArray[Any] | None = None
+        if need_weights:
+            out, weights = scaled_dot_product_attention(q, k, v, masks[0], return_weights=True, **kw)
+        else:
+            out = scaled_dot_product_attention(q, k, v, masks[0], **kw)
         b, length, heads, dim = out.shape
         out = (out.reshape(b * length, heads * dim) @ self.o_weight.T).reshape(b, length, self.o_weight.shape[0])
         if self.o_bias is not None:
