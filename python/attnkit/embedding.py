@@ -105,6 +105,7 @@ def embedding_bag(
                [6., 7.]], dtype=float32)
     """
     mode = choice(mode, "mode", ("sum", "mean", "max"))  # type: ignore[assignment]
+    include_last_offset = flag(include_last_offset, "include_last_offset")
     ids_arr = int_array(ids, "ids")
     ids_shape = ids_arr.shape
     table = _table(weight)
@@ -116,7 +117,7 @@ def embedding_bag(
     elif ids_arr.ndim == 1:
         if offsets is None:
             raise ValueError("offsets: required when ids is 1-d (the start of each bag)")
-        bounds = _bounds(offsets, len(ids_arr), flag(include_last_offset, "include_last_offset"))
+        bounds = _bounds(offsets, len(ids_arr), include_last_offset)
         ids_arr = ids_arr[: bounds[-1]]
     else:
         raise ValueError(f"ids: expected a 1-d or 2-d array, got shape {ids_arr.shape}")

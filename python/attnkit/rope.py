@@ -127,7 +127,8 @@ def rope_frequencies(
     if compute is None:
         return inverse_frequencies(dim, base), 1.0
     try:
-        inv_freq, factor = compute(dim, base, p, seq_len)
+        with np.errstate(all="ignore"):  # what overflows is refused just below, not warned about
+            inv_freq, factor = compute(dim, base, p, seq_len)
     except (OverflowError, ZeroDivisionError):
         inv_freq, factor = np.array([np.inf]), np.inf
     if not (np.isfinite(inv_freq).all() and math.isfinite(factor)):
