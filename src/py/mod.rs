@@ -61,7 +61,10 @@ fn _simd_avx512() -> bool {
     crate::kernels::simd::avx512()
 }
 
-#[pymodule]
+/// The module declares that it needs the GIL (`gil_used = true`; PyO3's default is the opposite):
+/// a process may fork at any moment because the pool's lock is only taken with the GIL held, so a
+/// free-threaded interpreter must re-enable the GIL for it (it does, and warns).
+#[pymodule(gil_used = true)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_THREADS", crate::pool::MAX_THREADS)?;
