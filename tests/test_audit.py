@@ -67,6 +67,9 @@ def test_gqa_with_a_window_equals_repeated_heads(dtype, length, window, alignmen
 
 # 6. A fork at any moment, from any thread, leaves the child able to use attnkit.
 def test_forks_while_other_threads_call_attention_never_hang(threads):
+    """Three threads make tiny calls in a loop (each takes the pool's lock) while the main thread
+    forks 200 times; each child must finish a call. The code the audit saw hung in about one
+    child of ten here."""
     import os
     import threading
     import time
@@ -74,38 +77,40 @@ def test_forks_while_other_threads_call_attention_never_hang(threads):
     threads(2)
     q = RNG.standard_normal((1, 4, 64, 32)).astype(np.float32)
     k = RNG.standard_normal((1, 4, 256, 32)).astype(np.float32)
+    tiny = np.ones((1, 1, 4, 8), np.float32)
     want = attnkit.scaled_dot_product_attention(q, k, k)
     stop = threading.Event()
 
     def call_in_a_loop():
         while not stop.is_set():
-            attnkit.scaled_dot_product_attention(q, k, k)
-            attnkit.embedding(np.array([1, 2]), k[0, 0])
+            attnkit.scaled_dot_product_attention(tiny, tiny, tiny)
 
-    callers = [threading.Thread(target=call_in_a_loop) for _ in range(2)]
+    callers = [threading.Thread(target=call_in_a_loop) for _ in range(3)]
     for t in callers:
         t.start()
-    hung = wrong = 0
+    outcome = "ok"
     try:
         for _ in range(200):
             pid = os.fork()
-            if pid == 0:  # child: the pool and the locks must work
+            if pid == 0:  # child: the pool and its lock must work
                 ok = attnkit.scaled_dot_product_attention(q, k, k).tobytes() == want.tobytes()
                 os._exit(0 if ok else 1)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 5
             while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
                 time.sleep(0.0005)
             if done[0] == 0:
-                hung += 1
                 os.kill(pid, 9)
                 os.waitpid(pid, 0)
-            elif done[1] != 0:
-                wrong += 1
+                outcome = "a child hung"
+                break
+            if done[1] != 0:
+                outcome = "a child got a wrong result"
+                break
     finally:
         stop.set()
         for t in callers:
             t.join()
-    assert (hung, wrong) == (0, 0)
+    assert outcome == "ok"
 
 
 # 8. The thread count has a documented maximum; anything else is a ValueError naming its source.
@@ -200,7 +205,7 @@ INTERRUPT_SCRIPT = """
 import os, signal, sys, threading, time
 import numpy as np, attnkit
 attnkit.set_num_threads(int(sys.argv[1]))
-q = np.random.default_rng(0).standard_normal((1, 4, 4096, 64), dtype=np.float32)
+q = np.random.default_rng(0).standard_normal((1, 4, 8192, 64), dtype=np.float32)
 start = time.perf_counter(); want = attnkit.scaled_dot_product_attention(q, q, q)
 full = time.perf_counter() - start
 fired = []
@@ -227,7 +232,7 @@ def test_ctrl_c_stops_a_long_call(n_threads):
     what, full, *rest = done.stdout.split()
     assert what == "interrupted", f"the call ran to its end ({float(full):.2f} s) despite the signal"
     late, pool_works = float(rest[0]), rest[1]
-    assert late < 0.25, f"KeyboardInterrupt came {late:.3f} s after the signal (call {float(full):.2f} s)"
+    assert late < 0.15, f"KeyboardInterrupt came {late:.3f} s after the signal (call {float(full):.2f} s)"
     assert pool_works == "True"
 
 
@@ -490,20 +495,37 @@ def test_alibi_slopes_of_impossible_head_counts_fail_fast(n):
 
 
 # 14. Output buffers come from NumPy's C API and are checked: replacing numpy.empty changes nothing.
-def test_outputs_do_not_depend_on_numpy_empty():
-    from conftest import run_forked
+HOSTILE_EMPTY = """
+import sys
+import numpy as np
+import attnkit
+rng = np.random.default_rng(0)
+q = rng.standard_normal((1, 2, 40, 16)).astype(np.float32)
+table = rng.standard_normal((10, 4)).astype(np.float32)
+real_empty = np.empty
+hostile = {
+    "short": lambda shape, dtype=None, *a, **k: real_empty(1, dtype),
+    "fortran": lambda shape, dtype=None, *a, **k: real_empty(shape, dtype, order="F"),
+    "other dtype": lambda shape, dtype=None, *a, **k: real_empty(shape, np.float64)[::-1],
+}[sys.argv[1]]
+np.empty = hostile
+out, lse = attnkit.scaled_dot_product_attention(q, q, q, return_lse=True)
+rows = attnkit.embedding(np.arange(10), table)
+np.empty = real_empty
+want, want_lse = attnkit.scaled_dot_product_attention(q, q, q, return_lse=True)
+assert out.tobytes() == want.tobytes() and lse.tobytes() == want_lse.tobytes()
+assert rows.tobytes() == table.tobytes()
+print("same")
+"""
 
-    q = RNG.standard_normal((1, 2, 40, 16)).astype(np.float32)
-    table = RNG.standard_normal((10, 4)).astype(np.float32)
-    want = [attnkit.scaled_dot_product_attention(q, q, q, return_lse=True)[1], attnkit.embedding(np.arange(10), table)]
 
-    def with_a_hostile_numpy_empty():
-        np.empty = lambda *a, **k: np.zeros(1, np.float64)[::-1]  # too short, wrong dtype
-        got = [attnkit.scaled_dot_product_attention(q, q, q, return_lse=True)[1], attnkit.embedding(np.arange(10), table)]
-        if any(g.tobytes() != w.tobytes() for g, w in zip(got, want)):
-            raise AssertionError("results changed")
+@pytest.mark.parametrize("kind", ["short", "fortran", "other dtype"])
+def test_outputs_do_not_depend_on_numpy_empty(kind):
+    import subprocess
+    import sys
 
-    assert run_forked(with_a_hostile_numpy_empty) == ("ok", None)
+    done = subprocess.run([sys.executable, "-c", HOSTILE_EMPTY, kind], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "same", f"status {done.returncode}: {done.stderr[-500:]}"
 
 
 # 21. A type checker knows what each call returns.
@@ -543,3 +565,17 @@ def test_return_types_follow_the_literal_flags(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=root,
                           env={**__import__("os").environ, "MYPYPATH": str(root / "python")})
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# 19. Package metadata: the license, the Python versions, the OS and typing.
+def test_package_metadata():
+    from importlib import metadata
+
+    meta = metadata.metadata("attnkit")
+    assert meta["License-Expression"] == "MIT"
+    classifiers = set(meta.get_all("Classifier"))
+    for c in ("Typing :: Typed", "Operating System :: POSIX :: Linux", "Programming Language :: Python :: 3.11",
+              "Programming Language :: Python :: 3.12", "Programming Language :: Python :: 3.13"):
+        assert c in classifiers, c
+    assert meta["Requires-Python"] == ">=3.11"
+    assert [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r] == ["numpy>=1.26"]
