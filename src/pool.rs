@@ -1,9 +1,11 @@
 //! The crate's one thread pool.
 //!
-//! Its size comes from [`set_num_threads`] (the binding also reads `ATTNKIT_NUM_THREADS` at import);
-//! by default it is the number of CPUs the process may use. The pool is built lazily, rebuilt when
-//! the size changes, and rebuilt in a child process after `fork` (the parent's worker threads do not
-//! exist there). Kernels receive a [`Par`] explicitly; nothing reads a hidden global inside a kernel.
+//! Its size comes from [`set_num_threads`] (the Python package reads `ATTNKIT_NUM_THREADS`, then
+//! `OMP_NUM_THREADS`, at import), at most [`MAX_THREADS`]; by default it is the number of CPUs the
+//! process may use. The pool is built lazily, rebuilt when the size changes, and rebuilt in a child
+//! process after `fork` (the parent's worker threads do not exist there). Kernels receive a [`Par`]
+//! explicitly, which also carries the call's [`Stop`] request; nothing reads a hidden global inside
+//! a kernel.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,11 +38,6 @@ impl<'a> Par<'a> {
     /// The same, on the calling thread only.
     pub fn sequential(self) -> Self {
         Par { pool: None, ..self }
-    }
-
-    /// The pool to run on, if any.
-    pub fn pool(self) -> Option<&'a ThreadPool> {
-        self.pool
     }
 
     /// Whether the call has been told to stop: its outputs are then discarded, so the work left
@@ -265,4 +262,37 @@ pub fn current() -> Option<Arc<ThreadPool>> {
             .map(Arc::new);
     }
     state.pool.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_request_skips_the_tasks_left() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let poll = || true; // as if a signal handler had raised at the first poll
+        for on_pool in [false, true] {
+            let stop = Stop::new(&poll);
+            let par = Par::new(on_pool.then_some(&pool), Some(&stop));
+            let done = AtomicUsize::new(0);
+            let mut tasks = vec![(); 200];
+            par.for_each(&mut tasks, |_| {
+                std::thread::sleep(Duration::from_millis(2));
+                done.fetch_add(1, Ordering::Relaxed);
+            });
+            // The first poll comes after POLL_INTERVAL (20 ms): about ten tasks a thread.
+            assert!(stop.was_requested());
+            assert!(done.load(Ordering::Relaxed) < 100, "{} tasks ran", done.load(Ordering::Relaxed));
+        }
+        let never = || false;
+        let stop = Stop::new(&never);
+        let done = AtomicUsize::new(0);
+        Par::new(Some(&pool), Some(&stop)).for_each(&mut [(); 30], |_| {
+            std::thread::sleep(Duration::from_millis(2));
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(done.load(Ordering::Relaxed), 30);
+        assert!(!stop.was_requested());
+    }
 }
