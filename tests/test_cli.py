@@ -64,9 +64,12 @@ def test_bench_rows_show_the_fraction_of_calibration_and_fit_100_columns():
     assert "12.5 GB/s" in decode and "%" not in decode
     plain = _bench._format(_bench.Row("embedding", "(4,)", 1, {"attnkit": 1.0}, 3.0))
     assert "25%" not in plain and "1.50x" not in plain
-    for case in _bench.cases(quick=True, torch=None):
-        wide = _bench.Row(case.kernel, case.shape, 16, {"attnkit": 1234.5, "numpy": 1e5, "torch": 1e5}, 1234.5, "GF/s", 1.23)
-        assert len(_bench._format(wide)) <= 100, case.kernel
+    full_shapes = [f"B{b} H{hq}/{hkv} {length}x{s} E{e}" for _, b, hq, hkv, length, s, e, _ in _bench.ATTENTION_GRID]
+    quick = [(c.kernel, c.shape) for c in _bench.cases(quick=True, torch=None)]
+    for kernel, shape in quick + [(f"attn {g[0]}", shape) for g, shape in zip(_bench.ATTENTION_GRID, full_shapes)]:
+        wide = _bench.Row(kernel, shape, 16, {"attnkit": 12345.678, "numpy": 1e5, "torch": 1e5}, 1234.5, "GF/s", 1.23)
+        text = _bench._format(wide)
+        assert len(text) <= 100 and shape in text and kernel in text, text
 
 
 def test_bench_grid_has_the_layer_and_decode_bandwidth():

@@ -343,7 +343,7 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     rows: list[Row] = []
     before = attnkit.get_num_threads()
     torch_before = torch.get_num_threads() if torch else None
-    header = (f"{'kernel':<26}{'shape':<22}{'thr':>4}{'attnkit ms':>11}{'rate':>12}{'of cal':>7}"
+    header = (f"{'kernel':<26}{'shape':<24}{'thr':>3}{'attnkit ms':>11}{'rate':>12}{'of cal':>6}"
               f"{'vs numpy':>9}{'vs torch':>9}")
     print(header)
     print("-" * len(header))
@@ -396,7 +396,7 @@ def _format(row: Row) -> str:
     rate = f"{row.rate:.1f} {row.unit.split()[0]}"
     fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
     kernel = row.kernel if len(row.kernel) < 26 else row.kernel[:24] + "…"
-    return (f"{kernel:<26}{row.shape:<22}{row.threads:>4}{row.ms['attnkit']:>11.3f}{rate:>12}{fraction:>7}"
+    return (f"{kernel:<26}{row.shape:<24}{row.threads:>3}{row.ms['attnkit']:>11.3f}{rate:>12}{fraction:>6}"
             f"{ratio(row.ratio('numpy'))}{ratio(torch_ratio)}")
 
 
