@@ -343,7 +343,7 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     rows: list[Row] = []
     before = attnkit.get_num_threads()
     torch_before = torch.get_num_threads() if torch else None
-    header = (f"{'kernel':<26}{'shape':<24}{'thr':>3}{'attnkit ms':>11}{'rate':>12}{'of cal':>6}"
+    header = (f"{'kernel':<26}{'shape':<24}{'thr':>3}{'ms':>10}{'rate':>12}{'of cal':>7}"
               f"{'vs numpy':>9}{'vs torch':>9}")
     print(header)
     print("-" * len(header))
@@ -373,9 +373,10 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
         attnkit.set_num_threads(before)
         if torch:
             torch.set_num_threads(torch_before)
-    print("\nrate: GB/s moved, GFLOP/s for attention (\"of cal\": as a share of the calibration matmul at")
-    print("that thread count), GB/s of K and V read for decode rows; vs numpy, vs torch: peer time /")
-    print("attnkit time, above 1 means attnkit is faster (the A/A row: attnkit against itself, the noise);")
+    print("\nms: attnkit's median milliseconds a call; rate: GB/s moved, GFLOP/s for attention (\"of cal\":")
+    print("as a share of the calibration matmul at that thread count), GB/s of K and V read for decode")
+    print("rows; vs numpy, vs torch: peer time / attnkit time, above 1 means attnkit is faster (the A/A")
+    print("row: attnkit against itself, the noise);")
     print("--json FILE saves every implementation's milliseconds")
     if json_path:
         with open(json_path, "w") as f:
@@ -396,7 +397,7 @@ def _format(row: Row) -> str:
     rate = f"{row.rate:.1f} {row.unit.split()[0]}"
     fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
     kernel = row.kernel if len(row.kernel) < 26 else row.kernel[:24] + "…"
-    return (f"{kernel:<26}{row.shape:<24}{row.threads:>3}{row.ms['attnkit']:>11.3f}{rate:>12}{fraction:>6}"
+    return (f"{kernel:<26}{row.shape:<24}{row.threads:>3}{row.ms['attnkit']:>10.3f}{rate:>12}{fraction:>7}"
             f"{ratio(row.ratio('numpy'))}{ratio(torch_ratio)}")
 
 
