@@ -183,10 +183,16 @@ def scaled_dot_product_attention(
         thread count.
 
     Raises:
-        TypeError: non-float or mixed dtypes, integer masks, a float mask of another dtype.
+        TypeError: non-float or mixed dtypes, integer masks, a float mask of another dtype, flags
+            (``is_causal``, ``enable_gqa``, ``return_lse``, ``return_weights``) that are not bools.
         ValueError: bad ranks or shapes, heads that do not divide, a mask that does not broadcast
-            to ``(..., Hq, L, S)``, ``dropout_p != 0``, non-finite ``scale``, bad ``window``,
-            ``softcap``, ``causal_alignment`` or ``layout``.
+            to ``(..., Hq, L, S)``, ``dropout_p != 0``, ``scale``, ``softcap`` or
+            ``alibi_slopes`` not finite in the inputs' dtype, bad ``window``,
+            ``causal_alignment`` or ``layout``.
+        MemoryError: an output that cannot be allocated (named, with the arguments that set its
+            size).
+        KeyboardInterrupt: Ctrl-C (or another signal whose handler raises) during a long call,
+            within about 20 ms; no result is returned.
 
     Example:
         >>> import numpy as np, attnkit
