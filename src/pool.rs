@@ -137,21 +137,29 @@ fn spin_while(busy: impl Fn() -> bool) {
     }
 }
 
-/// A call's stop request: set when the calling thread's `poll` (run at most every
-/// [`POLL_INTERVAL`], and only on that thread) says the call must end, as when Python has a
-/// `KeyboardInterrupt` to raise. Any thread working for the call sees it.
+/// A call's stop request: set when the calling thread's `poll` (run only on that thread, every
+/// [`POLL_INTERVAL`] or less often, see [`Stop::requested`]) says the call must end, as when
+/// Python has a `KeyboardInterrupt` to raise. Any thread working for the call sees it.
 pub struct Stop<'a> {
     requested: AtomicBool,
     caller: ThreadId,
     start: Instant,
-    /// Nanoseconds from `start` to the last poll.
-    polled: AtomicU64,
+    /// Nanoseconds from `start` to the next poll.
+    next: AtomicU64,
     poll: &'a (dyn Fn() -> bool + Sync),
 }
 
 /// How often the calling thread polls, at most: a signal stops a call within about this long
 /// (plus the longest block of work between two checks, a few milliseconds).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The longest interval between polls, however long a poll takes.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The interval the last poll chose, in nanoseconds: the next call's first poll comes after it,
+/// so that calls shorter than it, made while other Python threads run, never wait for the GIL.
+/// (Only Python's main thread polls.)
+static POLL_EVERY: AtomicU64 = AtomicU64::new(POLL_INTERVAL.as_nanos() as u64);
 
 impl<'a> Stop<'a> {
     /// A request for calls made from this thread, polled with `poll`.
@@ -160,22 +168,35 @@ impl<'a> Stop<'a> {
             requested: AtomicBool::new(false),
             caller: std::thread::current().id(),
             start: Instant::now(),
-            polled: AtomicU64::new(0),
+            next: AtomicU64::new(POLL_EVERY.load(Ordering::Relaxed)),
             poll,
         }
     }
 
-    /// Whether the call must stop, polling first when this is the calling thread and the last
-    /// poll is [`POLL_INTERVAL`] ago.
+    /// Whether the call must stop, polling first when this is the calling thread and the next
+    /// poll is due.
+    ///
+    /// A poll takes the GIL, which costs nothing while no other Python thread runs, but waits up
+    /// to Python's switch interval (5 ms) while one does: waiting 5 ms every 20 ms slowed such a
+    /// call by a third. So the next poll comes twenty times the last one's duration later, at
+    /// least [`POLL_INTERVAL`] and at most `MAX_POLL_INTERVAL` (100 ms), and so does the next call's first
+    /// poll: polling costs at most about 5% of the calling thread's time, and a signal still
+    /// stops the call within about 100 ms.
     pub fn requested(&self) -> bool {
         if self.requested.load(Ordering::Relaxed) {
             return true;
         }
         if std::thread::current().id() == self.caller {
-            let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            if now.saturating_sub(self.polled.load(Ordering::Relaxed)) >= POLL_INTERVAL.as_nanos() as u64 {
-                self.polled.store(now, Ordering::Relaxed);
-                if (self.poll)() {
+            let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            let now = nanos(self.start.elapsed());
+            if now >= self.next.load(Ordering::Relaxed) {
+                let stop = (self.poll)();
+                let end = nanos(self.start.elapsed());
+                let wait = (end - now).saturating_mul(20);
+                let interval = wait.clamp(nanos(POLL_INTERVAL), nanos(MAX_POLL_INTERVAL));
+                self.next.store(end.saturating_add(interval), Ordering::Relaxed);
+                POLL_EVERY.store(interval, Ordering::Relaxed);
+                if stop {
                     self.requested.store(true, Ordering::Relaxed);
                     return true;
                 }
@@ -276,14 +297,15 @@ mod tests {
             let stop = Stop::new(&poll);
             let par = Par::new(on_pool.then_some(&pool), Some(&stop));
             let done = AtomicUsize::new(0);
-            let mut tasks = vec![(); 200];
+            let mut tasks = vec![(); 400];
             par.for_each(&mut tasks, |_| {
                 std::thread::sleep(Duration::from_millis(2));
                 done.fetch_add(1, Ordering::Relaxed);
             });
-            // The first poll comes after POLL_INTERVAL (20 ms): about ten tasks a thread.
+            // The first poll comes after 20 ms (100 ms at most, should the other test have
+            // left that interval): at most about 50 tasks a thread of the 400.
             assert!(stop.was_requested());
-            assert!(done.load(Ordering::Relaxed) < 100, "{} tasks ran", done.load(Ordering::Relaxed));
+            assert!(done.load(Ordering::Relaxed) < 200, "{} tasks ran", done.load(Ordering::Relaxed));
         }
         let never = || false;
         let stop = Stop::new(&never);
@@ -294,5 +316,22 @@ mod tests {
         });
         assert_eq!(done.load(Ordering::Relaxed), 30);
         assert!(!stop.was_requested());
+    }
+
+    #[test]
+    fn slow_polls_come_less_often() {
+        // A poll that waits 5 ms (as for the GIL while another Python thread runs) is repeated
+        // every 100 ms, not every 20: over 300 ms of work, at most four polls.
+        let polls = AtomicUsize::new(0);
+        let poll = || {
+            polls.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(5));
+            false
+        };
+        let stop = Stop::new(&poll);
+        Par::new(None, Some(&stop))
+            .for_each(&mut [(); 150], |_| std::thread::sleep(Duration::from_millis(2)));
+        let n = polls.load(Ordering::Relaxed);
+        assert!((1..=4).contains(&n), "{n} polls");
     }
 }

@@ -192,7 +192,7 @@ def scaled_dot_product_attention(
         MemoryError: an output that cannot be allocated (named, with the arguments that set its
             size).
         KeyboardInterrupt: Ctrl-C (or another signal whose handler raises) during a long call,
-            within about 20 ms; no result is returned.
+            within about 20 ms (100 ms while other Python threads run); no result is returned.
 
     Example:
         >>> import numpy as np, attnkit

@@ -156,7 +156,7 @@ pub fn _set_main_thread() {
 /// Runs a kernel with the GIL released, on the crate's pool. A kernel error becomes the contract's
 /// exception; a panic becomes `InternalError` instead of a `PanicException`.
 ///
-/// On Python's main thread the kernel polls for signals every [`pool::POLL_INTERVAL`]: when a
+/// On Python's main thread the kernel polls for signals every 20-100 ms ([`Stop`]): when a
 /// handler raises (Ctrl-C's `KeyboardInterrupt`), the work stops and that exception is raised
 /// instead of a result.
 pub fn run<R: Send>(
