@@ -29,7 +29,7 @@ def layouts(arr):
     out.append(("readonly", ro))
     swapped = arr.astype(arr.dtype.newbyteorder("S"))
     out.append(("byteswapped", swapped))
-    if arr.dtype.itemsize > 1:
+    if arr.dtype.itemsize > 1 and arr.size:  # an empty array has no misaligned variant
         buf = np.zeros(arr.nbytes + 1, dtype=np.uint8)
         mis = np.frombuffer(buf.data, dtype=arr.dtype, count=arr.size, offset=1).reshape(arr.shape)
         mis[...] = arr

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import attnkit
 import reference as ref
+from conftest import layouts
 
 if not hasattr(os, "fork"):  # pragma: no cover
     pytest.skip("needs os.fork", allow_module_level=True)
@@ -124,19 +125,9 @@ def floats(data: st.DataObject, shape: tuple[int, ...], dtype: Any, special: boo
 
 
 def memory_layout(data: st.DataObject, x: np.ndarray) -> np.ndarray:
-    """``x`` as it is, Fortran-ordered, byte-swapped, strided or read-only."""
-    kind = data.draw(st.sampled_from(["c", "f", "swapped", "strided", "readonly"]), label="layout")
-    if kind == "f":
-        return np.asfortranarray(x)
-    if kind == "swapped":
-        return x.astype(x.dtype.newbyteorder("S"))
-    if kind == "strided" and x.ndim:
-        return np.repeat(x, 2, axis=-1)[..., ::2]
-    if kind == "readonly":
-        y = x.copy()
-        y.flags.writeable = False
-        return y
-    return x
+    """``x`` in one of the memory layouts of ``conftest.layouts`` (Fortran order, byte-swapped,
+    misaligned, strided, read-only, ...)."""
+    return data.draw(st.sampled_from(layouts(x)), label="layout")[1]
 
 
 # Values the contract refuses wherever an array, an int or a number is expected (and None, where

@@ -16,12 +16,6 @@ from attnkit.rope import apply_rope
 __all__ = ["MultiheadAttention"]
 
 
-def _to_numpy(value: Any, name: str) -> npt.NDArray[Any]:
-    """A float array from a NumPy array or a tensor (``.detach().cpu()``), without importing any
-    framework; a masked array is refused (its mask would be dropped)."""
-    return float_array(value, name)
-
-
 class MultiheadAttention:
     """Multi-head attention with its own projection weights: ``torch.nn.MultiheadAttention`` in
     eval mode, on NumPy arrays.
@@ -96,7 +90,7 @@ class MultiheadAttention:
             raise ValueError(f"num_kv_heads: {self.num_kv_heads} does not divide num_heads = {self.num_heads}")
         names = ("q_weight", "k_weight", "v_weight", "o_weight")
         self.q_weight, self.k_weight, self.v_weight, self.o_weight = (
-            _to_numpy(w, n) for w, n in zip((q_weight, k_weight, v_weight, o_weight), names)
+            float_array(w, n) for w, n in zip((q_weight, k_weight, v_weight, o_weight), names)
         )
         self.dtype = self.q_weight.dtype
         for w, n in zip((self.k_weight, self.v_weight, self.o_weight), names[1:]):
@@ -122,7 +116,7 @@ class MultiheadAttention:
     def _bias(self, bias: Any, weight: npt.NDArray[Any], name: str) -> npt.NDArray[Any] | None:
         if bias is None:
             return None
-        b = _to_numpy(bias, name)
+        b = float_array(bias, name)
         if b.dtype != self.dtype:
             raise TypeError(f"{name}: dtype {b.dtype} differs from the weights' {self.dtype}")
         if b.shape != (weight.shape[0],):
@@ -174,7 +168,7 @@ class MultiheadAttention:
             what += [f"missing keys {missing}" + ("" if "in_proj_weight" in present else " (or 'in_proj_weight')")] if missing else []
             raise ValueError(f"state_dict: {' and '.join(what)}; expected the keys of a torch.nn.MultiheadAttention")
         if "in_proj_weight" in present:
-            packed = _to_numpy(state_dict["in_proj_weight"], "in_proj_weight")
+            packed = float_array(state_dict["in_proj_weight"], "in_proj_weight")
             if packed.ndim != 2 or packed.shape[0] % 3:
                 raise ValueError(f"in_proj_weight: expected shape (3 * embed_dim, embed_dim), got {packed.shape}")
             wq, wk, wv = np.split(packed, 3)
@@ -182,7 +176,7 @@ class MultiheadAttention:
             wq, wk, wv = (state_dict[n] for n in separate)
         bq = bk = bv = None
         if "in_proj_bias" in present:
-            packed_bias = _to_numpy(state_dict["in_proj_bias"], "in_proj_bias")
+            packed_bias = float_array(state_dict["in_proj_bias"], "in_proj_bias")
             rows = 3 * np.shape(wq)[0] if np.ndim(wq) == 2 else None
             if packed_bias.shape != (rows,):
                 raise ValueError(f"in_proj_bias: expected shape ({rows},) (three times embed_dim), got {packed_bias.shape}")
