@@ -292,8 +292,8 @@ def test_bottom_right_matches_torch_lower_right_causal_bias():
 Q, K, V = qkv(b=1, hq=2, hkv=2, length=3, s=4)
 ERRORS = [
     ("dropout", lambda: sdpa(Q, K, V, dropout_p=0.1), ValueError, r"dropout_p"),
-    ("mixed dtypes", lambda: sdpa(Q, K.astype(np.float64), V), TypeError, r"query, key, value: must share one dtype"),
-    ("int query", lambda: sdpa(Q.astype(int), K, V), TypeError, r"query: expected a float32 or float64"),
+    ("mixed dtypes", lambda: sdpa(Q, K.astype(np.float64), V), TypeError, r"query, key, value: dtypes float32, float64 and float32 do not go together"),
+    ("int query", lambda: sdpa(Q.astype(int), K, V), TypeError, r"query: expected a float32, float64, float16 or bfloat16"),
     ("key value lengths", lambda: sdpa(Q, K, V[:, :, :3]), ValueError, r"value: 2 heads x 3 keys, expected 2 x 4"),
     ("embedding sizes", lambda: sdpa(Q, K[..., :4], V), ValueError, r"key: embedding size 4 differs"),
     ("gqa not enabled", lambda: sdpa(Q, K[:, :1], V[:, :1]), ValueError, r"enable_gqa=True"),
@@ -366,7 +366,7 @@ def test_fast_path_for_plain_calls_gives_the_full_paths_bits():
         assert fast.tobytes() == full.tobytes()
     with pytest.raises(ValueError, match="enable_gqa=True"):
         sdpa(q, k[:, :2], v[:, :2])  # the core would take grouped heads; the API asks for enable_gqa
-    with pytest.raises(TypeError, match="must share one dtype"):
+    with pytest.raises(TypeError, match="do not go together"):
         sdpa(q, k.astype(np.float64), v)  # refused by the core, explained by the full path
 
 

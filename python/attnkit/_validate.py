@@ -8,6 +8,7 @@ error contract's exceptions, naming the argument, for anything else.
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,40 @@ import numpy as np
 import numpy.typing as npt
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT16 = np.dtype(np.float16)
+EXPECTED_FLOATS = "float32, float64, float16 or bfloat16 (ml_dtypes.bfloat16)"
+
+
+def bfloat16() -> np.dtype[Any] | None:
+    """``ml_dtypes.bfloat16`` as a dtype if ml_dtypes has been imported, else None.
+
+    NumPy numbers the type when ml_dtypes registers it, so it is looked up, never hard-coded; and
+    never imported here: an array of it cannot exist before ml_dtypes is imported.
+    """
+    module = sys.modules.get("ml_dtypes")
+    return None if module is None else np.dtype(module.bfloat16)
+
+
+def is_half(dtype: np.dtype[Any]) -> bool:
+    """Whether ``dtype`` is one of the 16-bit floats attnkit reads (computing in float32)."""
+    return dtype == FLOAT16 or (dtype.itemsize == 2 and dtype == bfloat16())
+
+
+def compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype attnkit computes ``dtype`` in: float32 for the 16-bit floats, else itself."""
+    return np.dtype(np.float32) if is_half(dtype) else dtype
+
+
+def _float_dtype_of(dt: np.dtype[Any]) -> np.dtype[Any] | None:
+    """The native-order accepted float dtype that ``dt`` holds, or None."""
+    if dt.kind == "f" and dt.itemsize in (2, 4, 8):
+        native = dt.newbyteorder("=")
+        if native in FLOAT_DTYPES or native == FLOAT16:
+            return native
+    bf16 = bfloat16()
+    if bf16 is not None and dt == bf16:
+        return bf16
+    return None
 
 
 def _as_array(x: Any, name: str) -> np.ndarray[Any, Any]:
@@ -60,12 +95,18 @@ def _contiguous(arr: np.ndarray[Any, Any], dtype: np.dtype[Any], name: str = "in
         return np.require(arr, dtype.newbyteorder("="), ["C", "A"])
 
 
-def float_array(x: Any, name: str) -> npt.NDArray[np.floating[Any]]:
-    """A float32 or float64 array (any byte order or layout accepted)."""
+def float_array(x: Any, name: str, *, half: bool = True) -> npt.NDArray[Any]:
+    """A float32, float64 or (with ``half``) float16 or bfloat16 array, any byte order or layout
+    accepted. Other small float types (float8 and the like) are refused by name."""
     arr = _as_array(x, name)
-    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (4, 8):
-        raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}")
-    return _contiguous(arr, arr.dtype, name)
+    dt = _float_dtype_of(arr.dtype)
+    if dt is None or (not half and is_half(dt)):
+        expected = EXPECTED_FLOATS if half else "float32 or float64"
+        hint = ""
+        if arr.dtype.itemsize <= 2 and arr.dtype.kind in "fV":
+            hint = " (attnkit does not compute in this type: convert with .astype(numpy.float32))"
+        raise TypeError(f"{name}: expected a {expected} array, got dtype {arr.dtype}{hint}")
+    return _contiguous(arr, dt, name)
 
 
 def int_array(x: Any, name: str) -> npt.NDArray[np.integer[Any]]:
@@ -93,12 +134,16 @@ def positions_array(positions: Any, name: str = "positions") -> npt.NDArray[np.i
 
 
 def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any]:
+    """numpy.float32, numpy.float64, numpy.float16 or ml_dtypes.bfloat16, as a dtype."""
+    expected = "numpy.float32, numpy.float64, numpy.float16 or ml_dtypes.bfloat16"
+    if isinstance(dtype, str) and dtype == "bfloat16" and bfloat16() is None:
+        raise TypeError(f"{name}: bfloat16 is ml_dtypes.bfloat16: install ml_dtypes (pip install 'attnkit[bf16]') and pass it")
     try:
         dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name}: expected numpy.float32 or numpy.float64, got {dtype!r}") from None
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected numpy.float32 or numpy.float64, got {dt}")
+        raise TypeError(f"{name}: expected {expected}, got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES and not is_half(dt):
+        raise TypeError(f"{name}: expected {expected}, got {dt}")
     return dt
 
 

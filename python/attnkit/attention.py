@@ -11,7 +11,18 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import _as_array, _contiguous, choice, flag, float_array, int_array, integer, real
+from attnkit._validate import (
+    _as_array,
+    _contiguous,
+    choice,
+    compute_dtype,
+    flag,
+    float_array,
+    int_array,
+    integer,
+    is_half,
+    real,
+)
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -151,8 +162,12 @@ def scaled_dot_product_attention(
     may attend to. Masks use one polarity everywhere: **true / nonzero = may attend**.
 
     Args:
-        query: ``(..., Hq, L, E)`` float32 or float64 (``layout="bshd"``: ``(..., L, Hq, E)``).
-        key: ``(..., Hkv, S, E)``, the query's dtype and batch dimensions.
+        query: ``(..., Hq, L, E)`` float32, float64, float16 or ``ml_dtypes.bfloat16``
+            (``layout="bshd"``: ``(..., L, Hq, E)``). 16-bit inputs are computed in float32 (each
+            value widened exactly, products and sums in float32, the softmax in float32) and the
+            output is rounded once.
+        key: ``(..., Hkv, S, E)``, the query's dtype and batch dimensions; or float16 or bfloat16
+            for float32 queries (a 16-bit KV cache: computed in float32, output float32).
         value: ``(..., Hkv, S, Ev)``.
         attn_mask: bool (true = may attend) or float (added to the scores; ``-inf`` = masked) of
             the query's dtype, broadcastable to ``(..., Hq, L, S)``.
@@ -171,8 +186,9 @@ def scaled_dot_product_attention(
             diagonal (``None`` = unlimited on that side).
         alibi_slopes: ``(Hq,)`` or ``(..., Hq)``: adds ``-slope * |i' - j|`` to the scores.
         softcap: scores become ``softcap * tanh(scores / softcap)`` before masks and biases.
-        return_lse: also return the log-sum-exp ``(..., Hq, L)``.
-        return_weights: also return the attention probabilities ``(..., Hq, L, S)``.
+        return_lse: also return the log-sum-exp ``(..., Hq, L)`` (float32 for 16-bit inputs).
+        return_weights: also return the attention probabilities ``(..., Hq, L, S)`` (float32 for
+            16-bit inputs).
         layout: ``"bhsd"`` or ``"bshd"`` for query, key, value and the output.
 
     Returns:
@@ -183,7 +199,8 @@ def scaled_dot_product_attention(
         thread count.
 
     Raises:
-        TypeError: non-float or mixed dtypes, integer masks, a float mask of another dtype, flags
+        TypeError: non-float dtypes (float8 and other small types included), dtypes that do
+            not go together, integer masks, a float mask of another dtype, flags
             (``is_causal``, ``enable_gqa``, ``return_lse``, ``return_weights``) that are not bools.
         ValueError: bad ranks or shapes, heads that do not divide, a mask that does not broadcast
             to ``(..., Hq, L, S)``, ``dropout_p != 0``, ``scale``, ``softcap`` or
@@ -222,8 +239,12 @@ def scaled_dot_product_attention(
     layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
     alignment = choice(causal_alignment, "causal_alignment", ("top_left", "bottom_right"))
     q, k, v = (float_array(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"query, key, value: must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    mixed = q.dtype == np.float32 and is_half(k.dtype)  # a 16-bit KV cache read by float32 queries
+    if not (k.dtype == v.dtype and (q.dtype == k.dtype or mixed)):
+        raise TypeError(
+            f"query, key, value: dtypes {q.dtype}, {k.dtype} and {v.dtype} do not go together: expected one "
+            "dtype for all three, or float32 queries with float16 or bfloat16 keys and values"
+        )
     if real(dropout_p, "dropout_p") != 0:
         raise ValueError(f"dropout_p: attnkit is for inference and takes only 0.0, got {dropout_p}")
     is_causal, enable_gqa = flag(is_causal, "is_causal"), flag(enable_gqa, "enable_gqa")
@@ -300,7 +321,7 @@ def _attn_mask(
     m = _as_array(mask, "attn_mask")
     if m.dtype == bool:
         pass
-    elif m.dtype.kind == "f":
+    elif m.dtype.kind == "f" or is_half(m.dtype):
         if m.dtype.newbyteorder("=") != dtype:
             raise TypeError(f"attn_mask: a float mask must have the query's dtype {dtype}, got {m.dtype}")
     else:
@@ -317,7 +338,8 @@ def _attn_mask(
     if any(n != 1 for n in lead) and lead != batch_shape:  # partly broadcast batch axes
         m = np.broadcast_to(m, batch_shape + m.shape[len(batch_shape):])
     b = 1 if all(n == 1 for n in m.shape[: len(batch_shape)]) else int(np.prod(batch_shape, dtype=np.int64))
-    m = _contiguous(m.reshape((b,) + m.shape[len(batch_shape):]), m.dtype.newbyteorder("="), "attn_mask")
+    # A 16-bit mask is widened (exactly) to float32, the dtype the core computes in.
+    m = _contiguous(m.reshape((b,) + m.shape[len(batch_shape):]), compute_dtype(m.dtype.newbyteorder("=")), "attn_mask")
     if m.dtype == bool:
         return m.view(np.uint8), None
     return None, m

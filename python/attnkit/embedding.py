@@ -26,16 +26,19 @@ def embedding(ids: npt.ArrayLike, weight: npt.ArrayLike, *, scale: float | None 
     Args:
         ids: token ids of any integer dtype (int8 to int64, uint8 to uint64) and any shape, 0-d and
             empty included.
-        weight: ``(num_embeddings, embedding_dim)`` table, float32 or float64.
-        scale: if given, every row is multiplied by it (in the table's dtype), e.g.
-            ``sqrt(embedding_dim)`` as in the original transformer.
+        weight: ``(num_embeddings, embedding_dim)`` table, float32, float64, float16 or
+            ``ml_dtypes.bfloat16``.
+        scale: if given, every row is multiplied by it (in the table's dtype; for a 16-bit table
+            in float32, each product rounded once), e.g. ``sqrt(embedding_dim)`` as in the original
+            transformer.
 
     Returns:
         ``ids.shape + (embedding_dim,)`` array of the table's dtype. Without ``scale`` the rows are a
         bit-exact copy (NaN payloads and -0.0 kept).
 
     Raises:
-        TypeError: ``ids`` not integer, ``weight`` not float32/float64, ``scale`` not a number.
+        TypeError: ``ids`` not integer, ``weight`` not float32, float64, float16 or bfloat16,
+            ``scale`` not a number.
         ValueError: ``weight`` not 2-d, ``scale`` not finite.
         IndexError: an id negative or >= ``num_embeddings`` (the first such id, by position).
 
@@ -75,7 +78,8 @@ def embedding_bag(
     Args:
         ids: 2-d ``(bags, bag_size)`` ids (fixed-size bags; ``offsets`` must be None), or 1-d ids
             split into bags by ``offsets``. Any integer dtype.
-        weight: ``(num_embeddings, embedding_dim)`` table, float32 or float64.
+        weight: ``(num_embeddings, embedding_dim)`` table, float32, float64, float16 or
+            ``ml_dtypes.bfloat16``.
         offsets: 1-d integer start of each bag in 1-d ``ids``; ``offsets[0]`` must be 0 and they
             must not decrease. With ``include_last_offset`` the last entry ends the last bag (ids
             after it are ignored, as in PyTorch).

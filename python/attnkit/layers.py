@@ -9,7 +9,7 @@ from typing import Any, Literal, cast, overload
 import numpy as np
 import numpy.typing as npt
 
-from attnkit._validate import _as_array, flag, float_array, integer
+from attnkit._validate import _as_array, compute_dtype, flag, float_array, integer, is_half
 from attnkit.attention import scaled_dot_product_attention
 from attnkit.rope import apply_rope
 
@@ -49,9 +49,13 @@ class MultiheadAttention:
         batch_first: inputs and outputs are ``(batch, seq, feature)``; False (torch's default):
             ``(seq, batch, feature)``.
 
-    All weights must share one float dtype (float32 or float64); inputs must have it too.
-    The projections are NumPy matrix products, so their threads are NumPy's BLAS threads;
-    attention runs on attnkit's pool.
+    All weights must share one float dtype (float32, float64, float16 or ``ml_dtypes.bfloat16``);
+    inputs must have it too. The projections are NumPy matrix products, so their threads are
+    NumPy's BLAS threads; attention runs on attnkit's pool. With 16-bit weights the projections
+    compute in float32 (from float32 copies of the weights, made once: NumPy has no fast 16-bit
+    matrix product), and their results are rounded once to the weights' dtype, as a 16-bit model
+    holds them; attention then runs on the 16-bit queries, keys and values (in float32), and the
+    returned attention weights are float32.
 
     Raises:
         TypeError: non-float or mixed weight dtypes.
@@ -112,6 +116,14 @@ class MultiheadAttention:
         biases = ((q_bias, self.q_weight, "q_bias"), (k_bias, self.k_weight, "k_bias"), (v_bias, self.v_weight, "v_bias"),
                   (o_bias, self.o_weight, "o_bias"))
         self.q_bias, self.k_bias, self.v_bias, self.o_bias = (self._bias(b, w, n) for b, w, n in biases)
+        # The weights and biases in the dtype the projections compute in (the same arrays, but
+        # float32 copies for 16-bit weights).
+        compute = compute_dtype(self.dtype)
+        self._compute = compute
+        self._weights = tuple(
+            None if a is None else a.astype(compute, copy=False)
+            for a in (self.q_weight, self.k_weight, self.v_weight, self.o_weight, self.q_bias, self.k_bias, self.v_bias, self.o_bias)
+        )
 
     def _bias(self, bias: Any, weight: npt.NDArray[Any], name: str) -> npt.NDArray[Any] | None:
         if bias is None:
@@ -205,13 +217,17 @@ class MultiheadAttention:
             raise TypeError(f"module: expected a torch.nn.MultiheadAttention, got {type(module).__name__}")
         return cls.from_torch_state_dict(module.state_dict(), int(module.num_heads), batch_first=bool(module.batch_first))
 
-    def _project(self, x: npt.NDArray[Any], w: npt.NDArray[Any], b: npt.NDArray[Any] | None, heads: int) -> npt.NDArray[Any]:
+    def _project(self, x: npt.NDArray[Any], which: int, heads: int) -> npt.NDArray[Any]:
+        """Projection ``which`` (0-3: q, k, v, o) of ``(batch, seq, features)`` as ``(batch, seq,
+        heads, dim)`` (bshd), in the weights' dtype (computed in float32 for 16-bit weights)."""
+        w, b = self._weights[which], self._weights[which + 4]
+        assert w is not None
         # One (batch·seq, features) matmul: NumPy runs a 3-d operand as one BLAS call per batch
         # item, which measured 1.2-1.4x slower on BERT-base shapes.
-        y = x.reshape(x.shape[0] * x.shape[1], x.shape[2]) @ w.T
+        y = x.reshape(x.shape[0] * x.shape[1], x.shape[2]).astype(self._compute, copy=False) @ w.T
         if b is not None:
             y += b
-        # (batch, seq, heads, dim): bshd
+        y = y.astype(self.dtype, copy=False)  # rounded once, for 16-bit weights
         return cast(npt.NDArray[Any], y.reshape(x.shape[:-1] + (heads, w.shape[0] // heads)))
 
     def _input(self, x: Any, name: str, features: int) -> npt.NDArray[Any]:
@@ -342,9 +358,9 @@ class MultiheadAttention:
             raise ValueError(f"query, key, value: batch and sequence sizes {q_in.shape[:2]}, {k_in.shape[:2]}, "
                              f"{v_in.shape[:2]} (batch, seq) do not fit (batch_first={self.batch_first})")
         masks = self._masks(key_padding_mask, attn_mask, key_mask, attend_mask, batch, length, s_len)
-        q = self._project(q_in, self.q_weight, self.q_bias, self.num_heads)
-        k = self._project(k_in, self.k_weight, self.k_bias, self.num_kv_heads)
-        v = self._project(v_in, self.v_weight, self.v_bias, self.num_kv_heads)
+        q = self._project(q_in, 0, self.num_heads)
+        k = self._project(k_in, 1, self.num_kv_heads)
+        v = self._project(v_in, 2, self.num_kv_heads)
         if rope is not None:
             if not isinstance(rope, tuple) or len(rope) not in (2, 3):
                 raise ValueError("rope: expected (cos, sin) or (cos, sin, style)")
@@ -359,9 +375,7 @@ class MultiheadAttention:
         else:
             out = scaled_dot_product_attention(q, k, v, masks[0], **kw)
         b, length, heads, dim = out.shape
-        out = (out.reshape(b * length, heads * dim) @ self.o_weight.T).reshape(b, length, self.o_weight.shape[0])
-        if self.o_bias is not None:
-            out += self.o_bias
+        out = self._project(out.reshape(b, length, heads * dim), 3, 1).reshape(b, length, self.o_weight.shape[0])
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         return (out if self.batch_first else np.ascontiguousarray(out.transpose(1, 0, 2))), weights
@@ -381,7 +395,7 @@ class MultiheadAttention:
                 raise ValueError(f"key_padding_mask: expected shape (batch, S) = {(batch, s_len)}{hint}, got {kpm.shape}")
             if kpm.dtype == bool:
                 keys = ~kpm
-            elif kpm.dtype.kind == "f":
+            elif kpm.dtype.kind == "f" or is_half(kpm.dtype):
                 float_parts.append(_float_mask(kpm, self.dtype, "key_padding_mask")[:, None, None, :])
             else:
                 raise TypeError(f"key_padding_mask: expected a bool (true = ignore) or float mask, got dtype {kpm.dtype}")
@@ -399,7 +413,7 @@ class MultiheadAttention:
                                  f"{(batch * self.num_heads, length, s_len)}{hint}, got {m.shape}")
             if m.dtype == bool:
                 allowed.append(~m)
-            elif m.dtype.kind == "f":
+            elif m.dtype.kind == "f" or is_half(m.dtype):
                 float_parts.append(_float_mask(m, self.dtype, "attn_mask"))
             else:
                 raise TypeError(f"attn_mask: expected a bool (true = not allowed) or float mask, got dtype {m.dtype}")

@@ -70,13 +70,15 @@ def sinusoidal_positions(
         base: the wavelength base, 10000 in the paper.
         layout: ``"interleaved"``: sin on even channels, cos on odd ones (the paper);
             ``"halves"``: all sines, then all cosines (as in tensor2tensor and many libraries).
-        dtype: float32 or float64.
+        dtype: float32, float64, float16 or ``ml_dtypes.bfloat16`` (each value rounded once from
+            float64).
 
     Returns:
         ``positions.shape + (dim,)`` array of ``dtype``.
 
     Raises:
-        TypeError: non-integer positions, a dtype other than float32/float64.
+        TypeError: non-integer positions, a dtype other than float32, float64, float16 or
+            bfloat16.
         ValueError: odd, negative or over 2**24 ``dim``, non-positive ``base``, a bad ``layout``, positions
             beyond ±2**53.
 
@@ -271,7 +273,7 @@ def relative_position_bias(
     Args:
         q_len: number of queries.
         k_len: number of keys.
-        table: ``(num_buckets, heads)`` float32 or float64 learned biases.
+        table: ``(num_buckets, heads)`` float32, float64, float16 or bfloat16 learned biases.
         bidirectional, num_buckets, max_distance: as in :func:`relative_position_bucket`.
 
     Returns:

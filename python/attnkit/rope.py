@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import choice, float_array, float_dtype, integer, positions_array, real
+from attnkit._validate import choice, float_array, float_dtype, integer, is_half, positions_array, real
 from attnkit.positional import check_dim, frequency_powers, inverse_frequencies
 
 __all__ = ["apply_rope", "rope_cos_sin", "rope_frequencies"]
@@ -278,7 +278,8 @@ def rope_cos_sin(
             :func:`attnkit.position_ids`), or an int ``n`` meaning ``arange(n)``.
         rotary_dim: number of rotated channels (even).
         base, scaling: as in :func:`rope_frequencies`.
-        dtype: float32 or float64.
+        dtype: float32, float64, float16 or ``ml_dtypes.bfloat16`` (each value rounded once from
+            float64).
 
     Returns:
         ``(cos, sin)``, each ``positions.shape + (rotary_dim // 2,)`` of ``dtype``.
@@ -316,15 +317,18 @@ def apply_rope(
       ``out[i] = x[i] cos - x[i+h] sin``, ``out[i+h] = x[i+h] cos + x[i] sin``.
     * ``style="interleaved"`` (GPT-J): channel ``2i`` pairs with ``2i + 1``.
 
-    Channels from ``r`` on pass through unchanged (partial rotary). Each output is computed in the
-    input dtype as ``x * cos + rotate(x) * sin`` is in PyTorch, so it matches the Hugging Face
-    expression bit for bit.
+    Channels from ``r`` on pass through unchanged (partial rotary). Each output of a float32 or
+    float64 ``x`` is computed in that dtype as ``x * cos + rotate(x) * sin`` is in PyTorch, so it
+    matches the Hugging Face expression bit for bit. A float16 or bfloat16 ``x`` is computed in
+    float32 and each output rounded once (PyTorch rounds each product and the sum to 16 bits, so
+    it can differ in the last bit).
 
     Args:
-        x: float32 or float64, ``(batch, heads, seq, head_dim)`` (``layout="bhsd"``) or
-            ``(batch, seq, heads, head_dim)`` (``layout="bshd"``).
-        cos, sin: tables from :func:`rope_cos_sin` in ``x``'s dtype, ``(seq, r/2)`` shared by the
-            batch or ``(batch, seq, r/2)`` (per-sequence positions), with ``r <= head_dim``.
+        x: float32, float64, float16 or ``ml_dtypes.bfloat16``, ``(batch, heads, seq, head_dim)``
+            (``layout="bhsd"``) or ``(batch, seq, heads, head_dim)`` (``layout="bshd"``).
+        cos, sin: tables from :func:`rope_cos_sin` in ``x``'s dtype (for a 16-bit ``x``: its dtype,
+            float32 or float64), ``(seq, r/2)`` shared by the batch or ``(batch, seq, r/2)``
+            (per-sequence positions), with ``r <= head_dim``.
         style: ``"half"`` or ``"interleaved"``.
         layout: ``"bhsd"`` or ``"bshd"``.
 
@@ -347,6 +351,14 @@ def apply_rope(
     xa = float_array(x, "x")
     c = float_array(cos, "cos")
     s = float_array(sin, "sin")
-    if c.dtype != xa.dtype or s.dtype != xa.dtype:
+    if is_half(xa.dtype):
+        # Computed in float32: tables of x's dtype widen exactly, float64 ones round once.
+        allowed = (xa.dtype, np.dtype(np.float32), np.dtype(np.float64))
+        if c.dtype != s.dtype or c.dtype not in allowed:
+            raise TypeError(
+                f"cos, sin: expected one dtype, {xa.dtype} (that of x), float32 or float64, got {c.dtype} and {s.dtype}"
+            )
+        c, s = (t.astype(np.float32, copy=False) for t in (c, s))
+    elif c.dtype != xa.dtype or s.dtype != xa.dtype:
         raise TypeError(f"cos, sin: expected dtype {xa.dtype} (that of x), got {c.dtype} and {s.dtype}")
     return _core.apply_rope(xa, c, s, style, layout)

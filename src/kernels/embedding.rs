@@ -16,7 +16,8 @@
 use std::mem::MaybeUninit;
 
 use crate::error::{expect_len, KernelError};
-use crate::kernels::{for_each_row_block, simd, Float, Rows};
+use crate::kernels::storage::Storage;
+use crate::kernels::{for_each_row_block, simd, Rows};
 use crate::pool::Par;
 
 /// An integer type usable as a token id.
@@ -81,12 +82,15 @@ pub fn rows_of<I: TokenId>(ids: &[I], rows: usize) -> Result<Vec<usize>, KernelE
 }
 
 /// Embedding lookup: `out[n, :] = weight[ids[n], :] (* scale)`. `out` has `ids.len() * dim` elements.
-pub fn embedding<T: Float, I: TokenId>(
+///
+/// A 16-bit table's rows are copied bit for bit; with `scale`, each element is widened, multiplied
+/// in the compute type and rounded once.
+pub fn embedding<T: Storage, I: TokenId>(
     ids: &[I],
     weight: &[T],
     rows: usize,
     dim: usize,
-    scale: Option<T>,
+    scale: Option<T::Compute>,
     out: &mut [MaybeUninit<T>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
@@ -125,12 +129,12 @@ impl<T> Table<'_, T> {
     }
 }
 
-struct Lookup<'a, T> {
+struct Lookup<'a, T: Storage> {
     table: Table<'a, T>,
-    scale: Option<T>,
+    scale: Option<T::Compute>,
 }
 
-impl<T: Float> Rows<MaybeUninit<T>> for Lookup<'_, T> {
+impl<T: Storage> Rows<MaybeUninit<T>> for Lookup<'_, T> {
     #[inline(always)]
     fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
         for (k, dst) in block.chunks_exact_mut(self.table.dim).enumerate() {
@@ -143,7 +147,7 @@ impl<T: Float> Rows<MaybeUninit<T>> for Lookup<'_, T> {
                 }
                 Some(s) => {
                     for (d, &w) in dst.iter_mut().zip(src) {
-                        d.write(w * s);
+                        d.write(T::narrow(w.widen() * s));
                     }
                 }
             }
@@ -160,8 +164,9 @@ pub struct Bags<'a, I> {
     pub padding_idx: Option<usize>,
 }
 
-/// Reduces each bag of rows to one row of `out` (`(bounds.len() - 1) * dim` elements).
-pub fn embedding_bag<T: Float, I: TokenId>(
+/// Reduces each bag of rows to one row of `out` (`(bounds.len() - 1) * dim` elements), in
+/// float64, each element rounded once to `T`.
+pub fn embedding_bag<T: Storage, I: TokenId>(
     bags: &Bags<'_, I>,
     weight: &[T],
     rows: usize,
@@ -220,7 +225,7 @@ struct Reduce<'a, T> {
     mode: BagMode,
 }
 
-impl<T: Float> Rows<MaybeUninit<T>> for Reduce<'_, T> {
+impl<T: Storage> Rows<MaybeUninit<T>> for Reduce<'_, T> {
     #[inline(always)]
     fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
         let mut acc = vec![0.0f64; self.table.dim];
@@ -232,13 +237,13 @@ impl<T: Float> Rows<MaybeUninit<T>> for Reduce<'_, T> {
                 _ => 1.0,
             };
             for (d, &a) in dst.iter_mut().zip(&acc) {
-                d.write(T::from_f64(a / divisor));
+                d.write(T::round_from_f64(a / divisor));
             }
         }
     }
 }
 
-impl<T: Float> Reduce<'_, T> {
+impl<T: Storage> Reduce<'_, T> {
     /// Reduces the entries `range` of one bag into `acc` (float64; zeros for an empty bag) and
     /// returns how many entries were not padding.
     ///
@@ -281,13 +286,13 @@ impl<T: Float> Reduce<'_, T> {
                     let r = self.table.row(j);
                     if first && k == 0 {
                         for (a, &w) in acc.iter_mut().zip(r) {
-                            *a = w.to_f64();
+                            *a = w.widen_f64();
                         }
                         continue;
                     }
                     // The maximum is a selection: exact in float64; NaN wins wherever it is.
                     for (a, &w) in acc.iter_mut().zip(r) {
-                        let w = w.to_f64();
+                        let w = w.widen_f64();
                         if w > *a || w.is_nan() {
                             *a = w;
                         }
@@ -304,14 +309,18 @@ impl<T: Float> Reduce<'_, T> {
                     .zip(self.table.row(j2))
                     .zip(self.table.row(j3));
                 for (a, (((&x0, &x1), &x2), &x3)) in acc.iter_mut().zip(rows) {
-                    *a = *a + x0.to_f64() * f0 + x1.to_f64() * f1 + x2.to_f64() * f2 + x3.to_f64() * f3;
+                    *a = *a
+                        + x0.widen_f64() * f0
+                        + x1.widen_f64() * f1
+                        + x2.widen_f64() * f2
+                        + x3.widen_f64() * f3;
                 }
             }
             _ => {
                 for &j in entries {
                     let f = factor(j);
                     for (a, &w) in acc.iter_mut().zip(self.table.row(j)) {
-                        *a += w.to_f64() * f;
+                        *a += w.widen_f64() * f;
                     }
                 }
             }

@@ -12,6 +12,7 @@ pub mod output;
 pub mod positional;
 pub mod rope;
 pub mod simd;
+pub mod storage;
 pub mod trig;
 
 use crate::pool::Par;

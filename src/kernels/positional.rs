@@ -23,7 +23,8 @@
 use std::mem::MaybeUninit;
 
 use crate::error::{expect_len, KernelError};
-use crate::kernels::{for_each_row_block, for_each_row_block_pair, trig, Float, Rows, RowsPair};
+use crate::kernels::storage::Storage;
+use crate::kernels::{for_each_row_block, for_each_row_block_pair, trig, Rows, RowsPair};
 use crate::pool::Par;
 
 /// Positions up to this magnitude are exact in float64.
@@ -50,7 +51,7 @@ fn check_inputs(positions: &[i64], inv_freq: &[f64]) -> Result<(), KernelError> 
 }
 
 /// Writes the sinusoidal encoding of `positions` into `out` (`positions.len() * 2 * inv_freq.len()`).
-pub fn sinusoidal<T: Float>(
+pub fn sinusoidal<T: Storage>(
     positions: &[i64],
     inv_freq: &[f64],
     layout: SinusoidLayout,
@@ -101,7 +102,7 @@ struct Sinusoid<'a> {
     layout: SinusoidLayout,
 }
 
-impl<T: Float> Rows<MaybeUninit<T>> for Sinusoid<'_> {
+impl<T: Storage> Rows<MaybeUninit<T>> for Sinusoid<'_> {
     #[inline(always)]
     fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
         let half = self.phases.inv_freq.len();
@@ -111,17 +112,17 @@ impl<T: Float> Rows<MaybeUninit<T>> for Sinusoid<'_> {
             match self.layout {
                 SinusoidLayout::Interleaved => {
                     for ((pair, &sv), &cv) in row.chunks_exact_mut(2).zip(&s).zip(&c) {
-                        pair[0].write(T::from_f64(sv));
-                        pair[1].write(T::from_f64(cv));
+                        pair[0].write(T::round_from_f64(sv));
+                        pair[1].write(T::round_from_f64(cv));
                     }
                 }
                 SinusoidLayout::Halves => {
                     let (sin_half, cos_half) = row.split_at_mut(half);
                     for (o, &v) in sin_half.iter_mut().zip(&s) {
-                        o.write(T::from_f64(v));
+                        o.write(T::round_from_f64(v));
                     }
                     for (o, &v) in cos_half.iter_mut().zip(&c) {
-                        o.write(T::from_f64(v));
+                        o.write(T::round_from_f64(v));
                     }
                 }
             }
@@ -131,7 +132,7 @@ impl<T: Float> Rows<MaybeUninit<T>> for Sinusoid<'_> {
 
 /// Writes the rotary tables `cos` and `sin` (each `positions.len() * inv_freq.len()`), both
 /// multiplied by `factor` (the attention factor of the scaling variants; 1 otherwise).
-pub fn rope_cos_sin<T: Float>(
+pub fn rope_cos_sin<T: Storage>(
     positions: &[i64],
     inv_freq: &[f64],
     factor: f64,
@@ -162,7 +163,7 @@ struct Rotary<'a> {
     factor: f64,
 }
 
-impl<T: Float> RowsPair<MaybeUninit<T>> for Rotary<'_> {
+impl<T: Storage> RowsPair<MaybeUninit<T>> for Rotary<'_> {
     #[inline(always)]
     fn rows(&self, first: usize, cos: &mut [MaybeUninit<T>], sin: &mut [MaybeUninit<T>]) {
         let half = self.phases.inv_freq.len();
@@ -171,8 +172,8 @@ impl<T: Float> RowsPair<MaybeUninit<T>> for Rotary<'_> {
         for ((cos_row, sin_row), &p) in rows.zip(&self.phases.positions[first..]) {
             self.phases.sin_cos(p, &mut s, &mut c);
             for (((co, so), &sv), &cv) in cos_row.iter_mut().zip(sin_row.iter_mut()).zip(&s).zip(&c) {
-                co.write(T::from_f64(self.factor * cv));
-                so.write(T::from_f64(self.factor * sv));
+                co.write(T::round_from_f64(self.factor * cv));
+                so.write(T::round_from_f64(self.factor * sv));
             }
         }
     }
@@ -187,11 +188,15 @@ mod tests {
         (0..dim / 2).map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / dim as f64)).collect()
     }
 
-    fn table<T: Float>(positions: &[i64], f: &[f64], layout: SinusoidLayout) -> Result<Vec<T>, KernelError> {
+    fn table<T: Storage>(
+        positions: &[i64],
+        f: &[f64],
+        layout: SinusoidLayout,
+    ) -> Result<Vec<T>, KernelError> {
         collect("out", positions.len() * 2 * f.len(), |out| sinusoidal(positions, f, layout, out, Par::SEQ))
     }
 
-    fn rope<T: Float>(
+    fn rope<T: Storage>(
         positions: &[i64],
         f: &[f64],
         factor: f64,

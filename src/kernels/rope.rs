@@ -21,6 +21,7 @@
 use std::mem::MaybeUninit;
 
 use crate::error::{expect_len, product, KernelError};
+use crate::kernels::storage::Storage;
 use crate::kernels::{for_each_row_block, Float, Rows};
 use crate::pool::Par;
 
@@ -92,13 +93,14 @@ impl RopeSpec {
     }
 }
 
-/// Rotates the first `2 * spec.half` channels of every row of `x` into `out`.
-pub fn apply_rope<T: Float>(
-    x: &[T],
+/// Rotates the first `2 * spec.half` channels of every row of `x` into `out`, in the tables' float
+/// type `T` (a 16-bit `x` in float32: each element widened, rotated, rounded once).
+pub fn apply_rope<X: Storage<Compute = T>, T: Float>(
+    x: &[X],
     cos: &[T],
     sin: &[T],
     spec: RopeSpec,
-    out: &mut [MaybeUninit<T>],
+    out: &mut [MaybeUninit<X>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     spec.check(x.len(), cos.len(), sin.len(), out.len())?;
@@ -106,16 +108,16 @@ pub fn apply_rope<T: Float>(
     Ok(())
 }
 
-struct Rotate<'a, T> {
-    x: &'a [T],
+struct Rotate<'a, X, T> {
+    x: &'a [X],
     cos: &'a [T],
     sin: &'a [T],
     spec: RopeSpec,
 }
 
-impl<T: Float> Rows<MaybeUninit<T>> for Rotate<'_, T> {
+impl<X: Storage<Compute = T>, T: Float> Rows<MaybeUninit<X>> for Rotate<'_, X, T> {
     #[inline(always)]
-    fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
+    fn rows(&self, first: usize, block: &mut [MaybeUninit<X>]) {
         let (d, h) = (self.spec.head_dim, self.spec.half);
         for (k, dst) in block.chunks_exact_mut(d).enumerate() {
             let r = first + k;
@@ -132,24 +134,26 @@ impl<T: Float> Rows<MaybeUninit<T>> for Rotate<'_, T> {
 }
 
 #[inline(always)]
-fn rotate_half<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [MaybeUninit<T>]) {
+fn rotate_half<X: Storage<Compute = T>, T: Float>(x: &[X], c: &[T], n: &[T], out: &mut [MaybeUninit<X>]) {
     let h = c.len();
     let (x1, x2) = (&x[..h], &x[h..2 * h]);
     let (o1, rest) = out.split_at_mut(h);
     let o2 = &mut rest[..h];
     for i in 0..h {
-        o1[i].write(x1[i] * c[i] - x2[i] * n[i]);
-        o2[i].write(x2[i] * c[i] + x1[i] * n[i]);
+        let (a, b) = (x1[i].widen(), x2[i].widen());
+        o1[i].write(X::narrow(a * c[i] - b * n[i]));
+        o2[i].write(X::narrow(b * c[i] + a * n[i]));
     }
 }
 
 #[inline(always)]
-fn rotate_pairs<T: Float>(x: &[T], c: &[T], n: &[T], out: &mut [MaybeUninit<T>]) {
+fn rotate_pairs<X: Storage<Compute = T>, T: Float>(x: &[X], c: &[T], n: &[T], out: &mut [MaybeUninit<X>]) {
     let h = c.len();
     for (((o, p), &ci), &ni) in out[..2 * h].chunks_exact_mut(2).zip(x[..2 * h].chunks_exact(2)).zip(c).zip(n)
     {
-        o[0].write(p[0] * ci - p[1] * ni);
-        o[1].write(p[1] * ci + p[0] * ni);
+        let (a, b) = (p[0].widen(), p[1].widen());
+        o[0].write(X::narrow(a * ci - b * ni));
+        o[1].write(X::narrow(b * ci + a * ni));
     }
 }
 
@@ -158,7 +162,12 @@ mod tests {
     use super::*;
     use crate::kernels::output::collect;
 
-    fn run<T: Float>(x: &[T], cos: &[T], sin: &[T], s: RopeSpec) -> Result<Vec<T>, KernelError> {
+    fn run<T: Float + Storage<Compute = T>>(
+        x: &[T],
+        cos: &[T],
+        sin: &[T],
+        s: RopeSpec,
+    ) -> Result<Vec<T>, KernelError> {
         collect("out", x.len(), |out| apply_rope(x, cos, sin, s, out, Par::SEQ))
     }
 

@@ -28,13 +28,15 @@ pub fn set_enabled(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
-/// Whether the kernels run their AVX2 + FMA code on this CPU.
+/// Whether the kernels run their AVX2 + FMA code on this CPU (which then has F16C too: every CPU
+/// with AVX2 does, and the 16-bit conversions ask for it).
 pub fn accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         ENABLED.load(Ordering::Relaxed)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -21,13 +21,16 @@ use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::error::KernelError;
+use crate::kernels::storage::{Bf16, F16};
 use crate::pool::{self, Par, Stop};
 use crate::py::errors::{from_panic, to_pyerr, InternalError};
 
-/// A float array of one of the dtypes the kernels compute in.
+/// A float array of one of the dtypes the kernels read.
 pub enum Floats<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
     F64(PyReadonlyArrayDyn<'py, f64>),
+    F16(PyReadonlyArrayDyn<'py, F16>),
+    Bf16(PyReadonlyArrayDyn<'py, Bf16>),
 }
 
 /// An integer array of any width and signedness (token ids).
@@ -78,8 +81,19 @@ pub fn floats<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Floats<'py>> 
     if let Some(a) = try_as(obj, arg) {
         return a.map(Floats::F64);
     }
+    if let Some(a) = try_as(obj, arg) {
+        return a.map(Floats::F16);
+    }
+    // bfloat16 only where ml_dtypes has registered it, and only an array of exactly that dtype.
+    if let (Ok(arr), Some(bf16)) = (obj.cast::<PyUntypedArray>(), crate::py::half::bfloat16(obj.py())) {
+        if arr.dtype().is_equiv_to(&bf16) {
+            if let Some(a) = try_as(obj, arg) {
+                return a.map(Floats::Bf16);
+            }
+        }
+    }
     Err(PyTypeError::new_err(format!(
-        "{arg}: expected a float32 or float64 numpy array, got {}",
+        "{arg}: expected a float32, float64, float16 or bfloat16 numpy array, got {}",
         describe(obj)
     )))
 }

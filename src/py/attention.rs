@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use crate::kernels::attention::{
     self as kernel, Alignment, AttnFloat, AttnSpec, Masks, Outputs, StridedMask, Strides,
 };
+use crate::kernels::storage::Storage;
 use crate::py::arrays::{choice, empty_uninit, floats, run, shape_str, slice, typed, Floats};
 
 /// `(out, lse, weights)`.
@@ -49,10 +50,23 @@ pub fn attention<'py>(
     let window = (window.0.map(|w| w.min(1 << 62)), window.1.map(|w| w.min(1 << 62)));
     let options = Options { bshd, scale, softcap, causal, window, alignment, return_lse, return_weights };
     let extra = Extra { bool_mask, float_mask, key_mask, alibi };
+    let (o, x) = (&options, &extra);
     match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
-        (Floats::F32(q), Floats::F32(k), Floats::F32(v)) => typed_attention(py, &q, &k, &v, &options, &extra),
-        (Floats::F64(q), Floats::F64(k), Floats::F64(v)) => typed_attention(py, &q, &k, &v, &options, &extra),
-        _ => Err(PyTypeError::new_err("query, key, value: must have the same dtype (float32 or float64)")),
+        (Floats::F32(q), Floats::F32(k), Floats::F32(v)) => typed_attention(py, &q, &k, &v, o, x),
+        (Floats::F64(q), Floats::F64(k), Floats::F64(v)) => typed_attention(py, &q, &k, &v, o, x),
+        (Floats::F16(q), Floats::F16(k), Floats::F16(v)) => typed_attention(py, &q, &k, &v, o, x),
+        (Floats::Bf16(q), Floats::Bf16(k), Floats::Bf16(v)) => typed_attention(py, &q, &k, &v, o, x),
+        // Mixed precision: a 16-bit KV cache read by float32 queries.
+        (Floats::F32(q), Floats::F16(k), Floats::F16(v)) => typed_attention(py, &q, &k, &v, o, x),
+        (Floats::F32(q), Floats::Bf16(k), Floats::Bf16(v)) => typed_attention(py, &q, &k, &v, o, x),
+        (q, k, v) => Err(PyTypeError::new_err(format!(
+            "query, key, value: dtypes {}, {}, {} do not go together: expected one dtype for all three \
+             (float32, float64, float16 or bfloat16), or float32 queries with float16 or bfloat16 keys \
+             and values",
+            dtype_name(&q),
+            dtype_name(&k),
+            dtype_name(&v)
+        ))),
     }
 }
 
@@ -111,14 +125,30 @@ fn mask_strides(shape: &[usize], target: [usize; 4], arg: &str) -> PyResult<[usi
     Ok(strides)
 }
 
-fn typed_attention<'py, T: AttnFloat + Element>(
+fn dtype_name(a: &Floats<'_>) -> &'static str {
+    match a {
+        Floats::F32(_) => "float32",
+        Floats::F64(_) => "float64",
+        Floats::F16(_) => "float16",
+        Floats::Bf16(_) => "bfloat16",
+    }
+}
+
+/// Attention with queries (and the output) stored as `Q`, keys and values as `KV`, computed in
+/// `T` (which is also the dtype of a float mask, `lse` and the weights).
+fn typed_attention<'py, Q, KV, T>(
     py: Python<'py>,
-    q: &PyReadonlyArrayDyn<'py, T>,
-    k: &PyReadonlyArrayDyn<'py, T>,
-    v: &PyReadonlyArrayDyn<'py, T>,
+    q: &PyReadonlyArrayDyn<'py, Q>,
+    k: &PyReadonlyArrayDyn<'py, KV>,
+    v: &PyReadonlyArrayDyn<'py, KV>,
     o: &Options,
     extra: &Extra<'_, 'py>,
-) -> PyResult<AttnResult<'py>> {
+) -> PyResult<AttnResult<'py>>
+where
+    Q: Storage<Compute = T> + Element,
+    KV: Storage<Compute = T> + Element,
+    T: AttnFloat + Storage<Compute = T> + Element,
+{
     let ([b, hq, l, e], qs) = dims(q.shape(), o.bshd, "query")?;
     let ([bk, hkv, s, ek], ks) = dims(k.shape(), o.bshd, "key")?;
     let ([bv, hv, sv, ev], vs) = dims(v.shape(), o.bshd, "value")?;
@@ -152,7 +182,7 @@ fn typed_attention<'py, T: AttnFloat + Element>(
         extra.bool_mask.map(|m| typed::<u8>(m, "attn_mask", "uint8 (bool viewed as bytes)")).transpose()?;
     let float_mask = extra
         .float_mask
-        .map(|m| typed::<T>(m, "attn_mask", "float mask of the query's dtype"))
+        .map(|m| typed::<T>(m, "attn_mask", &format!("{} float mask", T::NAME)))
         .transpose()?;
     let key_mask = extra.key_mask.map(|m| typed::<u8>(m, "key_mask", "uint8")).transpose()?;
     let alibi = extra.alibi.map(|a| typed::<f64>(a, "alibi_slopes", "float64")).transpose()?;
@@ -179,7 +209,7 @@ fn typed_attention<'py, T: AttnFloat + Element>(
     let (qd, kd, vd) = (slice(q, "query")?, slice(k, "key")?, slice(v, "value")?);
 
     let (out, out_data) =
-        empty_uninit::<T>(py, &[b, hq, l, ev], "out (batch, Hq, L, Ev: set by query and value)")?;
+        empty_uninit::<Q>(py, &[b, hq, l, ev], "out (batch, Hq, L, Ev: set by query and value)")?;
     let lse = o
         .return_lse
         .then(|| empty_uninit::<T>(py, &[b, hq, l], "lse (batch, Hq, L: set by query)"))

@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::kernels::embedding::{self as kernel, BagMode, Bags, TokenId};
-use crate::kernels::Float;
+use crate::kernels::storage::Storage;
 use crate::py::arrays::{choice, expect_ndim, fill_new, floats, ints, slice, typed, with_ints, Floats, Ints};
 
 /// `(rows, dim)` of a 2-d embedding table.
@@ -31,28 +31,30 @@ pub fn embedding<'py>(
     match floats(weight, "weight")? {
         Floats::F32(w) => lookup(py, &ids, &w, scale.map(|s| s as f32)),
         Floats::F64(w) => lookup(py, &ids, &w, scale),
+        Floats::F16(w) => lookup(py, &ids, &w, scale.map(|s| s as f32)),
+        Floats::Bf16(w) => lookup(py, &ids, &w, scale.map(|s| s as f32)),
     }
 }
 
-fn lookup<'py, T: Float + Element>(
+fn lookup<'py, T: Storage + Element>(
     py: Python<'py>,
     ids: &Ints<'py>,
     weight: &PyReadonlyArrayDyn<'py, T>,
-    scale: Option<T>,
+    scale: Option<T::Compute>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (rows, dim) = table_dims(weight)?;
     let table = slice(weight, "weight")?;
     with_ints!(ids, a => gather(py, slice(a, "ids")?, a.shape(), table, rows, dim, scale))
 }
 
-fn gather<'py, T: Float + Element, I: TokenId>(
+fn gather<'py, T: Storage + Element, I: TokenId>(
     py: Python<'py>,
     ids: &[I],
     ids_shape: &[usize],
     table: &[T],
     rows: usize,
     dim: usize,
-    scale: Option<T>,
+    scale: Option<T::Compute>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let shape: Vec<usize> = ids_shape.iter().copied().chain([dim]).collect();
     fill_new(py, &shape, "out (ids.shape + (dim,): set by ids and weight)", ids_shape, |out, par| {
@@ -96,11 +98,13 @@ pub fn embedding_bag<'py>(
         match &weight {
             Floats::F32(w) => reduce(py, &bags, w, mode),
             Floats::F64(w) => reduce(py, &bags, w, mode),
+            Floats::F16(w) => reduce(py, &bags, w, mode),
+            Floats::Bf16(w) => reduce(py, &bags, w, mode),
         }
     })
 }
 
-fn reduce<'py, T: Float + Element, I: TokenId>(
+fn reduce<'py, T: Storage + Element, I: TokenId>(
     py: Python<'py>,
     bags: &Bags<'_, I>,
     weight: &PyReadonlyArrayDyn<'py, T>,

@@ -5,6 +5,7 @@ mod arrays;
 mod attention;
 mod embedding;
 mod errors;
+mod half;
 mod positional;
 mod rope;
 

@@ -6,15 +6,30 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
 use crate::kernels::positional::{self as kernel, SinusoidLayout};
-use crate::kernels::Float;
+use crate::kernels::storage::{Bf16, Storage, F16};
 use crate::py::arrays::{choice, expect_ndim, fill_new, fill_new_pair, slice, typed};
 
-/// Whether `dtype` names float64 (`true`) or float32 (`false`).
-fn is_double(dtype: &str) -> PyResult<bool> {
+/// The output dtypes of the position tables.
+enum Dtype {
+    F32,
+    F64,
+    F16,
+    Bf16,
+}
+
+/// The dtype `dtype` names.
+fn dtype_of(py: Python<'_>, dtype: &str) -> PyResult<Dtype> {
     match dtype {
-        "float32" => Ok(false),
-        "float64" => Ok(true),
-        other => Err(PyTypeError::new_err(format!("dtype: expected float32 or float64, got {other}"))),
+        "float32" => Ok(Dtype::F32),
+        "float64" => Ok(Dtype::F64),
+        "float16" => Ok(Dtype::F16),
+        "bfloat16" if crate::py::half::bfloat16(py).is_some() => Ok(Dtype::Bf16),
+        "bfloat16" => {
+            Err(PyTypeError::new_err("dtype: bfloat16 arrays need ml_dtypes, which is not imported"))
+        }
+        other => Err(PyTypeError::new_err(format!(
+            "dtype: expected float32, float64, float16 or bfloat16, got {other}"
+        ))),
     }
 }
 
@@ -52,14 +67,15 @@ pub fn sinusoidal<'py>(
         &[("interleaved", SinusoidLayout::Interleaved), ("halves", SinusoidLayout::Halves)],
     )?;
     let inputs = Inputs::new(positions, inv_freq)?;
-    if is_double(dtype)? {
-        sinusoidal_typed::<f64>(py, &inputs, layout)
-    } else {
-        sinusoidal_typed::<f32>(py, &inputs, layout)
+    match dtype_of(py, dtype)? {
+        Dtype::F32 => sinusoidal_typed::<f32>(py, &inputs, layout),
+        Dtype::F64 => sinusoidal_typed::<f64>(py, &inputs, layout),
+        Dtype::F16 => sinusoidal_typed::<F16>(py, &inputs, layout),
+        Dtype::Bf16 => sinusoidal_typed::<Bf16>(py, &inputs, layout),
     }
 }
 
-fn sinusoidal_typed<'py, T: Float + Element>(
+fn sinusoidal_typed<'py, T: Storage + Element>(
     py: Python<'py>,
     inputs: &Inputs<'py>,
     layout: SinusoidLayout,
@@ -82,14 +98,15 @@ pub fn rope_cos_sin<'py>(
     dtype: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let inputs = Inputs::new(positions, inv_freq)?;
-    if is_double(dtype)? {
-        tables_typed::<f64>(py, &inputs, attention_factor)
-    } else {
-        tables_typed::<f32>(py, &inputs, attention_factor)
+    match dtype_of(py, dtype)? {
+        Dtype::F32 => tables_typed::<f32>(py, &inputs, attention_factor),
+        Dtype::F64 => tables_typed::<f64>(py, &inputs, attention_factor),
+        Dtype::F16 => tables_typed::<F16>(py, &inputs, attention_factor),
+        Dtype::Bf16 => tables_typed::<Bf16>(py, &inputs, attention_factor),
     }
 }
 
-fn tables_typed<'py, T: Float + Element>(
+fn tables_typed<'py, T: Storage + Element>(
     py: Python<'py>,
     inputs: &Inputs<'py>,
     factor: f64,

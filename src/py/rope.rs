@@ -5,6 +5,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::kernels::rope::{self as kernel, RopeLayout, RopeSpec, RopeStyle};
+use crate::kernels::storage::Storage;
 use crate::kernels::Float;
 use crate::py::arrays::{choice, fill_new, floats, shape_str, slice, Floats};
 
@@ -24,13 +25,17 @@ pub fn apply_rope<'py>(
     match (floats(x, "x")?, floats(cos, "cos")?, floats(sin, "sin")?) {
         (Floats::F32(x), Floats::F32(c), Floats::F32(s)) => rotate(py, &x, &c, &s, style, layout),
         (Floats::F64(x), Floats::F64(c), Floats::F64(s)) => rotate(py, &x, &c, &s, style, layout),
-        _ => Err(PyTypeError::new_err("cos, sin: must have the dtype of x (float32 or float64)")),
+        (Floats::F16(x), Floats::F32(c), Floats::F32(s)) => rotate(py, &x, &c, &s, style, layout),
+        (Floats::Bf16(x), Floats::F32(c), Floats::F32(s)) => rotate(py, &x, &c, &s, style, layout),
+        _ => Err(PyTypeError::new_err(
+            "cos, sin: must have the dtype of x (float32 or float64), or float32 for a float16 or bfloat16 x",
+        )),
     }
 }
 
-fn rotate<'py, T: Float + Element>(
+fn rotate<'py, X: Storage<Compute = T> + Element, T: Float + Element>(
     py: Python<'py>,
-    x: &PyReadonlyArrayDyn<'py, T>,
+    x: &PyReadonlyArrayDyn<'py, X>,
     cos: &PyReadonlyArrayDyn<'py, T>,
     sin: &PyReadonlyArrayDyn<'py, T>,
     style: RopeStyle,

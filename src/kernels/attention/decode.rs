@@ -23,6 +23,7 @@ use super::fast::VBlock;
 use super::tile::{add_pv, key_range, mask_row, update_row, HeadOut, RowAt, BK, MR, NR};
 use super::{AttnFloat, AttnSpec, TaskInputs};
 use crate::kernels::simd::Task;
+use crate::kernels::storage::Storage;
 
 /// The longest query that takes this path.
 pub(super) const MAX_QUERIES: usize = 16;
@@ -66,14 +67,19 @@ impl<T: AttnFloat> Partial<T> {
 
 /// Keys `keys.0..keys.1` of one (batch `b`, key/value head `g`), for the `group` query heads
 /// that share it. Row `r` of the task is query position `r / group` of head `g·group + r % group`.
-pub(super) struct Chunk<'a, T> {
-    pub at: TaskInputs<'a, T>,
+pub(super) struct Chunk<'a, Q, KV, T> {
+    pub at: TaskInputs<'a, Q, KV, T>,
     pub keys: (usize, usize),
     pub weights: bool,
     pub partial: Partial<T>,
 }
 
-impl<T: AttnFloat> Task for Chunk<'_, T> {
+impl<Q, KV, T> Task for Chunk<'_, Q, KV, T>
+where
+    Q: Storage<Compute = T>,
+    KV: Storage<Compute = T>,
+    T: AttnFloat,
+{
     #[inline(always)]
     fn run(&mut self) {
         let sp = self.at.spec;
@@ -87,8 +93,13 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let offset = sp.offset();
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
-        let k_row = |j: usize| &self.at.k[k_base + j * sp.k.row..][..e];
-        let v_row = |j: usize| &self.at.v[v_base + j * sp.v.row..][..ev];
+        // Keys and values from the task's first row on: read as they lie where they are T,
+        // else widened a key block at a time into `kw` and `vw` (rows `e` and `ev` apart).
+        let k_src = self.at.k.get(k_base..).unwrap_or_default();
+        let v_src = self.at.v.get(v_base..).unwrap_or_default();
+        let (k_direct, v_direct) = (KV::as_compute(k_src), KV::as_compute(v_src));
+        let mut kw = vec![T::ZERO; if k_direct.is_none() { BK * e } else { 0 }];
+        let mut vw = vec![T::ZERO; if v_direct.is_none() { BK * ev } else { 0 }];
 
         let scale = T::from_f64(sp.scale);
         // Scratch, in one allocation: the queries times `scale`, a key block's scores, and the
@@ -98,7 +109,7 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
         let (scores, alpha) = rest.split_at_mut(rows * BK);
         for r in 0..rows {
             for (d, &x) in qs[r * e..(r + 1) * e].iter_mut().zip(self.at.q_row(r)) {
-                *d = x * scale;
+                *d = x.widen() * scale;
             }
         }
         let width = c1 - c0;
@@ -125,15 +136,34 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
                 k0 += cols; // a fully padded key block: nothing to compute
                 continue;
             }
-            let k_block = &self.at.k[k_base + k0 * sp.k.row..];
+            // The block's keys and values as T, rows `k_stride` and `v_stride` apart.
+            let (k_block, k_stride) = match k_direct {
+                Some(k) => (&k[k0 * sp.k.row..], sp.k.row),
+                None => {
+                    for (j, row) in kw.chunks_exact_mut(e.max(1)).enumerate().take(cols) {
+                        KV::widen_slice(&k_src[(k0 + j) * sp.k.row..][..e], row);
+                    }
+                    (&kw[..], e)
+                }
+            };
+            let (v, v_stride) = match v_direct {
+                Some(v) => (&v[k0 * sp.v.row..], sp.v.row),
+                None => {
+                    for (j, row) in vw.chunks_exact_mut(ev.max(1)).enumerate().take(cols) {
+                        KV::widen_slice(&v_src[(k0 + j) * sp.v.row..][..ev], row);
+                    }
+                    (&vw[..], ev)
+                }
+            };
+            let v_row = |j: usize| &v[j * v_stride..][..ev];
             if let Some(token) = fast_dots.filter(|_| fast_rows > 0) {
-                T::dots(token, &qs[..fast_rows * e], e, k_block, sp.k.row, cols, scores);
+                T::dots(token, &qs[..fast_rows * e], e, k_block, k_stride, cols, scores);
             }
             for r in fast_rows..rows {
                 let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);
                 match fast_dots {
-                    Some(token) => T::dots_row(token, q, k_block, sp.k.row, cols, out),
-                    None => dots(q, |j| k_row(k0 + j), out),
+                    Some(token) => T::dots_row(token, q, k_block, k_stride, cols, out),
+                    None => dots(q, |j| &k_block[j * k_stride..][..e], out),
                 }
             }
             for r in 0..rows {
@@ -150,7 +180,6 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
             // no probability is masked (−0.0), or where every value is finite (fma(−0.0, v, acc)
             // = acc then); else row by row, skipping masked pairs. The values are scanned only
             // when some pair is masked, and then once.
-            let v = &self.at.v[v_base + k0 * sp.v.row..];
             // (A fold, not `any`, so that it vectorises: a row is short.)
             let masked =
                 |r: usize| scores[r * BK..r * BK + cols].iter().fold(false, |m, x| m | x.is_neg_zero());
@@ -158,20 +187,20 @@ impl<T: AttnFloat> Task for Chunk<'_, T> {
             let mut plain = |rows: std::ops::Range<usize>| {
                 !rows.into_iter().any(masked)
                     || *finite.get_or_insert_with(|| {
-                        (k0..k0 + cols).all(|j| v_row(j).iter().fold(true, |all, x| all & x.is_finite()))
+                        (0..cols).all(|j| v_row(j).iter().fold(true, |all, x| all & x.is_finite()))
                     })
             };
             let mut pv_rows = 0;
             if let Some(token) = fast_pv.filter(|_| fast_rows > 0 && plain(0..fast_rows)) {
-                let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
+                let vb = VBlock { v, key_stride: v_stride, strip_stride: NR, cols, ev };
                 T::pv(token, scores, alpha, p_acc, fast_rows, &vb);
                 pv_rows = fast_rows;
             }
             for r in pv_rows..rows {
                 let (pr, acc) = (&scores[r * BK..r * BK + cols], &mut p_acc[r * ev..(r + 1) * ev]);
                 match fast_pv.filter(|_| plain(r..r + 1)) {
-                    Some(token) => T::pv_row(token, pr, alpha[r], acc, v, sp.v.row),
-                    None => add_pv(pr, alpha[r], acc, |j| v_row(k0 + j)),
+                    Some(token) => T::pv_row(token, pr, alpha[r], acc, v, v_stride),
+                    None => add_pv(pr, alpha[r], acc, v_row),
                 }
             }
             k0 += cols;
@@ -204,13 +233,13 @@ fn dots<'k, T: AttnFloat + 'k>(q: &[T], k_row: impl Fn(usize) -> &'k [T], out: &
 /// The merge of one (batch, key/value head)'s chunks into its heads' outputs, as a [`Task`] so
 /// that its fused multiply-adds compile to instructions where the CPU has them (outside, they
 /// are library calls).
-pub(super) struct Merge<'c, 'a, 'h, 'o, T> {
+pub(super) struct Merge<'c, 'a, 'h, 'o, Q, KV, T> {
     pub spec: &'a AttnSpec,
-    pub chunks: &'c [Chunk<'a, T>],
-    pub heads: &'h mut [HeadOut<'o, T>],
+    pub chunks: &'c [Chunk<'a, Q, KV, T>],
+    pub heads: &'h mut [HeadOut<'o, Q, T>],
 }
 
-impl<T: AttnFloat> Task for Merge<'_, '_, '_, '_, T> {
+impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Task for Merge<'_, '_, '_, '_, Q, KV, T> {
     #[inline(always)]
     fn run(&mut self) {
         merge(self.spec, self.chunks, self.heads)
@@ -221,7 +250,11 @@ impl<T: AttnFloat> Task for Merge<'_, '_, '_, '_, T> {
 /// query heads: with `M` the largest chunk maximum and `w_c = exp(m_c − M)`,
 /// `out = Σ acc_c w_c / Σ sum_c w_c`, `lse = M + ln Σ sum_c w_c`, `weights = exp(s − M) / Σ sum_c w_c`.
 #[inline(always)]
-pub(super) fn merge<T: AttnFloat>(spec: &AttnSpec, chunks: &[Chunk<'_, T>], heads: &mut [HeadOut<'_, T>]) {
+pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
+    spec: &AttnSpec,
+    chunks: &[Chunk<'_, Q, KV, T>],
+    heads: &mut [HeadOut<'_, Q, T>],
+) {
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
     let group = heads.len();
     let mut w = vec![T::ZERO; chunks.len()];
@@ -249,7 +282,7 @@ pub(super) fn merge<T: AttnFloat>(spec: &AttnSpec, chunks: &[Chunk<'_, T>], head
             for (&wc, &(_, _, acc, _)) in w.iter().zip(&parts) {
                 x = acc[r * ev + d].mul_add(wc, x);
             }
-            o.write(if empty { T::ZERO } else { x / total });
+            o.write(Q::narrow(if empty { T::ZERO } else { x / total }));
         }
         if let Some(lse) = head.lse.as_deref_mut() {
             lse[i].write(if empty { T::NEG_INFINITY } else { big + total.ln() });

@@ -38,6 +38,7 @@ use std::mem::MaybeUninit;
 
 use crate::error::{expect_len, product, KernelError};
 use crate::kernels::exp::Exp;
+use crate::kernels::storage::Storage;
 use crate::kernels::{simd, Float};
 use crate::pool::Par;
 
@@ -202,12 +203,12 @@ impl<T> Masks<'_, T> {
     }
 }
 
-/// What one task of either path reads: the inputs, and its batch `b` and key/value head `g`.
-#[derive(Clone, Copy)]
-struct TaskInputs<'a, T> {
-    q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
+/// What one task of either path reads: the inputs (queries stored as `Q`, keys and values as
+/// `KV`, both computed in `T`), and its batch `b` and key/value head `g`.
+struct TaskInputs<'a, Q, KV, T> {
+    q: &'a [Q],
+    k: &'a [KV],
+    v: &'a [KV],
     spec: &'a AttnSpec,
     masks: &'a Masks<'a, T>,
     b: usize,
@@ -217,7 +218,14 @@ struct TaskInputs<'a, T> {
     par: Par<'a>,
 }
 
-impl<'a, T> TaskInputs<'a, T> {
+impl<Q, KV, T> Clone for TaskInputs<'_, Q, KV, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<Q, KV, T> Copy for TaskInputs<'_, Q, KV, T> {}
+
+impl<'a, Q, KV, T> TaskInputs<'a, Q, KV, T> {
     /// The query head of task row `r`: row `r` is query position `r / G` of head `g·G + r % G`,
     /// with `G` the query heads per key/value head.
     #[inline(always)]
@@ -228,15 +236,16 @@ impl<'a, T> TaskInputs<'a, T> {
 
     /// The query of task row `r` (see [`TaskInputs::head_of`]).
     #[inline(always)]
-    fn q_row(&self, r: usize) -> &'a [T] {
+    fn q_row(&self, r: usize) -> &'a [Q] {
         let (sp, group) = (self.spec, self.spec.heads_q / self.spec.heads_kv);
         &self.q[self.b * sp.q.batch + self.head_of(r) * sp.q.head + (r / group) * sp.q.row..][..sp.dim_qk]
     }
 }
 
-/// Where the outputs go: `out` always, `lse` and `weights` when requested.
-pub struct Outputs<'a, T> {
-    pub out: &'a mut [MaybeUninit<T>],
+/// Where the outputs go: `out` (in the queries' storage type `O`) always, `lse` and `weights` (in
+/// the compute type `T`) when requested.
+pub struct Outputs<'a, O, T> {
+    pub out: &'a mut [MaybeUninit<O>],
     pub lse: Option<&'a mut [MaybeUninit<T>]>,
     pub weights: Option<&'a mut [MaybeUninit<T>]>,
 }
@@ -261,13 +270,13 @@ fn last_index(
 }
 
 impl AttnSpec {
-    fn check<T: crate::kernels::Float>(
+    fn check<Q, KV, T: crate::kernels::Float>(
         &self,
-        q: &[T],
-        k: &[T],
-        v: &[T],
+        q: &[Q],
+        k: &[KV],
+        v: &[KV],
         masks: &Masks<'_, T>,
-        outputs: &Outputs<'_, T>,
+        outputs: &Outputs<'_, Q, T>,
     ) -> Result<(), KernelError> {
         if self.heads_kv == 0 && self.heads_q > 0
             || self.heads_kv > 0 && !self.heads_q.is_multiple_of(self.heads_kv)
@@ -280,6 +289,10 @@ impl AttnSpec {
         // Finite in the dtype computed in, not only in float64: 1e39 is infinite in float32.
         let finite = |x: f64| T::from_f64(x).to_f64().is_finite();
         let dtype = std::any::type_name::<T>().replace('f', "float");
+        let dtype = match std::any::type_name::<Q>() == std::any::type_name::<T>() {
+            true => format!("{dtype} (the inputs' dtype)"),
+            false => format!("{dtype} (the dtype computed in)"),
+        };
         if !finite(self.scale) {
             return Err(KernelError::invalid(
                 "scale",
@@ -353,16 +366,23 @@ impl AttnSpec {
 /// idle.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Computes attention for every (batch, query head) into `outputs`.
-pub fn attention<T: AttnFloat>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
+/// Computes attention for every (batch, query head) into `outputs`: queries stored as `Q`, keys
+/// and values as `KV`, both computed in `T`; the output is stored as `Q`, `lse` and weights as
+/// `T`.
+pub fn attention<Q, KV, T>(
+    q: &[Q],
+    k: &[KV],
+    v: &[KV],
     spec: &AttnSpec,
     masks: &Masks<'_, T>,
-    outputs: Outputs<'_, T>,
+    outputs: Outputs<'_, Q, T>,
     par: Par<'_>,
-) -> Result<(), KernelError> {
+) -> Result<(), KernelError>
+where
+    Q: Storage<Compute = T>,
+    KV: Storage<Compute = T>,
+    T: AttnFloat,
+{
     spec.check(q, k, v, masks, &outputs)?;
     let pairs = spec.batch * spec.heads_q;
     if pairs == 0 || spec.q_len == 0 {
@@ -370,7 +390,7 @@ pub fn attention<T: AttnFloat>(
     }
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
     // Each (batch, query head)'s rows of out, lse and weights ...
-    let outs: Vec<&mut [MaybeUninit<T>]> = match ev {
+    let outs: Vec<&mut [MaybeUninit<Q>]> = match ev {
         0 => (0..pairs).map(|_| Default::default()).collect(),
         _ => outputs.out.chunks_mut(l * ev).collect(),
     };
@@ -399,7 +419,7 @@ pub fn attention<T: AttnFloat>(
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
         // (batch, key/value head).
         let n_chunks = s.div_ceil(decode::CHUNK).max(1);
-        let mut chunks: Vec<decode::Chunk<'_, T>> = (0..spec.batch * spec.heads_kv * n_chunks)
+        let mut chunks: Vec<decode::Chunk<'_, Q, KV, T>> = (0..spec.batch * spec.heads_kv * n_chunks)
             .map(|t| {
                 let c = t % n_chunks;
                 decode::Chunk {
@@ -410,14 +430,13 @@ pub fn attention<T: AttnFloat>(
                 }
             })
             .collect();
-        let mut heads: Vec<tile::HeadOut<'_, T>> = heads.collect();
-        let merge = |(chunks, heads): (&[decode::Chunk<'_, T>], &mut [tile::HeadOut<'_, T>])| {
-            simd::task(&mut decode::Merge { spec, chunks, heads })
-        };
+        let mut heads: Vec<tile::HeadOut<'_, Q, T>> = heads.collect();
         par.for_each(&mut chunks, simd::task);
         // The merges are short (each row's outputs once per chunk): on the calling thread, for
         // the query heads of each (batch, key/value head) in turn.
-        chunks.chunks(n_chunks).zip(heads.chunks_mut(group)).for_each(merge);
+        for (chunks, heads) in chunks.chunks(n_chunks).zip(heads.chunks_mut(group)) {
+            simd::task(&mut decode::Merge { spec, chunks, heads });
+        }
         return Ok(());
     }
     // One task per (batch, key/value head), split along the queries into parts of whole query
@@ -432,9 +451,9 @@ pub fn attention<T: AttnFloat>(
     };
     // Part p holds the query positions [bound(p), bound(p + 1)).
     let bound = |p: usize| (p * units / parts * unit).min(l);
-    let mut tasks: Vec<tile::Group<'_, '_, T>> = Vec::with_capacity(groups * parts);
+    let mut tasks: Vec<tile::Group<'_, '_, Q, KV, T>> = Vec::with_capacity(groups * parts);
     for t in 0..groups {
-        let mut rest: Vec<tile::HeadOut<'_, T>> = heads.by_ref().take(group).collect();
+        let mut rest: Vec<tile::HeadOut<'_, Q, T>> = heads.by_ref().take(group).collect();
         for p in (0..parts).rev() {
             // Split off the last part first: with causal masks, later parts hold more work, and
             // tasks are taken in order.

@@ -28,20 +28,21 @@ use std::mem::MaybeUninit;
 use super::fast::{ScoreBlock, VBlock};
 use super::{AttnFloat, AttnSpec, Masks, TaskInputs};
 use crate::kernels::simd::{self, Task};
+use crate::kernels::storage::Storage;
 
 /// Query rows per block.
 const BQ: usize = 32;
 /// Keys per block.
 pub(super) const BK: usize = 128;
 
-/// One head's rows of `out`, `lse` and `weights`.
-pub(super) struct HeadOut<'o, T> {
-    pub out: &'o mut [MaybeUninit<T>],
+/// One head's rows of `out` (stored as `O`), `lse` and `weights` (as `T`).
+pub(super) struct HeadOut<'o, O, T> {
+    pub out: &'o mut [MaybeUninit<O>],
     pub lse: Option<&'o mut [MaybeUninit<T>]>,
     pub weights: Option<&'o mut [MaybeUninit<T>]>,
 }
 
-impl<'o, T> HeadOut<'o, T> {
+impl<'o, O, T> HeadOut<'o, O, T> {
     /// Splits off the rows from query position `i` on (`ev` values and `s` weights a row).
     pub fn split_off(&mut self, i: usize, ev: usize, s: usize) -> Self {
         fn split<'o, X>(x: &mut &'o mut [X], at: usize) -> &'o mut [X] {
@@ -74,14 +75,19 @@ fn gcd(a: usize, b: usize) -> usize {
 
 /// The work of one (batch, key/value head) on query positions `first..first + positions`:
 /// `heads[n]` holds those rows of the outputs of query head `g * heads.len() + n`.
-pub(super) struct Group<'a, 'o, T> {
-    pub at: TaskInputs<'a, T>,
+pub(super) struct Group<'a, 'o, Q, KV, T> {
+    pub at: TaskInputs<'a, Q, KV, T>,
     pub first: usize,
     pub positions: usize,
-    pub heads: Vec<HeadOut<'o, T>>,
+    pub heads: Vec<HeadOut<'o, Q, T>>,
 }
 
-impl<T: AttnFloat> Task for Group<'_, '_, T> {
+impl<Q, KV, T> Task for Group<'_, '_, Q, KV, T>
+where
+    Q: Storage<Compute = T>,
+    KV: Storage<Compute = T>,
+    T: AttnFloat,
+{
     #[inline(always)]
     fn run(&mut self) {
         let sp = self.at.spec;
@@ -105,20 +111,38 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
         let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
         let mut kt = vec![T::ZERO; packed * e];
-        match fast {
-            Some(token) if keys_end > 0 => {
-                T::pack_keys(token, &self.at.k[k_base..], sp.k.row, e, keys_end, &mut kt)
-            }
+        // The task's keys and values from their first row on (16-bit ones are widened as they
+        // are packed: the loops below compute in T alone).
+        let k_src = self.at.k.get(k_base..).unwrap_or_default();
+        let v_src = self.at.v.get(v_base..).unwrap_or_default();
+        match (fast, KV::as_compute(k_src)) {
+            (Some(token), Some(k)) if keys_end > 0 => T::pack_keys(token, k, sp.k.row, e, keys_end, &mut kt),
             _ => {
+                let mut row = vec![T::ZERO; e];
                 for j in 0..keys_end {
                     let (strip, n) = (j / NR, j % NR);
-                    let row = &self.at.k[k_base + j * sp.k.row..][..e];
+                    KV::widen_slice(&k_src[j * sp.k.row..][..e], &mut row);
                     for (d, &x) in row.iter().enumerate() {
                         kt[(strip * e + d) * NR + n] = x;
                     }
                 }
             }
         }
+        // V as T: 16-bit rows widened into a copy (rows `ev` apart), the rest read as they lie.
+        let v_widened = match KV::as_compute(v_src) {
+            Some(_) => vec![],
+            None => {
+                let mut vw = vec![T::ZERO; keys_end * ev];
+                for (j, row) in vw.chunks_exact_mut(ev.max(1)).enumerate().take(keys_end) {
+                    KV::widen_slice(&v_src[j * sp.v.row..][..ev], row);
+                }
+                vw
+            }
+        };
+        let (v_data, v_stride) = match KV::as_compute(v_src) {
+            Some(v) => (v, sp.v.row),
+            None => (&v_widened[..], ev),
+        };
         // V packed likewise for the generic P·V (the explicit kernel reads the rows as they lie,
         // which costs it nothing and saves the copy): for key block n and output columns c·NR..,
         // `vt[j][0..NR]` for its keys, contiguous (`BK x NR`). In the same pass, which value rows
@@ -127,7 +151,7 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
         let pack_v = fast_pv.is_none();
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
         let mut v_finite = vec![true; keys_end];
-        let v_row = |j: usize| &self.at.v[v_base + j * sp.v.row..][..ev];
+        let v_row = |j: usize| &v_data[j * v_stride..][..ev];
         for (j, finite) in v_finite.iter_mut().enumerate() {
             let (block, jj) = (j / BK, j % BK);
             // The row eight ahead, to be in cache when its turn comes: rows that lie apart
@@ -182,11 +206,11 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
             // dimension (`qpack[r0·e + d·MR + r]`, r0 the group's first row), so a micro-tile
             // reads its MR queries of dimension d from one place.
             for r0 in (0..padded).step_by(MR) {
-                let src: [&[T]; MR] = simd::array(|r| at.q_row(q0 + (r0 + r).min(rows - 1)));
+                let src: [&[Q]; MR] = simd::array(|r| at.q_row(q0 + (r0 + r).min(rows - 1)));
                 let (dst, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks_mut::<MR>();
                 for (d, x) in dst.iter_mut().enumerate() {
                     for (x, src) in x.iter_mut().zip(&src) {
-                        *x = src[d] * scale;
+                        *x = src[d].widen() * scale;
                     }
                 }
             }
@@ -290,8 +314,8 @@ impl<T: AttnFloat> Task for Group<'_, '_, T> {
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     if let Some(token) = fast_pv {
                         // Value rows from key k0 on (ev is a multiple of NR: whole strips).
-                        let v = &self.at.v[v_base + k0 * sp.v.row..];
-                        let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
+                        let v = &v_data[k0 * v_stride..];
+                        let vb = VBlock { v, key_stride: v_stride, strip_stride: NR, cols, ev };
                         T::pv(token, &scores[col0..], &alpha, &mut acc, padded, &vb);
                     } else {
                         let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
@@ -586,7 +610,7 @@ pub(super) fn mask_row<T: AttnFloat>(
     }
 }
 
-impl<T: AttnFloat> Group<'_, '_, T> {
+impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
     /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows`.
     #[inline(always)]
     fn finish_rows(&mut self, q0: usize, rows: usize, m: &[T], sum: &[T], acc: &[T], scores: &[T]) {
@@ -597,7 +621,7 @@ impl<T: AttnFloat> Group<'_, '_, T> {
             let empty = m[r] == T::NEG_INFINITY;
             let out = &mut head.out[i * ev..(i + 1) * ev];
             for (o, &a) in out.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
-                o.write(if empty { T::ZERO } else { a / sum[r] });
+                o.write(Q::narrow(if empty { T::ZERO } else { a / sum[r] }));
             }
             if let Some(lse) = head.lse.as_deref_mut() {
                 lse[i].write(if empty { T::NEG_INFINITY } else { m[r] + sum[r].ln() });
