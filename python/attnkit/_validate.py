@@ -48,7 +48,7 @@ def _float_dtype_of(dt: np.dtype[Any]) -> np.dtype[Any] | None:
         if native in FLOAT_DTYPES or native == FLOAT16:
             return native
     bf16 = bfloat16()
-    if bf16 is not None and dt == bf16:
+    if bf16 is not None and dt.newbyteorder("=") == bf16:
         return bf16
     return None
 
