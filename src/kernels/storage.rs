@@ -101,6 +101,39 @@ pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
+/// Data as stored, for the explicit kernels, which widen 16-bit elements as they load them.
+#[derive(Debug, Clone, Copy)]
+pub enum Stored<'a, T> {
+    /// Already the compute type.
+    Compute(&'a [T]),
+    F16(&'a [F16]),
+    Bf16(&'a [Bf16]),
+}
+
+impl<'a, T> Stored<'a, T> {
+    /// The elements from `i` on.
+    #[inline(always)]
+    pub fn from(self, i: usize) -> Self {
+        match self {
+            Stored::Compute(x) => Stored::Compute(&x[i..]),
+            Stored::F16(x) => Stored::F16(&x[i..]),
+            Stored::Bf16(x) => Stored::Bf16(&x[i..]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Stored::Compute(x) => x.len(),
+            Stored::F16(x) => x.len(),
+            Stored::Bf16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// An element type the kernels read, and the float type they compute it in.
 pub trait Storage: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
     type Compute: AttnFloat;
@@ -122,6 +155,13 @@ pub trait Storage: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = s.widen();
         }
+    }
+    /// The data as the explicit kernels take it.
+    fn stored(data: &[Self]) -> Stored<'_, Self::Compute>;
+    /// Whether the value is finite (neither infinite nor NaN).
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.widen().is_finite()
     }
     /// The dtype's name, for messages.
     const NAME: &'static str;
@@ -147,6 +187,10 @@ macro_rules! compute_in_self {
             fn as_compute(data: &[$t]) -> Option<&[$t]> {
                 Some(data)
             }
+            #[inline(always)]
+            fn stored(data: &[$t]) -> Stored<'_, $t> {
+                Stored::Compute(data)
+            }
             const NAME: &'static str = $name;
         }
     };
@@ -171,6 +215,14 @@ impl Storage for F16 {
     #[inline(always)]
     fn as_compute(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    #[inline(always)]
+    fn stored(data: &[Self]) -> Stored<'_, f32> {
+        Stored::F16(data)
+    }
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.0 & 0x7c00 != 0x7c00
     }
     #[inline(always)]
     fn widen_slice(src: &[Self], dst: &mut [f32]) {
@@ -205,6 +257,14 @@ impl Storage for Bf16 {
     #[inline(always)]
     fn as_compute(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    #[inline(always)]
+    fn stored(data: &[Self]) -> Stored<'_, f32> {
+        Stored::Bf16(data)
+    }
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.0 & 0x7f80 != 0x7f80
     }
     #[inline(always)]
     fn widen_slice(src: &[Self], dst: &mut [f32]) {

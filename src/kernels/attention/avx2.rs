@@ -20,9 +20,11 @@
 use std::arch::x86_64::*;
 
 use super::fast::{ScoreBlock, VBlock};
+use super::lanes::Lanes;
 use super::tile::{BK, MR, NR};
 use crate::kernels::exp::{f32_consts as c, Exp};
 use crate::kernels::simd;
+use crate::kernels::storage::Stored;
 
 /// Proof that this CPU runs AVX2 and FMA (and that the accelerated path is enabled), and
 /// whether it runs AVX-512F too: only [`Avx2::detect`] makes one.
@@ -61,7 +63,19 @@ impl Avx2 {
 
     /// See [`Explicit::pv`](super::fast::Explicit::pv).
     #[inline(always)]
-    pub(super) fn pv(self, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<'_, f32>) {
+    pub(super) fn pv(
+        self,
+        p: &[f32],
+        alpha: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        vb: &VBlock<Stored<'_, f32>>,
+    ) {
+        with_lanes!(vb.v, v => self.pv_typed(p, alpha, out, rows, &vb.with(v)))
+    }
+
+    #[inline(always)]
+    fn pv_typed<L: Lanes>(self, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<&[L]>) {
         if self.avx512 {
             // SAFETY: as in `scores`.
             return unsafe { super::avx512::pv(p, alpha, out, rows, vb) };
@@ -83,21 +97,34 @@ impl Avx2 {
 
     /// See [`Explicit::dots_row`](super::fast::Explicit::dots_row).
     #[inline(always)]
-    pub(super) fn dots_row(self, q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+    pub(super) fn dots_row(self, q: &[f32], k: Stored<'_, f32>, stride: usize, n: usize, out: &mut [f32]) {
         // SAFETY: as in `scores`.
-        unsafe { dots_row(q, k, stride, n, out) }
+        with_lanes!(k, k => unsafe { dots_row(q, k, stride, n, out) })
     }
 
     /// See [`Explicit::pv_row`](super::fast::Explicit::pv_row).
     #[inline(always)]
-    pub(super) fn pv_row(self, p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+    pub(super) fn pv_row(self, p: &[f32], alpha: f32, out: &mut [f32], v: Stored<'_, f32>, stride: usize) {
         // SAFETY: as in `scores`.
-        unsafe { pv_row(p, alpha, out, v, stride) }
+        with_lanes!(v, v => unsafe { pv_row(p, alpha, out, v, stride) })
     }
 
     /// See [`Explicit::dots`](super::fast::Explicit::dots).
     #[inline(always)]
-    pub(super) fn dots(self, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+    pub(super) fn dots(
+        self,
+        q: &[f32],
+        e: usize,
+        k: Stored<'_, f32>,
+        stride: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        with_lanes!(k, k => self.dots_typed(q, e, k, stride, n, out))
+    }
+
+    #[inline(always)]
+    fn dots_typed<L: Lanes>(self, q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
         let rows = q.len() / e;
         assert!(rows.is_multiple_of(MR));
         let mut r = 0;
@@ -116,6 +143,18 @@ impl Avx2 {
         }
     }
 }
+
+/// Runs `$body` with `$x` bound to the slice `$stored` holds, whichever element type it is.
+macro_rules! with_lanes {
+    ($stored:expr, $x:ident => $body:expr) => {
+        match $stored {
+            Stored::Compute($x) => $body,
+            Stored::F16($x) => $body,
+            Stored::Bf16($x) => $body,
+        }
+    };
+}
+pub(super) use with_lanes;
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -140,7 +179,7 @@ fn store(x: &mut [f32; 8], v: __m256) {
 
 /// The first and the last eight of sixteen.
 #[inline(always)]
-fn halves(x: &[f32; NR]) -> [&[f32; 8]; 2] {
+fn halves<X>(x: &[X; NR]) -> [&[X; 8]; 2] {
     let (a, b) = x.split_at(8);
     [a.try_into().unwrap(), b.try_into().unwrap()]
 }
@@ -258,8 +297,8 @@ fn probabilities(row: &mut [f32], m: f32) -> f32 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
-#[target_feature(enable = "avx2,fma")]
-fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pv<L: Lanes>(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<&[L]>) {
     const { assert!(MR == 4) };
     let (ev, cols, ks) = (vb.ev, vb.cols, vb.key_stride);
     assert!(ev.is_multiple_of(NR) && alpha.len() >= MR && out.len() >= MR * ev);
@@ -271,7 +310,7 @@ fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
             0 => &[][..],
             _ => &vb.v[c * vb.strip_stride..][..(cols - 1) * ks + NR],
         };
-        let v = (0..cols).map(|j| -> &[f32; NR] { v[j * ks..][..NR].try_into().unwrap() });
+        let v = (0..cols).map(|j| -> &[L; NR] { v[j * ks..][..NR].try_into().unwrap() });
         let mut tile = [[_mm256_setzero_ps(); 2]; MR];
         for (r, t) in tile.iter_mut().enumerate() {
             let o: &[f32; NR] = out[r * ev + d0..][..NR].try_into().unwrap();
@@ -280,7 +319,8 @@ fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<'_, f32>) {
         }
         let keys = v.zip(p[0]).zip(p[1]).zip(p[2]).zip(p[3]);
         for ((((vj, &p0), &p1), &p2), &p3) in keys {
-            let vj = halves(vj).map(|x| load(x));
+            // SAFETY: AVX2 and F16C (this function's features).
+            let vj = halves(vj).map(|x| unsafe { L::load8(x) });
             for (t, pr) in tile.iter_mut().zip([p0, p1, p2, p3]) {
                 let pr = _mm256_set1_ps(pr);
                 for (t, &v) in t.iter_mut().zip(&vj) {
@@ -320,17 +360,18 @@ fn reduce4(acc: [__m256; 4]) -> [f32; 4] {
 /// Eight floats from the first eight (or fewer, then zeros) of `x`. A zero lane adds
 /// `fma(0, 0, l) = l` to a chain that is never −0, so a short tail changes no bit.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-fn load_padded(x: &[f32]) -> __m256 {
-    let mut t = [0.0f32; 8];
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_padded<L: Lanes>(x: &[L]) -> __m256 {
+    let mut t = [L::default(); 8];
     let n = x.len().min(8);
     t[..n].copy_from_slice(&x[..n]);
-    load(&t)
+    // SAFETY: AVX2 and F16C (this function's features).
+    unsafe { L::load8(&t) }
 }
 
-#[target_feature(enable = "avx2,fma")]
-fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
-    dots_tile::<MR>(q, e, k, stride, n, out)
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dots<L: Lanes>(q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
+    dots_tile::<MR, L>(q, e, k, stride, n, out)
 }
 
 /// [`Explicit::dots`](super::fast::Explicit::dots) for `R` rows (a multiple of four): `R` rows x
@@ -338,11 +379,11 @@ fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]
 /// once for all rows. Eight rows take 16 accumulators, so only a caller with the 32 registers of
 /// AVX-512 (`avx512::dots`) should ask for them.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-pub(super) fn dots_tile<const R: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dots_tile<const R: usize, L: Lanes>(
     q: &[f32],
     e: usize,
-    k: &[f32],
+    k: &[L],
     stride: usize,
     n: usize,
     out: &mut [f32],
@@ -361,7 +402,8 @@ pub(super) fn dots_tile<const R: usize>(
         let (k0, k1) = (key(j).as_chunks::<8>(), key(j + 1).as_chunks::<8>());
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for (c, (x0, x1)) in k0.0.iter().zip(k1.0).enumerate() {
-            let kv = [load(x0), load(x1)];
+            // SAFETY: AVX2 and F16C (this function's features).
+            let kv = unsafe { [L::load8(x0), L::load8(x1)] };
             for (acc, q) in acc.iter_mut().zip(&q) {
                 let qv = load(q[c * 8..][..8].try_into().unwrap());
                 acc[0] = _mm256_fmadd_ps(qv, kv[0], acc[0]);
@@ -389,7 +431,8 @@ pub(super) fn dots_tile<const R: usize>(
         let (kc, kt) = key(j).as_chunks::<8>();
         let mut acc = [_mm256_setzero_ps(); R];
         for (c, x) in kc.iter().enumerate() {
-            let kv = load(x);
+            // SAFETY: as above.
+            let kv = unsafe { L::load8(x) };
             for (acc, q) in acc.iter_mut().zip(&q) {
                 *acc = _mm256_fmadd_ps(load(q[c * 8..][..8].try_into().unwrap()), kv, *acc);
             }
@@ -411,8 +454,8 @@ pub(super) fn dots_tile<const R: usize>(
 
 /// One query row against keys four at a time: four eight-lane chains side by side, each chunk of
 /// the query loaded once for the four keys, reduced together.
-#[target_feature(enable = "avx2,fma")]
-fn dots_row(q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dots_row<L: Lanes>(q: &[f32], k: &[L], stride: usize, n: usize, out: &mut [f32]) {
     let e = q.len();
     if n == 0 {
         return;
@@ -421,9 +464,10 @@ fn dots_row(q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
     let (qc, qt) = q.as_chunks::<8>();
     let q_tail = load_padded(qt);
     let key = |j: usize| k[j * stride..j * stride + e].as_chunks::<8>();
-    let chain = |acc: &mut __m256, (kc, kt): (&[[f32; 8]], &[f32])| {
+    let chain = |acc: &mut __m256, (kc, kt): (&[[L; 8]], &[L])| {
         for (qv, kv) in qc.iter().zip(kc) {
-            *acc = _mm256_fmadd_ps(load(qv), load(kv), *acc);
+            // SAFETY: AVX2 and F16C (this function's features).
+            *acc = _mm256_fmadd_ps(load(qv), unsafe { L::load8(kv) }, *acc);
         }
         if !qt.is_empty() {
             *acc = _mm256_fmadd_ps(q_tail, load_padded(kt), *acc);
@@ -433,13 +477,14 @@ fn dots_row(q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
     while j + 4 <= n {
         // (`std::array::from_fn` here, which LLVM inlines in this kernel; `simd::array` measured
         // 4% slower.)
-        let keys: [(&[[f32; 8]], &[f32]); 4] = std::array::from_fn(|i| key(j + i));
+        let keys: [(&[[L; 8]], &[L]); 4] = std::array::from_fn(|i| key(j + i));
         let mut acc = [_mm256_setzero_ps(); 4];
         // Chunk by chunk across the four keys, so the four chains advance together.
         for (c, qv) in qc.iter().enumerate() {
             let qv = load(qv);
             for (a, (kc, _)) in acc.iter_mut().zip(&keys) {
-                *a = _mm256_fmadd_ps(qv, load(&kc[c]), *a);
+                // SAFETY: as above.
+                *a = _mm256_fmadd_ps(qv, unsafe { L::load8(&kc[c]) }, *a);
             }
         }
         if !qt.is_empty() {
@@ -459,22 +504,22 @@ fn dots_row(q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
 
 /// `out = alpha · out + Σ_j p[j] v_j` for one row: 64 columns (eight registers) at a time, then
 /// 32, 16 and 8, each block's accumulators held in registers across all the keys.
-#[target_feature(enable = "avx2,fma")]
-fn pv_row(p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pv_row<L: Lanes>(p: &[f32], alpha: f32, out: &mut [f32], v: &[L], stride: usize) {
     let (ev, cols) = (out.len(), p.len());
     assert!(ev.is_multiple_of(8) && (cols == 0 || v.len() >= (cols - 1) * stride + ev));
     let mut c = 0;
     while c + 64 <= ev {
-        pv_columns::<8>(p, alpha, &mut out[c..c + 64], &v[c..], stride);
+        pv_columns::<8, L>(p, alpha, &mut out[c..c + 64], &v[c..], stride);
         c += 64;
     }
     for width in [4, 2, 1] {
         if c + 8 * width <= ev {
             let (out, v) = (&mut out[c..c + 8 * width], &v[c..]);
             match width {
-                4 => pv_columns::<4>(p, alpha, out, v, stride),
-                2 => pv_columns::<2>(p, alpha, out, v, stride),
-                _ => pv_columns::<1>(p, alpha, out, v, stride),
+                4 => pv_columns::<4, L>(p, alpha, out, v, stride),
+                2 => pv_columns::<2, L>(p, alpha, out, v, stride),
+                _ => pv_columns::<1, L>(p, alpha, out, v, stride),
             }
             c += 8 * width;
         }
@@ -483,8 +528,8 @@ fn pv_row(p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
 
 /// [`pv_row`] for its `8·R` columns `out` (`R` registers; value `j` at `v[j·stride..]`).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-fn pv_columns<const R: usize>(p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pv_columns<const R: usize, L: Lanes>(p: &[f32], alpha: f32, out: &mut [f32], v: &[L], stride: usize) {
     let (out, _) = out.as_chunks_mut::<8>();
     let a = _mm256_set1_ps(alpha);
     let mut acc = [_mm256_setzero_ps(); R];
@@ -495,7 +540,8 @@ fn pv_columns<const R: usize>(p: &[f32], alpha: f32, out: &mut [f32], v: &[f32],
         let pj = _mm256_set1_ps(pj);
         let (row, _) = v[j * stride..][..8 * R].as_chunks::<8>();
         for (acc, x) in acc.iter_mut().zip(row) {
-            *acc = _mm256_fmadd_ps(pj, load(x), *acc);
+            // SAFETY: AVX2 and F16C (this function's features).
+            *acc = _mm256_fmadd_ps(pj, unsafe { L::load8(x) }, *acc);
         }
     }
     for (o, &acc) in out.iter_mut().zip(&acc) {

@@ -20,6 +20,7 @@
 use std::arch::x86_64::*;
 
 use super::fast::{ScoreBlock, VBlock};
+use super::lanes::Lanes;
 use super::tile::{BK, MR, NR};
 use crate::kernels::exp::f32_consts as c;
 use crate::kernels::simd;
@@ -227,7 +228,7 @@ pub(super) fn probabilities(row: &mut [f32], m: f32) -> f32 {
 
 /// See [`Explicit::pv`](super::fast::Explicit::pv).
 #[target_feature(enable = "avx512f")]
-pub(super) fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<'_, f32>) {
+pub(super) fn pv<L: Lanes>(p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<&[L]>) {
     let (ev, cols) = (vb.ev, vb.cols);
     assert!(
         rows.is_multiple_of(MR) && ev.is_multiple_of(NR) && alpha.len() >= rows && out.len() >= rows * ev
@@ -241,11 +242,11 @@ pub(super) fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VB
         while c < ev / NR {
             let (g, n) = shape(rows - r0, ev / NR - c);
             match (g, n) {
-                (2, 2) => pv_tile::<2, 2>(p, alpha, out, vb, r0, c),
-                (2, _) => pv_tile::<2, 1>(p, alpha, out, vb, r0, c),
-                (_, 4) => pv_tile::<1, 4>(p, alpha, out, vb, r0, c),
-                (_, 2) => pv_tile::<1, 2>(p, alpha, out, vb, r0, c),
-                _ => pv_tile::<1, 1>(p, alpha, out, vb, r0, c),
+                (2, 2) => pv_tile::<2, 2, L>(p, alpha, out, vb, r0, c),
+                (2, _) => pv_tile::<2, 1, L>(p, alpha, out, vb, r0, c),
+                (_, 4) => pv_tile::<1, 4, L>(p, alpha, out, vb, r0, c),
+                (_, 2) => pv_tile::<1, 2, L>(p, alpha, out, vb, r0, c),
+                _ => pv_tile::<1, 1, L>(p, alpha, out, vb, r0, c),
             }
             c += n;
         }
@@ -257,11 +258,11 @@ pub(super) fn pv(p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VB
 /// value columns from strip `c`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn pv_tile<const G: usize, const S: usize>(
+fn pv_tile<const G: usize, const S: usize, L: Lanes>(
     p: &[f32],
     alpha: &[f32],
     out: &mut [f32],
-    vb: &VBlock<'_, f32>,
+    vb: &VBlock<&[L]>,
     r0: usize,
     c: usize,
 ) {
@@ -279,10 +280,11 @@ fn pv_tile<const G: usize, const S: usize>(
     if cols > 0 {
         // Row r's probabilities p[r][0..cols]; strip s's values of key j v[s][j·ks..][..NR].
         let p: [[&[f32]; MR]; G] = simd::array(|g| simd::array(|r| &p[(r0 + g * MR + r) * BK..][..cols]));
-        let v: [&[f32]; S] = simd::array(|s| &vb.v[(c + s) * vb.strip_stride..][..(cols - 1) * ks + NR]);
+        let v: [&[L]; S] = simd::array(|s| &vb.v[(c + s) * vb.strip_stride..][..(cols - 1) * ks + NR]);
         for j in 0..cols {
-            // SAFETY: j < cols, so j·ks + NR <= v[s].len() (its length above).
-            let vj: [__m512; S] = simd::array(|s| unsafe { _mm512_loadu_ps(v[s].as_ptr().add(j * ks)) });
+            // SAFETY: j < cols, so j·ks + NR <= v[s].len() (its length above); AVX-512F (this
+            // function's feature).
+            let vj: [__m512; S] = simd::array(|s| unsafe { L::load16(v[s].as_ptr().add(j * ks)) });
             for (tile, p) in tile.iter_mut().zip(&p) {
                 for (t, pr) in tile.iter_mut().zip(p) {
                     // SAFETY: j < cols = pr.len().
@@ -307,6 +309,6 @@ fn pv_tile<const G: usize, const S: usize>(
 /// See [`Explicit::dots`](super::fast::Explicit::dots): eight rows at a time, the AVX2 kernel with
 /// twice its rows, for which the 32 registers of AVX-512 make room (16 accumulators).
 #[target_feature(enable = "avx512f,avx512vl")]
-pub(super) fn dots(q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
-    super::avx2::dots_tile::<{ 2 * MR }>(q, e, k, stride, n, out)
+pub(super) fn dots<L: Lanes>(q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
+    super::avx2::dots_tile::<{ 2 * MR }, L>(q, e, k, stride, n, out)
 }

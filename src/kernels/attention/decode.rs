@@ -20,7 +20,7 @@
 //! value is finite.
 
 use super::fast::VBlock;
-use super::tile::{add_pv, key_range, mask_row, update_row, HeadOut, RowAt, BK, MR, NR};
+use super::tile::{add_pv, key_range, mask_row, rows_as, update_row, HeadOut, RowAt, BK, MR, NR};
 use super::{AttnFloat, AttnSpec, TaskInputs};
 use crate::kernels::simd::Task;
 use crate::kernels::storage::Storage;
@@ -93,13 +93,12 @@ where
         let offset = sp.offset();
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
-        // Keys and values from the task's first row on: read as they lie where they are T,
-        // else widened a key block at a time into `kw` and `vw` (rows `e` and `ev` apart).
+        // Keys and values from the task's first row on, as stored: the explicit kernels read
+        // them so (widening 16-bit elements as they load them), the generic code as T ([`rows_as`]:
+        // 16-bit rows widened a key block at a time into `kw` and `vw`).
         let k_src = self.at.k.get(k_base..).unwrap_or_default();
         let v_src = self.at.v.get(v_base..).unwrap_or_default();
-        let (k_direct, v_direct) = (KV::as_compute(k_src), KV::as_compute(v_src));
-        let mut kw = vec![T::ZERO; if k_direct.is_none() { BK * e } else { 0 }];
-        let mut vw = vec![T::ZERO; if v_direct.is_none() { BK * ev } else { 0 }];
+        let (mut kw, mut vw) = (Vec::new(), Vec::new());
 
         let scale = T::from_f64(sp.scale);
         // Scratch, in one allocation: the queries times `scale`, a key block's scores, and the
@@ -136,34 +135,23 @@ where
                 k0 += cols; // a fully padded key block: nothing to compute
                 continue;
             }
-            // The block's keys and values as T, rows `k_stride` and `v_stride` apart.
-            let (k_block, k_stride) = match k_direct {
-                Some(k) => (&k[k0 * sp.k.row..], sp.k.row),
-                None => {
-                    for (j, row) in kw.chunks_exact_mut(e.max(1)).enumerate().take(cols) {
-                        KV::widen_slice(&k_src[(k0 + j) * sp.k.row..][..e], row);
+            let k_block = KV::stored(k_src).from(k0 * sp.k.row);
+            match fast_dots {
+                Some(token) => {
+                    if fast_rows > 0 {
+                        T::dots(token, &qs[..fast_rows * e], e, k_block, sp.k.row, cols, scores);
                     }
-                    (&kw[..], e)
-                }
-            };
-            let (v, v_stride) = match v_direct {
-                Some(v) => (&v[k0 * sp.v.row..], sp.v.row),
-                None => {
-                    for (j, row) in vw.chunks_exact_mut(ev.max(1)).enumerate().take(cols) {
-                        KV::widen_slice(&v_src[(k0 + j) * sp.v.row..][..ev], row);
+                    for r in fast_rows..rows {
+                        let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);
+                        T::dots_row(token, q, k_block, sp.k.row, cols, out);
                     }
-                    (&vw[..], ev)
                 }
-            };
-            let v_row = |j: usize| &v[j * v_stride..][..ev];
-            if let Some(token) = fast_dots.filter(|_| fast_rows > 0) {
-                T::dots(token, &qs[..fast_rows * e], e, k_block, k_stride, cols, scores);
-            }
-            for r in fast_rows..rows {
-                let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);
-                match fast_dots {
-                    Some(token) => T::dots_row(token, q, k_block, k_stride, cols, out),
-                    None => dots(q, |j| &k_block[j * k_stride..][..e], out),
+                None => {
+                    let (k, stride) = rows_as(k_src, sp.k.row, e, k0, cols, &mut kw);
+                    for r in 0..rows {
+                        let (q, out) = (&qs[r * e..(r + 1) * e], &mut scores[r * BK..r * BK + cols]);
+                        dots(q, |j| &k[j * stride..][..e], out);
+                    }
                 }
             }
             for r in 0..rows {
@@ -187,20 +175,26 @@ where
             let mut plain = |rows: std::ops::Range<usize>| {
                 !rows.into_iter().any(masked)
                     || *finite.get_or_insert_with(|| {
-                        (0..cols).all(|j| v_row(j).iter().fold(true, |all, x| all & x.is_finite()))
+                        (k0..k0 + cols)
+                            .all(|j| v_src[j * sp.v.row..][..ev].iter().fold(true, |all, x| all & x.finite()))
                     })
             };
+            let v_block = KV::stored(v_src).from(k0 * sp.v.row);
             let mut pv_rows = 0;
             if let Some(token) = fast_pv.filter(|_| fast_rows > 0 && plain(0..fast_rows)) {
-                let vb = VBlock { v, key_stride: v_stride, strip_stride: NR, cols, ev };
+                let vb = VBlock { v: v_block, key_stride: sp.v.row, strip_stride: NR, cols, ev };
                 T::pv(token, scores, alpha, p_acc, fast_rows, &vb);
                 pv_rows = fast_rows;
             }
-            for r in pv_rows..rows {
+            let explicit: Vec<bool> = (pv_rows..rows).map(|r| fast_pv.is_some() && plain(r..r + 1)).collect();
+            // The block's values as T, where the generic code needs them.
+            let v_t = explicit.contains(&false).then(|| rows_as(v_src, sp.v.row, ev, k0, cols, &mut vw));
+            for (r, explicit) in (pv_rows..rows).zip(explicit) {
                 let (pr, acc) = (&scores[r * BK..r * BK + cols], &mut p_acc[r * ev..(r + 1) * ev]);
-                match fast_pv.filter(|_| plain(r..r + 1)) {
-                    Some(token) => T::pv_row(token, pr, alpha[r], acc, v, v_stride),
-                    None => add_pv(pr, alpha[r], acc, v_row),
+                match (fast_pv, v_t) {
+                    (Some(token), _) if explicit => T::pv_row(token, pr, alpha[r], acc, v_block, sp.v.row),
+                    (_, Some((v, stride))) => add_pv(pr, alpha[r], acc, |j| &v[j * stride..][..ev]),
+                    _ => unreachable!("the values as T are made for every row the generic code takes"),
                 }
             }
             k0 += cols;

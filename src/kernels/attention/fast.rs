@@ -17,16 +17,33 @@
 //! without kernels have an uninhabited token: `detect` returns `None` and the kernels are never
 //! called.
 
+use crate::kernels::storage::Stored;
+
 /// The values of one key block for [`Explicit::pv`]: value column `c·NR + t` of the block's key
 /// `j` is `v[j·key_stride + c·strip_stride + t]`, for keys `0..cols` and `ev` columns: value rows
 /// as they lie (`tile.rs`, `decode.rs`) have `strip_stride = NR`; packed strips would have
-/// `key_stride = NR`.
-pub struct VBlock<'a, T> {
-    pub v: &'a [T],
+/// `key_stride = NR`. `V` holds the values: as stored ([`Stored`]) where the trait takes them,
+/// a slice of one element type inside the kernels.
+pub struct VBlock<V> {
+    pub v: V,
     pub key_stride: usize,
     pub strip_stride: usize,
     pub cols: usize,
     pub ev: usize,
+}
+
+impl<V> VBlock<V> {
+    /// The same block with the values `v`.
+    #[inline(always)]
+    pub fn with<W>(&self, v: W) -> VBlock<W> {
+        VBlock {
+            v,
+            key_stride: self.key_stride,
+            strip_stride: self.strip_stride,
+            cols: self.cols,
+            ev: self.ev,
+        }
+    }
 }
 
 /// A token that cannot exist: the kernels of a type that has none.
@@ -74,16 +91,23 @@ pub trait Explicit: Sized + Copy {
     /// `out[r] = alpha[r] · out[r] + Σ_j p[r·BK + j] v_j` for `rows` rows (a multiple of `MR`),
     /// keys in order: the same as `tile::pv_tiles`, and as `decode::add_pv` where every value is
     /// finite. `vb.ev` must be a multiple of `NR`.
-    fn pv(t: Self::Token, p: &[Self], alpha: &[Self], out: &mut [Self], rows: usize, vb: &VBlock<'_, Self>);
+    fn pv(
+        t: Self::Token,
+        p: &[Self],
+        alpha: &[Self],
+        out: &mut [Self],
+        rows: usize,
+        vb: &VBlock<Stored<'_, Self>>,
+    );
 
     /// `out[j] = q · k_j` for one query row and the keys `k[j·stride..][..q.len()]`, `j < n`: the
     /// same as `decode::dots`.
-    fn dots_row(t: Self::Token, q: &[Self], k: &[Self], stride: usize, n: usize, out: &mut [Self]);
+    fn dots_row(t: Self::Token, q: &[Self], k: Stored<'_, Self>, stride: usize, n: usize, out: &mut [Self]);
 
     /// `out = alpha · out + Σ_j p[j] v_j` for one row and the values `v[j·stride..][..out.len()]`,
     /// keys in order, none left out: the same as `decode::add_pv` where no `p[j]` is −0.0 or
     /// every value is finite. `out.len()` must be a multiple of 8.
-    fn pv_row(t: Self::Token, p: &[Self], alpha: Self, out: &mut [Self], v: &[Self], stride: usize);
+    fn pv_row(t: Self::Token, p: &[Self], alpha: Self, out: &mut [Self], v: Stored<'_, Self>, stride: usize);
 
     /// `kt[(j / NR · e + d) · NR + j % NR] = k[j · stride + d]` for keys `j < n` and `d < e`: the
     /// keys transposed into strips of `NR`, as `tile.rs` packs them.
@@ -92,7 +116,15 @@ pub trait Explicit: Sized + Copy {
     /// `out[r·BK + j] = q_r · k_j` for the query rows of `q` (`e > 0` apart, a multiple of `MR`
     /// of them) and the keys `k[j·stride..][..e]`, `j < n`: the same as `decode::dots`, each key
     /// read once for several rows.
-    fn dots(t: Self::Token, q: &[Self], e: usize, k: &[Self], stride: usize, n: usize, out: &mut [Self]);
+    fn dots(
+        t: Self::Token,
+        q: &[Self],
+        e: usize,
+        k: Stored<'_, Self>,
+        stride: usize,
+        n: usize,
+        out: &mut [Self],
+    );
 }
 
 macro_rules! no_kernels {
@@ -108,19 +140,19 @@ macro_rules! no_kernels {
             fn probabilities(t: Never, _: &mut [Self], _: Self) -> Self {
                 match t {}
             }
-            fn pv(t: Never, _: &[Self], _: &[Self], _: &mut [Self], _: usize, _: &VBlock<'_, Self>) {
+            fn pv(t: Never, _: &[Self], _: &[Self], _: &mut [Self], _: usize, _: &VBlock<Stored<'_, Self>>) {
                 match t {}
             }
-            fn dots(t: Never, _: &[Self], _: usize, _: &[Self], _: usize, _: usize, _: &mut [Self]) {
+            fn dots(t: Never, _: &[Self], _: usize, _: Stored<'_, Self>, _: usize, _: usize, _: &mut [Self]) {
                 match t {}
             }
             fn pack_keys(t: Never, _: &[Self], _: usize, _: usize, _: usize, _: &mut [Self]) {
                 match t {}
             }
-            fn dots_row(t: Never, _: &[Self], _: &[Self], _: usize, _: usize, _: &mut [Self]) {
+            fn dots_row(t: Never, _: &[Self], _: Stored<'_, Self>, _: usize, _: usize, _: &mut [Self]) {
                 match t {}
             }
-            fn pv_row(t: Never, _: &[Self], _: Self, _: &mut [Self], _: &[Self], _: usize) {
+            fn pv_row(t: Never, _: &[Self], _: Self, _: &mut [Self], _: Stored<'_, Self>, _: usize) {
                 match t {}
             }
         }
@@ -147,11 +179,26 @@ impl Explicit for f32 {
         t.probabilities(row, m)
     }
     #[inline(always)]
-    fn pv(t: Self::Token, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<'_, f32>) {
+    fn pv(
+        t: Self::Token,
+        p: &[f32],
+        alpha: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        vb: &VBlock<Stored<'_, f32>>,
+    ) {
         t.pv(p, alpha, out, rows, vb)
     }
     #[inline(always)]
-    fn dots(t: Self::Token, q: &[f32], e: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+    fn dots(
+        t: Self::Token,
+        q: &[f32],
+        e: usize,
+        k: Stored<'_, f32>,
+        stride: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
         t.dots(q, e, k, stride, n, out)
     }
     #[inline(always)]
@@ -159,11 +206,11 @@ impl Explicit for f32 {
         t.pack_keys(k, stride, e, n, kt)
     }
     #[inline(always)]
-    fn dots_row(t: Self::Token, q: &[f32], k: &[f32], stride: usize, n: usize, out: &mut [f32]) {
+    fn dots_row(t: Self::Token, q: &[f32], k: Stored<'_, f32>, stride: usize, n: usize, out: &mut [f32]) {
         t.dots_row(q, k, stride, n, out)
     }
     #[inline(always)]
-    fn pv_row(t: Self::Token, p: &[f32], alpha: f32, out: &mut [f32], v: &[f32], stride: usize) {
+    fn pv_row(t: Self::Token, p: &[f32], alpha: f32, out: &mut [f32], v: Stored<'_, f32>, stride: usize) {
         t.pv_row(p, alpha, out, v, stride)
     }
 }

@@ -32,6 +32,8 @@ mod avx2;
 mod avx512;
 mod decode;
 mod fast;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod tile;
 
 use std::mem::MaybeUninit;

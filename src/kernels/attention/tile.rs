@@ -128,46 +128,41 @@ where
                 }
             }
         }
-        // V as T: 16-bit rows widened into a copy (rows `ev` apart), the rest read as they lie.
-        let v_widened = match KV::as_compute(v_src) {
-            Some(_) => vec![],
-            None => {
-                let mut vw = vec![T::ZERO; keys_end * ev];
-                for (j, row) in vw.chunks_exact_mut(ev.max(1)).enumerate().take(keys_end) {
-                    KV::widen_slice(&v_src[j * sp.v.row..][..ev], row);
-                }
-                vw
-            }
-        };
-        let (v_data, v_stride) = match KV::as_compute(v_src) {
-            Some(v) => (v, sp.v.row),
-            None => (&v_widened[..], ev),
-        };
         // V packed likewise for the generic P·V (the explicit kernel reads the rows as they lie,
-        // which costs it nothing and saves the copy): for key block n and output columns c·NR..,
-        // `vt[j][0..NR]` for its keys, contiguous (`BK x NR`). In the same pass, which value rows
-        // are finite: where all of a block's are, masked pairs need no skipping.
+        // 16-bit ones widened as it loads them, which costs it nothing and saves the copy): for
+        // key block n and output columns c·NR.., `vt[j][0..NR]` for its keys, contiguous
+        // (`BK x NR`). In the same pass, which value rows are finite: where all of a block's are,
+        // masked pairs need no skipping.
         let ev_strips = ev / NR;
         let pack_v = fast_pv.is_none();
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
         let mut v_finite = vec![true; keys_end];
+        let v_stored = |j: usize| &v_src[j * sp.v.row..][..ev];
+        // The generic code's values as T: the rows as they lie, or 16-bit ones widened (rows
+        // `ev` apart).
+        let mut v_generic = Vec::new();
+        let (v_data, v_stride) = match pack_v {
+            true => rows_as(v_src, sp.v.row, ev, 0, keys_end, &mut v_generic),
+            false => (&[][..], 0),
+        };
         let v_row = |j: usize| &v_data[j * v_stride..][..ev];
         for (j, finite) in v_finite.iter_mut().enumerate() {
             let (block, jj) = (j / BK, j % BK);
             // The row eight ahead, to be in cache when its turn comes: rows that lie apart
             // (layout bshd, a row of every head in between) are not streamed in by the hardware.
             if j + 8 < keys_end {
-                simd::prefetch(v_row(j + 8));
+                simd::prefetch(v_stored(j + 8));
             }
-            let row = v_row(j);
             if pack_v {
+                let row = v_row(j);
                 for c in 0..ev_strips {
                     let at = ((block * ev_strips + c) * BK + jj) * NR;
                     vt[at..at + NR].copy_from_slice(&row[c * NR..(c + 1) * NR]);
                 }
             }
-            *finite = row.iter().fold(true, |all, x| all & x.is_finite());
+            *finite = v_stored(j).iter().fold(true, |all, x| all & x.finite());
         }
+        let mut v_scratch = Vec::new(); // a key block's values as T, for `add_pv` beside the explicit P·V
         let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
         let scale = T::from_f64(sp.scale);
         let mut scores = [T::ZERO; BQ * BK];
@@ -308,14 +303,13 @@ where
                     alpha[r] = update_row(fast, srow, row_max, &mut m[r], &mut sum[r]);
                 }
                 // out = alpha * out + P V.
-                let v_block = |j: usize| v_row(k0 + j);
                 if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     if let Some(token) = fast_pv {
                         // Value rows from key k0 on (ev is a multiple of NR: whole strips).
-                        let v = &v_data[k0 * v_stride..];
-                        let vb = VBlock { v, key_stride: v_stride, strip_stride: NR, cols, ev };
+                        let v = KV::stored(v_src).from(k0 * sp.v.row);
+                        let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
                         T::pv(token, &scores[col0..], &alpha, &mut acc, padded, &vb);
                     } else {
                         let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
@@ -323,21 +317,48 @@ where
                         for r0 in (0..padded).step_by(MR) {
                             let out = &mut acc[r0 * ev..(r0 + MR) * ev];
                             let (p, alpha) = (&scores[r0 * BK + col0..], &alpha[r0..r0 + MR]);
-                            pv_tiles::<T, MR>(p, alpha, out, &vb, &v_block);
+                            pv_tiles::<T, MR>(p, alpha, out, &vb, &|j| v_row(k0 + j));
                         }
                     }
                 } else {
                     // Some value is NaN or infinite: leave masked pairs out one by one (so they
                     // cannot turn 0 * inf into NaN); each output element is the same chain of
                     // fused multiply-adds, in key order, as in `pv_tiles`.
+                    let (v, stride) = match pack_v {
+                        true => (&v_data[k0 * v_stride..], v_stride),
+                        false => rows_as(v_src, sp.v.row, ev, k0, cols, &mut v_scratch),
+                    };
                     for r in 0..rows {
                         let p = &scores[r * BK + col0..r * BK + col0 + cols];
-                        add_pv(p, alpha[r], &mut acc[r * ev..(r + 1) * ev], v_block);
+                        add_pv(p, alpha[r], &mut acc[r * ev..(r + 1) * ev], |j| &v[j * stride..][..ev]);
                     }
                 }
                 k0 += cols;
             }
             self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores);
+        }
+    }
+}
+
+/// Rows `k0..k0 + cols` (`width` elements each, `stride` apart) of `src` as T, and the distance
+/// between them: in place where `src` holds T, else widened into `scratch`.
+#[inline(always)]
+pub(super) fn rows_as<'s, KV: Storage>(
+    src: &'s [KV],
+    stride: usize,
+    width: usize,
+    k0: usize,
+    cols: usize,
+    scratch: &'s mut Vec<KV::Compute>,
+) -> (&'s [KV::Compute], usize) {
+    match KV::as_compute(src) {
+        Some(x) => (&x[k0 * stride..], stride),
+        None => {
+            scratch.resize(cols * width, KV::Compute::ZERO);
+            for (j, row) in scratch.chunks_exact_mut(width.max(1)).enumerate().take(cols) {
+                KV::widen_slice(&src[(k0 + j) * stride..][..width], row);
+            }
+            (&scratch[..], width)
         }
     }
 }
