@@ -164,6 +164,7 @@ where
         }
         let mut v_scratch = Vec::new(); // a key block's values as T, for `add_pv` beside the explicit P·V
         let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
+        let mut q_wide = vec![T::ZERO; MR * e]; // a group of 16-bit query rows, widened
         let scale = T::from_f64(sp.scale);
         let mut scores = [T::ZERO; BQ * BK];
         let mut acc = vec![T::ZERO; BQ * ev];
@@ -200,12 +201,22 @@ where
             // Pack the block's queries times `scale`, each group of MR rows interleaved by
             // dimension (`qpack[r0·e + d·MR + r]`, r0 the group's first row), so a micro-tile
             // reads its MR queries of dimension d from one place.
+            // (16-bit queries are widened a group of rows at a time first, with the conversion
+            // instructions.)
+            let widen_q = Q::as_compute(at.q_row(q0)).is_none();
             for r0 in (0..padded).step_by(MR) {
-                let src: [&[Q]; MR] = simd::array(|r| at.q_row(q0 + (r0 + r).min(rows - 1)));
+                let row = |r: usize| at.q_row(q0 + (r0 + r).min(rows - 1));
+                if widen_q {
+                    for (r, wide) in q_wide.chunks_exact_mut(e.max(1)).enumerate() {
+                        Q::widen_slice(row(r), wide);
+                    }
+                }
+                let src: [&[T]; MR] =
+                    simd::array(|r| Q::as_compute(row(r)).unwrap_or(&q_wide[r * e..(r + 1) * e]));
                 let (dst, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks_mut::<MR>();
                 for (d, x) in dst.iter_mut().enumerate() {
                     for (x, src) in x.iter_mut().zip(&src) {
-                        *x = src[d].widen() * scale;
+                        *x = src[d] * scale;
                     }
                 }
             }
