@@ -94,9 +94,13 @@ def test_attention_meets_the_bound_and_is_float32_rounded_once(dtype, case, leng
     q, k, v = qkv(dtype, length=length, s=140)
     out = _call(q, k, v, case)
     assert out.dtype == dtype
-    # Computed in float32 from the exactly widened inputs, each output rounded once.
     f32 = _call(*widened(q, k, v), case)
-    assert out.tobytes() == f32.astype(dtype).tobytes()
+    if dtype == F16 or length <= 16:
+        # Computed in float32 from the exactly widened inputs, each output rounded once.
+        assert out.tobytes() == f32.astype(dtype).tobytes()
+    else:
+        # bfloat16 prefill: dot-product pairs and P rounded to bfloat16 (vdpbf16ps's arithmetic).
+        assert out.tobytes() != f32.astype(dtype).tobytes()
     assert_within_bound(out, q, k, v, dtype, **_ref_kw(q, case))
 
 
@@ -169,24 +173,41 @@ def test_same_bits_for_threads_layouts_batch_splits_and_grouped_heads(dtype, len
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("length", [1, 6, 40])
-def test_portable_path_gives_the_simd_bits(dtype, length):
+@pytest.mark.parametrize("length", [1, 6, 40, 133])
+@pytest.mark.parametrize("level", ["portable", "avx2"])
+def test_every_path_gives_the_same_bits(dtype, length, level):
+    """The explicit kernels of this CPU (AVX512_BF16's vdpbf16ps where it has it) against the
+    portable code (`level="portable"`) and against the code without AVX-512 (`"avx2"`), which
+    emulate the instruction's arithmetic step by step; with masks that take the fused score
+    kernel, the generic masking and the skipping of masked pairs beside non-finite values."""
     if not _core._simd_accelerated():
         pytest.skip("this CPU has no AVX2: only the portable path exists")
-    q, k, v = qkv(dtype, length=length, s=700, e=64, ev=64)
+    q, k, v = qkv(dtype, length=length, s=700, e=72, ev=64, spread=4.0)
     q32 = q.astype(np.float32)
+    km = np.ones((2, 700), bool)
+    km[:, ::9] = False
+    kp, vp = k.copy(), v.copy()
+    kp[:, :, ::9] = np.nan
+    vp[:, :, ::9] = np.inf
+    tiny = (v * np.asarray(1e-38, dtype)).astype(dtype)  # subnormal products and sums
     calls = lambda: [sdpa(q, k, v, is_causal=True, enable_gqa=True),  # noqa: E731
+                     sdpa(q, k, v, enable_gqa=True, key_mask=km, softcap=3.0),
+                     sdpa(q, kp, vp, enable_gqa=True, key_mask=km, window=(50, 0), causal_alignment="bottom_right"),
+                     sdpa(q, k, tiny, enable_gqa=True, is_causal=True),
                      sdpa(q32, k, v, enable_gqa=True, return_lse=True)[0],
                      attnkit.embedding(np.arange(50) % 7, k[0, 0], scale=3.0),
-                     attnkit.apply_rope(k, *attnkit.rope_cos_sin(700, 64))]
+                     attnkit.apply_rope(k[..., :64], *attnkit.rope_cos_sin(700, 64))]
     want = calls()
-    _core._set_simd_enabled(False)
+    if level == "portable":
+        _core._set_simd_enabled(False)
+    else:
+        _core._set_simd_enabled(True, avx512=False)
     try:
         got = calls()
     finally:
         _core._set_simd_enabled(True)
-    for a, b in zip(got, want, strict=True):
-        assert a.tobytes() == b.tobytes()
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.tobytes() == b.tobytes(), f"call {i}"
 
 
 def test_fully_masked_rows_give_zeros_in_16_bits():

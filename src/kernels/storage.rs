@@ -196,6 +196,11 @@ pub trait Storage: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
             *d = s.widen();
         }
     }
+    /// The data as bfloat16, where it is.
+    #[inline(always)]
+    fn as_bf16(_: &[Self]) -> Option<&[Bf16]> {
+        None
+    }
     /// The data as the explicit kernels take it.
     fn stored(data: &[Self]) -> Stored<'_, Self::Compute>;
     /// Whether the value is finite (neither infinite nor NaN).
@@ -301,6 +306,10 @@ impl Storage for Bf16 {
     #[inline(always)]
     fn stored(data: &[Self]) -> Stored<'_, f32> {
         Stored::Bf16(data)
+    }
+    #[inline(always)]
+    fn as_bf16(data: &[Self]) -> Option<&[Bf16]> {
+        Some(data)
     }
     #[inline(always)]
     fn finite(self) -> bool {

@@ -30,7 +30,10 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
 mod decode;
+mod dot16;
 mod fast;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
@@ -54,13 +57,17 @@ pub trait AttnFloat:
     fn is_finite(self) -> bool;
     /// Whether this is −0.0, the mark of a masked probability.
     fn is_neg_zero(self) -> bool;
+    /// The data as float32, where this is float32 (for the bfloat16 kernels, which compute in it).
+    fn as_f32(x: &[Self]) -> Option<&[f32]>;
+    /// [`AttnFloat::as_f32`], writable.
+    fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]>;
     const NEG_INFINITY: Self;
     const ZERO: Self;
     const ONE: Self;
 }
 
 macro_rules! impl_attn_float {
-    ($t:ty) => {
+    ($t:ty, $as_f32:expr, $as_f32_mut:expr) => {
         impl AttnFloat for $t {
             #[inline(always)]
             fn mul_add(self, a: Self, b: Self) -> Self {
@@ -82,14 +89,22 @@ macro_rules! impl_attn_float {
             fn is_neg_zero(self) -> bool {
                 self == 0.0 && self.is_sign_negative()
             }
+            #[inline(always)]
+            fn as_f32(x: &[Self]) -> Option<&[f32]> {
+                $as_f32(x)
+            }
+            #[inline(always)]
+            fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]> {
+                $as_f32_mut(x)
+            }
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
         }
     };
 }
-impl_attn_float!(f32);
-impl_attn_float!(f64);
+impl_attn_float!(f32, Some, Some);
+impl_attn_float!(f64, |_| None, |_| None);
 
 /// Where query row `i` sits among the keys, for causal masks, windows and ALiBi.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,11 +251,17 @@ impl<'a, Q, KV, T> TaskInputs<'a, Q, KV, T> {
         self.g * group + r % group
     }
 
-    /// The query of task row `r` (see [`TaskInputs::head_of`]).
+    /// Where the query of task row `r` starts in `q` (see [`TaskInputs::head_of`]).
+    #[inline(always)]
+    fn q_start(&self, r: usize) -> usize {
+        let (sp, group) = (self.spec, self.spec.heads_q / self.spec.heads_kv);
+        self.b * sp.q.batch + self.head_of(r) * sp.q.head + (r / group) * sp.q.row
+    }
+
+    /// The query of task row `r`.
     #[inline(always)]
     fn q_row(&self, r: usize) -> &'a [Q] {
-        let (sp, group) = (self.spec, self.spec.heads_q / self.spec.heads_kv);
-        &self.q[self.b * sp.q.batch + self.head_of(r) * sp.q.head + (r / group) * sp.q.row..][..sp.dim_qk]
+        &self.q[self.q_start(r)..][..self.spec.dim_qk]
     }
 }
 

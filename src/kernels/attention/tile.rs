@@ -26,12 +26,12 @@
 use std::mem::MaybeUninit;
 
 use super::fast::{ScoreBlock, VBlock};
-use super::{AttnFloat, AttnSpec, Masks, TaskInputs};
+use super::{dot16, AttnFloat, AttnSpec, Masks, TaskInputs};
 use crate::kernels::simd::{self, Task};
 use crate::kernels::storage::Storage;
 
 /// Query rows per block.
-const BQ: usize = 32;
+pub(super) const BQ: usize = 32;
 /// Keys per block.
 pub(super) const BK: usize = 128;
 
@@ -108,14 +108,23 @@ where
         // K is packed once per task, transposed, as strips of NR keys: strip t of key block n
         // holds `kt[d][0..NR]` for its keys, contiguous (`e x NR`), zero-padded past S.
         let fast = T::detect();
-        let fast_pv = fast.filter(|_| ev > 0 && ev.is_multiple_of(NR));
-        let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
-        let mut kt = vec![T::ZERO; packed * e];
         // The task's keys and values from their first row on (16-bit ones are widened as they
-        // are packed: the loops below compute in T alone).
+        // are packed, or read by kernels that widen them: the loops below compute in T alone).
         let k_src = self.at.k.get(k_base..).unwrap_or_default();
         let v_src = self.at.v.get(v_base..).unwrap_or_default();
+        // bfloat16 queries, keys and values (value rows of whole strips): the matrix products in
+        // the dot-product pairs of `dot16.rs`, which packs K and V itself.
+        let mut dot = match (Q::as_bf16(self.at.q), KV::as_bf16(k_src), KV::as_bf16(v_src)) {
+            (Some(q), Some(k), Some(v)) if ev > 0 && ev.is_multiple_of(NR) => {
+                Some(dot16::Dot::new(q, k, sp.k.row, v, sp.v.row, e, ev, keys_end))
+            }
+            _ => None,
+        };
+        let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
+        let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
+        let mut kt = vec![T::ZERO; if dot.is_none() { packed * e } else { 0 }];
         match (fast, KV::as_compute(k_src)) {
+            _ if dot.is_some() => {}
             (Some(token), Some(k)) if keys_end > 0 => T::pack_keys(token, k, sp.k.row, e, keys_end, &mut kt),
             _ => {
                 let mut row = vec![T::ZERO; e];
@@ -134,7 +143,7 @@ where
         // (`BK x NR`). In the same pass, which value rows are finite: where all of a block's are,
         // masked pairs need no skipping.
         let ev_strips = ev / NR;
-        let pack_v = fast_pv.is_none();
+        let pack_v = fast_pv.is_none() && dot.is_none();
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
         let mut v_finite = vec![true; keys_end];
         let v_stored = |j: usize| &v_src[j * sp.v.row..][..ev];
@@ -175,7 +184,9 @@ where
             && masks.alibi.is_none()
             && masks.float_mask.is_none()
             && masks.bool_mask.is_none();
-        let fast_scores = fast.filter(|_| simple_masks);
+        let fast_scores = fast.filter(|_| simple_masks && dot.is_none());
+        // The bfloat16 score kernel masks as it stores, likewise, where it is explicit.
+        let dot_masks = simple_masks && dot.as_ref().is_some_and(|d| d.explicit());
         let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
         // The key columns (k0, cols) whose marks `keep` holds: query blocks that share them (all
         // of a task's, without causal or window bounds) build them once.
@@ -204,7 +215,10 @@ where
             // (16-bit queries are widened a group of rows at a time first, with the conversion
             // instructions.)
             let widen_q = Q::as_compute(at.q_row(q0)).is_none();
-            for r0 in (0..padded).step_by(MR) {
+            if let Some(dot) = &mut dot {
+                dot.pack_queries(padded, |r| at.q_start(q0 + r.min(rows - 1)));
+            }
+            for r0 in (0..padded).step_by(MR).filter(|_| dot.is_none()) {
                 let row = |r: usize| at.q_row(q0 + (r0 + r).min(rows - 1));
                 if widen_q {
                     for (r, wide) in q_wide.chunks_exact_mut(e.max(1)).enumerate() {
@@ -241,14 +255,15 @@ where
                 // Scores of the block's columns col0..col0 + cols, MR rows x NR keys at a time
                 // (whole NR-column tiles; the columns outside are dropped).
                 let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
-                let kt_block = &kt[block * BK * e..(block + 1) * BK * e];
-                if let Some(token) = fast_scores {
-                    // Every pair valid (most blocks away from a causal diagonal, with no padding):
-                    // the tiles are exactly the columns, no key is padding, and the bounds of
-                    // the block's first row (the smallest upper bound) and last row (the largest
-                    // lower bound) hold them all. Else the masks, column by column and row by row.
+                let kt_block = &kt[(block * BK * e).min(kt.len())..((block + 1) * BK * e).min(kt.len())];
+                // Every pair valid (most blocks away from a causal diagonal, with no padding):
+                // the tiles are exactly the columns, no key is padding, and the bounds of the
+                // block's first row (the smallest upper bound) and last row (the largest lower
+                // bound) hold them all. Else the masks, column by column and row by row.
+                let mut all_valid = true;
+                if fast_scores.is_some() || dot_masks {
                     let (first, last) = (q0 / group, (q0 + rows - 1) / group);
-                    let all_valid = (t0, t1) == (col0, col0 + cols)
+                    all_valid = (t0, t1) == (col0, col0 + cols)
                         && kept == cols
                         && key_range(sp, offset, last, last).0 <= k0
                         && key_range(sp, offset, first, first).1 >= k0 + cols;
@@ -268,6 +283,17 @@ where
                             *bound = (lo.saturating_sub(base).min(BK), hi.saturating_sub(base).min(BK));
                         }
                     }
+                }
+                let scale32 = sp.scale as f32;
+                if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(&mut scores)) {
+                    match (dot_masks, T::as_f32_mut(&mut row_max)) {
+                        (true, Some(max)) => {
+                            let mask = dot16::Mask { all_valid, bounds: &bounds[..padded], keep: &keep };
+                            dot.masked_scores(block, (t0, t1), padded, scale32, out, &mask, max)
+                        }
+                        _ => dot.scores(block, (t0, t1), padded, scale32, out),
+                    }
+                } else if let Some(token) = fast_scores {
                     let blk = ScoreBlock {
                         q: &qpack[..padded * e],
                         kt: kt_block,
@@ -301,9 +327,9 @@ where
                     let row = q0 + r.min(rows - 1);
                     let (i, h) = (row / group, at.head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
-                    let row_max = match fast_scores {
-                        Some(_) => row_max[r], // masked already
-                        None => {
+                    let row_max = match fast_scores.is_some() || dot_masks {
+                        true => row_max[r], // masked already
+                        false => {
                             let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                             mask_row(sp, self.at.masks, at, srow)
                         }
@@ -317,7 +343,10 @@ where
                 if v_finite[k0..k0 + cols].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
-                    if let Some(token) = fast_pv {
+                    let f32s = (T::as_f32(&scores), T::as_f32(&alpha), T::as_f32_mut(&mut acc));
+                    if let (Some(dot), (Some(p), Some(alpha), Some(out))) = (&mut dot, f32s) {
+                        dot.pv(block, p, alpha, out, padded, cols);
+                    } else if let Some(token) = fast_pv {
                         // Value rows from key k0 on (ev is a multiple of NR: whole strips).
                         let v = KV::stored(v_src).from(k0 * sp.v.row);
                         let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
@@ -335,13 +364,23 @@ where
                     // Some value is NaN or infinite: leave masked pairs out one by one (so they
                     // cannot turn 0 * inf into NaN); each output element is the same chain of
                     // fused multiply-adds, in key order, as in `pv_tiles`.
-                    let (v, stride) = match pack_v {
-                        true => (&v_data[k0 * v_stride..], v_stride),
-                        false => rows_as(v_src, sp.v.row, ev, k0, cols, &mut v_scratch),
-                    };
-                    for r in 0..rows {
-                        let p = &scores[r * BK + col0..r * BK + col0 + cols];
-                        add_pv(p, alpha[r], &mut acc[r * ev..(r + 1) * ev], |j| &v[j * stride..][..ev]);
+                    let v_bf16 = KV::as_bf16(v_src).filter(|_| dot.is_some());
+                    let f32s = (T::as_f32(&scores), T::as_f32(&alpha), T::as_f32_mut(&mut acc));
+                    if let (Some(v), (Some(p), Some(alpha), Some(acc))) = (v_bf16, f32s) {
+                        // The pairs' steps with masked keys left out (`dot16.rs`).
+                        for r in 0..rows {
+                            let (p, out) = (&p[r * BK..r * BK + cols], &mut acc[r * ev..(r + 1) * ev]);
+                            dot16::pv_skipping_masked(p, alpha[r], out, |j| &v[(k0 + j) * sp.v.row..][..ev]);
+                        }
+                    } else {
+                        let (v, stride) = match pack_v {
+                            true => (&v_data[k0 * v_stride..], v_stride),
+                            false => rows_as(v_src, sp.v.row, ev, k0, cols, &mut v_scratch),
+                        };
+                        for r in 0..rows {
+                            let p = &scores[r * BK + col0..r * BK + col0 + cols];
+                            add_pv(p, alpha[r], &mut acc[r * ev..(r + 1) * ev], |j| &v[j * stride..][..ev]);
+                        }
                     }
                 }
                 k0 += cols;

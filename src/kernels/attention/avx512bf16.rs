@@ -1,0 +1,333 @@
+//! The kernels of `dot16.rs` with `vdpbf16ps` (AVX512_BF16): the score and P·V tiles of
+//! bfloat16 attention, two multiply-adds per float32 lane in one instruction, and the rounding
+//! of probabilities to bfloat16 with `vcvtne2ps2bf16`. Each computes exactly what its portable
+//! counterpart in `dot16.rs` computes, whose `step` is this instruction's lane; the tiles have
+//! the shapes of `avx512.rs` (up to 16 accumulators: two groups of MR rows by two strips of 16
+//! columns, or one group by four).
+//!
+//! `unsafe` appears where memory is read or written (inside lengths asserted first) and where
+//! [`Bf16Dot`] enters the kernels, whose existence proves the CPU has the instructions.
+
+use std::arch::x86_64::*;
+
+use super::dot16::Mask;
+use super::tile::{BK, MR, NR};
+use crate::kernels::simd;
+
+/// Proof that this CPU runs AVX-512F, AVX-512VL and AVX512_BF16, and that the accelerated path
+/// (with AVX-512) is enabled: only [`Bf16Dot::detect`] makes one.
+#[derive(Clone, Copy)]
+pub struct Bf16Dot(());
+
+impl Bf16Dot {
+    #[inline(always)]
+    pub(super) fn detect() -> Option<Self> {
+        (simd::avx512() && std::arch::is_x86_feature_detected!("avx512bf16")).then_some(Self(()))
+    }
+
+    /// See `dot16::scores`; with `mask`, also the masks of `dot16::Mask` (a select to −inf
+    /// after all arithmetic) and each row's maximum into `max` (NaN if a valid score is NaN).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn scores(
+        self,
+        q: &[u32],
+        p: usize,
+        kt: &[u32],
+        rows: usize,
+        tiles: (usize, usize),
+        scale: f32,
+        out: &mut [f32],
+        mask: Option<(&Mask<'_>, &mut [f32])>,
+    ) {
+        // SAFETY: `self` exists only on a CPU with these instructions.
+        unsafe { scores(q, p, kt, rows, tiles, scale, out, mask) }
+    }
+
+    /// See `dot16::round_probabilities`.
+    #[inline(always)]
+    pub(super) fn round_probabilities(self, p: &[f32], cols: usize, rows: usize, pw: &mut [u32]) {
+        // SAFETY: as in `scores`.
+        unsafe { round_probabilities(p, cols, rows, pw) }
+    }
+
+    /// See `dot16::pv`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pv(
+        self,
+        pw: &[u32],
+        alpha: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        vt: &[u32],
+        ev: usize,
+        cols: usize,
+    ) {
+        // SAFETY: as in `scores`.
+        unsafe { pv(pw, alpha, out, rows, vt, ev, cols) }
+    }
+}
+
+/// Two groups of MR rows by two strips where there are enough, else one group by up to four
+/// strips (as in `avx512.rs`).
+#[inline(always)]
+fn shape(rows: usize, strips: usize) -> (usize, usize) {
+    match (rows >= 2 * MR, strips) {
+        (true, 2..) => (2, 2),
+        (true, _) => (2, 1),
+        (false, 4..) => (1, 4),
+        (false, 2 | 3) => (1, 2),
+        (false, _) => (1, 1),
+    }
+}
+
+/// Sixteen pair words as bfloat16 pairs.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn load_pairs(x: &[u32; NR]) -> __m512bh {
+    // SAFETY: reads the sixteen words of `x`; a vector of 32-bit words and one of bfloat16
+    // pairs are the same 64 bytes.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(x.as_ptr().cast())) }
+}
+
+/// One pair word in every lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn broadcast(w: u32) -> __m512bh {
+    // SAFETY: a vector of 32-bit words and one of bfloat16 pairs are the same 64 bytes.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(w as i32)) }
+}
+
+/// The running maximum of up to two groups of MR rows' valid scores (NaN passed over), and
+/// their NaN flags.
+struct RowMax {
+    max: [[__m512; MR]; 2],
+    nan: [[__mmask16; MR]; 2],
+}
+
+#[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+fn scores(
+    q: &[u32],
+    p: usize,
+    kt: &[u32],
+    rows: usize,
+    tiles: (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+    mut mask: Option<(&Mask<'_>, &mut [f32])>,
+) {
+    let (s0, s1) = (tiles.0 / NR, tiles.1 / NR);
+    assert!(rows.is_multiple_of(MR) && q.len() >= rows * p && kt.len() >= s1 * p * NR && s1 * NR <= BK);
+    assert!(rows == 0 || out.len() >= (rows - 1) * BK + s1 * NR);
+    if let Some((m, max)) = &mask {
+        assert!(max.len() >= rows && (m.all_valid || m.keep.len() >= s1 * NR && m.bounds.len() >= rows));
+    }
+    let mut r0 = 0;
+    while r0 < rows {
+        let groups = shape(rows - r0, 0).0;
+        let mut row = RowMax { max: [[_mm512_set1_ps(f32::NEG_INFINITY); MR]; 2], nan: [[0; MR]; 2] };
+        let m = mask.as_ref().map(|(m, _)| *m);
+        let mut s = s0;
+        while s < s1 {
+            let (g, n) = shape(rows - r0, s1 - s);
+            match (g, n) {
+                (2, 2) => score_tile::<2, 2>(q, p, kt, r0, s, scale, out, m, &mut row),
+                (2, _) => score_tile::<2, 1>(q, p, kt, r0, s, scale, out, m, &mut row),
+                (_, 4) => score_tile::<1, 4>(q, p, kt, r0, s, scale, out, m, &mut row),
+                (_, 2) => score_tile::<1, 2>(q, p, kt, r0, s, scale, out, m, &mut row),
+                _ => score_tile::<1, 1>(q, p, kt, r0, s, scale, out, m, &mut row),
+            }
+            s += n;
+        }
+        if let Some((_, max)) = &mut mask {
+            for (g, (max_g, nan_g)) in row.max.iter().zip(&row.nan).enumerate().take(groups) {
+                for (r, (&m, &nan)) in max_g.iter().zip(nan_g).enumerate() {
+                    let mut lanes = [0.0f32; NR];
+                    // SAFETY: writes the sixteen floats of `lanes`.
+                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), m) };
+                    let m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                    max[r0 + g * MR + r] = if nan != 0 { f32::NAN } else { m };
+                }
+            }
+        }
+        r0 += groups * MR;
+    }
+}
+
+/// `G` groups of MR rows from `r0` by `S` strips of keys from `s0`, over all `p` pairs, then
+/// (with `mask`) masked and folded into `row`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+fn score_tile<const G: usize, const S: usize>(
+    q: &[u32],
+    p: usize,
+    kt: &[u32],
+    r0: usize,
+    s0: usize,
+    scale: f32,
+    out: &mut [f32],
+    mask: Option<&Mask<'_>>,
+    row: &mut RowMax,
+) {
+    let mut acc = [[[_mm512_setzero_ps(); S]; MR]; G];
+    let (strips, _) = kt[s0 * p * NR..(s0 + S) * p * NR].as_chunks::<NR>();
+    for i in 0..p {
+        let k: [__m512bh; S] = simd::array(|s| load_pairs(&strips[s * p + i]));
+        for (g, acc) in acc.iter_mut().enumerate() {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = broadcast(q[(r0 + g * MR + r) * p + i]);
+                for (x, &k) in acc.iter_mut().zip(&k) {
+                    *x = _mm512_dpbf16_ps(*x, a, k);
+                }
+            }
+        }
+    }
+    let scale = _mm512_set1_ps(scale);
+    for acc in acc.iter_mut() {
+        for acc in acc.iter_mut() {
+            for x in acc.iter_mut() {
+                *x = _mm512_mul_ps(*x, scale);
+            }
+        }
+    }
+    // Valid: the key is kept and the column lies in the row's bounds, lo <= col < hi.
+    if let Some(m) = mask.filter(|m| !m.all_valid) {
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for s in 0..S {
+            let c0 = (s0 + s) * NR;
+            // SAFETY: reads the sixteen marks at c0 (c0 + NR <= s1 · NR <= keep.len(), asserted).
+            let keep = unsafe { _mm512_loadu_si512(m.keep[c0..c0 + NR].as_ptr().cast()) };
+            let keep = _mm512_test_epi32_mask(keep, keep);
+            let col = _mm512_add_epi32(_mm512_set1_epi32(c0 as i32), iota);
+            for (g, acc) in acc.iter_mut().enumerate() {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let (lo, hi) = m.bounds[r0 + g * MR + r];
+                    let inside = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(lo as i32))
+                        & _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(hi as i32));
+                    acc[s] = _mm512_mask_blend_ps(inside & keep, neg_inf, acc[s]);
+                }
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        for (r, acc) in acc.iter().enumerate() {
+            let at = r0 + g * MR + r;
+            let (max, nan) = (&mut row.max[g][r], &mut row.nan[g][r]);
+            for (s, &x) in acc.iter().enumerate() {
+                let o: &mut [f32; NR] = (&mut out[at * BK + (s0 + s) * NR..][..NR]).try_into().unwrap();
+                // SAFETY: writes the sixteen floats of `o`.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), x) };
+                if mask.is_some() {
+                    *max = _mm512_max_ps(x, *max); // keeps the maximum where x is NaN
+                    *nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                }
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
+fn round_probabilities(p: &[f32], cols: usize, rows: usize, pw: &mut [u32]) {
+    assert!(cols <= BK && pw.len() >= rows * BK / 2 && (rows == 0 || p.len() >= (rows - 1) * BK + cols));
+    for r in 0..rows {
+        let p = &p[r * BK..r * BK + cols];
+        for j in (0..cols).step_by(2 * NR) {
+            // Keys j.. (zeros past cols): the low sixteen, then the high sixteen.
+            let half = |at: usize| {
+                let n = cols.saturating_sub(at).min(NR);
+                let mask: __mmask16 = if n == NR { 0xffff } else { (1 << n) - 1 };
+                // SAFETY: the mask reads only the n < = NR floats at `at` that lie inside `p`.
+                unsafe { _mm512_maskz_loadu_ps(mask, p.as_ptr().wrapping_add(at)) }
+            };
+            let bf = _mm512_cvtne2ps_pbh(half(j + NR), half(j));
+            let w: &mut [u32; NR] = (&mut pw[r * BK / 2 + j / 2..][..NR]).try_into().unwrap();
+            // SAFETY: writes the sixteen words of `w`.
+            unsafe {
+                _mm512_storeu_si512(w.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(bf))
+            };
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
+fn pv(pw: &[u32], alpha: &[f32], out: &mut [f32], rows: usize, vt: &[u32], ev: usize, cols: usize) {
+    let strips = ev / NR;
+    assert!(rows.is_multiple_of(MR) && ev.is_multiple_of(NR) && cols <= BK);
+    assert!(alpha.len() >= rows && out.len() >= rows * ev && pw.len() >= rows * BK / 2);
+    assert!(vt.len() >= strips * BK / 2 * NR);
+    let mut r0 = 0;
+    while r0 < rows {
+        let groups = shape(rows - r0, 0).0;
+        let mut c = 0;
+        while c < strips {
+            let (g, n) = shape(rows - r0, strips - c);
+            match (g, n) {
+                (2, 2) => pv_tile::<2, 2>(pw, alpha, out, vt, ev, cols, r0, c),
+                (2, _) => pv_tile::<2, 1>(pw, alpha, out, vt, ev, cols, r0, c),
+                (_, 4) => pv_tile::<1, 4>(pw, alpha, out, vt, ev, cols, r0, c),
+                (_, 2) => pv_tile::<1, 2>(pw, alpha, out, vt, ev, cols, r0, c),
+                _ => pv_tile::<1, 1>(pw, alpha, out, vt, ev, cols, r0, c),
+            }
+            c += n;
+        }
+        r0 += groups * MR;
+    }
+}
+
+/// `out = alpha · out + P · V` for `G` groups of MR rows from `r0` and `S` strips of value
+/// columns from strip `c`, over the key pairs of `cols` keys.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+fn pv_tile<const G: usize, const S: usize>(
+    pw: &[u32],
+    alpha: &[f32],
+    out: &mut [f32],
+    vt: &[u32],
+    ev: usize,
+    cols: usize,
+    r0: usize,
+    c: usize,
+) {
+    let kp = cols.div_ceil(2);
+    let mut acc = [[[_mm512_setzero_ps(); S]; MR]; G];
+    for (g, acc) in acc.iter_mut().enumerate() {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let row = r0 + g * MR + r;
+            let a = _mm512_set1_ps(alpha[row]);
+            for (s, x) in acc.iter_mut().enumerate() {
+                let o: &[f32; NR] = out[row * ev + (c + s) * NR..][..NR].try_into().unwrap();
+                // SAFETY: reads the sixteen floats of `o`.
+                *x = _mm512_mul_ps(unsafe { _mm512_loadu_ps(o.as_ptr()) }, a);
+            }
+        }
+    }
+    let strips: [&[[u32; NR]]; S] =
+        simd::array(|s| vt[(c + s) * (BK / 2) * NR..][..kp * NR].as_chunks::<NR>().0);
+    let p: [[&[u32]; MR]; G] = simd::array(|g| simd::array(|r| &pw[(r0 + g * MR + r) * BK / 2..][..kp]));
+    for j in 0..kp {
+        let v: [__m512bh; S] = simd::array(|s| load_pairs(&strips[s][j]));
+        for (acc, p) in acc.iter_mut().zip(&p) {
+            for (acc, p) in acc.iter_mut().zip(p) {
+                let a = broadcast(p[j]);
+                for (x, &v) in acc.iter_mut().zip(&v) {
+                    *x = _mm512_dpbf16_ps(*x, a, v);
+                }
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        for (r, acc) in acc.iter().enumerate() {
+            let row = r0 + g * MR + r;
+            for (s, &x) in acc.iter().enumerate() {
+                let o: &mut [f32; NR] = (&mut out[row * ev + (c + s) * NR..][..NR]).try_into().unwrap();
+                // SAFETY: writes the sixteen floats of `o`.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), x) };
+            }
+        }
+    }
+}
