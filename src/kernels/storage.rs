@@ -181,6 +181,13 @@ pub trait Storage: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
     fn widen(self) -> Self::Compute;
     /// `x` rounded once to this type.
     fn narrow(x: Self::Compute) -> Self;
+    /// `dst[i] = narrow(src[i])`, with the CPU's conversion instructions where they exist.
+    #[inline(always)]
+    fn narrow_slice(src: &[Self::Compute], dst: &mut [std::mem::MaybeUninit<Self>]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            d.write(Self::narrow(x));
+        }
+    }
     /// The value in float64 (exact).
     #[inline(always)]
     fn widen_f64(self) -> f64 {
@@ -282,6 +289,19 @@ impl Storage for F16 {
             *d = s.widen();
         }
     }
+    #[inline(always)]
+    fn narrow_slice(src: &[f32], dst: &mut [std::mem::MaybeUninit<Self>]) {
+        let n = src.len().min(dst.len());
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::simd::accelerated() {
+            // SAFETY: F16C is present (`accelerated`).
+            done = unsafe { x86::f32_to_f16(&src[..n], &mut dst[..n]) };
+        }
+        for (d, &x) in dst[done..n].iter_mut().zip(&src[done..n]) {
+            d.write(Self::narrow(x));
+        }
+    }
     const NAME: &'static str = "float16";
 }
 
@@ -346,6 +366,22 @@ mod x86 {
             unsafe {
                 let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
                 _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        n
+    }
+
+    /// Rounds the first multiple of 8 elements with `vcvtps2ph` (to nearest even); returns how
+    /// many.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn f32_to_f16(src: &[f32], dst: &mut [std::mem::MaybeUninit<F16>]) -> usize {
+        let n = src.len().min(dst.len()) / 8 * 8;
+        for i in (0..n).step_by(8) {
+            // SAFETY: elements i..i + 8 lie inside both slices (i + 8 <= n), unaligned loads
+            // and stores; MaybeUninit<F16> is a u16.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
+                _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
             }
         }
         n
@@ -431,6 +467,22 @@ mod tests {
             let want = narrow(x as f64, BF16_FORMAT);
             assert_eq!(f32_to_bf16(x), want, "{bits:#010x}");
         }
+    }
+
+    #[test]
+    fn the_rounding_instruction_rounds_as_the_portable_code() {
+        for fast in [false, true] {
+            simd::set_enabled(fast);
+            let src: Vec<f32> = decisive_patterns(10).into_iter().map(f32::from_bits).collect();
+            let mut dst = vec![std::mem::MaybeUninit::<F16>::uninit(); src.len()];
+            F16::narrow_slice(&src, &mut dst);
+            for (x, d) in src.iter().zip(&dst) {
+                // SAFETY: narrow_slice wrote every element.
+                let got = unsafe { d.assume_init() };
+                assert_eq!(got.0, f32_to_f16(*x), "{:#010x}", x.to_bits());
+            }
+        }
+        simd::set_enabled(true);
     }
 
     #[test]

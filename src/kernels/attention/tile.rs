@@ -28,7 +28,7 @@ use std::mem::MaybeUninit;
 use super::fast::{ScoreBlock, VBlock};
 use super::{dot16, AttnFloat, AttnSpec, Masks, TaskInputs};
 use crate::kernels::simd::{self, Task};
-use crate::kernels::storage::Storage;
+use crate::kernels::storage::{Storage, Stored};
 
 /// Query rows per block.
 pub(super) const BQ: usize = 32;
@@ -126,6 +126,15 @@ where
         match (fast, KV::as_compute(k_src)) {
             _ if dot.is_some() => {}
             (Some(token), Some(k)) if keys_end > 0 => T::pack_keys(token, k, sp.k.row, e, keys_end, &mut kt),
+            (Some(token), None) if keys_end > 0 && e > 0 => {
+                // 16-bit keys: a key block at a time widened (rows e apart), then transposed.
+                let mut rows = Vec::new();
+                for j0 in (0..keys_end).step_by(BK) {
+                    let n = BK.min(keys_end - j0);
+                    let (block, _) = rows_as(k_src, sp.k.row, e, j0, n, &mut rows);
+                    T::pack_keys(token, block, e, e, n, &mut kt[j0 * e..]);
+                }
+            }
             _ => {
                 let mut row = vec![T::ZERO; e];
                 for j in 0..keys_end {
@@ -150,7 +159,10 @@ where
         // The generic code's values as T: the rows as they lie, or 16-bit ones widened (rows
         // `ev` apart).
         let mut v_generic = Vec::new();
-        let (v_data, v_stride) = match pack_v {
+        // 16-bit values for the explicit P·V: widened once here where the task has several
+        // query blocks to read them (each would widen them again), else widened as loaded.
+        let widen_v = fast_pv.is_some() && KV::as_compute(v_src).is_none() && self.positions * group > 2 * BQ;
+        let (v_data, v_stride) = match pack_v || widen_v {
             true => rows_as(v_src, sp.v.row, ev, 0, keys_end, &mut v_generic),
             false => (&[][..], 0),
         };
@@ -348,8 +360,22 @@ where
                         dot.pv(block, p, alpha, out, padded, cols);
                     } else if let Some(token) = fast_pv {
                         // Value rows from key k0 on (ev is a multiple of NR: whole strips).
-                        let v = KV::stored(v_src).from(k0 * sp.v.row);
-                        let vb = VBlock { v, key_stride: sp.v.row, strip_stride: NR, cols, ev };
+                        let vb = match widen_v {
+                            true => VBlock {
+                                v: Stored::Compute(&v_data[k0 * v_stride..]),
+                                key_stride: v_stride,
+                                strip_stride: NR,
+                                cols,
+                                ev,
+                            },
+                            false => VBlock {
+                                v: KV::stored(v_src).from(k0 * sp.v.row),
+                                key_stride: sp.v.row,
+                                strip_stride: NR,
+                                cols,
+                                ev,
+                            },
+                        };
                         T::pv(token, &scores[col0..], &alpha, &mut acc, padded, &vb);
                     } else {
                         let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
@@ -687,13 +713,14 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
     fn finish_rows(&mut self, q0: usize, rows: usize, m: &[T], sum: &[T], acc: &[T], scores: &[T]) {
         let (s, ev) = (self.at.spec.kv_len, self.at.spec.dim_v);
         let group = self.heads.len();
+        let mut row = vec![T::ZERO; ev];
         for r in 0..rows {
             let (i, head) = ((q0 + r) / group - self.first, &mut self.heads[(q0 + r) % group]);
             let empty = m[r] == T::NEG_INFINITY;
-            let out = &mut head.out[i * ev..(i + 1) * ev];
-            for (o, &a) in out.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
-                o.write(Q::narrow(if empty { T::ZERO } else { a / sum[r] }));
+            for (x, &a) in row.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
+                *x = if empty { T::ZERO } else { a / sum[r] };
             }
+            Q::narrow_slice(&row, &mut head.out[i * ev..(i + 1) * ev]);
             if let Some(lse) = head.lse.as_deref_mut() {
                 lse[i].write(if empty { T::NEG_INFINITY } else { m[r] + sum[r].ln() });
             }
