@@ -34,6 +34,7 @@ class Case:
     flops: float = 0.0  # floating-point operations of one call; when set, rows show GFLOP/s
     kv_bytes: int = 0  # bytes of K and V one call reads (decode rows), for GB/s of K/V
     repeats: int | None = None  # fewer interleaved repeats for the longest rows
+    bf16_peak: bool = False  # GFLOP/s rows computed with vdpbf16ps: a fraction of its peak
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Row:
     unit: str = "GB/s"
     calibration: float | None = None  # GFLOP/s rows: the rate as a fraction of the calibration
     kv_gbps: float | None = None  # decode rows: GB/s of K and V read
+    of_bf16_peak: float | None = None  # bfloat16 prefill rows: the rate as a fraction of the
+    # vdpbf16ps peak (one core's, times the threads) instead of the calibration
 
     def ratio(self, peer: str) -> float | None:
         return self.ms[peer] / self.ms["attnkit"] if peer in self.ms else None
@@ -203,6 +206,7 @@ def cases(quick: bool, torch: Any) -> list[Case]:
     out.append(tables)
 
     out.extend(attention_cases(quick, torch))
+    out.extend(half_cases(quick, torch))
     out.append(layer_case(quick, torch))
 
     # The harness against itself: the ratio shows the measurement noise.
@@ -290,6 +294,86 @@ def attention_cases(quick: bool, torch: Any) -> list[Case]:
     return out
 
 
+# The 16-bit rows: name, batch, query heads, key/value heads, L, S, E, mask (as ATTENTION_GRID).
+# Row names: the shape, then the dtype: "bf16", "f16", or "bf16kv"/"f16kv" for float32 queries
+# over a 16-bit cache (mixed precision).
+HALF_GRID = [
+    ("GPT-2 prefill", 1, 12, 12, 1024, 1024, 64, "causal"),
+    ("Llama-3 prefill", 1, 32, 8, 2048, 2048, 128, "causal"),
+    ("BERT 512 pad", 8, 12, 12, 512, 512, 64, "pad"),
+    ("GPT-2 decode B8", 8, 12, 12, 1, 1024, 64, ""),
+    ("Llama-3 decode 4k", 1, 32, 8, 1, 4096, 128, ""),
+    ("Llama-3 decode 8k", 1, 32, 8, 1, 8192, 128, ""),
+    ("TinyLlama decode", 1, 32, 4, 1, 2048, 64, ""),
+]
+
+
+def _bfloat16() -> Any:
+    """``ml_dtypes.bfloat16`` when ml_dtypes is installed (attnkit's optional ``bf16`` extra)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
+def half_cases(quick: bool, torch: Any) -> list[Case]:
+    """float16 and bfloat16 attention (and a bfloat16 embedding table) against attnkit's own
+    float32 (the peer "attnkit f32") and PyTorch in the same 16-bit dtype. Decode rows also run
+    mixed precision: float32 queries over a 16-bit cache (PyTorch's peer stays all 16-bit)."""
+    bf16 = _bfloat16()
+    dtypes: list[tuple[str, Any, Any]] = [("f16", np.float16, torch.float16 if torch else None)]
+    if bf16 is not None:
+        dtypes.insert(0, ("bf16", bf16, torch.bfloat16 if torch else None))
+    rng = np.random.default_rng(3)
+    out: list[Case] = []
+    if bf16 is not None:
+        table = rng.standard_normal((30522, 768), dtype=np.float32).astype(bf16)
+        ids = rng.integers(0, 30522, size=(8 if quick else 32, 128))
+        emb = Case("embedding bf16", f"{ids.shape} x 768 bf16", 2 * ids.size * 768 * 2,
+                   lambda: attnkit.embedding(ids, table), {"numpy": lambda: np.take(table, ids, axis=0)})
+        if torch is not None:
+            t_table = torch.from_numpy(table.view(np.int16)).view(torch.bfloat16)
+            t_ids = torch.from_numpy(ids)
+            emb.peers["torch"] = lambda: torch.nn.functional.embedding(t_ids, t_table)
+        out.append(emb)
+    for name, b, hq, hkv, length, s, e, mask in HALF_GRID:
+        if quick and length > 1 and length * s > 512 * 512:
+            length = s = 512
+        q = rng.standard_normal((b, hq, length, e), dtype=np.float32)
+        k = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
+        v = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
+        key_mask = np.arange(s)[None, :] < rng.integers(s // 2, s + 1, size=b)[:, None] if mask == "pad" else None
+        causal, gqa = mask == "causal", hq != hkv
+        flops = 4.0 * b * hq * length * s * e / (2 if causal and length == s else 1)
+
+        def call(q: Any, k: Any, v: Any, km: Any = key_mask, causal: bool = causal, gqa: bool = gqa) -> Fn:
+            return lambda: attnkit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, key_mask=km)
+
+        variants = [(tag, dt, tdt, dt) for tag, dt, tdt in dtypes]
+        if length == 1:  # mixed precision: float32 queries, a 16-bit cache
+            variants += [(f"{tag}kv", dt, tdt, np.float32) for tag, dt, tdt in dtypes]
+        for tag, dt, tdt, q_dt in variants:
+            q16, k16, v16 = q.astype(q_dt), k.astype(dt), v.astype(dt)
+            case = Case(f"{name} {tag}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", q16.nbytes + k16.nbytes + v16.nbytes,
+                        call(q16, k16, v16), {"attnkit f32": call(q, k, v)}, flops=flops,
+                        kv_bytes=k16.nbytes + v16.nbytes if length == 1 else 0,
+                        repeats=3 if flops > LONG_GFLOP * 1e9 / 2 else None,
+                        bf16_peak=tag == "bf16" and length > 16)
+            if torch is not None:
+                tq, tk, tv = (torch.from_numpy(x).to(tdt) for x in (q, k, v))
+                tmask = None if key_mask is None else torch.from_numpy(key_mask[:, None, None, :])
+
+                def theirs(tq: Any = tq, tk: Any = tk, tv: Any = tv, tm: Any = tmask, causal: bool = causal,
+                           gqa: bool = gqa) -> object:
+                    return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, is_causal=causal,
+                                                                            enable_gqa=gqa)
+
+                case.peers["torch"] = theirs
+            out.append(case)
+    return out
+
+
 def layer_case(quick: bool, torch: Any) -> Case:
     """The MultiheadAttention layer on BERT-base shapes against torch.nn.MultiheadAttention (eval mode,
     need_weights=False), both with the same weights and a padding mask."""
@@ -336,7 +420,15 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     calibration = {n: _blas_threads(limiter, n, lambda: calibration_gflops(size)) for n in threads}
     pinned = "BLAS pinned to the thread count" if limiter else "NumPy's default BLAS threads"
     print("calibration: NumPy float32 matmul " + ", ".join(f"{g:.0f} GFLOP/s at {n} thread{'s' * (n > 1)}"
-                                                            for n, g in calibration.items()) + f" ({pinned})\n")
+                                                            for n, g in calibration.items()) + f" ({pinned})")
+    from attnkit import _core
+
+    peaks = {"float32 FMA": _core._peak_gflops(), "bfloat16 vdpbf16ps": _core._peak_gflops(bf16=True)}
+    print("instruction peaks, one core: " + ", ".join(f"{name} {'-' if g is None else f'{g:.1f} GFLOP/s'}"
+                                                       for name, g in peaks.items()))
+    if _bfloat16() is None:
+        print("note: ml_dtypes is not installed: the bfloat16 rows are left out (pip install 'attnkit[bf16]')")
+    print()
     time.sleep(1.0)  # OpenBLAS's threads spin for a while after the matmul; let them go idle first
     if limiter is None:
         print("note: NumPy's BLAS threads are not controlled (install threadpoolctl to pin them per row)\n")
@@ -364,7 +456,11 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
                               kv_gbps=case.kv_bytes / seconds / 1e9)
                 elif case.flops:
                     gflops = case.flops / seconds / 1e9
-                    row = Row(case.kernel, case.shape, n, ms, gflops, "GF/s", gflops / calibration[n])
+                    bf16_peak = peaks["bfloat16 vdpbf16ps"]
+                    if case.bf16_peak and bf16_peak:
+                        row = Row(case.kernel, case.shape, n, ms, gflops, "GF/s", of_bf16_peak=gflops / (bf16_peak * n))
+                    else:
+                        row = Row(case.kernel, case.shape, n, ms, gflops, "GF/s", gflops / calibration[n])
                 else:
                     row = Row(case.kernel, case.shape, n, ms, case.nbytes / seconds / 1e9)
                 rows.append(row)
@@ -376,11 +472,14 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     print("\nms: attnkit's median milliseconds a call; rate: GB/s moved, GFLOP/s for attention (\"of cal\":")
     print("as a share of the calibration matmul at that thread count), GB/s of K and V read for decode")
     print("rows; vs numpy, vs torch: peer time / attnkit time, above 1 means attnkit is faster (the A/A")
-    print("row: attnkit against itself, the noise);")
+    print("row: attnkit against itself, the noise); on the 16-bit rows (f16, bf16), \"vs numpy\" is attnkit's own")
+    print("float32 time / 16-bit time, \"vs torch\" PyTorch in the same 16-bit dtype, and a rate marked * is a")
+    print("share of the bfloat16 instruction peak (times the threads);")
     print("--json FILE saves every implementation's milliseconds")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"calibration_gflops": calibration, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"calibration_gflops": calibration, "peak_gflops_one_core": peaks,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
         print(f"saved {json_path}")
     if plot_path:
         plot(rows, plot_path)
@@ -396,9 +495,11 @@ def _format(row: Row) -> str:
     torch_ratio = row.ratio("torch") or row.ratio("attnkit again")
     rate = f"{row.rate:.1f} {row.unit.split()[0]}"
     fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
+    if row.of_bf16_peak is not None:
+        fraction = f"{100 * row.of_bf16_peak:.0f}%*"
     kernel = row.kernel if len(row.kernel) < 26 else row.kernel[:24] + "…"
     return (f"{kernel:<26}{row.shape:<24}{row.threads:>3}{row.ms['attnkit']:>10.3f}{rate:>12}{fraction:>7}"
-            f"{ratio(row.ratio('numpy'))}{ratio(torch_ratio)}")
+            f"{ratio(row.ratio('numpy') or row.ratio('attnkit f32'))}{ratio(torch_ratio)}")
 
 
 def plot(rows: list[Row], path: str) -> None:

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod embedding;
 pub mod exp;
 pub mod output;
+pub mod peak;
 pub mod positional;
 pub mod rope;
 pub mod simd;

@@ -62,6 +62,14 @@ fn _simd_avx512() -> bool {
     crate::kernels::simd::avx512()
 }
 
+/// One core's peak GFLOP/s of float32 multiply-adds or (`bf16`) of `vdpbf16ps`, measured by a
+/// loop in registers; `None` where the CPU lacks the instruction. For the benchmark.
+#[pyfunction]
+#[pyo3(signature = (bf16=false))]
+fn _peak_gflops(py: Python<'_>, bf16: bool) -> Option<f64> {
+    py.detach(|| crate::kernels::peak::peak_flops(bf16).map(|f| f / 1e9))
+}
+
 /// The module declares that it needs the GIL (`gil_used = true`; PyO3's default is the opposite):
 /// a process may fork at any moment because the pool's lock is only taken with the GIL held, so a
 /// free-threaded interpreter must re-enable the GIL for it (it does, and warns).
@@ -75,6 +83,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_simd_accelerated, m)?)?;
     m.add_function(wrap_pyfunction!(_simd_avx512, m)?)?;
+    m.add_function(wrap_pyfunction!(_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::_set_main_thread, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding_bag, m)?)?;
