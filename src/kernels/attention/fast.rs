@@ -12,6 +12,10 @@
 //! tests compare them); what they add is control over registers, one pass where the generic code
 //! takes several, and no bounds checks in the loops.
 //!
+//! Keys and values reach the explicit kernels as stored ([`Stored`]): float16 and bfloat16 ones
+//! are widened as they are loaded (`lanes.rs`), which is exact, so the kernels compute the same
+//! bits as on the widened values.
+//!
 //! A type opts in through [`Explicit`]: `detect` returns a token only where its kernels can run,
 //! and every kernel takes that token, so they cannot be reached without it. Types and CPUs
 //! without kernels have an uninhabited token: `detect` returns `None` and the kernels are never

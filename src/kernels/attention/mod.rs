@@ -20,6 +20,13 @@
 //! `(B, Hq, L)` and `weights` `(B, Hq, L, S)`, all row-major. Masks are read through element
 //! strides, so broadcast dimensions cost nothing.
 //!
+//! Element types: queries are stored as `Q`, keys and values as `KV`, both computed in `T`
+//! (`storage.rs`): float32 and float64 in themselves, float16 and bfloat16 in float32, widened
+//! exactly as they are read (packed, or loaded by the explicit kernels) and each output rounded
+//! once to `Q`. One tile loop (`tile.rs`) and one decode loop (`decode.rs`) serve every type.
+//! bfloat16 prefill computes its matrix products in the dot-product pairs of `vdpbf16ps`
+//! (`dot16.rs`, `avx512bf16.rs`), with a portable emulation of that instruction elsewhere.
+//!
 //! Parallel split: one task per (batch, key/value head), holding the rows of every query head that
 //! shares it and walking its query blocks and key blocks in a fixed order (`tile.rs`); for short
 //! queries (`L <= 16`, decode) one task per (batch, key/value head, chunk of 512 keys) and a merge
