@@ -54,7 +54,7 @@ unsafe impl Element for Bf16 {
 
     /// ml_dtypes' bfloat16 where it has been imported. Without it, a dtype no bfloat16 array has
     /// (NumPy's 2-byte void, `V2`): this binding only casts an array to `Bf16` after
-    /// [`bfloat16`] found its dtype, and only makes `Bf16` outputs for such inputs.
+    /// `bfloat16` found its dtype, and only makes `Bf16` outputs for such inputs.
     fn get_dtype(py: Python<'_>) -> Bound<'_, PyArrayDescr> {
         bfloat16(py)
             .unwrap_or_else(|| PyArrayDescr::new(py, "V2").unwrap_or_else(|_| PyArrayDescr::object(py)))

@@ -14,147 +14,16 @@
 //! - P·V is `out · alpha` followed by the chain `fma(p_j, v_j, ·)` over the keys in order.
 //!
 //! `unsafe` appears only where a vector is read from or written to memory, always through a
-//! reference to exactly the floats it moves (an array of eight, or of four), and where the
-//! kernels are entered with the [`Avx2`] token as proof that the CPU has the instructions.
+//! reference to exactly the floats it moves (an array of eight, or of four). The kernels are
+//! `unsafe` to call (they need AVX2, FMA and F16C): `x86.rs` calls them, with its token as
+//! proof that the CPU has the instructions.
 
 use std::arch::x86_64::*;
 
-use super::fast::{ScoreBlock, VBlock};
+use super::fast::{ScoreBlock, VBlock, BK, MR, NR};
 use super::lanes::Lanes;
-use super::tile::{BK, MR, NR};
 use crate::kernels::exp::{f32_consts as c, Exp};
 use crate::kernels::simd;
-use crate::kernels::storage::Stored;
-
-/// Proof that this CPU runs AVX2 and FMA (and that the accelerated path is enabled), and
-/// whether it runs AVX-512F too: only [`Avx2::detect`] makes one.
-#[derive(Clone, Copy)]
-pub struct Avx2 {
-    avx512: bool,
-}
-
-impl Avx2 {
-    #[inline(always)]
-    pub(super) fn detect() -> Option<Self> {
-        simd::accelerated().then(|| Self { avx512: simd::avx512() })
-    }
-
-    /// See [`Explicit::scores`](super::fast::Explicit::scores).
-    #[inline(always)]
-    pub(super) fn scores(self, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
-        if self.avx512 {
-            // SAFETY: `avx512` is true only on a CPU with AVX-512F and AVX-512VL.
-            return unsafe { super::avx512::masked_scores(blk, scores, max) };
-        }
-        // SAFETY: `self` exists only on a CPU with AVX2 and FMA.
-        unsafe { masked_scores(blk, scores, max) }
-    }
-
-    /// See [`Explicit::probabilities`](super::fast::Explicit::probabilities).
-    #[inline(always)]
-    pub(super) fn probabilities(self, row: &mut [f32], m: f32) -> f32 {
-        if self.avx512 {
-            // SAFETY: as in `scores`.
-            return unsafe { super::avx512::probabilities(row, m) };
-        }
-        // SAFETY: as in `scores`.
-        unsafe { probabilities(row, m) }
-    }
-
-    /// See [`Explicit::pv`](super::fast::Explicit::pv).
-    #[inline(always)]
-    pub(super) fn pv(
-        self,
-        p: &[f32],
-        alpha: &[f32],
-        out: &mut [f32],
-        rows: usize,
-        vb: &VBlock<Stored<'_, f32>>,
-    ) {
-        with_lanes!(vb.v, v => self.pv_typed(p, alpha, out, rows, &vb.with(v)))
-    }
-
-    #[inline(always)]
-    fn pv_typed<L: Lanes>(self, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<&[L]>) {
-        if self.avx512 {
-            // SAFETY: as in `scores`.
-            return unsafe { super::avx512::pv(p, alpha, out, rows, vb) };
-        }
-        for r0 in (0..rows).step_by(MR) {
-            let (p, alpha, out) =
-                (&p[r0 * BK..], &alpha[r0..r0 + MR], &mut out[r0 * vb.ev..(r0 + MR) * vb.ev]);
-            // SAFETY: as in `scores`.
-            unsafe { pv(p, alpha, out, vb) }
-        }
-    }
-
-    /// See [`Explicit::pack_keys`](super::fast::Explicit::pack_keys).
-    #[inline(always)]
-    pub(super) fn pack_keys(self, k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
-        // SAFETY: as in `scores`.
-        unsafe { pack_keys(k, stride, e, n, kt) }
-    }
-
-    /// See [`Explicit::dots_row`](super::fast::Explicit::dots_row).
-    #[inline(always)]
-    pub(super) fn dots_row(self, q: &[f32], k: Stored<'_, f32>, stride: usize, n: usize, out: &mut [f32]) {
-        // SAFETY: as in `scores`.
-        with_lanes!(k, k => unsafe { dots_row(q, k, stride, n, out) })
-    }
-
-    /// See [`Explicit::pv_row`](super::fast::Explicit::pv_row).
-    #[inline(always)]
-    pub(super) fn pv_row(self, p: &[f32], alpha: f32, out: &mut [f32], v: Stored<'_, f32>, stride: usize) {
-        // SAFETY: as in `scores`.
-        with_lanes!(v, v => unsafe { pv_row(p, alpha, out, v, stride) })
-    }
-
-    /// See [`Explicit::dots`](super::fast::Explicit::dots).
-    #[inline(always)]
-    pub(super) fn dots(
-        self,
-        q: &[f32],
-        e: usize,
-        k: Stored<'_, f32>,
-        stride: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        with_lanes!(k, k => self.dots_typed(q, e, k, stride, n, out))
-    }
-
-    #[inline(always)]
-    fn dots_typed<L: Lanes>(self, q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
-        let rows = q.len() / e;
-        assert!(rows.is_multiple_of(MR));
-        let mut r = 0;
-        if self.avx512 {
-            while r + 2 * MR <= rows {
-                let (q, out) = (&q[r * e..(r + 2 * MR) * e], &mut out[r * BK..]);
-                // SAFETY: as in `scores`.
-                unsafe { super::avx512::dots(q, e, k, stride, n, out) };
-                r += 2 * MR;
-            }
-        }
-        while r < rows {
-            // SAFETY: as in `scores`.
-            unsafe { dots(&q[r * e..(r + MR) * e], e, k, stride, n, &mut out[r * BK..]) };
-            r += MR;
-        }
-    }
-}
-
-/// Runs `$body` with `$x` bound to the slice `$stored` holds, whichever element type it is.
-macro_rules! with_lanes {
-    ($stored:expr, $x:ident => $body:expr) => {
-        match $stored {
-            Stored::Compute($x) => $body,
-            Stored::F16($x) => $body,
-            Stored::Bf16($x) => $body,
-        }
-    };
-}
-pub(super) use with_lanes;
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -191,12 +60,12 @@ fn halves_mut(x: &mut [f32; NR]) -> [&mut [f32; 8]; 2] {
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
+pub(super) fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
     let (e, (t0, t1)) = (blk.e, blk.tiles);
     let rows = blk.rows;
     assert!(rows.is_multiple_of(MR) && t0.is_multiple_of(NR) && t1.is_multiple_of(NR) && t1 <= BK);
     assert!(max.len() >= rows && scores.len() >= rows * BK);
-    assert!(blk.all_valid || blk.keep.len() >= t1 && blk.bounds.len() >= rows);
+    assert!(blk.mask.all_valid || blk.mask.keep.len() >= t1 && blk.mask.bounds.len() >= rows);
     let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
     let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for r0 in (0..rows).step_by(MR) {
@@ -218,12 +87,12 @@ fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32])
             // Valid: the key is kept and the column lies in the row's bounds. Then the select,
             // the store, the maximum and the NaN flag, while the tile is in registers.
             let mut tile = acc;
-            if !blk.all_valid {
-                let (keep, _) = blk.keep[j0..j0 + NR].as_chunks::<8>();
+            if !blk.mask.all_valid {
+                let (keep, _) = blk.mask.keep[j0..j0 + NR].as_chunks::<8>();
                 let keep = [load_i32(&keep[0]), load_i32(&keep[1])];
                 let col = [0, 8].map(|h| _mm256_add_epi32(_mm256_set1_epi32((j0 + h) as i32), iota));
                 for (r, row) in tile.iter_mut().enumerate() {
-                    let (lo, hi) = blk.bounds[r0 + r];
+                    let (lo, hi) = blk.mask.bounds[r0 + r];
                     let (lo, hi) = (_mm256_set1_epi32(lo as i32), _mm256_set1_epi32(hi as i32));
                     for (s, (&col, &keep)) in row.iter_mut().zip(col.iter().zip(&keep)) {
                         // lo <= col < hi, i.e. not (lo > col) and (hi > col).
@@ -276,7 +145,7 @@ fn exp8(x: __m256) -> __m256 {
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn probabilities(row: &mut [f32], m: f32) -> f32 {
+pub(super) fn probabilities(row: &mut [f32], m: f32) -> f32 {
     let (neg_inf, neg_zero, mv) =
         (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_set1_ps(-0.0), _mm256_set1_ps(m));
     let mut sum = _mm256_setzero_ps();
@@ -298,7 +167,7 @@ fn probabilities(row: &mut [f32], m: f32) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn pv<L: Lanes>(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<&[L]>) {
+pub(super) fn pv<L: Lanes>(p: &[f32], alpha: &[f32], out: &mut [f32], vb: &VBlock<&[L]>) {
     const { assert!(MR == 4) };
     let (ev, cols, ks) = (vb.ev, vb.cols, vb.key_stride);
     assert!(ev.is_multiple_of(NR) && alpha.len() >= MR && out.len() >= MR * ev);
@@ -370,14 +239,14 @@ fn load_padded<L: Lanes>(x: &[L]) -> __m256 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dots<L: Lanes>(q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
+pub(super) fn dots<L: Lanes>(q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
     dots_tile::<MR, L>(q, e, k, stride, n, out)
 }
 
 /// [`Explicit::dots`](super::fast::Explicit::dots) for `R` rows (a multiple of four): `R` rows x
 /// two keys of eight-lane chains, each query chunk loaded once for both keys and each key chunk
 /// once for all rows. Eight rows take 16 accumulators, so only a caller with the 32 registers of
-/// AVX-512 (`avx512::dots`) should ask for them.
+/// AVX-512 (`x86::dots_wide`) should ask for them.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn dots_tile<const R: usize, L: Lanes>(
@@ -455,7 +324,7 @@ pub(super) fn dots_tile<const R: usize, L: Lanes>(
 /// One query row against keys four at a time: four eight-lane chains side by side, each chunk of
 /// the query loaded once for the four keys, reduced together.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dots_row<L: Lanes>(q: &[f32], k: &[L], stride: usize, n: usize, out: &mut [f32]) {
+pub(super) fn dots_row<L: Lanes>(q: &[f32], k: &[L], stride: usize, n: usize, out: &mut [f32]) {
     let e = q.len();
     if n == 0 {
         return;
@@ -505,7 +374,7 @@ fn dots_row<L: Lanes>(q: &[f32], k: &[L], stride: usize, n: usize, out: &mut [f3
 /// `out = alpha · out + Σ_j p[j] v_j` for one row: 64 columns (eight registers) at a time, then
 /// 32, 16 and 8, each block's accumulators held in registers across all the keys.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn pv_row<L: Lanes>(p: &[f32], alpha: f32, out: &mut [f32], v: &[L], stride: usize) {
+pub(super) fn pv_row<L: Lanes>(p: &[f32], alpha: f32, out: &mut [f32], v: &[L], stride: usize) {
     let (ev, cols) = (out.len(), p.len());
     assert!(ev.is_multiple_of(8) && (cols == 0 || v.len() >= (cols - 1) * stride + ev));
     let mut c = 0;
@@ -586,7 +455,7 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn pack_keys(k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
+pub(super) fn pack_keys(k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
     if n == 0 || e == 0 {
         return;
     }
@@ -618,52 +487,6 @@ fn pack_keys(k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
         let (strip, n0) = (j / NR, j % NR);
         for (d, &x) in key(j).iter().enumerate() {
             kt[(strip * e + d) * NR + n0] = x;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::attention::tile;
-
-    /// Scores minus their maximum across exp's whole range and its edges: the flush to zero
-    /// below `MIN` and the smallest results above it, −inf (masked), NaN, and a tail that is not
-    /// a whole vector.
-    fn edge_row() -> Vec<f32> {
-        let mut row: Vec<f32> = (0..2400).map(|i| -(i as f32) * 0.0419).collect();
-        let min = c::MIN;
-        row.extend([min, min.next_up(), min.next_down(), -87.33, -87.34, -103.0, -104.0, -0.0, -1e-30]);
-        row.extend([f32::NEG_INFINITY, f32::NAN, f32::MIN, -f32::MIN_POSITIVE]);
-        row
-    }
-
-    #[test]
-    fn explicit_probabilities_give_the_portable_bits_at_the_edges_of_exp() {
-        let Some(token) = Avx2::detect() else { return }; // no AVX2 here: nothing to compare
-        let levels = if token.avx512 { vec![false, true] } else { vec![false] };
-        let full = edge_row().len();
-        for (m, len) in [(0.0f32, full), (0.5, full), (0.0, full - 4), (0.5, 2400 + 7), (0.0, 13)] {
-            let mut want = edge_row();
-            want.truncate(len);
-            let want_sum = tile::probabilities(&mut want, m);
-            if len == full {
-                // The row reaches exp's edges: results flushed to +0, and exp(MIN) = 1.6e-38.
-                assert!(want.iter().any(|x| x.to_bits() == 0) && want.iter().any(|&x| x > 0.0 && x < 2e-38));
-            }
-            for &avx512 in &levels {
-                let mut got = edge_row();
-                got.truncate(len);
-                let sum = Avx2 { avx512 }.probabilities(&mut got, m);
-                assert_eq!(sum.to_bits(), want_sum.to_bits(), "avx512 {avx512}, m {m}, length {len}");
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(
-                        g.to_bits(),
-                        w.to_bits(),
-                        "avx512 {avx512}, m {m}, element {i}: {g:e} vs {w:e}"
-                    );
-                }
-            }
         }
     }
 }

@@ -1,10 +1,10 @@
-//! Four kernels of [`Explicit`](super::fast::Explicit) again, in AVX-512 (F and VL), for CPUs
+//! Three kernels of [`Explicit`](super::fast::Explicit) again, in AVX-512 (F and VL), for CPUs
 //! that have it: the masked score tiles and the P·V tiles, which take most of a long prefill's
-//! time, the probabilities, and decode's dot products of grouped rows. The 32 wider registers
-//! let one micro-tile hold two groups of `MR` rows by two strips of `NR` (a strip is one 16-lane
+//! time, and the probabilities. The 32 wider registers let one micro-tile hold two groups of `MR` rows by two strips of `NR` (a strip is one 16-lane
 //! register), or one group by four: 16 accumulators, twice the AVX2 tile, so each value of K or
-//! V loaded feeds eight (or four) fused multiply-adds. Decode's dot products stay in eight-lane
-//! registers (their form is eight lanes) but take eight rows at a time, in 16 of the 32.
+//! V loaded feeds eight (or four) fused multiply-adds. (Decode's dot products, whose form is eight
+//! lanes, take eight rows at a time where the CPU has these registers: `x86.rs` compiles the AVX2
+//! kernel for them.)
 //!
 //! Every output element is the same chain of operations as in `avx2.rs` and the generic code (a
 //! score is `fma(q[d], k[d], ·)` over d from +0, then the select to −inf; P·V is `out · alpha`
@@ -14,14 +14,13 @@
 //!
 //! `unsafe` appears only where floats are read or written (sixteen through a reference to
 //! exactly those, a masked tail of a slice, a value row or probability inside a length asserted
-//! beforehand), and where [`Avx2`](super::avx2::Avx2) enters the kernels after checking that
-//! the CPU has AVX-512F.
+//! beforehand); the kernels are `unsafe` to call (they need AVX-512F and VL), and `x86.rs`
+//! calls them with its token as proof.
 
 use std::arch::x86_64::*;
 
-use super::fast::{ScoreBlock, VBlock};
+use super::fast::{ScoreBlock, VBlock, BK, MR, NR};
 use super::lanes::Lanes;
-use super::tile::{BK, MR, NR};
 use crate::kernels::exp::f32_consts as c;
 use crate::kernels::simd;
 
@@ -69,7 +68,7 @@ pub(super) fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: 
     assert!(
         max.len() >= rows && scores.len() >= rows * BK && blk.q.len() >= rows * e && blk.kt.len() >= t1 * e
     );
-    assert!(blk.all_valid || blk.keep.len() >= t1 && blk.bounds.len() >= rows);
+    assert!(blk.mask.all_valid || blk.mask.keep.len() >= t1 && blk.mask.bounds.len() >= rows);
     let mut r0 = 0;
     while r0 < rows {
         let groups = shape(rows - r0, 0).0;
@@ -133,17 +132,17 @@ fn score_tile<const G: usize, const S: usize>(
         }
     }
     // Valid: the key is kept and the column lies in the row's bounds, lo <= col < hi.
-    if !blk.all_valid {
+    if !blk.mask.all_valid {
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         for s in 0..S {
             let c0 = j0 + s * NR;
-            let keep = load_i32(blk.keep[c0..c0 + NR].try_into().unwrap());
+            let keep = load_i32(blk.mask.keep[c0..c0 + NR].try_into().unwrap());
             let keep = _mm512_test_epi32_mask(keep, keep);
             let col = _mm512_add_epi32(_mm512_set1_epi32(c0 as i32), iota);
             for (g, acc) in acc.iter_mut().enumerate() {
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let (lo, hi) = blk.bounds[r0 + g * MR + r];
+                    let (lo, hi) = blk.mask.bounds[r0 + g * MR + r];
                     let inside = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(lo as i32))
                         & _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(hi as i32));
                     acc[s] = _mm512_mask_blend_ps(inside & keep, neg_inf, acc[s]);
@@ -304,11 +303,4 @@ fn pv_tile<const G: usize, const S: usize, L: Lanes>(
             }
         }
     }
-}
-
-/// See [`Explicit::dots`](super::fast::Explicit::dots): eight rows at a time, the AVX2 kernel with
-/// twice its rows, for which the 32 registers of AVX-512 make room (16 accumulators).
-#[target_feature(enable = "avx512f,avx512vl")]
-pub(super) fn dots<L: Lanes>(q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
-    super::avx2::dots_tile::<{ 2 * MR }, L>(q, e, k, stride, n, out)
 }

@@ -10,8 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::dot16::Mask;
-use super::tile::{BK, MR, NR};
+use super::fast::{Mask, BK, MR, NR};
 use crate::kernels::simd;
 
 /// Proof that this CPU runs AVX-512F, AVX-512VL and AVX512_BF16, and that the accelerated path

@@ -19,8 +19,10 @@
 //! The explicit P·V leaves out no key, so it runs where no pair of its rows is masked or every
 //! value is finite.
 
-use super::fast::VBlock;
-use super::tile::{add_pv, key_range, mask_row, rows_as, update_row, HeadOut, RowAt, BK, MR, NR};
+use super::fast::{VBlock, BK, MR, NR};
+use super::generic::{add_pv, rows_as};
+use super::rows::{key_range, mask_row, update_row, RowAt};
+use super::tile::HeadOut;
 use super::{AttnFloat, AttnSpec, TaskInputs};
 use crate::kernels::simd::Task;
 use crate::kernels::storage::Storage;

@@ -26,7 +26,8 @@
 //! `vt[((block · strips + c) · BK / 2 + j) · NR + t]`, column `c · NR + t` of the keys `2j` (low
 //! half) and `2j + 1` of key block `block`; zeros past the last key.
 
-use super::tile::{BK, BQ, MR, NR};
+pub(super) use super::fast::Mask;
+use super::fast::{BK, BQ, MR, NR};
 use crate::kernels::storage::Bf16;
 
 /// `x` with a subnormal read as zero of its sign: the instruction's DAZ and FTZ.
@@ -250,17 +251,6 @@ pub(super) fn detect() -> Option<Token> {
     return Token::detect();
     #[cfg(not(target_arch = "x86_64"))]
     None
-}
-
-/// The causal and window bounds and key padding of one query block and key block, for the
-/// explicit score kernel to apply as it stores the scores (`fast::ScoreBlock`'s fields).
-pub(super) struct Mask<'a> {
-    /// Whether every pair of the tiles is valid (then `bounds` and `keep` are not read).
-    pub all_valid: bool,
-    /// Per row, the block columns its causal and window bounds allow, `[lo, hi)`.
-    pub bounds: &'a [(usize, usize)],
-    /// Per block column, −1 where the key may be attended.
-    pub keep: &'a [i32],
 }
 
 /// [`round_probabilities`] then [`pv`], by the explicit kernels where there are.

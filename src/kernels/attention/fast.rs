@@ -23,6 +23,27 @@
 
 use crate::kernels::storage::Stored;
 
+/// Query rows per block of the tiled path.
+pub(super) const BQ: usize = 32;
+/// Keys per block (both paths).
+pub(super) const BK: usize = 128;
+/// Query rows of a score micro-tile.
+pub(super) const MR: usize = 4;
+/// Keys of a score micro-tile, and output columns of a P·V micro-tile.
+pub(super) const NR: usize = 16;
+
+/// The causal and window bounds and the key padding of one query block against one key block,
+/// for the explicit score kernels to apply as they store the scores.
+pub struct Mask<'a> {
+    /// Whether every pair of the tiles is valid (then `bounds` and `keep` are not read).
+    pub all_valid: bool,
+    /// Per row, the block columns its causal and window bounds allow, `[lo, hi)`.
+    pub bounds: &'a [(usize, usize)],
+    /// Per block column, −1 (all bits set) where the key may be attended: inside the key block's
+    /// range and not padding.
+    pub keep: &'a [i32],
+}
+
 /// The values of one key block for [`Explicit::pv`]: value column `c·NR + t` of the block's key
 /// `j` is `v[j·key_stride + c·strip_stride + t]`, for keys `0..cols` and `ev` columns: value rows
 /// as they lie (`tile.rs`, `decode.rs`) have `strip_stride = NR`; packed strips would have
@@ -67,13 +88,8 @@ pub struct ScoreBlock<'a, T> {
     pub tiles: (usize, usize),
     /// Rows (a multiple of `MR`).
     pub rows: usize,
-    /// Whether every pair of the tiles is valid (then `bounds` and `keep` are not read).
-    pub all_valid: bool,
-    /// Per row, the block columns its causal and window bounds allow, `[lo, hi)`.
-    pub bounds: &'a [(usize, usize)],
-    /// Per block column, −1 (all bits set) where the key may be attended: inside the key block's
-    /// range and not padding.
-    pub keep: &'a [i32],
+    /// The masks to apply.
+    pub mask: Mask<'a>,
 }
 
 /// Explicit kernels for one float type, behind a token that only [`Explicit::detect`] makes.
@@ -169,7 +185,7 @@ no_kernels!(f32);
 
 #[cfg(target_arch = "x86_64")]
 impl Explicit for f32 {
-    type Token = super::avx2::Avx2;
+    type Token = super::x86::X86;
     #[inline(always)]
     fn detect() -> Option<Self::Token> {
         Self::Token::detect()

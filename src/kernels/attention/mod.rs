@@ -42,9 +42,13 @@ mod avx512bf16;
 mod decode;
 mod dot16;
 mod fast;
+mod generic;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
+mod rows;
 mod tile;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::mem::MaybeUninit;
 

@@ -25,15 +25,12 @@
 
 use std::mem::MaybeUninit;
 
-use super::fast::{ScoreBlock, VBlock};
-use super::{dot16, AttnFloat, AttnSpec, Masks, TaskInputs};
+use super::fast::{Mask, ScoreBlock, VBlock, BK, BQ, MR, NR};
+use super::generic::{add_pv, pv_tiles, rows_as, score_tile, PvBlock};
+use super::rows::{key_range, mask_row, update_row, RowAt};
+use super::{dot16, AttnFloat, TaskInputs};
 use crate::kernels::simd::{self, Task};
 use crate::kernels::storage::{Storage, Stored};
-
-/// Query rows per block.
-pub(super) const BQ: usize = 32;
-/// Keys per block.
-pub(super) const BK: usize = 128;
 
 /// One head's rows of `out` (stored as `O`), `lse` and `weights` (as `T`).
 pub(super) struct HeadOut<'o, O, T> {
@@ -297,10 +294,10 @@ where
                     }
                 }
                 let scale32 = sp.scale as f32;
+                let mask = Mask { all_valid, bounds: &bounds[..padded], keep: &keep };
                 if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(&mut scores)) {
                     match (dot_masks, T::as_f32_mut(&mut row_max)) {
                         (true, Some(max)) => {
-                            let mask = dot16::Mask { all_valid, bounds: &bounds[..padded], keep: &keep };
                             dot.masked_scores(block, (t0, t1), padded, scale32, out, &mask, max)
                         }
                         _ => dot.scores(block, (t0, t1), padded, scale32, out),
@@ -312,9 +309,7 @@ where
                         e,
                         tiles: (t0, t1),
                         rows: padded,
-                        all_valid,
-                        bounds: &bounds[..padded],
-                        keep: &keep,
+                        mask,
                     };
                     T::scores(token, &blk, &mut scores, &mut row_max);
                 } else {
@@ -413,297 +408,6 @@ where
             }
             self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores);
         }
-    }
-}
-
-/// Rows `k0..k0 + cols` (`width` elements each, `stride` apart) of `src` as T, and the distance
-/// between them: in place where `src` holds T, else widened into `scratch`.
-#[inline(always)]
-pub(super) fn rows_as<'s, KV: Storage>(
-    src: &'s [KV],
-    stride: usize,
-    width: usize,
-    k0: usize,
-    cols: usize,
-    scratch: &'s mut Vec<KV::Compute>,
-) -> (&'s [KV::Compute], usize) {
-    match KV::as_compute(src) {
-        Some(x) => (&x[k0 * stride..], stride),
-        None => {
-            scratch.resize(cols * width, KV::Compute::ZERO);
-            for (j, row) in scratch.chunks_exact_mut(width.max(1)).enumerate().take(cols) {
-                KV::widen_slice(&src[(k0 + j) * stride..][..width], row);
-            }
-            (&scratch[..], width)
-        }
-    }
-}
-
-/// `acc = alpha · acc + Σ_j p[j] v_row(j)`, keys in order, leaving out masked pairs (`p = −0.0`)
-/// so that NaN or inf in a masked value cannot reach the output; 32 columns at a time in
-/// registers.
-#[inline(always)]
-pub(super) fn add_pv<'v, T: AttnFloat + 'v>(
-    p: &[T],
-    alpha: T,
-    acc: &mut [T],
-    v_row: impl Fn(usize) -> &'v [T],
-) {
-    let (chunks, tail) = acc.as_chunks_mut::<32>();
-    for (c, chunk) in chunks.iter_mut().enumerate() {
-        let mut t = chunk.map(|x| x * alpha);
-        for (j, &pj) in p.iter().enumerate() {
-            if pj.is_neg_zero() {
-                continue;
-            }
-            for (x, &v) in t.iter_mut().zip(&v_row(j)[c * 32..c * 32 + 32]) {
-                *x = pj.mul_add(v, *x);
-            }
-        }
-        *chunk = t;
-    }
-    let d0 = chunks.len() * 32;
-    for x in tail.iter_mut() {
-        *x = *x * alpha;
-    }
-    for (j, &pj) in p.iter().enumerate() {
-        if !pj.is_neg_zero() {
-            for (x, &v) in tail.iter_mut().zip(&v_row(j)[d0..]) {
-                *x = pj.mul_add(v, *x);
-            }
-        }
-    }
-}
-
-/// The online softmax's step for one row and one key block, shared by both paths: from the
-/// block's masked scores `srow` and their maximum `row_max`, the running maximum `m` grows,
-/// `srow` becomes probabilities (−0.0 where masked) and `sum` is rescaled and added to; returns
-/// the factor `alpha` for the row's accumulated output. The maximum propagates NaN, so a NaN
-/// score (from NaN in an unmasked query or key) makes its row NaN instead of being passed over;
-/// a row with no valid key yet adds nothing (its probabilities are −0.0, alpha is 1).
-#[inline(always)]
-pub(super) fn update_row<T: AttnFloat>(
-    fast: Option<T::Token>,
-    srow: &mut [T],
-    row_max: T,
-    m: &mut T,
-    sum: &mut T,
-) -> T {
-    let m_new = if row_max.is_nan() || row_max > *m { row_max } else { *m };
-    if m_new == T::NEG_INFINITY {
-        srow.fill(-T::ZERO);
-        return T::ONE;
-    }
-    let alpha = (*m - m_new).exp_nonpositive();
-    let block_sum = match fast {
-        Some(token) => T::probabilities(token, srow, m_new),
-        None => probabilities(srow, m_new),
-    };
-    *sum = *sum * alpha + block_sum;
-    *m = m_new;
-    alpha
-}
-
-/// Query rows of a score micro-tile.
-pub(super) const MR: usize = 4;
-/// Keys of a score micro-tile, and output columns of a P·V micro-tile.
-pub(super) const NR: usize = 16;
-
-/// `M x NR` raw scores `q_r · k_j` for M queries interleaved by dimension (`q[d][r]`) and the NR
-/// keys of one packed strip (`e x NR`, `kt[d][n]`).
-///
-/// Written with fixed-size arrays iterated by `zip`, the form LLVM turns into a register tile:
-/// `M x NR / lanes` vector accumulators, one broadcast and `NR / lanes` fused multiply-adds per
-/// row and dimension, no bounds checks in the loop.
-#[inline(always)]
-fn score_tile<T: AttnFloat, const M: usize>(q: &[[T; M]], strip: &[T]) -> [[T; NR]; M] {
-    let (kd, _) = strip.as_chunks::<NR>();
-    let mut acc = [[T::ZERO; NR]; M];
-    for (qd, kd) in q.iter().zip(kd) {
-        for (row, &qd) in acc.iter_mut().zip(qd) {
-            for (a, &k) in row.iter_mut().zip(kd) {
-                *a = qd.mul_add(k, *a);
-            }
-        }
-    }
-    acc
-}
-
-/// A key block of packed V: `strips[c]` holds rows `vt[j][0..NR]` of output columns `c·NR..`;
-/// the keys used are block columns `col0..col0 + cols`.
-pub struct PvBlock<'a, T> {
-    pub strips: &'a [T],
-    pub col0: usize,
-    pub cols: usize,
-    pub ev: usize,
-}
-
-/// `out[r] = alpha[r] * out[r] + sum_j p[r][j] v_j` for `M` rows (`p` rows `BK` apart), `NR`
-/// output columns at a time from the packed strips (a register tile, as in [`score_tile`]), keys
-/// in order; the last `ev % NR` columns from the unpacked rows `v_row(j)`.
-#[inline(always)]
-fn pv_tiles<'v, T: AttnFloat + 'v, const M: usize>(
-    p: &[T],
-    alpha: &[T],
-    out: &mut [T],
-    vb: &PvBlock<'_, T>,
-    v_row: &impl Fn(usize) -> &'v [T],
-) {
-    let (ev, cols) = (vb.ev, vb.cols);
-    let full = ev / NR;
-    for c in 0..full {
-        let d0 = c * NR;
-        let (rows_v, _) =
-            vb.strips[(c * BK + vb.col0) * NR..(c * BK + vb.col0 + cols) * NR].as_chunks::<NR>();
-        let mut tile = [[T::ZERO; NR]; M];
-        for (r, row) in tile.iter_mut().enumerate() {
-            for (t, &o) in row.iter_mut().zip(&out[r * ev + d0..r * ev + d0 + NR]) {
-                *t = o * alpha[r];
-            }
-        }
-        for (j, vj) in rows_v.iter().enumerate() {
-            let pj: [T; M] = simd::array(|r| p[r * BK + j]);
-            for (row, &pr) in tile.iter_mut().zip(&pj) {
-                for (t, &v) in row.iter_mut().zip(vj) {
-                    *t = pr.mul_add(v, *t);
-                }
-            }
-        }
-        for (r, row) in tile.iter().enumerate() {
-            out[r * ev + d0..r * ev + d0 + NR].copy_from_slice(row);
-        }
-    }
-    for r in 0..M {
-        for d in full * NR..ev {
-            let mut x = out[r * ev + d] * alpha[r];
-            for j in 0..cols {
-                x = p[r * BK + j].mul_add(v_row(j)[d], x);
-            }
-            out[r * ev + d] = x;
-        }
-    }
-}
-
-/// Turns a row of masked scores into probabilities `exp(x − m)` in place and returns their sum,
-/// added in a fixed order (eight interleaved lanes, then pairwise), so it vectorises and depends
-/// on nothing but the row. A masked score (−inf) becomes −0.0, which exp never returns, so the
-/// mark survives for the exact P·V path (and adding it changes no sum).
-#[inline(always)]
-pub(super) fn probabilities<T: AttnFloat>(row: &mut [T], m: T) -> T {
-    // Two passes: a flat loop (which LLVM vectorises whole, without masked loads and stores)
-    // for the exponentials, then the sum in eight lanes.
-    for x in row.iter_mut() {
-        *x = if *x == T::NEG_INFINITY { -T::ZERO } else { (*x - m).exp_nonpositive() };
-    }
-    let mut lanes = [T::ZERO; 8];
-    let (chunks, tail) = row.as_chunks::<8>();
-    for chunk in chunks {
-        for (lane, &p) in lanes.iter_mut().zip(chunk) {
-            *lane = *lane + p;
-        }
-    }
-    for (lane, &p) in lanes.iter_mut().zip(tail) {
-        *lane = *lane + p;
-    }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-}
-
-/// The keys `[lo, hi)` that causal and window bounds allow for query rows `first..=last`.
-#[inline(always)]
-pub(super) fn key_range(sp: &AttnSpec, offset: isize, first: usize, last: usize) -> (usize, usize) {
-    let s = sp.kv_len as isize;
-    let (first, last) = (first as isize + offset, last as isize + offset);
-    let mut lo = 0isize;
-    let mut hi = s;
-    if let Some(left) = sp.window.0 {
-        lo = lo.max(first - left as isize);
-    }
-    if sp.causal {
-        hi = hi.min(last + 1);
-    }
-    if let Some(right) = sp.window.1 {
-        hi = hi.min(last + right as isize + 1);
-    }
-    let lo = lo.clamp(0, s) as usize;
-    (lo, (hi.clamp(0, s) as usize).max(lo))
-}
-
-/// Where a row of scores sits: batch `b`, query head `h`, query row `i` (aligned position
-/// `i + offset`), keys from `k0`, with its ALiBi slope and its batch's key mask.
-#[derive(Clone, Copy)]
-pub(super) struct RowAt<'m> {
-    pub b: usize,
-    pub h: usize,
-    pub i: usize,
-    pub k0: usize,
-    pub offset: isize,
-    pub slope: Option<f64>,
-    pub key_mask: Option<&'m [u8]>,
-}
-
-/// Caps and biases one row of scores (already scaled) in place, then sets every masked one to
-/// −inf (a select, after all arithmetic), and returns the largest score (NaN if any score is
-/// NaN, −inf if none is valid).
-#[inline(always)]
-pub(super) fn mask_row<T: AttnFloat>(
-    sp: &AttnSpec,
-    masks: &Masks<'_, T>,
-    at: RowAt<'_>,
-    srow: &mut [T],
-) -> T {
-    let RowAt { b, h, i, k0, offset, slope, key_mask } = at;
-    let cols = srow.len();
-    if let Some(c) = sp.softcap.map(T::from_f64) {
-        for x in srow.iter_mut() {
-            *x = c * (*x / c).tanh();
-        }
-    }
-    let pos = i as isize + offset;
-    if let Some(sl) = slope {
-        for (j, x) in srow.iter_mut().enumerate() {
-            *x = *x - T::from_f64(sl * (pos - (k0 + j) as isize).unsigned_abs() as f64);
-        }
-    }
-    if let Some(fm) = masks.float_mask {
-        for (j, x) in srow.iter_mut().enumerate() {
-            let add = fm.at(b, h, i, k0 + j);
-            *x = if add == T::NEG_INFINITY { T::NEG_INFINITY } else { *x + add };
-        }
-    }
-    if let Some(bm) = masks.bool_mask {
-        for (j, x) in srow.iter_mut().enumerate() {
-            *x = if bm.at(b, h, i, k0 + j) != 0 { *x } else { T::NEG_INFINITY };
-        }
-    }
-    // Causal/window bounds as index ranges, key padding as a select, then the maximum in
-    // eight lanes and, apart, whether any score is NaN (a NaN score wins). Each is a plain
-    // loop that LLVM vectorises.
-    let (lo, hi) = key_range(sp, offset, i, i);
-    let start = lo.saturating_sub(k0).min(cols);
-    let end = hi.saturating_sub(k0).clamp(start, cols);
-    srow[..start].fill(T::NEG_INFINITY);
-    srow[end..].fill(T::NEG_INFINITY);
-    if let Some(km) = key_mask {
-        for (x, &keep) in srow.iter_mut().zip(&km[k0..k0 + cols]) {
-            *x = if keep != 0 { *x } else { T::NEG_INFINITY };
-        }
-    }
-    let mut lanes = [T::NEG_INFINITY; 8];
-    let (chunks, tail) = srow.as_chunks::<8>();
-    for chunk in chunks {
-        for (m, &x) in lanes.iter_mut().zip(chunk) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    for (m, &x) in lanes.iter_mut().zip(tail) {
-        *m = if x > *m { x } else { *m };
-    }
-    let nan = srow.iter().fold(false, |any, x| any | x.is_nan());
-    let max = lanes.iter().fold(T::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    if nan {
-        T::from_f64(f64::NAN)
-    } else {
-        max
     }
 }
 
