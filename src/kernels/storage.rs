@@ -278,29 +278,17 @@ impl Storage for F16 {
     }
     #[inline(always)]
     fn widen_slice(src: &[Self], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::simd::accelerated() {
-            // SAFETY: AVX2 (and with it F16C, which `accelerated` checks) is present.
-            done = unsafe { x86::f16_to_f32(&src[..n], &mut dst[..n]) };
-        }
-        for (d, s) in dst[done..n].iter_mut().zip(&src[done..n]) {
-            *d = s.widen();
-        }
+        convert(src, dst, x86::f16_to_f32, |s| s.widen());
+        #[cfg(not(target_arch = "x86_64"))]
+        convert(src, dst, |s| s.widen());
     }
     #[inline(always)]
     fn narrow_slice(src: &[f32], dst: &mut [std::mem::MaybeUninit<Self>]) {
-        let n = src.len().min(dst.len());
-        let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::simd::accelerated() {
-            // SAFETY: F16C is present (`accelerated`).
-            done = unsafe { x86::f32_to_f16(&src[..n], &mut dst[..n]) };
-        }
-        for (d, &x) in dst[done..n].iter_mut().zip(&src[done..n]) {
-            d.write(Self::narrow(x));
-        }
+        convert(src, dst, x86::f32_to_f16, |x| std::mem::MaybeUninit::new(Self::narrow(x)));
+        #[cfg(not(target_arch = "x86_64"))]
+        convert(src, dst, |x| std::mem::MaybeUninit::new(Self::narrow(x)));
     }
     const NAME: &'static str = "float16";
 }
@@ -337,18 +325,42 @@ impl Storage for Bf16 {
     }
     #[inline(always)]
     fn widen_slice(src: &[Self], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::simd::accelerated() {
-            // SAFETY: AVX2 is present (`accelerated`).
-            done = unsafe { x86::bf16_to_f32(&src[..n], &mut dst[..n]) };
-        }
-        for (d, s) in dst[done..n].iter_mut().zip(&src[done..n]) {
-            *d = s.widen();
-        }
+        convert(src, dst, x86::bf16_to_f32, |s| s.widen());
+        #[cfg(not(target_arch = "x86_64"))]
+        convert(src, dst, |s| s.widen());
     }
     const NAME: &'static str = "bfloat16";
+}
+
+/// `dst[i] = one(src[i])` for the elements of both, the first ones (as many as it reports) by
+/// `simd`, with the CPU's conversion instructions, where the accelerated path runs.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn convert<S: Copy, D>(
+    src: &[S],
+    dst: &mut [D],
+    simd: unsafe fn(&[S], &mut [D]) -> usize,
+    one: impl Fn(S) -> D,
+) {
+    let n = src.len().min(dst.len());
+    let mut done = 0;
+    if crate::kernels::simd::accelerated() {
+        // SAFETY: the conversions need AVX2 and F16C, which `accelerated` checks.
+        done = unsafe { simd(&src[..n], &mut dst[..n]) };
+    }
+    for (d, &s) in dst[done..n].iter_mut().zip(&src[done..n]) {
+        *d = one(s);
+    }
+}
+
+/// `dst[i] = one(src[i])` (no conversion instructions on this architecture).
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn convert<S: Copy, D>(src: &[S], dst: &mut [D], one: impl Fn(S) -> D) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = one(s);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
