@@ -97,14 +97,17 @@ pub(super) fn pairs(e: usize) -> usize {
 /// last one paired with zero.
 #[inline(always)]
 pub(super) fn pair_words(row: &[Bf16], out: &mut [u32]) {
-    for (i, w) in out.iter_mut().enumerate() {
-        let lo = row[2 * i].0 as u32;
-        let hi = row.get(2 * i + 1).map_or(0, |x| x.0 as u32);
-        *w = lo | hi << 16;
+    let (pairs, last) = row.as_chunks::<2>();
+    for (w, &[lo, hi]) in out.iter_mut().zip(pairs) {
+        *w = lo.0 as u32 | (hi.0 as u32) << 16;
+    }
+    if let (Some(w), [lo]) = (out.get_mut(pairs.len()), last) {
+        *w = lo.0 as u32;
     }
 }
 
 /// Packs keys `0..n` (rows of `e` values, `stride` apart) into `kt` (see the module notes).
+#[inline(always)]
 pub(super) fn pack_keys(k: &[Bf16], stride: usize, e: usize, n: usize, kt: &mut [u32]) {
     let p = pairs(e);
     let mut words = vec![0u32; p];
@@ -119,6 +122,7 @@ pub(super) fn pack_keys(k: &[Bf16], stride: usize, e: usize, n: usize, kt: &mut 
 
 /// Packs values `0..n` (rows of `ev` values, `stride` apart, `ev` a multiple of NR) into `vt`
 /// (see the module notes).
+#[inline(always)]
 pub(super) fn pack_values(v: &[Bf16], stride: usize, ev: usize, n: usize, vt: &mut [u32]) {
     let strips = ev / NR;
     for j in 0..n {
@@ -298,7 +302,9 @@ pub(super) struct Dot<'a> {
 
 impl<'a> Dot<'a> {
     /// Packs keys and values `0..n` (of `k` and `v`, rows `k_stride` and `v_stride` apart) for
-    /// queries `q`; `ev` must be a positive multiple of NR.
+    /// queries `q`; `ev` must be a positive multiple of NR. (Inlined into the task, so that the
+    /// packing loops are compiled for AVX2 there.)
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         q: &'a [Bf16],
