@@ -33,6 +33,18 @@ import attnkit
 import reference as ref
 from conftest import layouts
 
+try:  # the 16-bit dtypes join the attention fuzz where ml_dtypes (a test dependency) is installed
+    import ml_dtypes
+
+    HALF_DTYPES: list[Any] = [np.float16, ml_dtypes.bfloat16]
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+    HALF_DTYPES = [np.float16]
+
+
+def eps(dtype: Any) -> float:
+    return float(np.finfo(dtype).eps) if ml_dtypes is None else float(ml_dtypes.finfo(dtype).eps)
+
 if not hasattr(os, "fork"):  # pragma: no cover
     pytest.skip("needs os.fork", allow_module_level=True)
 
@@ -120,7 +132,9 @@ def floats(data: st.DataObject, shape: tuple[int, ...], dtype: Any, special: boo
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     x = rng.standard_normal(shape).astype(dtype)
     if special and x.size and data.draw(st.booleans(), label="special values"):
-        x.flat[rng.integers(0, x.size)] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e15]))
+        value = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e15]))
+        with np.errstate(over="ignore"):  # 1e15 is inf in float16
+            x.flat[rng.integers(0, x.size)] = np.array(value).astype(x.dtype)
     return x
 
 
@@ -166,7 +180,7 @@ INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uin
 @FUZZ
 def test_fuzz_embedding(data):
     rows, dim = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 5))
-    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64, *HALF_DTYPES]))
     shape = tuple(data.draw(st.lists(st.integers(0, 4), max_size=3)))
     ids = np.random.default_rng(data.draw(st.integers(0, 99))).integers(0, rows, shape).astype(data.draw(st.sampled_from(INT_DTYPES)))
     kw: dict[str, Any] = {"ids": memory_layout(data, ids), "weight": memory_layout(data, floats(data, (rows, dim), dtype, True)),
@@ -176,8 +190,12 @@ def test_fuzz_embedding(data):
                              "scale": NOT_REALS})
 
     def check(out: np.ndarray) -> None:
-        with np.errstate(invalid="ignore"):  # inf * 0 in the reference
-            want = ref.embedding(np.asarray(kw["ids"]), np.asarray(kw["weight"]).astype(dtype), kw["scale"])
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 in the reference
+            if dtype in HALF_DTYPES and kw["scale"] is not None:  # in float32, rounded once
+                rows = np.asarray(kw["weight"]).astype(dtype)[np.asarray(kw["ids"])].astype(np.float32)
+                want = (rows * np.float32(kw["scale"])).astype(dtype)
+            else:
+                want = ref.embedding(np.asarray(kw["ids"]), np.asarray(kw["weight"]).astype(dtype), kw["scale"])
         assert out.dtype == dtype and out.shape == want.shape
         assert out.tobytes() == np.ascontiguousarray(want).tobytes(), "not a bit-exact copy"
 
@@ -326,17 +344,19 @@ def test_fuzz_rope_cos_sin(data):
 @given(st.data())
 @FUZZ
 def test_fuzz_apply_rope(data):
-    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64, *HALF_DTYPES]))
     b, h, s = (data.draw(st.integers(0, 3)) for _ in range(3))
     head_dim = data.draw(st.integers(0, 8))
     half = data.draw(st.integers(0, head_dim // 2))
     layout = data.draw(st.sampled_from(["bhsd", "bshd"]))
     style = data.draw(st.sampled_from(["half", "interleaved"]))
     x = floats(data, (b, h, s, head_dim), dtype, True)
-    cos, sin = floats(data, (s, half), dtype), floats(data, (s, half), dtype)
+    table_dtype = data.draw(st.sampled_from([dtype, np.float32, np.float64])) if dtype in HALF_DTYPES else dtype
+    cos, sin = floats(data, (s, half), table_dtype), floats(data, (s, half), table_dtype)
     kw: dict[str, Any] = {"x": memory_layout(data, x.transpose(0, 2, 1, 3) if layout == "bshd" else x), "cos": cos, "sin": sin,
                           "style": style, "layout": layout}
-    bad = corrupt(data, kw, {"x": REQUIRED + [np.zeros((2, 2, 2)), np.zeros(x.shape, np.int32)], "cos": REQUIRED + [cos.astype(np.float16)],
+    wrong_table = cos.astype(np.int32 if dtype in HALF_DTYPES else np.float16)
+    bad = corrupt(data, kw, {"x": REQUIRED + [np.zeros((2, 2, 2)), np.zeros(x.shape, np.int32)], "cos": REQUIRED + [wrong_table],
                              "style": ["neox", None], "layout": ["sbhd", 0]})
 
     def check(out: np.ndarray) -> None:
@@ -344,7 +364,8 @@ def test_fuzz_apply_rope(data):
         both_nan = np.isnan(out) & np.isnan(want)
         with np.errstate(invalid="ignore"):  # inf - inf where both are inf
             err = np.where(both_nan | (out == want), 0, np.abs(out - want))
-        assert out.shape == want.shape and np.all(err <= 4 * np.finfo(dtype).eps * (1 + np.abs(np.nan_to_num(want))))
+        assert out.shape == want.shape and out.dtype == dtype
+        assert np.all(err <= 4 * eps(dtype) * (1 + np.abs(np.nan_to_num(want))))
 
     classify(Call(lambda: attnkit.apply_rope(**kw), tuple(kw), check, bad, describe(kw)))
 
@@ -415,12 +436,17 @@ def test_fuzz_relative_position_bias(data):
 @given(st.data())
 @FUZZ
 def test_fuzz_scaled_dot_product_attention(data):
-    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64, *HALF_DTYPES]))
     b, hkv, group = data.draw(st.integers(0, 2)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
     hq = hkv * group
     length, s = data.draw(st.integers(0, 20)), data.draw(st.integers(0, 140))
-    e, ev = data.draw(st.integers(0, 9)), data.draw(st.integers(0, 17))
+    e, ev = data.draw(st.integers(0, 9)), data.draw(st.sampled_from([0, 1, 5, 16, 17, 32]))
     q, k, v = (floats(data, shape, dtype, True) for shape in ((b, hq, length, e), (b, hkv, s, e), (b, hkv, s, ev)))
+    half = dtype in HALF_DTYPES
+    mixed = half and data.draw(st.booleans(), label="float32 queries over a 16-bit cache")
+    if mixed:
+        q = q.astype(np.float32)
+    out_dtype = q.dtype
     ours: dict[str, Any] = {"enable_gqa": group > 1}
     theirs: dict[str, Any] = {}
     if data.draw(st.booleans(), label="causal"):
@@ -434,7 +460,7 @@ def test_fuzz_scaled_dot_product_attention(data):
     if data.draw(st.booleans(), label="bool mask"):
         ours["attn_mask"] = theirs["bool_mask"] = memory_layout(data, np.random.default_rng(2).random((1, hq, length, s)) < 0.8)
     elif data.draw(st.booleans(), label="float mask"):
-        fm = floats(data, (length, s), dtype)
+        fm = floats(data, (length, s), q.dtype)
         fm[fm > 1.5] = -np.inf
         ours["attn_mask"] = memory_layout(data, fm)
         theirs["float_mask"] = fm
@@ -450,11 +476,12 @@ def test_fuzz_scaled_dot_product_attention(data):
     kw: dict[str, Any] = {"query": args[0], "key": args[1], "value": args[2], "layout": layout, "return_lse": True,
                           "return_weights": data.draw(st.booleans()), **ours}
     bad = corrupt(data, kw, {
-        "query": REQUIRED + [np.zeros(q.shape, np.int32), np.zeros(q.shape, np.float16), np.zeros(1)],
-        "key": [k.astype(np.float64 if dtype == np.float32 else np.float32)],
+        "query": REQUIRED + [np.zeros(q.shape, np.int32), np.zeros(q.shape, np.float64 if half else np.float16),
+                             np.zeros(1)],
+        "key": [k.astype(np.float64 if dtype in (np.float32, *HALF_DTYPES) else np.float32)],
         "attn_mask": NOT_ARRAYS + [np.zeros((3, 3, 3, 3, 7), bool), np.zeros((length, s), np.int64)],
         "key_mask": [np.ones((b, s + 1), bool), np.ones((b, s), np.float32)],
-        "scale": NOT_REALS + ([1e39] if dtype == np.float32 else []), "softcap": NOT_REALS + [0.0, -1.0],
+        "scale": NOT_REALS + ([1e39] if dtype != np.float64 else []), "softcap": NOT_REALS + [0.0, -1.0],
         "window": [(-1, 0), (1, 2, 3), "x", (0.5, 1)], "is_causal": [np.array([1, 0]), "yes", None],
         "dropout_p": [0.1, np.ones(2), "0"], "causal_alignment": ["bottom", None], "layout": ["bsdh", 1],
         "alibi_slopes": [np.full(hq, np.nan), np.ones(hq + 1)], "return_lse": [None, np.ones(2)],
@@ -470,10 +497,11 @@ def test_fuzz_scaled_dot_product_attention(data):
         assert np.array_equal(np.isnan(out).any(axis=-1), nan_rows) or not np.isfinite(q).all() or not np.isfinite(k).all()
         finite = ~(nan_rows[..., None] | ~np.isfinite(want))
         vmax = np.abs(np.nan_to_num(v, posinf=0, neginf=0)).max(initial=0.0)
-        bound = 4 * np.finfo(dtype).eps * max(vmax, 1.0) * (1 + np.nan_to_num(score_max).max(initial=0.0) + 50)
+        bound = 4 * eps(out_dtype) * max(vmax, 1.0) * (1 + np.nan_to_num(score_max).max(initial=0.0) + 50)
         err = np.abs(np.where(finite, out.astype(np.float64) - want, 0))
         assert np.all(err <= bound), f"error {err.max():.3e} above {bound:.3e}"
-        assert out.dtype == dtype and lse.shape == want_lse.shape
+        assert out.dtype == out_dtype and lse.shape == want_lse.shape
+        assert lse.dtype == (np.float32 if half else dtype)
 
     all_finite = all(np.isfinite(x).all() for x in (q, k, v))
     check_fn = check if all_finite else (lambda result: None)  # NaN propagation is tested in test_attention

@@ -32,8 +32,10 @@ def bfloat16() -> np.dtype[Any] | None:
 
 
 def is_half(dtype: np.dtype[Any]) -> bool:
-    """Whether ``dtype`` is one of the 16-bit floats attnkit reads (computing in float32)."""
-    return dtype == FLOAT16 or (dtype.itemsize == 2 and dtype == bfloat16())
+    """Whether ``dtype`` is one of the 16-bit floats attnkit reads (computing in float32), in
+    either byte order."""
+    native = dtype.newbyteorder("=")
+    return native == FLOAT16 or (dtype.itemsize == 2 and native == bfloat16())
 
 
 def compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
