@@ -9,13 +9,17 @@
 //! ([`set_enabled`]).
 //!
 //! Attention also has explicit AVX2 + FMA kernels for float32 (`attention/avx2.rs`, reached through
-//! `attention/fast.rs`), four of them also in AVX-512 (`attention/avx512.rs`, where [`avx512`]),
-//! which compute the same operations as the generic code in the same order.
+//! `attention/fast.rs` and `attention/x86.rs`), three of them also in AVX-512 (`attention/avx512.rs`,
+//! where [`avx512`]), which compute the same operations as the generic code in the same order, and
+//! bfloat16 dot-product kernels (`attention/avx512bf16.rs`) whose arithmetic `attention/dot16.rs`
+//! emulates exactly.
 //!
-//! `unsafe` code lives here (calling the AVX2 functions, prefetch), in `attention/avx2.rs` and
-//! `attention/avx512.rs` (entering their kernels, vector loads and stores of whole arrays), in
+//! `unsafe` code lives here (calling the AVX2 functions, prefetch), in the attention kernels'
+//! files (`x86.rs` entering the kernels; `avx2.rs`, `avx512.rs`, `avx512bf16.rs` and `lanes.rs`
+//! with vector loads and stores), in `storage.rs` (the 16-bit conversions), in
 //! [`output`](super::output) (a buffer's length set after a kernel filled it) and in the binding's
-//! `arrays.rs` (a fresh NumPy array's memory handed to a kernel), each block with a `SAFETY` note.
+//! `arrays.rs` and `half.rs` (a fresh NumPy array's memory handed to a kernel; the 16-bit dtypes'
+//! descriptors), each block with a `SAFETY` note.
 
 use crate::kernels::{Rows, RowsPair};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -16,6 +16,10 @@
 //! are widened as they are loaded (`lanes.rs`), which is exact, so the kernels compute the same
 //! bits as on the widened values.
 //!
+//! This file is the micro-kernel trait, the block sizes and the blocks the kernels take; the
+//! instruction-set files depend on it (and on `lanes.rs`) and on nothing else of attention, and
+//! `x86.rs` chooses among them.
+//!
 //! A type opts in through [`Explicit`]: `detect` returns a token only where its kernels can run,
 //! and every kernel takes that token, so they cannot be reached without it. Types and CPUs
 //! without kernels have an uninhabited token: `detect` returns `None` and the kernels are never
@@ -105,11 +109,11 @@ pub trait Explicit: Sized + Copy {
     /// `score_tile` followed by `mask_row` without softcap, ALiBi or attention masks.
     fn scores(t: Self::Token, blk: &ScoreBlock<'_, Self>, scores: &mut [Self], max: &mut [Self]);
 
-    /// The same as `tile::probabilities`.
+    /// The same as `rows::probabilities`.
     fn probabilities(t: Self::Token, row: &mut [Self], m: Self) -> Self;
 
     /// `out[r] = alpha[r] · out[r] + Σ_j p[r·BK + j] v_j` for `rows` rows (a multiple of `MR`),
-    /// keys in order: the same as `tile::pv_tiles`, and as `decode::add_pv` where every value is
+    /// keys in order: the same as `generic::pv_tiles`, and as `generic::add_pv` where every value is
     /// finite. `vb.ev` must be a multiple of `NR`.
     fn pv(
         t: Self::Token,
@@ -125,7 +129,7 @@ pub trait Explicit: Sized + Copy {
     fn dots_row(t: Self::Token, q: &[Self], k: Stored<'_, Self>, stride: usize, n: usize, out: &mut [Self]);
 
     /// `out = alpha · out + Σ_j p[j] v_j` for one row and the values `v[j·stride..][..out.len()]`,
-    /// keys in order, none left out: the same as `decode::add_pv` where no `p[j]` is −0.0 or
+    /// keys in order, none left out: the same as `generic::add_pv` where no `p[j]` is −0.0 or
     /// every value is finite. `out.len()` must be a multiple of 8.
     fn pv_row(t: Self::Token, p: &[Self], alpha: Self, out: &mut [Self], v: Stored<'_, Self>, stride: usize);
 
