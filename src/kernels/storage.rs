@@ -196,7 +196,13 @@ pub trait Storage: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
     /// `x` rounded once to this type (not through the compute type: no double rounding).
     fn round_from_f64(x: f64) -> Self;
     /// The data as the compute type, where it is that type already (float32, float64).
-    fn as_compute(data: &[Self]) -> Option<&[Self::Compute]>;
+    #[inline(always)]
+    fn as_compute(data: &[Self]) -> Option<&[Self::Compute]> {
+        match Self::stored(data) {
+            Stored::Compute(x) => Some(x),
+            _ => None,
+        }
+    }
     /// `dst[i] = src[i].widen()`, with the CPU's conversion instructions where they exist.
     fn widen_slice(src: &[Self], dst: &mut [Self::Compute]) {
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -205,8 +211,11 @@ pub trait Storage: Copy + Send + Sync + Default + std::fmt::Debug + 'static {
     }
     /// The data as bfloat16, where it is.
     #[inline(always)]
-    fn as_bf16(_: &[Self]) -> Option<&[Bf16]> {
-        None
+    fn as_bf16(data: &[Self]) -> Option<&[Bf16]> {
+        match Self::stored(data) {
+            Stored::Bf16(x) => Some(x),
+            _ => None,
+        }
     }
     /// The data as the explicit kernels take it.
     fn stored(data: &[Self]) -> Stored<'_, Self::Compute>;
@@ -236,10 +245,6 @@ macro_rules! compute_in_self {
                 x as $t
             }
             #[inline(always)]
-            fn as_compute(data: &[$t]) -> Option<&[$t]> {
-                Some(data)
-            }
-            #[inline(always)]
             fn stored(data: &[$t]) -> Stored<'_, $t> {
                 Stored::Compute(data)
             }
@@ -263,10 +268,6 @@ impl Storage for F16 {
     #[inline(always)]
     fn round_from_f64(x: f64) -> Self {
         F16(narrow(x, F16_FORMAT))
-    }
-    #[inline(always)]
-    fn as_compute(_: &[Self]) -> Option<&[f32]> {
-        None
     }
     #[inline(always)]
     fn stored(data: &[Self]) -> Stored<'_, f32> {
@@ -308,16 +309,8 @@ impl Storage for Bf16 {
         Bf16(narrow(x, BF16_FORMAT))
     }
     #[inline(always)]
-    fn as_compute(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-    #[inline(always)]
     fn stored(data: &[Self]) -> Stored<'_, f32> {
         Stored::Bf16(data)
-    }
-    #[inline(always)]
-    fn as_bf16(data: &[Self]) -> Option<&[Bf16]> {
-        Some(data)
     }
     #[inline(always)]
     fn finite(self) -> bool {

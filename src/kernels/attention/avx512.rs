@@ -19,7 +19,7 @@
 
 use std::arch::x86_64::*;
 
-use super::fast::{ScoreBlock, VBlock, BK, MR, NR};
+use super::fast::{tile_shape as shape, ScoreBlock, VBlock, BK, MR, NR};
 use super::lanes::Lanes;
 use crate::kernels::exp::f32_consts as c;
 use crate::kernels::simd;
@@ -43,20 +43,6 @@ fn load_i32(x: &[i32; NR]) -> __m512i {
 fn store(x: &mut [f32; NR], v: __m512) {
     // SAFETY: writes the sixteen floats of `x`.
     unsafe { _mm512_storeu_ps(x.as_mut_ptr(), v) }
-}
-
-/// A micro-tile's shape for `rows` rows and `strips` strips of 16 still to do: two groups of
-/// `MR` rows by two strips where there are enough, else one group by up to four strips; always
-/// at most 16 accumulators.
-#[inline(always)]
-fn shape(rows: usize, strips: usize) -> (usize, usize) {
-    match (rows >= 2 * MR, strips) {
-        (true, 2..) => (2, 2),
-        (true, _) => (2, 1),
-        (false, 4..) => (1, 4),
-        (false, 2 | 3) => (1, 2),
-        (false, _) => (1, 1),
-    }
 }
 
 /// See [`Explicit::scores`](super::fast::Explicit::scores).

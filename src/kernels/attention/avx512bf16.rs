@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::fast::{Mask, BK, MR, NR};
+use super::fast::{tile_shape as shape, Mask, BK, MR, NR};
 use crate::kernels::simd;
 
 /// Proof that this CPU runs AVX-512F, AVX-512VL and AVX512_BF16, and that the accelerated path
@@ -65,19 +65,6 @@ impl Bf16Dot {
     ) {
         // SAFETY: as in `scores`.
         unsafe { pv(pw, alpha, out, rows, vt, ev, cols) }
-    }
-}
-
-/// Two groups of MR rows by two strips where there are enough, else one group by up to four
-/// strips (as in `avx512.rs`).
-#[inline(always)]
-fn shape(rows: usize, strips: usize) -> (usize, usize) {
-    match (rows >= 2 * MR, strips) {
-        (true, 2..) => (2, 2),
-        (true, _) => (2, 1),
-        (false, 4..) => (1, 4),
-        (false, 2 | 3) => (1, 2),
-        (false, _) => (1, 1),
     }
 }
 

@@ -188,15 +188,18 @@ where
                 T::pv(token, scores, alpha, p_acc, fast_rows, &vb);
                 pv_rows = fast_rows;
             }
-            let explicit: Vec<bool> = (pv_rows..rows).map(|r| fast_pv.is_some() && plain(r..r + 1)).collect();
-            // The block's values as T, where the generic code needs them.
-            let v_t = explicit.contains(&false).then(|| rows_as(v_src, sp.v.row, ev, k0, cols, &mut vw));
-            for (r, explicit) in (pv_rows..rows).zip(explicit) {
+            // The rows left take the explicit single-row kernel where `plain`, else the generic
+            // code, which reads the block's values as T (made once, if any row needs them).
+            let generic = (pv_rows..rows).any(|r| fast_pv.is_none() || !plain(r..r + 1));
+            let v_t = generic.then(|| rows_as(v_src, sp.v.row, ev, k0, cols, &mut vw));
+            for r in pv_rows..rows {
                 let (pr, acc) = (&scores[r * BK..r * BK + cols], &mut p_acc[r * ev..(r + 1) * ev]);
-                match (fast_pv, v_t) {
-                    (Some(token), _) if explicit => T::pv_row(token, pr, alpha[r], acc, v_block, sp.v.row),
-                    (_, Some((v, stride))) => add_pv(pr, alpha[r], acc, |j| &v[j * stride..][..ev]),
-                    _ => unreachable!("the values as T are made for every row the generic code takes"),
+                match (fast_pv.filter(|_| plain(r..r + 1)), v_t) {
+                    (Some(token), _) => T::pv_row(token, pr, alpha[r], acc, v_block, sp.v.row),
+                    (None, Some((v, stride))) => add_pv(pr, alpha[r], acc, |j| &v[j * stride..][..ev]),
+                    (None, None) => {
+                        unreachable!("the values as T are made when any row takes the generic code")
+                    }
                 }
             }
             k0 += cols;

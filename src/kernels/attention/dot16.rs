@@ -26,8 +26,7 @@
 //! `vt[((block · strips + c) · BK / 2 + j) · NR + t]`, column `c · NR + t` of the keys `2j` (low
 //! half) and `2j + 1` of key block `block`; zeros past the last key.
 
-pub(super) use super::fast::Mask;
-use super::fast::{BK, BQ, MR, NR};
+use super::fast::{Mask, BK, BQ, MR, NR};
 use crate::kernels::storage::Bf16;
 
 /// `x` with a subnormal read as zero of its sign: the instruction's DAZ and FTZ.
@@ -336,14 +335,18 @@ impl<'a> Dot<'a> {
         }
     }
 
-    /// Whether the explicit kernels run (and so [`Dot::masked_scores`] can).
+    /// Whether the explicit kernels run (and so [`Dot::scores`] can apply masks).
     #[inline(always)]
     pub(super) fn explicit(&self) -> bool {
         self.token.is_some()
     }
 
-    /// [`scores`] of the block's rows `0..rows` against key block `block`.
+    /// [`scores`] of the block's rows `0..rows` against key block `block`; with `mask`, where the
+    /// explicit kernels run, also the masks applied and each row's maximum into `max`, as
+    /// `mask_row` would (without softcap, biases or attention masks), in the same pass. Returns
+    /// whether the masks were applied (the portable code leaves them to `mask_row`).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn scores(
         &self,
         block: usize,
@@ -351,39 +354,22 @@ impl<'a> Dot<'a> {
         rows: usize,
         scale: f32,
         out: &mut [f32],
-    ) {
+        mask: Option<(&Mask<'_>, &mut [f32])>,
+    ) -> bool {
         let kt = &self.kt[block * BK * self.pairs..(block + 1) * BK * self.pairs];
         match self.token {
             #[cfg(target_arch = "x86_64")]
-            Some(t) => t.scores(&self.qw, self.pairs, kt, rows, tiles, scale, out, None),
+            Some(t) => {
+                let masked = mask.is_some();
+                t.scores(&self.qw, self.pairs, kt, rows, tiles, scale, out, mask);
+                masked
+            }
             #[cfg(not(target_arch = "x86_64"))]
             Some(t) => match t {},
-            None => scores(&self.qw, self.pairs, kt, rows, tiles, scale, out),
-        }
-    }
-
-    /// [`Dot::scores`], then `mask` applied and each row's maximum into `max`, as `mask_row`
-    /// would (without softcap, biases or attention masks), in one pass: with the explicit
-    /// kernels only (see [`Dot::explicit`]); without them, nothing is written.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn masked_scores(
-        &self,
-        block: usize,
-        tiles: (usize, usize),
-        rows: usize,
-        scale: f32,
-        out: &mut [f32],
-        mask: &Mask<'_>,
-        max: &mut [f32],
-    ) {
-        let kt = &self.kt[block * BK * self.pairs..(block + 1) * BK * self.pairs];
-        match self.token {
-            #[cfg(target_arch = "x86_64")]
-            Some(t) => t.scores(&self.qw, self.pairs, kt, rows, tiles, scale, out, Some((mask, max))),
-            #[cfg(not(target_arch = "x86_64"))]
-            Some(t) => match t {},
-            None => {}
+            None => {
+                scores(&self.qw, self.pairs, kt, rows, tiles, scale, out);
+                false
+            }
         }
     }
 

@@ -36,6 +36,20 @@ pub(super) const MR: usize = 4;
 /// Keys of a score micro-tile, and output columns of a P·V micro-tile.
 pub(super) const NR: usize = 16;
 
+/// The AVX-512 micro-tile's shape for `rows` rows and `strips` strips of 16 still to do: two
+/// groups of `MR` rows by two strips where there are enough, else one group by up to four strips;
+/// always at most 16 accumulators (half of AVX-512's registers).
+#[inline(always)]
+pub(super) fn tile_shape(rows: usize, strips: usize) -> (usize, usize) {
+    match (rows >= 2 * MR, strips) {
+        (true, 2..) => (2, 2),
+        (true, _) => (2, 1),
+        (false, 4..) => (1, 4),
+        (false, 2 | 3) => (1, 2),
+        (false, _) => (1, 1),
+    }
+}
+
 /// The causal and window bounds and the key padding of one query block against one key block,
 /// for the explicit score kernels to apply as they store the scores.
 pub struct Mask<'a> {
@@ -186,55 +200,3 @@ macro_rules! no_kernels {
 no_kernels!(f64);
 #[cfg(not(target_arch = "x86_64"))]
 no_kernels!(f32);
-
-#[cfg(target_arch = "x86_64")]
-impl Explicit for f32 {
-    type Token = super::x86::X86;
-    #[inline(always)]
-    fn detect() -> Option<Self::Token> {
-        Self::Token::detect()
-    }
-    #[inline(always)]
-    fn scores(t: Self::Token, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
-        t.scores(blk, scores, max)
-    }
-    #[inline(always)]
-    fn probabilities(t: Self::Token, row: &mut [f32], m: f32) -> f32 {
-        t.probabilities(row, m)
-    }
-    #[inline(always)]
-    fn pv(
-        t: Self::Token,
-        p: &[f32],
-        alpha: &[f32],
-        out: &mut [f32],
-        rows: usize,
-        vb: &VBlock<Stored<'_, f32>>,
-    ) {
-        t.pv(p, alpha, out, rows, vb)
-    }
-    #[inline(always)]
-    fn dots(
-        t: Self::Token,
-        q: &[f32],
-        e: usize,
-        k: Stored<'_, f32>,
-        stride: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        t.dots(q, e, k, stride, n, out)
-    }
-    #[inline(always)]
-    fn pack_keys(t: Self::Token, k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
-        t.pack_keys(k, stride, e, n, kt)
-    }
-    #[inline(always)]
-    fn dots_row(t: Self::Token, q: &[f32], k: Stored<'_, f32>, stride: usize, n: usize, out: &mut [f32]) {
-        t.dots_row(q, k, stride, n, out)
-    }
-    #[inline(always)]
-    fn pv_row(t: Self::Token, p: &[f32], alpha: f32, out: &mut [f32], v: Stored<'_, f32>, stride: usize) {
-        t.pv_row(p, alpha, out, v, stride)
-    }
-}

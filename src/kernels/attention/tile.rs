@@ -159,9 +159,15 @@ where
         // 16-bit values for the explicit P·V: widened once here where the task has several
         // query blocks to read them (each would widen them again), else widened as loaded.
         let widen_v = fast_pv.is_some() && KV::as_compute(v_src).is_none() && self.positions * group > 2 * BQ;
-        let (v_data, v_stride) = match pack_v || widen_v {
+        let v_widened = pack_v || widen_v;
+        let (v_data, v_stride) = match v_widened {
             true => rows_as(v_src, sp.v.row, ev, 0, keys_end, &mut v_generic),
             false => (&[][..], 0),
+        };
+        // What the explicit P·V reads: those widened rows, or the rows as stored.
+        let (v_explicit, v_explicit_stride) = match widen_v {
+            true => (Stored::Compute(v_data), v_stride),
+            false => (KV::stored(v_src), sp.v.row),
         };
         let v_row = |j: usize| &v_data[j * v_stride..][..ev];
         for (j, finite) in v_finite.iter_mut().enumerate() {
@@ -183,6 +189,7 @@ where
         let mut v_scratch = Vec::new(); // a key block's values as T, for `add_pv` beside the explicit P·V
         let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
         let mut q_wide = vec![T::ZERO; MR * e]; // a group of 16-bit query rows, widened
+        let widen_q = Q::as_compute(&[]).is_none(); // queries of a 16-bit type
         let scale = T::from_f64(sp.scale);
         let mut scores = [T::ZERO; BQ * BK];
         let mut acc = vec![T::ZERO; BQ * ev];
@@ -223,7 +230,6 @@ where
             // reads its MR queries of dimension d from one place.
             // (16-bit queries are widened a group of rows at a time first, with the conversion
             // instructions.)
-            let widen_q = Q::as_compute(at.q_row(q0)).is_none();
             if let Some(dot) = &mut dot {
                 dot.pack_queries(padded, |r| at.q_start(q0 + r.min(rows - 1)));
             }
@@ -264,7 +270,6 @@ where
                 // Scores of the block's columns col0..col0 + cols, MR rows x NR keys at a time
                 // (whole NR-column tiles; the columns outside are dropped).
                 let (t0, t1) = (col0 / NR * NR, (col0 + cols).next_multiple_of(NR).min(BK));
-                let kt_block = &kt[(block * BK * e).min(kt.len())..((block + 1) * BK * e).min(kt.len())];
                 // Every pair valid (most blocks away from a causal diagonal, with no padding):
                 // the tiles are exactly the columns, no key is padding, and the bounds of the
                 // block's first row (the smallest upper bound) and last row (the largest lower
@@ -293,36 +298,30 @@ where
                         }
                     }
                 }
-                let scale32 = sp.scale as f32;
                 let mask = Mask { all_valid, bounds: &bounds[..padded], keep: &keep };
-                if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(&mut scores)) {
-                    match (dot_masks, T::as_f32_mut(&mut row_max)) {
-                        (true, Some(max)) => {
-                            dot.masked_scores(block, (t0, t1), padded, scale32, out, &mask, max)
-                        }
-                        _ => dot.scores(block, (t0, t1), padded, scale32, out),
-                    }
+                // Whether the score kernel masked the scores and took the row maxima itself.
+                let masked = if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(&mut scores)) {
+                    let mask = T::as_f32_mut(&mut row_max).filter(|_| dot_masks).map(|max| (&mask, max));
+                    dot.scores(block, (t0, t1), padded, sp.scale as f32, out, mask)
                 } else if let Some(token) = fast_scores {
-                    let blk = ScoreBlock {
-                        q: &qpack[..padded * e],
-                        kt: kt_block,
-                        e,
-                        tiles: (t0, t1),
-                        rows: padded,
-                        mask,
-                    };
+                    let kt = &kt[block * BK * e..(block + 1) * BK * e];
+                    let blk =
+                        ScoreBlock { q: &qpack[..padded * e], kt, e, tiles: (t0, t1), rows: padded, mask };
                     T::scores(token, &blk, &mut scores, &mut row_max);
+                    true
                 } else {
+                    let kt = &kt[block * BK * e..(block + 1) * BK * e];
                     for r0 in (0..padded).step_by(MR) {
                         let (qs, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks::<MR>();
                         for j0 in (t0..t1).step_by(NR) {
-                            let tile = score_tile(qs, &kt_block[j0 * e..(j0 + NR) * e]);
+                            let tile = score_tile(qs, &kt[j0 * e..(j0 + NR) * e]);
                             for (r, tile_row) in tile.iter().enumerate() {
                                 scores[(r0 + r) * BK + j0..(r0 + r) * BK + j0 + NR].copy_from_slice(tile_row);
                             }
                         }
                     }
-                }
+                    false
+                };
                 // From here on, a row's scores are scores[r·BK + col0..][..cols].
                 // Per row: scale, biases, masks, maximum, probabilities, sum.
                 for r in 0..padded {
@@ -334,8 +333,8 @@ where
                     let row = q0 + r.min(rows - 1);
                     let (i, h) = (row / group, at.head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
-                    let row_max = match fast_scores.is_some() || dot_masks {
-                        true => row_max[r], // masked already
+                    let row_max = match masked {
+                        true => row_max[r],
                         false => {
                             let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                             mask_row(sp, self.at.masks, at, srow)
@@ -355,22 +354,8 @@ where
                         dot.pv(block, p, alpha, out, padded, cols);
                     } else if let Some(token) = fast_pv {
                         // Value rows from key k0 on (ev is a multiple of NR: whole strips).
-                        let vb = match widen_v {
-                            true => VBlock {
-                                v: Stored::Compute(&v_data[k0 * v_stride..]),
-                                key_stride: v_stride,
-                                strip_stride: NR,
-                                cols,
-                                ev,
-                            },
-                            false => VBlock {
-                                v: KV::stored(v_src).from(k0 * sp.v.row),
-                                key_stride: sp.v.row,
-                                strip_stride: NR,
-                                cols,
-                                ev,
-                            },
-                        };
+                        let v = v_explicit.from(k0 * v_explicit_stride);
+                        let vb = VBlock { v, key_stride: v_explicit_stride, strip_stride: NR, cols, ev };
                         T::pv(token, &scores[col0..], &alpha, &mut acc, padded, &vb);
                     } else {
                         let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
@@ -394,7 +379,7 @@ where
                             dot16::pv_skipping_masked(p, alpha[r], out, |j| &v[(k0 + j) * sp.v.row..][..ev]);
                         }
                     } else {
-                        let (v, stride) = match pack_v {
+                        let (v, stride) = match v_widened {
                             true => (&v_data[k0 * v_stride..], v_stride),
                             false => rows_as(v_src, sp.v.row, ev, k0, cols, &mut v_scratch),
                         };

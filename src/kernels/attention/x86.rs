@@ -1,9 +1,9 @@
-//! The float32 token of the explicit kernels on x86-64, and which instruction set runs each
-//! kernel: AVX2 + FMA (`avx2.rs`), or AVX-512 (`avx512.rs`) where the CPU has it. The kernel files
+//! The float32 explicit kernels on x86-64 ([`Explicit`] for `f32`), and which instruction set runs
+//! each kernel: AVX2 + FMA (`avx2.rs`), or AVX-512 (`avx512.rs`) where the CPU has it. The kernel files
 //! depend only on the micro-kernel trait and its constants (`fast.rs`) and on `lanes.rs`; this
 //! file is the one place that chooses between them.
 
-use super::fast::{ScoreBlock, VBlock, BK, MR};
+use super::fast::{Explicit, ScoreBlock, VBlock, BK, MR};
 use super::lanes::Lanes;
 use super::{avx2, avx512};
 use crate::kernels::simd;
@@ -29,25 +29,68 @@ pub struct X86 {
 
 impl X86 {
     #[inline(always)]
-    pub(super) fn detect() -> Option<Self> {
+    fn detect() -> Option<Self> {
         simd::accelerated().then(|| Self { avx512: simd::avx512() })
     }
 
-    /// See [`Explicit::scores`](super::fast::Explicit::scores).
     #[inline(always)]
-    pub(super) fn scores(self, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
+    fn pv<L: Lanes>(self, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<&[L]>) {
         if self.avx512 {
+            // SAFETY: `avx512` is true only on a CPU with AVX-512F and AVX-512VL.
+            return unsafe { avx512::pv(p, alpha, out, rows, vb) };
+        }
+        for r0 in (0..rows).step_by(MR) {
+            let (p, alpha, out) =
+                (&p[r0 * BK..], &alpha[r0..r0 + MR], &mut out[r0 * vb.ev..(r0 + MR) * vb.ev]);
+            // SAFETY: `self` exists only on a CPU with AVX2, FMA and F16C.
+            unsafe { avx2::pv(p, alpha, out, vb) }
+        }
+    }
+
+    /// Eight rows at a time where the CPU has the 32 registers of AVX-512 (16 accumulators),
+    /// then four.
+    #[inline(always)]
+    fn dots<L: Lanes>(self, q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
+        let rows = q.len() / e;
+        assert!(rows.is_multiple_of(MR));
+        let mut r = 0;
+        if self.avx512 {
+            while r + 2 * MR <= rows {
+                let (q, out) = (&q[r * e..(r + 2 * MR) * e], &mut out[r * BK..]);
+                // SAFETY: as in `pv`.
+                unsafe { dots_wide(q, e, k, stride, n, out) };
+                r += 2 * MR;
+            }
+        }
+        while r < rows {
+            // SAFETY: as in `pv`.
+            unsafe { avx2::dots(&q[r * e..(r + MR) * e], e, k, stride, n, &mut out[r * BK..]) };
+            r += MR;
+        }
+    }
+}
+
+impl Explicit for f32 {
+    type Token = X86;
+
+    #[inline(always)]
+    fn detect() -> Option<X86> {
+        X86::detect()
+    }
+
+    #[inline(always)]
+    fn scores(t: X86, blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: &mut [f32]) {
+        if t.avx512 {
             // SAFETY: `avx512` is true only on a CPU with AVX-512F and AVX-512VL.
             return unsafe { avx512::masked_scores(blk, scores, max) };
         }
-        // SAFETY: `self` exists only on a CPU with AVX2, FMA and F16C.
+        // SAFETY: a token exists only on a CPU with AVX2, FMA and F16C.
         unsafe { avx2::masked_scores(blk, scores, max) }
     }
 
-    /// See [`Explicit::probabilities`](super::fast::Explicit::probabilities).
     #[inline(always)]
-    pub(super) fn probabilities(self, row: &mut [f32], m: f32) -> f32 {
-        if self.avx512 {
+    fn probabilities(t: X86, row: &mut [f32], m: f32) -> f32 {
+        if t.avx512 {
             // SAFETY: as in `scores`.
             return unsafe { avx512::probabilities(row, m) };
         }
@@ -55,87 +98,32 @@ impl X86 {
         unsafe { avx2::probabilities(row, m) }
     }
 
-    /// See [`Explicit::pv`](super::fast::Explicit::pv).
     #[inline(always)]
-    pub(super) fn pv(
-        self,
-        p: &[f32],
-        alpha: &[f32],
-        out: &mut [f32],
-        rows: usize,
-        vb: &VBlock<Stored<'_, f32>>,
-    ) {
-        with_lanes!(vb.v, v => self.pv_typed(p, alpha, out, rows, &vb.with(v)))
+    fn pv(t: X86, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<Stored<'_, f32>>) {
+        with_lanes!(vb.v, v => t.pv(p, alpha, out, rows, &vb.with(v)))
     }
 
     #[inline(always)]
-    fn pv_typed<L: Lanes>(self, p: &[f32], alpha: &[f32], out: &mut [f32], rows: usize, vb: &VBlock<&[L]>) {
-        if self.avx512 {
-            // SAFETY: as in `scores`.
-            return unsafe { avx512::pv(p, alpha, out, rows, vb) };
-        }
-        for r0 in (0..rows).step_by(MR) {
-            let (p, alpha, out) =
-                (&p[r0 * BK..], &alpha[r0..r0 + MR], &mut out[r0 * vb.ev..(r0 + MR) * vb.ev]);
-            // SAFETY: as in `scores`.
-            unsafe { avx2::pv(p, alpha, out, vb) }
-        }
-    }
-
-    /// See [`Explicit::pack_keys`](super::fast::Explicit::pack_keys).
-    #[inline(always)]
-    pub(super) fn pack_keys(self, k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
+    fn pack_keys(_: X86, k: &[f32], stride: usize, e: usize, n: usize, kt: &mut [f32]) {
         // SAFETY: as in `scores`.
         unsafe { avx2::pack_keys(k, stride, e, n, kt) }
     }
 
-    /// See [`Explicit::dots_row`](super::fast::Explicit::dots_row).
     #[inline(always)]
-    pub(super) fn dots_row(self, q: &[f32], k: Stored<'_, f32>, stride: usize, n: usize, out: &mut [f32]) {
+    fn dots_row(_: X86, q: &[f32], k: Stored<'_, f32>, stride: usize, n: usize, out: &mut [f32]) {
         // SAFETY: as in `scores`.
         with_lanes!(k, k => unsafe { avx2::dots_row(q, k, stride, n, out) })
     }
 
-    /// See [`Explicit::pv_row`](super::fast::Explicit::pv_row).
     #[inline(always)]
-    pub(super) fn pv_row(self, p: &[f32], alpha: f32, out: &mut [f32], v: Stored<'_, f32>, stride: usize) {
+    fn pv_row(_: X86, p: &[f32], alpha: f32, out: &mut [f32], v: Stored<'_, f32>, stride: usize) {
         // SAFETY: as in `scores`.
         with_lanes!(v, v => unsafe { avx2::pv_row(p, alpha, out, v, stride) })
     }
 
-    /// See [`Explicit::dots`](super::fast::Explicit::dots): eight rows at a time where the CPU
-    /// has the 32 registers of AVX-512 (16 accumulators), then four.
     #[inline(always)]
-    pub(super) fn dots(
-        self,
-        q: &[f32],
-        e: usize,
-        k: Stored<'_, f32>,
-        stride: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        with_lanes!(k, k => self.dots_typed(q, e, k, stride, n, out))
-    }
-
-    #[inline(always)]
-    fn dots_typed<L: Lanes>(self, q: &[f32], e: usize, k: &[L], stride: usize, n: usize, out: &mut [f32]) {
-        let rows = q.len() / e;
-        assert!(rows.is_multiple_of(MR));
-        let mut r = 0;
-        if self.avx512 {
-            while r + 2 * MR <= rows {
-                let (q, out) = (&q[r * e..(r + 2 * MR) * e], &mut out[r * BK..]);
-                // SAFETY: as in `scores`.
-                unsafe { dots_wide(q, e, k, stride, n, out) };
-                r += 2 * MR;
-            }
-        }
-        while r < rows {
-            // SAFETY: as in `scores`.
-            unsafe { avx2::dots(&q[r * e..(r + MR) * e], e, k, stride, n, &mut out[r * BK..]) };
-            r += MR;
-        }
+    fn dots(t: X86, q: &[f32], e: usize, k: Stored<'_, f32>, stride: usize, n: usize, out: &mut [f32]) {
+        with_lanes!(k, k => t.dots(q, e, k, stride, n, out))
     }
 }
 
@@ -178,7 +166,7 @@ mod tests {
             for &avx512 in &levels {
                 let mut got = edge_row();
                 got.truncate(len);
-                let sum = X86 { avx512 }.probabilities(&mut got, m);
+                let sum = f32::probabilities(X86 { avx512 }, &mut got, m);
                 assert_eq!(sum.to_bits(), want_sum.to_bits(), "avx512 {avx512}, m {m}, length {len}");
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(
