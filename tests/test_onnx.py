@@ -48,14 +48,21 @@ def _attrs(node):
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+ROLES = ["Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"]
+
+
+def _named(node, inputs):
+    """The node's inputs by their role in ONNX's Attention (absent optional ones left out)."""
+    given = iter(inputs)
+    return {role: next(given) for role, name in zip(ROLES, node.input) if name}
+
+
 def _attention(node, inputs):
     """ONNX Attention through attnkit.scaled_dot_product_attention: ``[Y, present_key, present_value]``
     (as many as the node outputs), or the reason attnkit cannot express the case."""
-    roles = ["Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"]
-    given = iter(inputs)
-    x = {role: next(given) for role, name in zip(roles, node.input) if name}
+    x = _named(node, inputs)
     q, k, v = x["Q"], x["K"], x["V"]
-    mask, past_k, past_v, nonpad = (x.get(r) for r in roles[3:])
+    mask, past_k, past_v, nonpad = (x.get(r) for r in ROLES[3:])
     a = _attrs(node)
     if len(node.output) > 3 and node.output[3]:
         return NEEDS_SCORES
@@ -164,15 +171,11 @@ def test_onnx_attention_cases(case):
     from onnx.reference.ops.op_attention import _compute_attention
 
     a = _attrs(node)
-    roles = ["Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"]
-    given = iter(inputs)
-    x = {role: next(given) for role, n in zip(roles, node.input) if n}
+    x = _named(node, inputs)
     wide = {r: (t.astype(np.float64) if t.dtype.kind != "i" and t.dtype != bool else t) for r, t in x.items()}
-    keys = {"Q": "Q", "K": "K", "V": "V", "attn_mask": "attn_mask", "past_key": "past_key",
-            "past_value": "past_value", "nonpad_kv_seqlen": "nonpad_kv_seqlen"}
     options = {k: a[k] for k in ("scale", "is_causal", "q_num_heads", "kv_num_heads", "softcap",
                                  "left_window_size", "right_window_size") if k in a}
-    exact = _compute_attention(**{keys[r]: t for r, t in wide.items()}, **options)
+    exact = _compute_attention(**wide, **options)
     dim = x["Q"].shape[-1] // (a["q_num_heads"] if x["Q"].ndim == 3 else 1)  # E
     bound = _attention_bound(x, a.get("scale"), dim, got[0].dtype)
     for g, w, e in zip(got, outputs, exact, strict=False):

@@ -251,6 +251,46 @@ def _numpy_attention(q: Any, k: Any, v: Any, key_mask: Any, causal: bool) -> Any
     return out
 
 
+@dataclass
+class _AttentionInputs:
+    """One attention row's float32 inputs and options."""
+    q: Any
+    k: Any
+    v: Any
+    key_mask: Any
+    causal: bool
+    gqa: bool
+    flops: float
+
+
+def _attention_inputs(rng: Any, b: int, hq: int, hkv: int, length: int, s: int, e: int, mask: str) -> _AttentionInputs:
+    q = rng.standard_normal((b, hq, length, e), dtype=np.float32)
+    k = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
+    v = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
+    key_mask = np.arange(s)[None, :] < rng.integers(s // 2, s + 1, size=b)[:, None] if mask == "pad" else None
+    causal = mask == "causal"
+    flops = 4.0 * b * hq * length * s * e / (2 if causal and length == s else 1)
+    return _AttentionInputs(q, k, v, key_mask, causal, hq != hkv, flops)
+
+
+def _ours(x: _AttentionInputs, q: Any, k: Any, v: Any) -> Fn:
+    """attnkit's call on these inputs (any dtypes) with ``x``'s options."""
+    return lambda: attnkit.scaled_dot_product_attention(q, k, v, is_causal=x.causal, enable_gqa=x.gqa,
+                                                        key_mask=x.key_mask)
+
+
+def _numpy_peer(x: _AttentionInputs) -> Fn:
+    return lambda: _numpy_attention(x.q, x.k, x.v, x.key_mask, x.causal)
+
+
+def _theirs(torch: Any, x: _AttentionInputs, dtype: Any = None) -> Fn:
+    """PyTorch's SDPA on ``x``'s inputs (cast to the torch ``dtype`` if given) and options."""
+    tq, tk, tv = (torch.from_numpy(t) if dtype is None else torch.from_numpy(t).to(dtype) for t in (x.q, x.k, x.v))
+    tmask = None if x.key_mask is None else torch.from_numpy(x.key_mask[:, None, None, :])
+    return lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask, is_causal=x.causal,
+                                                                    enable_gqa=x.gqa)
+
+
 def attention_cases(quick: bool, torch: Any) -> list[Case]:
     """The attention grid of the performance notes (quick: shorter sequences, fewer rows)."""
     rng = np.random.default_rng(1)
@@ -262,34 +302,14 @@ def attention_cases(quick: bool, torch: Any) -> list[Case]:
         if (b, hq, hkv, length, s, e, mask) in shapes:
             continue  # quick: the long prefill shrinks to the Llama-3 row's shape
         shapes.add((b, hq, hkv, length, s, e, mask))
-        q = rng.standard_normal((b, hq, length, e), dtype=np.float32)
-        k = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
-        v = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
-        key_mask = np.arange(s)[None, :] < rng.integers(s // 2, s + 1, size=b)[:, None] if mask == "pad" else None
-        causal = mask == "causal"
-        flops = 4.0 * b * hq * length * s * e / (2 if causal and length == s else 1)
-        gqa = hq != hkv
-
-        def ours(q: Any = q, k: Any = k, v: Any = v, km: Any = key_mask, causal: bool = causal, gqa: bool = gqa) -> object:
-            return attnkit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, key_mask=km)
-
-        case = Case(f"attn {name}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", q.nbytes + k.nbytes + v.nbytes, ours,
-                    flops=flops, kv_bytes=k.nbytes + v.nbytes if length == 1 else 0,
-                    repeats=3 if flops > LONG_GFLOP * 1e9 else None)
+        x = _attention_inputs(rng, b, hq, hkv, length, s, e, mask)
+        case = Case(f"attn {name}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", x.q.nbytes + x.k.nbytes + x.v.nbytes,
+                    _ours(x, x.q, x.k, x.v), flops=x.flops, kv_bytes=x.k.nbytes + x.v.nbytes if length == 1 else 0,
+                    repeats=3 if x.flops > LONG_GFLOP * 1e9 else None)
         if b * hq * length * s <= 64 * 1024 * 1024:
-
-            def numpy_peer(q: Any = q, k: Any = k, v: Any = v, km: Any = key_mask, c: bool = causal) -> object:
-                return _numpy_attention(q, k, v, km, c)
-
-            case.peers["numpy"] = numpy_peer
+            case.peers["numpy"] = _numpy_peer(x)
         if torch is not None:
-            tq, tk, tv = torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)
-            tmask = None if key_mask is None else torch.from_numpy(key_mask[:, None, None, :])
-
-            def theirs(tq: Any = tq, tk: Any = tk, tv: Any = tv, tm: Any = tmask, causal: bool = causal, gqa: bool = gqa) -> object:
-                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, is_causal=causal, enable_gqa=gqa)
-
-            case.peers["torch"] = theirs
+            case.peers["torch"] = _theirs(torch, x)
         out.append(case)
     return out
 
@@ -340,36 +360,19 @@ def half_cases(quick: bool, torch: Any) -> list[Case]:
     for name, b, hq, hkv, length, s, e, mask in HALF_GRID:
         if quick and length > 1 and length * s > 512 * 512:
             length = s = 512
-        q = rng.standard_normal((b, hq, length, e), dtype=np.float32)
-        k = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
-        v = rng.standard_normal((b, hkv, s, e), dtype=np.float32)
-        key_mask = np.arange(s)[None, :] < rng.integers(s // 2, s + 1, size=b)[:, None] if mask == "pad" else None
-        causal, gqa = mask == "causal", hq != hkv
-        flops = 4.0 * b * hq * length * s * e / (2 if causal and length == s else 1)
-
-        def call(q: Any, k: Any, v: Any, km: Any = key_mask, causal: bool = causal, gqa: bool = gqa) -> Fn:
-            return lambda: attnkit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa, key_mask=km)
-
+        x = _attention_inputs(rng, b, hq, hkv, length, s, e, mask)
         variants = [(tag, dt, tdt, dt) for tag, dt, tdt in dtypes]
         if length == 1:  # mixed precision: float32 queries, a 16-bit cache
             variants += [(f"{tag}kv", dt, tdt, np.float32) for tag, dt, tdt in dtypes]
         for tag, dt, tdt, q_dt in variants:
-            q16, k16, v16 = q.astype(q_dt), k.astype(dt), v.astype(dt)
+            q16, k16, v16 = x.q.astype(q_dt), x.k.astype(dt), x.v.astype(dt)
             case = Case(f"{name} {tag}", f"B{b} H{hq}/{hkv} {length}x{s} E{e}", q16.nbytes + k16.nbytes + v16.nbytes,
-                        call(q16, k16, v16), {"attnkit f32": call(q, k, v)}, flops=flops,
+                        _ours(x, q16, k16, v16), {"attnkit f32": _ours(x, x.q, x.k, x.v)}, flops=x.flops,
                         kv_bytes=k16.nbytes + v16.nbytes if length == 1 else 0,
-                        repeats=3 if flops > LONG_GFLOP * 1e9 / 2 else None,
+                        repeats=3 if x.flops > LONG_GFLOP * 1e9 / 2 else None,
                         bf16_peak=tag == "bf16" and length > 16)
             if torch is not None:
-                tq, tk, tv = (torch.from_numpy(x).to(tdt) for x in (q, k, v))
-                tmask = None if key_mask is None else torch.from_numpy(key_mask[:, None, None, :])
-
-                def theirs(tq: Any = tq, tk: Any = tk, tv: Any = tv, tm: Any = tmask, causal: bool = causal,
-                           gqa: bool = gqa) -> object:
-                    return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, is_causal=causal,
-                                                                            enable_gqa=gqa)
-
-                case.peers["torch"] = theirs
+                case.peers["torch"] = _theirs(torch, x, tdt)
             out.append(case)
     return out
 

@@ -45,14 +45,8 @@ def compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 def _float_dtype_of(dt: np.dtype[Any]) -> np.dtype[Any] | None:
     """The native-order accepted float dtype that ``dt`` holds, or None."""
-    if dt.kind == "f" and dt.itemsize in (2, 4, 8):
-        native = dt.newbyteorder("=")
-        if native in FLOAT_DTYPES or native == FLOAT16:
-            return native
-    bf16 = bfloat16()
-    if bf16 is not None and dt.newbyteorder("=") == bf16:
-        return bf16
-    return None
+    native = dt.newbyteorder("=")
+    return native if native in FLOAT_DTYPES or is_half(native) else None
 
 
 def _as_array(x: Any, name: str) -> np.ndarray[Any, Any]:
