@@ -256,35 +256,6 @@ pub(super) fn detect() -> Option<Token> {
     None
 }
 
-/// [`round_probabilities`] then [`pv`], by the explicit kernels where there are.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn round_and_pv_with(
-    t: Option<Token>,
-    p: &[f32],
-    pw: &mut [u32],
-    alpha: &[f32],
-    out: &mut [f32],
-    rows: usize,
-    vt: &[u32],
-    ev: usize,
-    cols: usize,
-) {
-    match t {
-        #[cfg(target_arch = "x86_64")]
-        Some(t) => {
-            t.round_probabilities(p, cols, rows, pw);
-            t.pv(pw, alpha, out, rows, vt, ev, cols)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Some(t) => match t {},
-        None => {
-            round_probabilities(p, cols, rows, pw);
-            pv(pw, alpha, out, rows, vt, ev, cols)
-        }
-    }
-}
-
 /// One tiled task's state in this mode: its packed keys and values, the current query block's
 /// pair words and the rounded probabilities.
 pub(super) struct Dot<'a> {
@@ -387,7 +358,20 @@ impl<'a> Dot<'a> {
     ) {
         let per_block = (self.ev / NR) * (BK / 2) * NR;
         let vt = &self.vt[block * per_block..(block + 1) * per_block];
-        round_and_pv_with(self.token, p, &mut self.pw, alpha, out, rows, vt, self.ev, cols)
+        let (pw, ev) = (&mut self.pw, self.ev);
+        match self.token {
+            #[cfg(target_arch = "x86_64")]
+            Some(t) => {
+                t.round_probabilities(p, cols, rows, pw);
+                t.pv(pw, alpha, out, rows, vt, ev, cols)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Some(t) => match t {},
+            None => {
+                round_probabilities(p, cols, rows, pw);
+                pv(pw, alpha, out, rows, vt, ev, cols)
+            }
+        }
     }
 }
 
