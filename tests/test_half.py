@@ -155,6 +155,23 @@ def test_masked_poison_never_reaches_the_output(dtype, length):
 
 
 @pytest.mark.parametrize("dtype", HALF)
+def test_a_non_finite_value_just_past_a_blocks_keys_stays_out(dtype, threads):
+    """bfloat16's P·V runs over key pairs: a query block whose last allowed key is the first of a
+    pair reads the pair's second value too (with probability +0). An infinite value there must
+    not turn into NaN, at any thread count (one task reads it, a split task does not pack it)."""
+    q, k, v = qkv(dtype, b=1, hq=1, hkv=1, length=200, s=301, e=32, ev=32)
+    kw = dict(is_causal=True, causal_alignment="bottom_right")
+    clean = sdpa(q, k, v, **kw)
+    poisoned = v.copy()
+    poisoned[:, :, 133] = np.inf  # rows 0..31 (the first query block) see keys up to 132
+    for n in (1, 2):
+        threads(n)
+        out = sdpa(q, k, poisoned, **kw)
+        assert out[:, :, :32].tobytes() == clean[:, :, :32].tobytes(), f"{n} threads"
+        assert not np.isfinite(out[:, :, 32:].astype(np.float32)).all(axis=-1).any()
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("length", [2, 70])
 def test_same_bits_for_threads_layouts_batch_splits_and_grouped_heads(dtype, length, threads):
     q, k, v = qkv(dtype, b=3, hq=8, hkv=2, length=length, s=260, e=32, ev=32)

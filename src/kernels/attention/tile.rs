@@ -346,7 +346,10 @@ where
                     alpha[r] = update_row(fast, srow, row_max, &mut m[r], &mut sum[r]);
                 }
                 // out = alpha * out + P V.
-                if v_finite[k0..k0 + cols].iter().all(|&f| f) {
+                // The bfloat16 P·V reads whole key pairs: with an odd number of columns, also the
+                // value after the last (its probability +0, and +0 · inf is NaN), where it was packed.
+                let read = if dot.is_some() { (cols + cols % 2).min(keys_end - k0) } else { cols };
+                if v_finite[k0..k0 + read].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     let f32s = (T::as_f32(&scores), T::as_f32(&alpha), T::as_f32_mut(&mut acc));
