@@ -154,6 +154,27 @@ def test_masked_poison_never_reaches_the_output(dtype, length):
     assert np.isfinite(clean.astype(np.float32)).all()
 
 
+def test_a_masked_value_cannot_change_the_sign_of_a_zero_output():
+    """bfloat16's dot-product steps flush tiny results to zero of their sign, so the output's
+    accumulator can be −0.0 when it meets a masked key, whose value's sign would then decide the
+    sign of the zero; outputs are never −0.0, so that it cannot show."""
+    length, e, s = 40, 16, 6
+    q = np.zeros((1, 1, length, e), np.float32)
+    q[..., 0] = 1
+    k = np.zeros((1, 1, s, e), np.float32)
+    k[0, 0, [1, 4, 5], 0] = -6.9375  # probability 2^-10 against key 0's 1
+    v = np.full((1, 1, s, e), -0.0, np.float32)
+    v[0, 0, 1] = -(2.0**-120)  # times 2^-10: below the smallest normal, flushed to −0.0
+    km = np.ones((1, s), bool)
+    km[0, 2:4] = False
+    outs = []
+    for sign in (1.0, -1.0):
+        v[0, 0, 2:4] = sign
+        out = sdpa(q.astype(BF16), k.astype(BF16), v.astype(BF16), key_mask=km, scale=1.0)
+        outs.append(out.view(np.uint16))
+    assert (outs[0] == 0).all() and (outs[1] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_a_non_finite_value_just_past_a_blocks_keys_stays_out(dtype, threads):
     """bfloat16's P·V runs over key pairs: a query block whose last allowed key is the first of a

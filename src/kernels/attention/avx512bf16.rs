@@ -1,7 +1,8 @@
 //! The kernels of `dot16.rs` with `vdpbf16ps` (AVX512_BF16): the score and P·V tiles of
-//! bfloat16 attention, two multiply-adds per float32 lane in one instruction, and the rounding
-//! of probabilities to bfloat16 with `vcvtne2ps2bf16`. Each computes exactly what its portable
-//! counterpart in `dot16.rs` computes, whose `step` is this instruction's lane; the tiles have
+//! bfloat16 attention, two multiply-adds per float32 lane in one instruction, and the softmax
+//! step that rounds the probabilities to bfloat16 with `vcvtne2ps2bf16` as it computes them.
+//! Each computes exactly what its portable counterpart in `dot16.rs` computes, whose `step` is
+//! this instruction's lane; the tiles have
 //! the shapes of `avx512.rs` (up to 16 accumulators: two groups of MR rows by two strips of 16
 //! columns, or one group by four).
 //!
@@ -10,7 +11,8 @@
 
 use std::arch::x86_64::*;
 
-use super::fast::{tile_shape as shape, Mask, BK, MR, NR};
+use super::fast::{sum_lanes, tile_shape as shape, Mask, BK, BQ, MR, NR};
+use crate::kernels::exp::short_consts as c;
 use crate::kernels::simd;
 
 /// Proof that this CPU runs AVX-512F, AVX-512VL and AVX512_BF16, and that the accelerated path
@@ -43,11 +45,21 @@ impl Bf16Dot {
         unsafe { scores(q, p, kt, rows, tiles, scale, out, mask) }
     }
 
-    /// See `dot16::round_probabilities`.
+    /// See `dot16::softmax`.
     #[inline(always)]
-    pub(super) fn round_probabilities(self, p: &[f32], cols: usize, rows: usize, pw: &mut [u32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn softmax(
+        self,
+        scores: &[f32],
+        cols: usize,
+        row_max: &[f32],
+        m: &mut [f32],
+        sum: &mut [f32],
+        alpha: &mut [f32],
+        pw: &mut [u32],
+    ) {
         // SAFETY: as in `scores`.
-        unsafe { round_probabilities(p, cols, rows, pw) }
+        unsafe { softmax(scores, cols, row_max, m, sum, alpha, pw) }
     }
 
     /// See `dot16::pv`.
@@ -216,26 +228,106 @@ fn score_tile<const G: usize, const S: usize>(
     }
 }
 
+/// `exp_short` of sixteen lanes: its operations in the same order (`e^f · 2^n` as one
+/// `vscalefps`, which rounds the same exact product once, as the multiplication by 2^n does).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp_short16(x: __m512) -> __m512 {
+    let (log2e, rounder) = (_mm512_set1_ps(c::LOG2E), _mm512_set1_ps(c::ROUNDER));
+    let shifted = _mm512_fmadd_ps(x, log2e, rounder);
+    let n = _mm512_sub_ps(shifted, rounder);
+    let f = _mm512_fmsub_ps(x, log2e, n);
+    let mut q = _mm512_set1_ps(c::POLY[0]);
+    for &k in &c::POLY[1..] {
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(k));
+    }
+    let two_f = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0));
+    // +0 below MIN (and at −inf, where f is NaN); NaN stays NaN.
+    _mm512_maskz_mov_ps(
+        !_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(c::MIN)),
+        _mm512_scalef_ps(two_f, n),
+    )
+}
+
+/// The probabilities of scores `s[at..]` (up to sixteen) against the maximum `m`: +0 where
+/// masked (−inf) and in the lanes past the row's end (NaN rows included).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn probabilities16(s: &[f32], at: usize, m: f32) -> __m512 {
+    let n = s.len().saturating_sub(at).min(NR);
+    let lanes: __mmask16 = if n == NR { 0xffff } else { (1 << n) - 1 };
+    // SAFETY: the mask reads only the n <= NR floats at `at` that lie inside `s`.
+    let x = unsafe { _mm512_maskz_loadu_ps(lanes, s.as_ptr().wrapping_add(at)) };
+    let p = exp_short16(_mm512_sub_ps(x, _mm512_set1_ps(m)));
+    if n < NR {
+        _mm512_maskz_mov_ps(lanes, p)
+    } else {
+        p
+    }
+}
+
+/// `dot16::softmax` in two passes: the new maxima and the factors `alpha` of sixteen rows at a
+/// time, then each row's probabilities, whose sums end short chains of their own (one long
+/// chain per row, from the maximum to the sum, was the kernel's bound).
 #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
-fn round_probabilities(p: &[f32], cols: usize, rows: usize, pw: &mut [u32]) {
-    assert!(cols <= BK && pw.len() >= rows * BK / 2 && (rows == 0 || p.len() >= (rows - 1) * BK + cols));
+fn softmax(
+    scores: &[f32],
+    cols: usize,
+    row_max: &[f32],
+    m: &mut [f32],
+    sum: &mut [f32],
+    alpha: &mut [f32],
+    pw: &mut [u32],
+) {
+    let rows = row_max.len();
+    assert!(rows <= BQ && cols <= BK && m.len() >= rows && sum.len() >= rows && alpha.len() >= rows);
+    assert!(pw.len() >= rows * BK / 2 && (rows == 0 || scores.len() >= (rows - 1) * BK + cols));
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut m_new = [0.0f32; BQ];
+    for r0 in (0..rows).step_by(NR) {
+        let lanes: __mmask16 = if rows - r0 >= NR { 0xffff } else { (1 << (rows - r0)) - 1 };
+        // SAFETY: the mask reads and writes only rows r0.. below `rows` (of `row_max`, `m`,
+        // `alpha` and `m_new`, each at least `rows` long).
+        unsafe {
+            let (max, old) = (
+                _mm512_maskz_loadu_ps(lanes, row_max[r0..].as_ptr()),
+                _mm512_maskz_loadu_ps(lanes, m[r0..].as_ptr()),
+            );
+            // The largest score wins, and so does a NaN one.
+            let wins =
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(max, max) | _mm512_cmp_ps_mask::<_CMP_GT_OQ>(max, old);
+            let new = _mm512_mask_blend_ps(wins, old, max);
+            // No valid score yet: alpha is 1.
+            let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(new, neg_inf);
+            let a = _mm512_mask_blend_ps(none, exp_short16(_mm512_sub_ps(old, new)), _mm512_set1_ps(1.0));
+            _mm512_mask_storeu_ps(m_new[r0..].as_mut_ptr(), lanes, new);
+            _mm512_mask_storeu_ps(alpha[r0..].as_mut_ptr(), lanes, a);
+        }
+    }
     for r in 0..rows {
-        let p = &p[r * BK..r * BK + cols];
+        let (s, pw, m_new) = (&scores[r * BK..][..cols], &mut pw[r * BK / 2..][..BK / 2], m_new[r]);
+        if m_new == f32::NEG_INFINITY {
+            pw[..cols.div_ceil(2)].fill(0);
+            continue;
+        }
+        let mut acc = _mm512_setzero_ps();
         for j in (0..cols).step_by(2 * NR) {
-            // Keys j.. (zeros past cols): the low sixteen, then the high sixteen.
-            let half = |at: usize| {
-                let n = cols.saturating_sub(at).min(NR);
-                let mask: __mmask16 = if n == NR { 0xffff } else { (1 << n) - 1 };
-                // SAFETY: the mask reads only the n < = NR floats at `at` that lie inside `p`.
-                unsafe { _mm512_maskz_loadu_ps(mask, p.as_ptr().wrapping_add(at)) }
-            };
-            let bf = _mm512_cvtne2ps_pbh(half(j + NR), half(j));
-            let w: &mut [u32; NR] = (&mut pw[r * BK / 2 + j / 2..][..NR]).try_into().unwrap();
-            // SAFETY: writes the sixteen words of `w`.
+            // Keys j.. (+0 past cols): the low sixteen, then the high sixteen.
+            let (lo, hi) = (probabilities16(s, j, m_new), probabilities16(s, j + NR, m_new));
+            acc = _mm512_add_ps(_mm512_add_ps(acc, lo), hi);
+            let w: &mut [u32; NR] = (&mut pw[j / 2..][..NR]).try_into().unwrap();
+            let bf = _mm512_cvtne2ps_pbh(hi, lo);
+            // SAFETY: writes the sixteen words of `w`; a vector of bfloat16 values and one of
+            // 32-bit words are the same 64 bytes.
             unsafe {
                 _mm512_storeu_si512(w.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(bf))
             };
         }
+        let mut lanes = [0.0f32; NR];
+        // SAFETY: writes the sixteen floats of `lanes`.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+        sum[r] = sum[r] * alpha[r] + sum_lanes(&lanes);
+        m[r] = m_new;
     }
 }
 

@@ -15,9 +15,10 @@
 //! - a score is `scale · dot(q, k)`: the dot product of the raw bfloat16 query and key, pairs of
 //!   dimensions `(2i, 2i + 1)` in order (an odd last dimension paired with zero), then one
 //!   float32 multiplication by `scale`;
-//! - the probabilities `P` are computed in float32 as everywhere, then rounded to bfloat16 for
+//! - the probabilities `P` are computed in float32, with [`exp_short`] (within 4.3e-6, a
+//!   five-hundredth of bfloat16's rounding), and summed in float32, then rounded to bfloat16 for
 //!   the product with V (as PyTorch does: its bfloat16 attention rounds P too), by the rounding of
-//!   `vcvtne2ps2bf16` (to nearest even, subnormals read as zero); the row sums stay float32;
+//!   `vcvtne2ps2bf16` (to nearest even, subnormals read as zero), in one pass ([`softmax`]);
 //! - `P · V` runs over pairs of keys `(2j, 2j + 1)` of each key block in order, after the output
 //!   is rescaled by `alpha` in float32.
 //!
@@ -26,7 +27,8 @@
 //! `vt[((block · strips + c) · BK / 2 + j) · NR + t]`, column `c · NR + t` of the keys `2j` (low
 //! half) and `2j + 1` of key block `block`; zeros past the last key.
 
-use super::fast::{Mask, BK, BQ, MR, NR};
+use super::fast::{sum_lanes, Mask, BK, BQ, MR, NR};
+use crate::kernels::exp::exp_short;
 use crate::kernels::storage::Bf16;
 
 /// `x` with a subnormal read as zero of its sign: the instruction's DAZ and FTZ.
@@ -172,17 +174,45 @@ pub(super) fn scores(
     }
 }
 
-/// Probabilities `p[r·BK + j]`, `j < cols`, as bfloat16 pair words `pw[r·BK/2 + j/2]` for rows
-/// `0..rows` (a key past `cols` is zero).
+/// The online softmax's step (`rows::update_row`'s, with [`exp_short`]) for rows
+/// `0..row_max.len()` of one key block at once. From the masked scores `scores[r·BK + j]`,
+/// `j < cols`, and their maxima `row_max[r]`, the running maximum `m[r]` grows (a NaN wins),
+/// `alpha[r]` gets the factor for the row's accumulated output (1 while no score is valid), and
+/// `sum[r]` is rescaled by it and added to. The probabilities, [`exp_short`] of the scores minus
+/// the new maximum (+0 where masked: `exp_short(−inf)`), are summed in sixteen float32 lanes
+/// (element `j` added to lane `j % 16`, in order), then by [`sum_lanes`], and written rounded
+/// ([`round_p`]) as pair words `pw[r·BK/2 + j/2]`, +0 past `cols` and in rows with no valid
+/// score yet.
 #[inline(always)]
-pub(super) fn round_probabilities(p: &[f32], cols: usize, rows: usize, pw: &mut [u32]) {
-    for r in 0..rows {
-        let (p, pw) = (&p[r * BK..r * BK + cols], &mut pw[r * BK / 2..(r + 1) * BK / 2]);
-        for (j, w) in pw.iter_mut().enumerate().take(cols.div_ceil(2)) {
-            let lo = round_p(p[2 * j]);
-            let hi = p.get(2 * j + 1).map_or(0, |&x| round_p(x));
-            *w = lo | hi << 16;
+pub(super) fn softmax(
+    scores: &[f32],
+    cols: usize,
+    row_max: &[f32],
+    m: &mut [f32],
+    sum: &mut [f32],
+    alpha: &mut [f32],
+    pw: &mut [u32],
+) {
+    for (r, &row_max) in row_max.iter().enumerate() {
+        let (s, pw) = (&scores[r * BK..][..cols], &mut pw[r * BK / 2..][..cols.div_ceil(2)]);
+        let m_new = if row_max.is_nan() || row_max > m[r] { row_max } else { m[r] };
+        if m_new == f32::NEG_INFINITY {
+            pw.fill(0);
+            alpha[r] = 1.0;
+            continue;
         }
+        alpha[r] = exp_short(m[r] - m_new);
+        let mut p = [0.0f32; BK];
+        let mut lanes = [0.0f32; NR];
+        for (j, (p, &x)) in p.iter_mut().zip(s).enumerate() {
+            *p = exp_short(x - m_new);
+            lanes[j % NR] += *p;
+        }
+        for (j, w) in pw.iter_mut().enumerate() {
+            *w = round_p(p[2 * j]) | round_p(p[2 * j + 1]) << 16;
+        }
+        sum[r] = sum[r] * alpha[r] + sum_lanes(&lanes);
+        m[r] = m_new;
     }
 }
 
@@ -215,25 +245,28 @@ pub(super) fn pv(
     }
 }
 
-/// [`pv`] for one row where some value of the key block is NaN or infinite: a masked pair
-/// (probability −0.0) and the padding past `p.len()` are left out of their steps, so that they
-/// cannot turn `0 · inf` into NaN; the steps are otherwise [`step`]'s.
+/// [`pv`] for one row where some value of the key block is NaN or infinite, from the row's
+/// masked scores `s` and pair words `pw`: a masked key (score −inf) and the padding past
+/// `s.len()` are left out of their steps, so that they cannot turn `0 · inf` into NaN; the steps
+/// are otherwise [`step`]'s.
 #[inline(always)]
 pub(super) fn pv_skipping_masked<'v>(
-    p: &[f32],
+    s: &[f32],
+    pw: &[u32],
     alpha: f32,
     out: &mut [f32],
     v_row: impl Fn(usize) -> &'v [Bf16],
 ) {
-    let cols = p.len();
-    let kept = |j: usize| j < cols && !(p[j] == 0.0 && p[j].is_sign_negative());
+    let cols = s.len();
+    let kept = |j: usize| j < cols && s[j] != f32::NEG_INFINITY;
+    let p = |j: usize| pw[j / 2] >> (16 * (j % 2)) & 0xffff;
     for (d, o) in out.iter_mut().enumerate() {
         let mut acc = *o * alpha;
         for j in (0..cols).step_by(2) {
             acc = flush(acc);
             for jj in [j + 1, j] {
                 if kept(jj) {
-                    acc = fma_ftz(wide(round_p(p[jj])), wide(v_row(jj)[d].0 as u32), acc);
+                    acc = fma_ftz(wide(p(jj)), wide(v_row(jj)[d].0 as u32), acc);
                 }
             }
         }
@@ -344,33 +377,48 @@ impl<'a> Dot<'a> {
         }
     }
 
-    /// `out = alpha · out + P · V` for rows `0..rows` and the first `cols` keys of key block
-    /// `block`, with `p` the probabilities (rows BK apart).
+    /// [`softmax`] of the block's rows `0..row_max.len()`, its first `cols` keys: the
+    /// probabilities are kept for [`Dot::pv`] and [`Dot::probabilities`].
     #[inline(always)]
-    pub(super) fn pv(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn softmax(
         &mut self,
-        block: usize,
-        p: &[f32],
-        alpha: &[f32],
-        out: &mut [f32],
-        rows: usize,
+        scores: &[f32],
         cols: usize,
+        row_max: &[f32],
+        m: &mut [f32],
+        sum: &mut [f32],
+        alpha: &mut [f32],
     ) {
-        let per_block = (self.ev / NR) * (BK / 2) * NR;
-        let vt = &self.vt[block * per_block..(block + 1) * per_block];
-        let (pw, ev) = (&mut self.pw, self.ev);
+        let pw = &mut self.pw;
         match self.token {
             #[cfg(target_arch = "x86_64")]
-            Some(t) => {
-                t.round_probabilities(p, cols, rows, pw);
-                t.pv(pw, alpha, out, rows, vt, ev, cols)
-            }
+            Some(t) => t.softmax(scores, cols, row_max, m, sum, alpha, pw),
             #[cfg(not(target_arch = "x86_64"))]
             Some(t) => match t {},
-            None => {
-                round_probabilities(p, cols, rows, pw);
-                pv(pw, alpha, out, rows, vt, ev, cols)
-            }
+            None => softmax(scores, cols, row_max, m, sum, alpha, pw),
+        }
+    }
+
+    /// Row `r`'s probabilities from the last [`Dot::softmax`], as pair words.
+    #[inline(always)]
+    pub(super) fn probabilities(&self, r: usize) -> &[u32] {
+        &self.pw[r * BK / 2..(r + 1) * BK / 2]
+    }
+
+    /// `out = alpha · out + P · V` for rows `0..rows` and the first `cols` keys of key block
+    /// `block`, with the probabilities of the last [`Dot::softmax`].
+    #[inline(always)]
+    pub(super) fn pv(&self, block: usize, alpha: &[f32], out: &mut [f32], rows: usize, cols: usize) {
+        let per_block = (self.ev / NR) * (BK / 2) * NR;
+        let vt = &self.vt[block * per_block..(block + 1) * per_block];
+        let (pw, ev) = (&self.pw, self.ev);
+        match self.token {
+            #[cfg(target_arch = "x86_64")]
+            Some(t) => t.pv(pw, alpha, out, rows, vt, ev, cols),
+            #[cfg(not(target_arch = "x86_64"))]
+            Some(t) => match t {},
+            None => pv(pw, alpha, out, rows, vt, ev, cols),
         }
     }
 }
@@ -509,6 +557,55 @@ mod tests {
 mod explicit_tests {
     use super::tests::{bf16_bits, patterns};
     use super::*;
+
+    /// The explicit softmax step against the portable one: every column count, rows with
+    /// masked scores, rows with none valid (first and later blocks), NaN and infinite maxima,
+    /// probabilities down to the flush.
+    #[test]
+    fn explicit_softmax_is_the_portable_softmax() {
+        let Some(t) = detect() else { return };
+        let mut rnd = patterns(11);
+        for case in 0..600 {
+            let (rows, cols) = (1 + case % 13, 1 + case % BK);
+            let score = |rnd: &mut dyn FnMut() -> u64| match rnd() % 8 {
+                0 => f32::NEG_INFINITY,
+                1 => -((rnd() % 9000) as f32) / 100.0, // down to −90: flushed below −87
+                _ => ((rnd() % 20000) as f32 - 10000.0) / 1000.0,
+            };
+            let mut scores: Vec<f32> = (0..rows * BK).map(|_| score(&mut rnd)).collect();
+            let row_max: Vec<f32> = (0..rows)
+                .map(|r| {
+                    let row = &mut scores[r * BK..r * BK + cols];
+                    match (case + r) % 7 {
+                        0 => {
+                            row.fill(f32::NEG_INFINITY);
+                            f32::NEG_INFINITY
+                        }
+                        1 => f32::NAN,
+                        2 => f32::INFINITY,
+                        _ => row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+                    }
+                })
+                .collect();
+            let m0: Vec<f32> = (0..rows)
+                .map(|r| if (case + r) % 3 == 0 { f32::NEG_INFINITY } else { row_max[r].min(5.0) - 1.0 })
+                .collect();
+            let sum0: Vec<f32> =
+                (0..rows).map(|r| if m0[r] == f32::NEG_INFINITY { 0.0 } else { 3.5 }).collect();
+            let (mut ma, mut mb) = (m0.clone(), m0);
+            let (mut sa, mut sb) = (sum0.clone(), sum0);
+            let (mut aa, mut ab) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+            let (mut pa, mut pb) = (vec![0u32; rows * BK / 2], vec![0u32; rows * BK / 2]);
+            softmax(&scores, cols, &row_max, &mut ma, &mut sa, &mut aa, &mut pa);
+            t.softmax(&scores, cols, &row_max, &mut mb, &mut sb, &mut ab, &mut pb);
+            let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same(&ma, &mb) && same(&sa, &sb) && same(&aa, &ab), "case {case}");
+            for r in 0..rows {
+                let used = r * BK / 2..r * BK / 2 + cols.div_ceil(2);
+                assert_eq!(pa[used.clone()], pb[used], "case {case} row {r}");
+            }
+        }
+    }
 
     /// The explicit P·V against the portable one: general patterns, and values at the bottom
     /// of the normal range (their sums flush) with probabilities in [0, 1).

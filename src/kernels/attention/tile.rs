@@ -29,6 +29,7 @@ use super::fast::{Mask, ScoreBlock, VBlock, BK, BQ, MR, NR};
 use super::generic::{add_pv, pv_tiles, rows_as, score_tile, PvBlock};
 use super::rows::{key_range, mask_row, update_row, RowAt};
 use super::{dot16, AttnFloat, TaskInputs};
+use crate::kernels::exp::exp_short;
 use crate::kernels::simd::{self, Task};
 use crate::kernels::storage::{Storage, Stored};
 
@@ -203,7 +204,7 @@ where
         let fast_scores = fast.filter(|_| simple_masks && dot.is_none());
         // The bfloat16 score kernel masks as it stores, likewise, where it is explicit.
         let dot_masks = simple_masks && dot.as_ref().is_some_and(|d| d.explicit());
-        let (mut bounds, mut keep, mut row_max) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
+        let (mut bounds, mut keep, mut row_maxima) = ([(0, 0); BQ], [0i32; BK], [T::ZERO; BQ]);
         // The key columns (k0, cols) whose marks `keep` holds: query blocks that share them (all
         // of a task's, without causal or window bounds) build them once.
         let mut keep_for = None;
@@ -301,13 +302,13 @@ where
                 let mask = Mask { all_valid, bounds: &bounds[..padded], keep: &keep };
                 // Whether the score kernel masked the scores and took the row maxima itself.
                 let masked = if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(&mut scores)) {
-                    let mask = T::as_f32_mut(&mut row_max).filter(|_| dot_masks).map(|max| (&mask, max));
+                    let mask = T::as_f32_mut(&mut row_maxima).filter(|_| dot_masks).map(|max| (&mask, max));
                     dot.scores(block, (t0, t1), padded, sp.scale as f32, out, mask)
                 } else if let Some(token) = fast_scores {
                     let kt = &kt[block * BK * e..(block + 1) * BK * e];
                     let blk =
                         ScoreBlock { q: &qpack[..padded * e], kt, e, tiles: (t0, t1), rows: padded, mask };
-                    T::scores(token, &blk, &mut scores, &mut row_max);
+                    T::scores(token, &blk, &mut scores, &mut row_maxima);
                     true
                 } else {
                     let kt = &kt[block * BK * e..(block + 1) * BK * e];
@@ -334,7 +335,7 @@ where
                     let (i, h) = (row / group, at.head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
                     let row_max = match masked {
-                        true => row_max[r],
+                        true => row_maxima[r],
                         false => {
                             let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                             mask_row(sp, self.at.masks, at, srow)
@@ -343,7 +344,17 @@ where
                     if r < rows && !block_scores.is_empty() {
                         block_scores[r * s + k0..r * s + k0 + cols].copy_from_slice(srow);
                     }
-                    alpha[r] = update_row(fast, srow, row_max, &mut m[r], &mut sum[r]);
+                    match dot {
+                        Some(_) => row_maxima[r] = row_max, // the pair mode's softmax: all rows at once
+                        None => alpha[r] = update_row(fast, srow, row_max, &mut m[r], &mut sum[r]),
+                    }
+                }
+                let f32s = (T::as_f32(&scores), T::as_f32(&row_maxima[..padded]));
+                if let (Some(dot), (Some(scores), Some(row_max))) = (&mut dot, f32s) {
+                    let state = (T::as_f32_mut(&mut m), T::as_f32_mut(&mut sum), T::as_f32_mut(&mut alpha));
+                    if let (Some(m), Some(sum), Some(alpha)) = state {
+                        dot.softmax(scores, cols, row_max, m, sum, alpha);
+                    }
                 }
                 // out = alpha * out + P V.
                 // The bfloat16 P·V reads whole key pairs: with an odd number of columns, also the
@@ -352,9 +363,12 @@ where
                 if v_finite[k0..k0 + read].iter().all(|&f| f) {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
-                    let f32s = (T::as_f32(&scores), T::as_f32(&alpha), T::as_f32_mut(&mut acc));
-                    if let (Some(dot), (Some(p), Some(alpha), Some(out))) = (&mut dot, f32s) {
-                        dot.pv(block, p, alpha, out, padded, cols);
+                    // (The bfloat16 pair mode's P is +0 there, and its flushes can make acc −0,
+                    // whose sign a masked value's sign can then change: `finish_rows` makes
+                    // every zero output +0, so that it cannot show.)
+                    let f32s = (T::as_f32(&alpha), T::as_f32_mut(&mut acc));
+                    if let (Some(dot), (Some(alpha), Some(out))) = (&dot, f32s) {
+                        dot.pv(block, alpha, out, padded, cols);
                     } else if let Some(token) = fast_pv {
                         // Value rows from key k0 on (ev is a multiple of NR: whole strips).
                         let v = v_explicit.from(k0 * v_explicit_stride);
@@ -373,13 +387,15 @@ where
                     // Some value is NaN or infinite: leave masked pairs out one by one (so they
                     // cannot turn 0 * inf into NaN); each output element is the same chain of
                     // fused multiply-adds, in key order, as in `pv_tiles`.
-                    let v_bf16 = KV::as_bf16(v_src).filter(|_| dot.is_some());
+                    let v_bf16 = KV::as_bf16(v_src);
                     let f32s = (T::as_f32(&scores), T::as_f32(&alpha), T::as_f32_mut(&mut acc));
-                    if let (Some(v), (Some(p), Some(alpha), Some(acc))) = (v_bf16, f32s) {
+                    if let (Some(dot), Some(v), (Some(scores), Some(alpha), Some(acc))) = (&dot, v_bf16, f32s)
+                    {
                         // The pairs' steps with masked keys left out (`dot16.rs`).
                         for r in 0..rows {
-                            let (p, out) = (&p[r * BK..r * BK + cols], &mut acc[r * ev..(r + 1) * ev]);
-                            dot16::pv_skipping_masked(p, alpha[r], out, |j| &v[(k0 + j) * sp.v.row..][..ev]);
+                            let (s, out) = (&scores[r * BK..r * BK + cols], &mut acc[r * ev..(r + 1) * ev]);
+                            let v_row = |j: usize| &v[(k0 + j) * sp.v.row..][..ev];
+                            dot16::pv_skipping_masked(s, dot.probabilities(r), alpha[r], out, v_row);
                         }
                     } else {
                         let (v, stride) = match v_widened {
@@ -394,23 +410,39 @@ where
                 }
                 k0 += cols;
             }
-            self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores);
+            self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores, dot.is_some());
         }
     }
 }
 
 impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
-    /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows`.
+    /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows` (`pairs`: of
+    /// the bfloat16 pair mode, whose probabilities are `exp_short`'s).
     #[inline(always)]
-    fn finish_rows(&mut self, q0: usize, rows: usize, m: &[T], sum: &[T], acc: &[T], scores: &[T]) {
+    #[allow(clippy::too_many_arguments)]
+    fn finish_rows(
+        &mut self,
+        q0: usize,
+        rows: usize,
+        m: &[T],
+        sum: &[T],
+        acc: &[T],
+        scores: &[T],
+        pairs: bool,
+    ) {
+        let exp = |x: T| match pairs {
+            true => T::from_f64(exp_short(x.to_f64() as f32) as f64), // T is f32 there: exact
+            false => x.exp_nonpositive(),
+        };
         let (s, ev) = (self.at.spec.kv_len, self.at.spec.dim_v);
         let group = self.heads.len();
         let mut row = vec![T::ZERO; ev];
         for r in 0..rows {
             let (i, head) = ((q0 + r) / group - self.first, &mut self.heads[(q0 + r) % group]);
             let empty = m[r] == T::NEG_INFINITY;
+            // `+ 0` makes a zero +0: only the pair mode's flushes give −0 (see `run`).
             for (x, &a) in row.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
-                *x = if empty { T::ZERO } else { a / sum[r] };
+                *x = if empty { T::ZERO } else { a / sum[r] + T::ZERO };
             }
             Q::narrow_slice(&row, &mut head.out[i * ev..(i + 1) * ev]);
             if let Some(lse) = head.lse.as_deref_mut() {
@@ -418,7 +450,7 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
             }
             if let Some(w) = head.weights.as_deref_mut() {
                 for (x, &score) in w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
-                    x.write(if empty { T::ZERO } else { (score - m[r]).exp_nonpositive() / sum[r] });
+                    x.write(if empty { T::ZERO } else { exp(score - m[r]) / sum[r] });
                 }
             }
         }
