@@ -122,18 +122,28 @@ pub(super) fn pack_keys(k: &[Bf16], stride: usize, e: usize, n: usize, kt: &mut 
 }
 
 /// Packs values `0..n` (rows of `ev` values, `stride` apart, `ev` a multiple of NR) into `vt`
-/// (see the module notes).
+/// (see the module notes), a pair of rows at a time.
 #[inline(always)]
 pub(super) fn pack_values(v: &[Bf16], stride: usize, ev: usize, n: usize, vt: &mut [u32]) {
     let strips = ev / NR;
-    for j in 0..n {
-        let (block, jj) = (j / BK, j % BK);
-        let half = (jj % 2) * 16;
-        let row = &v[j * stride..][..ev];
-        for c in 0..strips {
+    for j in (0..n).step_by(2) {
+        let (block, jj) = (j / BK, j % BK); // BK is even: both keys are the block's
+        let (lo, _) = v[j * stride..][..ev].as_chunks::<NR>();
+        let hi = (j + 1 < n).then(|| v[(j + 1) * stride..][..ev].as_chunks::<NR>().0);
+        for (c, lo) in lo.iter().enumerate() {
             let at = ((block * strips + c) * (BK / 2) + jj / 2) * NR;
-            for (w, x) in vt[at..at + NR].iter_mut().zip(&row[c * NR..(c + 1) * NR]) {
-                *w |= (x.0 as u32) << half;
+            let w: &mut [u32; NR] = (&mut vt[at..at + NR]).try_into().unwrap();
+            match hi {
+                Some(hi) => {
+                    for ((w, a), b) in w.iter_mut().zip(lo).zip(&hi[c]) {
+                        *w = a.0 as u32 | (b.0 as u32) << 16;
+                    }
+                }
+                None => {
+                    for (w, a) in w.iter_mut().zip(lo) {
+                        *w = a.0 as u32;
+                    }
+                }
             }
         }
     }

@@ -331,12 +331,12 @@ where
                     if k0 == lo && q0 + BQ + r < end {
                         simd::prefetch(at.q_row(q0 + BQ + r));
                     }
-                    let row = q0 + r.min(rows - 1);
-                    let (i, h) = (row / group, at.head_of(row));
                     let srow = &mut scores[r * BK + col0..r * BK + col0 + cols];
                     let row_max = match masked {
                         true => row_maxima[r],
                         false => {
+                            let row = q0 + r.min(rows - 1);
+                            let (i, h) = (row / group, at.head_of(row));
                             let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                             mask_row(sp, self.at.masks, at, srow)
                         }
