@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::fast::{sum_lanes, tile_shape as shape, Mask, BK, BQ, MR, NR};
+use super::fast::{tile_shape as shape, Mask, BK, BQ, MR, NR};
 use crate::kernels::exp::short_consts as c;
 use crate::kernels::simd;
 
@@ -54,12 +54,12 @@ impl Bf16Dot {
         cols: usize,
         row_max: &[f32],
         m: &mut [f32],
-        sum: &mut [f32],
+        sums: &mut [[f32; NR]],
         alpha: &mut [f32],
         pw: &mut [u32],
     ) {
         // SAFETY: as in `scores`.
-        unsafe { softmax(scores, cols, row_max, m, sum, alpha, pw) }
+        unsafe { softmax(scores, cols, row_max, m, sums, alpha, pw) }
     }
 
     /// See `dot16::pv`.
@@ -267,20 +267,20 @@ fn probabilities16(s: &[f32], at: usize, m: f32) -> __m512 {
 }
 
 /// `dot16::softmax` in two passes: the new maxima and the factors `alpha` of sixteen rows at a
-/// time, then each row's probabilities, whose sums end short chains of their own (one long
-/// chain per row, from the maximum to the sum, was the kernel's bound).
+/// time, then each row's probabilities (one long chain per row, from the maximum through its
+/// `alpha` to the sums, was the kernel's bound).
 #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
 fn softmax(
     scores: &[f32],
     cols: usize,
     row_max: &[f32],
     m: &mut [f32],
-    sum: &mut [f32],
+    sums: &mut [[f32; NR]],
     alpha: &mut [f32],
     pw: &mut [u32],
 ) {
     let rows = row_max.len();
-    assert!(rows <= BQ && cols <= BK && m.len() >= rows && sum.len() >= rows && alpha.len() >= rows);
+    assert!(rows <= BQ && cols <= BK && m.len() >= rows && sums.len() >= rows && alpha.len() >= rows);
     assert!(pw.len() >= rows * BK / 2 && (rows == 0 || scores.len() >= (rows - 1) * BK + cols));
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut m_new = [0.0f32; BQ];
@@ -323,10 +323,12 @@ fn softmax(
                 _mm512_storeu_si512(w.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(bf))
             };
         }
-        let mut lanes = [0.0f32; NR];
-        // SAFETY: writes the sixteen floats of `lanes`.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-        sum[r] = sum[r] * alpha[r] + sum_lanes(&lanes);
+        let sum = &mut sums[r];
+        // SAFETY: reads and writes the sixteen floats of `sum`.
+        unsafe {
+            let running = _mm512_loadu_ps(sum.as_ptr());
+            _mm512_storeu_ps(sum.as_mut_ptr(), _mm512_fmadd_ps(running, _mm512_set1_ps(alpha[r]), acc));
+        }
         m[r] = m_new;
     }
 }

@@ -186,20 +186,21 @@ pub(super) fn scores(
 
 /// The online softmax's step (`rows::update_row`'s, with [`exp_short`]) for rows
 /// `0..row_max.len()` of one key block at once. From the masked scores `scores[r·BK + j]`,
-/// `j < cols`, and their maxima `row_max[r]`, the running maximum `m[r]` grows (a NaN wins),
-/// `alpha[r]` gets the factor for the row's accumulated output (1 while no score is valid), and
-/// `sum[r]` is rescaled by it and added to. The probabilities, [`exp_short`] of the scores minus
-/// the new maximum (+0 where masked: `exp_short(−inf)`), are summed in sixteen float32 lanes
-/// (element `j` added to lane `j % 16`, in order), then by [`sum_lanes`], and written rounded
-/// ([`round_p`]) as pair words `pw[r·BK/2 + j/2]`, +0 past `cols` and in rows with no valid
-/// score yet.
+/// `j < cols`, and their maxima `row_max[r]`, the running maximum `m[r]` grows (a NaN wins) and
+/// `alpha[r]` gets the factor for the row's accumulated output (1 while no score is valid). The
+/// probabilities, [`exp_short`] of the scores minus the new maximum (+0 where masked:
+/// `exp_short(−inf)`), are written rounded ([`round_p`]) as pair words `pw[r·BK/2 + j/2]` (+0
+/// past `cols`, and in rows with no valid score yet) and summed in the row's sixteen float32
+/// lanes `sums[r]`, which run across the key blocks: a block's element `j` is added to a lane
+/// `j % 16` of its own, in order, then each running lane becomes `fma(lane, alpha, block's
+/// lane)`. [`sum_lanes`] gives the row's sum at the end.
 #[inline(always)]
 pub(super) fn softmax(
     scores: &[f32],
     cols: usize,
     row_max: &[f32],
     m: &mut [f32],
-    sum: &mut [f32],
+    sums: &mut [[f32; NR]],
     alpha: &mut [f32],
     pw: &mut [u32],
 ) {
@@ -221,7 +222,9 @@ pub(super) fn softmax(
         for (j, w) in pw.iter_mut().enumerate() {
             *w = round_p(p[2 * j]) | round_p(p[2 * j + 1]) << 16;
         }
-        sum[r] = sum[r] * alpha[r] + sum_lanes(&lanes);
+        for (sum, &lane) in sums[r].iter_mut().zip(&lanes) {
+            *sum = sum.mul_add(alpha[r], lane);
+        }
         m[r] = m_new;
     }
 }
@@ -300,7 +303,7 @@ pub(super) fn detect() -> Option<Token> {
 }
 
 /// One tiled task's state in this mode: its packed keys and values, the current query block's
-/// pair words and the rounded probabilities.
+/// pair words, the rounded probabilities and the lanes of the rows' sums.
 pub(super) struct Dot<'a> {
     q: &'a [Bf16],
     e: usize,
@@ -311,6 +314,7 @@ pub(super) struct Dot<'a> {
     vt: Vec<u32>,
     qw: Vec<u32>,
     pw: Vec<u32>,
+    sums: Vec<[f32; NR]>,
 }
 
 impl<'a> Dot<'a> {
@@ -337,12 +341,13 @@ impl<'a> Dot<'a> {
             pack_values(v, v_stride, ev, n, &mut vt);
         }
         let (qw, pw) = (vec![0u32; BQ * p], vec![0u32; BQ * BK / 2]);
-        Self { q, e, ev, pairs: p, token: detect(), kt, vt, qw, pw }
+        Self { q, e, ev, pairs: p, token: detect(), kt, vt, qw, pw, sums: vec![[0.0; NR]; BQ] }
     }
 
-    /// Takes the query block's rows: row `r < rows` from `q[start(r)..]`.
+    /// Takes the query block's rows: row `r < rows` from `q[start(r)..]`; their sums start at 0.
     #[inline(always)]
     pub(super) fn pack_queries(&mut self, rows: usize, start: impl Fn(usize) -> usize) {
+        self.sums.fill([0.0; NR]);
         let (q, e, p) = (self.q, self.e, self.pairs);
         for (r, w) in self.qw.chunks_exact_mut(p.max(1)).enumerate().take(rows) {
             pair_words(&q[start(r)..][..e], w);
@@ -388,25 +393,32 @@ impl<'a> Dot<'a> {
     }
 
     /// [`softmax`] of the block's rows `0..row_max.len()`, its first `cols` keys: the
-    /// probabilities are kept for [`Dot::pv`] and [`Dot::probabilities`].
+    /// probabilities are kept for [`Dot::pv`] and [`Dot::probabilities`], the sums' lanes for
+    /// [`Dot::sums`].
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn softmax(
         &mut self,
         scores: &[f32],
         cols: usize,
         row_max: &[f32],
         m: &mut [f32],
-        sum: &mut [f32],
         alpha: &mut [f32],
     ) {
-        let pw = &mut self.pw;
+        let (pw, sums) = (&mut self.pw, &mut self.sums);
         match self.token {
             #[cfg(target_arch = "x86_64")]
-            Some(t) => t.softmax(scores, cols, row_max, m, sum, alpha, pw),
+            Some(t) => t.softmax(scores, cols, row_max, m, sums, alpha, pw),
             #[cfg(not(target_arch = "x86_64"))]
             Some(t) => match t {},
-            None => softmax(scores, cols, row_max, m, sum, alpha, pw),
+            None => softmax(scores, cols, row_max, m, sums, alpha, pw),
+        }
+    }
+
+    /// Each row's sum of probabilities over the key blocks so far, into `sum` (one per row).
+    #[inline(always)]
+    pub(super) fn sums(&self, sum: &mut [f32]) {
+        for (sum, lanes) in sum.iter_mut().zip(&self.sums) {
+            *sum = sum_lanes(lanes);
         }
     }
 
@@ -600,8 +612,11 @@ mod explicit_tests {
             let m0: Vec<f32> = (0..rows)
                 .map(|r| if (case + r) % 3 == 0 { f32::NEG_INFINITY } else { row_max[r].min(5.0) - 1.0 })
                 .collect();
-            let sum0: Vec<f32> =
-                (0..rows).map(|r| if m0[r] == f32::NEG_INFINITY { 0.0 } else { 3.5 }).collect();
+            let sum0: Vec<[f32; NR]> = (0..rows)
+                .map(|r| {
+                    std::array::from_fn(|t| if m0[r] == f32::NEG_INFINITY { 0.0 } else { 3.5 + t as f32 })
+                })
+                .collect();
             let (mut ma, mut mb) = (m0.clone(), m0);
             let (mut sa, mut sb) = (sum0.clone(), sum0);
             let (mut aa, mut ab) = (vec![0.0f32; rows], vec![0.0f32; rows]);
@@ -609,7 +624,10 @@ mod explicit_tests {
             softmax(&scores, cols, &row_max, &mut ma, &mut sa, &mut aa, &mut pa);
             t.softmax(&scores, cols, &row_max, &mut mb, &mut sb, &mut ab, &mut pb);
             let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same(&ma, &mb) && same(&sa, &sb) && same(&aa, &ab), "case {case}");
+            assert!(
+                same(&ma, &mb) && same(sa.as_flattened(), sb.as_flattened()) && same(&aa, &ab),
+                "case {case}"
+            );
             for r in 0..rows {
                 let used = r * BK / 2..r * BK / 2 + cols.div_ceil(2);
                 assert_eq!(pa[used.clone()], pb[used], "case {case} row {r}");

@@ -351,9 +351,8 @@ where
                 }
                 let f32s = (T::as_f32(&scores), T::as_f32(&row_maxima[..padded]));
                 if let (Some(dot), (Some(scores), Some(row_max))) = (&mut dot, f32s) {
-                    let state = (T::as_f32_mut(&mut m), T::as_f32_mut(&mut sum), T::as_f32_mut(&mut alpha));
-                    if let (Some(m), Some(sum), Some(alpha)) = state {
-                        dot.softmax(scores, cols, row_max, m, sum, alpha);
+                    if let (Some(m), Some(alpha)) = (T::as_f32_mut(&mut m), T::as_f32_mut(&mut alpha)) {
+                        dot.softmax(scores, cols, row_max, m, alpha);
                     }
                 }
                 // out = alpha * out + P V.
@@ -409,6 +408,10 @@ where
                     }
                 }
                 k0 += cols;
+            }
+            // The pair mode keeps its sums in lanes until now.
+            if let (Some(dot), Some(sum)) = (&dot, T::as_f32_mut(&mut sum)) {
+                dot.sums(&mut sum[..padded]);
             }
             self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores, dot.is_some());
         }
