@@ -147,12 +147,13 @@ where
         // V packed likewise for the generic P·V (the explicit kernel reads the rows as they lie,
         // 16-bit ones widened as it loads them, which costs it nothing and saves the copy): for
         // key block n and output columns c·NR.., `vt[j][0..NR]` for its keys, contiguous
-        // (`BK x NR`). In the same pass, which value rows are finite: where all of a block's are,
-        // masked pairs need no skipping.
+        // (`BK x NR`). In the same pass, how many value rows before each are not finite
+        // (`nonfinite[j]`, for rows `< j`): where none of a block's is, masked pairs need no
+        // skipping.
         let ev_strips = ev / NR;
         let pack_v = fast_pv.is_none() && dot.is_none();
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
-        let mut v_finite = vec![true; keys_end];
+        let mut nonfinite = vec![0u32; keys_end + 1];
         let v_stored = |j: usize| &v_src[j * sp.v.row..][..ev];
         // The generic code's values as T: the rows as they lie, or 16-bit ones widened (rows
         // `ev` apart).
@@ -171,7 +172,7 @@ where
             false => (KV::stored(v_src), sp.v.row),
         };
         let v_row = |j: usize| &v_data[j * v_stride..][..ev];
-        for (j, finite) in v_finite.iter_mut().enumerate() {
+        for j in 0..keys_end {
             let (block, jj) = (j / BK, j % BK);
             // The row eight ahead, to be in cache when its turn comes: rows that lie apart
             // (layout bshd, a row of every head in between) are not streamed in by the hardware.
@@ -185,7 +186,8 @@ where
                     vt[at..at + NR].copy_from_slice(&row[c * NR..(c + 1) * NR]);
                 }
             }
-            *finite = v_stored(j).iter().fold(true, |all, x| all & x.finite());
+            let finite = v_stored(j).iter().fold(true, |all, x| all & x.finite());
+            nonfinite[j + 1] = nonfinite[j] + u32::from(!finite);
         }
         let mut v_scratch = Vec::new(); // a key block's values as T, for `add_pv` beside the explicit P·V
         let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
@@ -359,7 +361,7 @@ where
                 // The bfloat16 P·V reads whole key pairs: with an odd number of columns, also the
                 // value after the last (its probability +0, and +0 · inf is NaN), where it was packed.
                 let read = if dot.is_some() { (cols + cols % 2).min(keys_end - k0) } else { cols };
-                if v_finite[k0..k0 + read].iter().all(|&f| f) {
+                if nonfinite[k0 + read] == nonfinite[k0] {
                     // P is −0.0 at masked pairs and V is finite, so fma(−0, v, acc) leaves acc
                     // unchanged bit for bit (acc is never −0): no need to skip them one by one.
                     // (The bfloat16 pair mode's P is +0 there, and its flushes can make acc −0,
