@@ -73,10 +73,8 @@ pub(super) fn masked_scores(blk: &ScoreBlock<'_, f32>, scores: &mut [f32], max: 
         }
         for (g, (max_g, nan_g)) in row.max.iter().zip(&row.nan).enumerate().take(groups) {
             for (r, (&m, &nan)) in max_g.iter().zip(nan_g).enumerate() {
-                let mut lanes = [0.0f32; NR];
-                store(&mut lanes, m);
-                let m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-                max[r0 + g * MR + r] = if nan != 0 { f32::NAN } else { m };
+                // The lanes hold no NaN; see `rows::mask_row` on the order of comparison.
+                max[r0 + g * MR + r] = if nan != 0 { f32::NAN } else { _mm512_reduce_max_ps(m) };
             }
         }
         r0 += groups * MR;

@@ -142,11 +142,8 @@ fn scores(
         if let Some((_, max)) = &mut mask {
             for (g, (max_g, nan_g)) in row.max.iter().zip(&row.nan).enumerate().take(groups) {
                 for (r, (&m, &nan)) in max_g.iter().zip(nan_g).enumerate() {
-                    let mut lanes = [0.0f32; NR];
-                    // SAFETY: writes the sixteen floats of `lanes`.
-                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), m) };
-                    let m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-                    max[r0 + g * MR + r] = if nan != 0 { f32::NAN } else { m };
+                    // The lanes hold no NaN; see `rows::mask_row` on the order of comparison.
+                    max[r0 + g * MR + r] = if nan != 0 { f32::NAN } else { _mm512_reduce_max_ps(m) };
                 }
             }
         }
@@ -171,12 +168,15 @@ fn score_tile<const G: usize, const S: usize>(
     row: &mut RowMax,
 ) {
     let mut acc = [[[_mm512_setzero_ps(); S]; MR]; G];
-    let (strips, _) = kt[s0 * p * NR..(s0 + S) * p * NR].as_chunks::<NR>();
+    // Each strip's and each row's `p` pairs, as slices of that length (no bounds checks below).
+    let strips: [&[[u32; NR]]; S] =
+        simd::array(|s| &kt[(s0 + s) * p * NR..][..p * NR].as_chunks::<NR>().0[..p]);
+    let rows: [[&[u32]; MR]; G] = simd::array(|g| simd::array(|r| &q[(r0 + g * MR + r) * p..][..p]));
     for i in 0..p {
-        let k: [__m512bh; S] = simd::array(|s| load_pairs(&strips[s * p + i]));
-        for (g, acc) in acc.iter_mut().enumerate() {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let a = broadcast(q[(r0 + g * MR + r) * p + i]);
+        let k: [__m512bh; S] = simd::array(|s| load_pairs(&strips[s][i]));
+        for (acc, rows) in acc.iter_mut().zip(&rows) {
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                let a = broadcast(row[i]);
                 for (x, &k) in acc.iter_mut().zip(&k) {
                     *x = _mm512_dpbf16_ps(*x, a, k);
                 }

@@ -93,7 +93,10 @@ pub(super) struct RowAt<'m> {
 
 /// Caps and biases one row of scores (already scaled) in place, then sets every masked one to
 /// −inf (a select, after all arithmetic), and returns the largest score (NaN if any score is
-/// NaN, −inf if none is valid).
+/// NaN, −inf if none is valid). The largest score is exact in any order of comparison; only
+/// where it is zero may its sign depend on the order (the explicit kernels compare in other
+/// orders), and no result depends on that sign: `exp(x − m)`, `alpha = exp(m_old − m_new)` and
+/// `lse = m + ln(sum)` are the same for `m = ±0`.
 #[inline(always)]
 pub(super) fn mask_row<T: AttnFloat>(
     sp: &AttnSpec,
