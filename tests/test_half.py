@@ -154,6 +154,26 @@ def test_masked_poison_never_reaches_the_output(dtype, length):
     assert np.isfinite(clean.astype(np.float32)).all()
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("level", ["explicit", "portable"])
+def test_a_valid_nan_key_makes_exactly_its_rows_nan(dtype, level):
+    """NaN in an attended key makes the rows that attend it NaN (never zeros, never passed over),
+    also where it is a row's only valid key; rows that do not attend it stay finite."""
+    q, k, v = qkv(dtype, b=1, hq=1, hkv=1, length=40, s=50, e=32, ev=32)
+    k[0, 0, 7, 3] = np.nan
+    only_7 = np.zeros((1, 50), bool)
+    only_7[0, 7] = True
+    if level == "portable":
+        _core._set_simd_enabled(False)
+    try:
+        causal = sdpa(q, k, v, is_causal=True).astype(np.float32)[0, 0]
+        alone = sdpa(q, k, v, key_mask=only_7).astype(np.float32)[0, 0]
+    finally:
+        _core._set_simd_enabled(True)
+    assert np.isfinite(causal[:7]).all() and np.isnan(causal[7:]).all()
+    assert np.isnan(alone).all()
+
+
 def test_a_masked_value_cannot_change_the_sign_of_a_zero_output():
     """bfloat16's dot-product steps flush tiny results to zero of their sign, so the output's
     accumulator can be −0.0 when it meets a masked key, whose value's sign would then decide the

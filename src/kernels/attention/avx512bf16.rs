@@ -27,7 +27,8 @@ impl Bf16Dot {
     }
 
     /// See `dot16::scores`; with `mask`, also the masks of `dot16::Mask` (a select to −inf
-    /// after all arithmetic) and each row's maximum into `max` (NaN if a valid score is NaN).
+    /// after all arithmetic) and each row's largest valid score into `max`, NaN passed over
+    /// (`dot16::softmax` makes a row with a NaN score NaN).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn scores(
@@ -97,12 +98,8 @@ fn broadcast(w: u32) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(w as i32)) }
 }
 
-/// The running maximum of up to two groups of MR rows' valid scores (NaN passed over), and
-/// their NaN flags.
-struct RowMax {
-    max: [[__m512; MR]; 2],
-    nan: [[__mmask16; MR]; 2],
-}
+/// The running maximum of up to two groups of MR rows' valid scores, NaN passed over.
+type RowMax = [[__m512; MR]; 2];
 
 #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -125,7 +122,7 @@ fn scores(
     let mut r0 = 0;
     while r0 < rows {
         let groups = shape(rows - r0, 0).0;
-        let mut row = RowMax { max: [[_mm512_set1_ps(f32::NEG_INFINITY); MR]; 2], nan: [[0; MR]; 2] };
+        let mut row: RowMax = [[_mm512_set1_ps(f32::NEG_INFINITY); MR]; 2];
         let m = mask.as_ref().map(|(m, _)| *m);
         let mut s = s0;
         while s < s1 {
@@ -140,10 +137,10 @@ fn scores(
             s += n;
         }
         if let Some((_, max)) = &mut mask {
-            for (g, (max_g, nan_g)) in row.max.iter().zip(&row.nan).enumerate().take(groups) {
-                for (r, (&m, &nan)) in max_g.iter().zip(nan_g).enumerate() {
+            for (g, max_g) in row.iter().enumerate().take(groups) {
+                for (r, &m) in max_g.iter().enumerate() {
                     // The lanes hold no NaN; see `rows::mask_row` on the order of comparison.
-                    max[r0 + g * MR + r] = if nan != 0 { f32::NAN } else { _mm512_reduce_max_ps(m) };
+                    max[r0 + g * MR + r] = _mm512_reduce_max_ps(m);
                 }
             }
         }
@@ -214,14 +211,13 @@ fn score_tile<const G: usize, const S: usize>(
     for (g, acc) in acc.iter().enumerate() {
         for (r, acc) in acc.iter().enumerate() {
             let at = r0 + g * MR + r;
-            let (max, nan) = (&mut row.max[g][r], &mut row.nan[g][r]);
+            let max = &mut row[g][r];
             for (s, &x) in acc.iter().enumerate() {
                 let o: &mut [f32; NR] = (&mut out[at * BK + (s0 + s) * NR..][..NR]).try_into().unwrap();
                 // SAFETY: writes the sixteen floats of `o`.
                 unsafe { _mm512_storeu_ps(o.as_mut_ptr(), x) };
                 if mask.is_some() {
                     *max = _mm512_max_ps(x, *max); // keeps the maximum where x is NaN
-                    *nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
                 }
             }
         }
@@ -267,8 +263,9 @@ fn probabilities16(s: &[f32], at: usize, m: f32) -> __m512 {
 }
 
 /// `dot16::softmax` in two passes: the new maxima and the factors `alpha` of sixteen rows at a
-/// time, then each row's probabilities (one long chain per row, from the maximum through its
-/// `alpha` to the sums, was the kernel's bound).
+/// time (a row with no valid score but a NaN one is mended in the second pass), then each row's
+/// probabilities (one long chain per row, from the maximum through its `alpha` to the sums, was
+/// the kernel's bound).
 #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
 fn softmax(
     scores: &[f32],
@@ -305,10 +302,14 @@ fn softmax(
         }
     }
     for r in 0..rows {
-        let (s, pw, m_new) = (&scores[r * BK..][..cols], &mut pw[r * BK / 2..][..BK / 2], m_new[r]);
+        let (s, pw, mut m_new) = (&scores[r * BK..][..cols], &mut pw[r * BK / 2..][..BK / 2], m_new[r]);
         if m_new == f32::NEG_INFINITY {
-            pw[..cols.div_ceil(2)].fill(0);
-            continue;
+            if !s.iter().any(|x| x.is_nan()) {
+                pw[..cols.div_ceil(2)].fill(0);
+                continue;
+            }
+            // Its only valid scores are NaN: the row becomes NaN.
+            (m_new, alpha[r]) = (f32::NAN, f32::NAN);
         }
         let mut acc = _mm512_setzero_ps();
         for j in (0..cols).step_by(2 * NR) {

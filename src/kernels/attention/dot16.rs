@@ -186,8 +186,10 @@ pub(super) fn scores(
 
 /// The online softmax's step (`rows::update_row`'s, with [`exp_short`]) for rows
 /// `0..row_max.len()` of one key block at once. From the masked scores `scores[r·BK + j]`,
-/// `j < cols`, and their maxima `row_max[r]`, the running maximum `m[r]` grows (a NaN wins) and
-/// `alpha[r]` gets the factor for the row's accumulated output (1 while no score is valid). The
+/// `j < cols`, and their maxima `row_max[r]` (NaN if a valid score is NaN, or NaN passed over:
+/// either way the row becomes NaN), the running maximum `m[r]` grows (a NaN wins, and so does a
+/// NaN score where no other is valid) and `alpha[r]` gets the factor for the row's accumulated
+/// output (1 while no score is valid). The
 /// probabilities, [`exp_short`] of the scores minus the new maximum (+0 where masked:
 /// `exp_short(−inf)`), are written rounded ([`round_p`]) as pair words `pw[r·BK/2 + j/2]` (+0
 /// past `cols`, and in rows with no valid score yet) and summed in the row's sixteen float32
@@ -206,11 +208,14 @@ pub(super) fn softmax(
 ) {
     for (r, &row_max) in row_max.iter().enumerate() {
         let (s, pw) = (&scores[r * BK..][..cols], &mut pw[r * BK / 2..][..cols.div_ceil(2)]);
-        let m_new = if row_max.is_nan() || row_max > m[r] { row_max } else { m[r] };
+        let mut m_new = if row_max.is_nan() || row_max > m[r] { row_max } else { m[r] };
         if m_new == f32::NEG_INFINITY {
-            pw.fill(0);
-            alpha[r] = 1.0;
-            continue;
+            if !s.iter().any(|x| x.is_nan()) {
+                pw.fill(0);
+                alpha[r] = 1.0;
+                continue;
+            }
+            m_new = f32::NAN; // its only valid scores are NaN: the row becomes NaN
         }
         alpha[r] = exp_short(m[r] - m_new);
         let mut p = [0.0f32; BK];
@@ -361,8 +366,9 @@ impl<'a> Dot<'a> {
     }
 
     /// [`scores`] of the block's rows `0..rows` against key block `block`; with `mask`, where the
-    /// explicit kernels run, also the masks applied and each row's maximum into `max`, as
-    /// `mask_row` would (without softcap, biases or attention masks), in the same pass. Returns
+    /// explicit kernels run, also the masks applied as `mask_row` would (without softcap, biases
+    /// or attention masks) and each row's largest valid score into `max`, NaN passed over (where
+    /// `mask_row` gives NaN: [`softmax`] makes the row NaN either way), in the same pass. Returns
     /// whether the masks were applied (the portable code leaves them to `mask_row`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -598,13 +604,24 @@ mod explicit_tests {
             let row_max: Vec<f32> = (0..rows)
                 .map(|r| {
                     let row = &mut scores[r * BK..r * BK + cols];
-                    match (case + r) % 7 {
+                    match (case + r) % 9 {
                         0 => {
                             row.fill(f32::NEG_INFINITY);
                             f32::NEG_INFINITY
                         }
                         1 => f32::NAN,
                         2 => f32::INFINITY,
+                        // NaN scores passed over by the maximum, as the explicit score kernel
+                        // passes them: beside valid ones, and alone.
+                        3 => {
+                            row[(case * 7) % cols] = f32::NAN;
+                            row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+                        }
+                        4 => {
+                            row.fill(f32::NEG_INFINITY);
+                            row[(case * 7) % cols] = f32::NAN;
+                            f32::NEG_INFINITY
+                        }
                         _ => row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
                     }
                 })
@@ -628,6 +645,16 @@ mod explicit_tests {
                 same(&ma, &mb) && same(sa.as_flattened(), sb.as_flattened()) && same(&aa, &ab),
                 "case {case}"
             );
+            for r in 0..rows {
+                // A row with a valid NaN score is NaN (its sums and running maximum).
+                if scores[r * BK..r * BK + cols].iter().any(|x| x.is_nan()) || row_max[r].is_nan() {
+                    assert!(
+                        sa[r].iter().all(|x| x.is_nan()) && ma[r].is_nan()
+                            || ma[r].is_finite() && sa[r].iter().any(|x| x.is_nan()),
+                        "case {case} row {r}"
+                    );
+                }
+            }
             for r in 0..rows {
                 let used = r * BK / 2..r * BK / 2 + cols.div_ceil(2);
                 assert_eq!(pa[used.clone()], pb[used], "case {case} row {r}");
