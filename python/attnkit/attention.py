@@ -165,7 +165,10 @@ def scaled_dot_product_attention(
         query: ``(..., Hq, L, E)`` float32, float64, float16 or ``ml_dtypes.bfloat16``
             (``layout="bshd"``: ``(..., L, Hq, E)``). 16-bit inputs are computed in float32 (each
             value widened exactly, products and sums in float32, the softmax in float32) and the
-            output is rounded once.
+            output is rounded once; bfloat16 with ``L > 16`` (and ``Ev`` a multiple of 16) also
+            rounds the probabilities to bfloat16 before they multiply the values, as PyTorch
+            does, in the arithmetic of the ``vdpbf16ps`` instruction (emulated bit for bit where
+            the CPU lacks it).
         key: ``(..., Hkv, S, E)``, the query's dtype and batch dimensions; or float16 or bfloat16
             for float32 queries (a 16-bit KV cache: computed in float32, output float32).
         value: ``(..., Hkv, S, Ev)``.

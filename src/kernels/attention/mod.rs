@@ -224,7 +224,8 @@ impl<T> Masks<'_, T> {
     /// One past batch `b`'s last unpadded key (S without a key mask). The keys after it are
     /// masked for every row, so both paths leave them out of their key ranges: bit for bit a
     /// no-op, since key blocks keep their boundaries and a masked key would only add −inf to a
-    /// maximum, −0.0 to a sum and fma(−0.0, v, acc) = acc.
+    /// maximum, −0.0 to a sum and fma(−0.0, v, acc) = acc (in bfloat16's pair mode, +0 to a sum
+    /// and +0 · v to acc, which changes at most the sign of a zero, and outputs are never −0).
     #[inline(always)]
     fn keys_end(&self, sp: &AttnSpec, b: usize) -> usize {
         self.key_mask(sp, b).map_or(sp.kv_len, |km| km.iter().rposition(|&x| x != 0).map_or(0, |j| j + 1))
