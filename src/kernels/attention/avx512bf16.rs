@@ -312,9 +312,8 @@ fn softmax(
             (m_new, alpha[r]) = (f32::NAN, f32::NAN);
         }
         let mut acc = _mm512_setzero_ps();
-        for j in (0..cols).step_by(2 * NR) {
-            // Keys j.. (+0 past cols): the low sixteen, then the high sixteen.
-            let (lo, hi) = (probabilities16(s, j, m_new), probabilities16(s, j + NR, m_new));
+        // Keys j.. : the low sixteen, then the high sixteen, summed and stored as pair words.
+        let mut put = |j: usize, lo: __m512, hi: __m512| {
             acc = _mm512_add_ps(_mm512_add_ps(acc, lo), hi);
             let w: &mut [u32; NR] = (&mut pw[j / 2..][..NR]).try_into().unwrap();
             let bf = _mm512_cvtne2ps_pbh(hi, lo);
@@ -323,6 +322,17 @@ fn softmax(
             unsafe {
                 _mm512_storeu_si512(w.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(bf))
             };
+        };
+        let (whole, mv) = (cols - cols % (2 * NR), _mm512_set1_ps(m_new));
+        for j in (0..whole).step_by(2 * NR) {
+            // SAFETY: reads the 32 floats at j, inside `s` (j + 32 <= whole <= s.len()).
+            let (x0, x1) =
+                unsafe { (_mm512_loadu_ps(s.as_ptr().add(j)), _mm512_loadu_ps(s.as_ptr().add(j + NR))) };
+            put(j, exp_short16(_mm512_sub_ps(x0, mv)), exp_short16(_mm512_sub_ps(x1, mv)));
+        }
+        if whole < cols {
+            // The last keys, +0 past cols.
+            put(whole, probabilities16(s, whole, m_new), probabilities16(s, whole + NR, m_new));
         }
         let sum = &mut sums[r];
         // SAFETY: reads and writes the sixteen floats of `sum`.
