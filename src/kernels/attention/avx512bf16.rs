@@ -347,9 +347,9 @@ fn softmax(
 #[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
 fn pv(pw: &[u32], alpha: &[f32], out: &mut [f32], rows: usize, vt: &[u32], ev: usize, cols: usize) {
     let strips = ev / NR;
-    assert!(rows.is_multiple_of(MR) && ev.is_multiple_of(NR) && cols <= BK);
+    assert!(rows.is_multiple_of(MR) && ev > 0 && ev.is_multiple_of(NR) && cols <= BK);
     assert!(alpha.len() >= rows && out.len() >= rows * ev && pw.len() >= rows * BK / 2);
-    assert!(vt.len() >= strips * BK / 2 * NR);
+    assert!(vt.len() >= BK / 2 * ev);
     let mut r0 = 0;
     while r0 < rows {
         let groups = shape(rows - r0, 0).0;
@@ -397,11 +397,9 @@ fn pv_tile<const G: usize, const S: usize>(
             }
         }
     }
-    let strips: [&[[u32; NR]]; S] =
-        simd::array(|s| vt[(c + s) * (BK / 2) * NR..][..kp * NR].as_chunks::<NR>().0);
     let p: [[&[u32]; MR]; G] = simd::array(|g| simd::array(|r| &pw[(r0 + g * MR + r) * BK / 2..][..kp]));
-    for j in 0..kp {
-        let v: [__m512bh; S] = simd::array(|s| load_pairs(&strips[s][j]));
+    for (j, pairs) in vt.chunks_exact(ev).take(kp).enumerate() {
+        let v: [__m512bh; S] = simd::array(|s| load_pairs(pairs[(c + s) * NR..][..NR].try_into().unwrap()));
         for (acc, p) in acc.iter_mut().zip(&p) {
             for (acc, p) in acc.iter_mut().zip(p) {
                 let a = broadcast(p[j]);

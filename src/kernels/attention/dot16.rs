@@ -23,9 +23,9 @@
 //!   is rescaled by `alpha` in float32.
 //!
 //! The packed layouts: K as `kt[(strip · pairs + i) · NR + n]`, the pair `i` of key
-//! `strip · NR + n` in one 32-bit word (dimension `2i` in the low half); V as
-//! `vt[((block · strips + c) · BK / 2 + j) · NR + t]`, column `c · NR + t` of the keys `2j` (low
-//! half) and `2j + 1` of key block `block`; zeros past the last key.
+//! `strip · NR + n` in one 32-bit word (dimension `2i` in the low half); V as `vt[j · ev + c]`,
+//! column `c` of the keys `2j` (low half) and `2j + 1` (a key block's pairs are `BK / 2` rows of
+//! `ev` words); zeros past the last key.
 
 use super::fast::{sum_lanes, Mask, BK, BQ, MR, NR};
 use crate::kernels::exp::exp_short;
@@ -121,28 +121,21 @@ pub(super) fn pack_keys(k: &[Bf16], stride: usize, e: usize, n: usize, kt: &mut 
     }
 }
 
-/// Packs values `0..n` (rows of `ev` values, `stride` apart, `ev` a multiple of NR) into `vt`
-/// (see the module notes), a pair of rows at a time.
+/// Packs values `0..n` (rows of `ev` values, `stride` apart) into `vt` (see the module notes):
+/// each pair of rows interleaved into one row of words.
 #[inline(always)]
 pub(super) fn pack_values(v: &[Bf16], stride: usize, ev: usize, n: usize, vt: &mut [u32]) {
-    let strips = ev / NR;
-    for j in (0..n).step_by(2) {
-        let (block, jj) = (j / BK, j % BK); // BK is even: both keys are the block's
-        let (lo, _) = v[j * stride..][..ev].as_chunks::<NR>();
-        let hi = (j + 1 < n).then(|| v[(j + 1) * stride..][..ev].as_chunks::<NR>().0);
-        for (c, lo) in lo.iter().enumerate() {
-            let at = ((block * strips + c) * (BK / 2) + jj / 2) * NR;
-            let w: &mut [u32; NR] = (&mut vt[at..at + NR]).try_into().unwrap();
-            match hi {
-                Some(hi) => {
-                    for ((w, a), b) in w.iter_mut().zip(lo).zip(&hi[c]) {
-                        *w = a.0 as u32 | (b.0 as u32) << 16;
-                    }
+    for (j, out) in vt.chunks_exact_mut(ev.max(1)).enumerate().take(n.div_ceil(2)) {
+        let lo = &v[2 * j * stride..][..ev];
+        match (2 * j + 1 < n).then(|| &v[(2 * j + 1) * stride..][..ev]) {
+            Some(hi) => {
+                for (w, (a, b)) in out.iter_mut().zip(lo.iter().zip(hi)) {
+                    *w = a.0 as u32 | (b.0 as u32) << 16;
                 }
-                None => {
-                    for (w, a) in w.iter_mut().zip(lo) {
-                        *w = a.0 as u32;
-                    }
+            }
+            None => {
+                for (w, a) in out.iter_mut().zip(lo) {
+                    *w = a.0 as u32;
                 }
             }
         }
@@ -235,8 +228,8 @@ pub(super) fn softmax(
 }
 
 /// `out[r] = alpha[r] · out[r] + Σ_j p[r][j] v_j` for rows `0..rows`, from the pair words `pw`
-/// (rows BK/2 apart) and the packed values `vt` of one key block (`ev / NR` strips of BK/2 key
-/// pairs), over the key pairs `0..cols.div_ceil(2)`.
+/// (rows BK/2 apart) and the packed values `vt` of one key block (BK/2 rows of `ev` pair words),
+/// over the key pairs `0..cols.div_ceil(2)`.
 #[inline(always)]
 pub(super) fn pv(
     pw: &[u32],
@@ -251,10 +244,9 @@ pub(super) fn pv(
     for r in 0..rows {
         let pw = &pw[r * BK / 2..][..kp];
         for (c, out) in out[r * ev..(r + 1) * ev].chunks_exact_mut(NR).enumerate() {
-            let vt = &vt[c * (BK / 2) * NR..][..kp * NR];
             let mut acc: [f32; NR] = std::array::from_fn(|t| out[t] * alpha[r]);
-            for (&a, v) in pw.iter().zip(vt.chunks_exact(NR)) {
-                for (x, &b) in acc.iter_mut().zip(v) {
+            for (&a, v) in pw.iter().zip(vt.chunks_exact(ev)) {
+                for (x, &b) in acc.iter_mut().zip(&v[c * NR..(c + 1) * NR]) {
                     *x = step(*x, a, b);
                 }
             }
@@ -340,7 +332,7 @@ impl<'a> Dot<'a> {
     ) -> Self {
         let (p, blocks) = (pairs(e), n.div_ceil(BK));
         let mut kt = vec![0u32; blocks * BK * p];
-        let mut vt = vec![0u32; blocks * (ev / NR) * (BK / 2) * NR];
+        let mut vt = vec![0u32; blocks * BK / 2 * ev];
         if n > 0 {
             pack_keys(k, k_stride, e, n, &mut kt);
             pack_values(v, v_stride, ev, n, &mut vt);
@@ -438,7 +430,7 @@ impl<'a> Dot<'a> {
     /// `block`, with the probabilities of the last [`Dot::softmax`].
     #[inline(always)]
     pub(super) fn pv(&self, block: usize, alpha: &[f32], out: &mut [f32], rows: usize, cols: usize) {
-        let per_block = (self.ev / NR) * (BK / 2) * NR;
+        let per_block = BK / 2 * self.ev;
         let vt = &self.vt[block * per_block..(block + 1) * per_block];
         let (pw, ev) = (&self.pw, self.ev);
         match self.token {
