@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 use super::fast::{tile_shape as shape, Mask, BK, BQ, MR, NR};
 use crate::kernels::exp::short_consts as c;
 use crate::kernels::simd;
+use crate::kernels::storage::Bf16;
 
 /// Proof that this CPU runs AVX-512F, AVX-512VL and AVX512_BF16, and that the accelerated path
 /// (with AVX-512) is enabled: only [`Bf16Dot::detect`] makes one.
@@ -61,6 +62,13 @@ impl Bf16Dot {
     ) {
         // SAFETY: as in `scores`.
         unsafe { softmax(scores, cols, row_max, m, sums, alpha, pw) }
+    }
+
+    /// See `dot16::pack_keys`.
+    #[inline(always)]
+    pub(super) fn pack_keys(self, k: &[Bf16], stride: usize, e: usize, n: usize, kt: &mut [u32]) {
+        // SAFETY: as in `scores`.
+        unsafe { pack_keys(k, stride, e, n, kt) }
     }
 
     /// See `dot16::pv`.
@@ -341,6 +349,75 @@ fn softmax(
             _mm512_storeu_ps(sum.as_mut_ptr(), _mm512_fmadd_ps(running, _mm512_set1_ps(alpha[r]), acc));
         }
         m[r] = m_new;
+    }
+}
+
+/// `x[r]` becomes column `r` of the 16 x 16 matrix of 32-bit words whose rows `x` holds.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(x: &mut [__m512i; NR]) {
+    // Pairs of rows interleaved by words, then by pairs of words: in each 128-bit lane, a
+    // column of four rows.
+    let mut t = [_mm512_setzero_si512(); NR];
+    for i in 0..NR / 2 {
+        t[2 * i] = _mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]);
+    }
+    for i in 0..NR / 4 {
+        for h in 0..2 {
+            x[4 * i + h] = _mm512_unpacklo_epi64(t[4 * i + h], t[4 * i + 2 + h]);
+            x[4 * i + 2 + h] = _mm512_unpackhi_epi64(t[4 * i + h], t[4 * i + 2 + h]);
+        }
+    }
+    // Lane l of x[4i + c] holds column 4l + [0, 2, 1, 3][c] of rows 4i..4i + 4: the 128-bit
+    // lanes of four such vectors gathered two at a time, then again.
+    for i in 0..NR / 8 {
+        for c in 0..4 {
+            let (a, b) = (x[c + 8 * i], x[c + 8 * i + 4]);
+            t[c + 8 * i] = _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b);
+            t[c + 8 * i + 4] = _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b);
+        }
+    }
+    for c in 0..8 {
+        let (a, b) = (t[c], t[c + 8]);
+        let col = [0, 2, 1, 3][c % 4] + 4 * (c / 4);
+        x[col] = _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b);
+        x[col + 8] = _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b);
+    }
+}
+
+/// `dot16::pack_keys`: sixteen keys by sixteen pairs at a time, transposed in registers (rows of
+/// an even number of values), the rest as the portable code does.
+#[target_feature(enable = "avx512f,avx512vl,avx512bf16")]
+fn pack_keys(k: &[Bf16], stride: usize, e: usize, n: usize, kt: &mut [u32]) {
+    let p = e.div_ceil(2);
+    assert!(n == 0 || k.len() >= (n - 1) * stride + e);
+    assert!(kt.len() >= n.div_ceil(NR) * p * NR);
+    let blocks = if e.is_multiple_of(2) { p / NR } else { 0 }; // whole 16 x 16 blocks of words
+    for j0 in (0..n).step_by(NR) {
+        let keys = NR.min(n - j0);
+        let strip = &mut kt[j0 / NR * p * NR..][..p * NR];
+        for b in (0..blocks).filter(|_| keys == NR) {
+            let mut x: [__m512i; NR] = simd::array(|c| {
+                let row = &k[(j0 + c) * stride + b * 2 * NR..][..2 * NR];
+                // SAFETY: reads the 32 values (64 bytes) of `row`.
+                unsafe { _mm512_loadu_si512(row.as_ptr().cast()) }
+            });
+            transpose16(&mut x);
+            for (i, x) in x.iter().enumerate() {
+                let w: &mut [u32; NR] = (&mut strip[(b * NR + i) * NR..][..NR]).try_into().unwrap();
+                // SAFETY: writes the sixteen words of `w`.
+                unsafe { _mm512_storeu_si512(w.as_mut_ptr().cast(), *x) };
+            }
+        }
+        let done = if keys == NR { blocks * NR } else { 0 };
+        for c in 0..keys {
+            let row = &k[(j0 + c) * stride..][..e];
+            for i in done..p {
+                let hi = row.get(2 * i + 1).map_or(0, |x| x.0 as u32);
+                strip[i * NR + c] = row[2 * i].0 as u32 | hi << 16;
+            }
+        }
     }
 }
 

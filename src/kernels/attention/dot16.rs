@@ -333,12 +333,19 @@ impl<'a> Dot<'a> {
         let (p, blocks) = (pairs(e), n.div_ceil(BK));
         let mut kt = vec![0u32; blocks * BK * p];
         let mut vt = vec![0u32; blocks * BK / 2 * ev];
+        let token = detect();
         if n > 0 {
-            pack_keys(k, k_stride, e, n, &mut kt);
+            match token {
+                #[cfg(target_arch = "x86_64")]
+                Some(t) => t.pack_keys(k, k_stride, e, n, &mut kt),
+                #[cfg(not(target_arch = "x86_64"))]
+                Some(t) => match t {},
+                None => pack_keys(k, k_stride, e, n, &mut kt),
+            }
             pack_values(v, v_stride, ev, n, &mut vt);
         }
         let (qw, pw) = (vec![0u32; BQ * p], vec![0u32; BQ * BK / 2]);
-        Self { q, e, ev, pairs: p, token: detect(), kt, vt, qw, pw, sums: vec![[0.0; NR]; BQ] }
+        Self { q, e, ev, pairs: p, token, kt, vt, qw, pw, sums: vec![[0.0; NR]; BQ] }
     }
 
     /// Takes the query block's rows: row `r < rows` from `q[start(r)..]`; their sums start at 0.
@@ -651,6 +658,34 @@ mod explicit_tests {
                 let used = r * BK / 2..r * BK / 2 + cols.div_ceil(2);
                 assert_eq!(pa[used.clone()], pb[used], "case {case} row {r}");
             }
+        }
+    }
+
+    /// The explicit packing of keys against the portable one: even and odd widths, whole and
+    /// partial strips and blocks of sixteen pairs, rows apart.
+    #[test]
+    fn explicit_pack_keys_is_the_portable_pack_keys() {
+        let Some(t) = detect() else { return };
+        let mut rnd = patterns(5);
+        let shapes = [
+            (64usize, 32usize),
+            (64, 37),
+            (128, 100),
+            (31, 16),
+            (32, 5),
+            (33, 48),
+            (70, 33),
+            (2, 17),
+            (96, 16),
+        ];
+        for (e, n) in shapes {
+            let stride = e + (n % 3);
+            let k: Vec<Bf16> = (0..n * stride).map(|_| Bf16(rnd() as u16)).collect();
+            let len = n.div_ceil(NR) * pairs(e) * NR;
+            let (mut a, mut b) = (vec![0u32; len], vec![0u32; len]);
+            pack_keys(&k, stride, e, n, &mut a);
+            t.pack_keys(&k, stride, e, n, &mut b);
+            assert_eq!(a, b, "e {e} n {n}");
         }
     }
 
