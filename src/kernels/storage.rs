@@ -323,6 +323,13 @@ impl Storage for Bf16 {
         #[cfg(not(target_arch = "x86_64"))]
         convert(src, dst, |s| s.widen());
     }
+    #[inline(always)]
+    fn narrow_slice(src: &[f32], dst: &mut [std::mem::MaybeUninit<Self>]) {
+        #[cfg(target_arch = "x86_64")]
+        convert(src, dst, x86::f32_to_bf16, |x| std::mem::MaybeUninit::new(Self::narrow(x)));
+        #[cfg(not(target_arch = "x86_64"))]
+        convert(src, dst, |x| std::mem::MaybeUninit::new(Self::narrow(x)));
+    }
     const NAME: &'static str = "bfloat16";
 }
 
@@ -387,6 +394,44 @@ mod x86 {
             unsafe {
                 let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
                 _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
+            }
+        }
+        n
+    }
+
+    /// Rounds the first multiple of 16 elements as [`super::f32_to_bf16`] does, sixteen at a
+    /// time, where the CPU has AVX-512 (none otherwise); returns how many.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn f32_to_bf16(src: &[f32], dst: &mut [std::mem::MaybeUninit<Bf16>]) -> usize {
+        if !crate::kernels::simd::avx512() {
+            return 0;
+        }
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        unsafe { f32_to_bf16_avx512(src, dst) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn f32_to_bf16_avx512(src: &[f32], dst: &mut [std::mem::MaybeUninit<Bf16>]) -> usize {
+        let n = src.len().min(dst.len()) / 16 * 16;
+        let (magnitude, inf, half, one, quiet) = (
+            _mm512_set1_epi32(0x7fff_ffff),
+            _mm512_set1_epi32(0x7f80_0000),
+            _mm512_set1_epi32(0x7fff),
+            _mm512_set1_epi32(1),
+            _mm512_set1_epi32(0x40),
+        );
+        for i in (0..n).step_by(16) {
+            // SAFETY: elements i..i + 16 lie inside both slices (i + 16 <= n), unaligned loads
+            // and stores; MaybeUninit<Bf16> is a u16.
+            unsafe {
+                let bits = _mm512_loadu_si512(src.as_ptr().add(i).cast());
+                let top = _mm512_srli_epi32::<16>(bits);
+                // To nearest even: add 0x7fff and the lowest kept bit, keep the top half.
+                let up = _mm512_add_epi32(_mm512_add_epi32(bits, half), _mm512_and_si512(top, one));
+                let nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), inf);
+                let r =
+                    _mm512_mask_blend_epi32(nan, _mm512_srli_epi32::<16>(up), _mm512_or_si512(top, quiet));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi16(r));
             }
         }
         n
@@ -485,6 +530,24 @@ mod tests {
                 // SAFETY: narrow_slice wrote every element.
                 let got = unsafe { d.assume_init() };
                 assert_eq!(got.0, f32_to_f16(*x), "{:#010x}", x.to_bits());
+            }
+        }
+        simd::set_enabled(true);
+    }
+
+    #[test]
+    fn the_vector_bfloat16_rounding_is_the_portable_rounding() {
+        for fast in [false, true] {
+            simd::set_enabled(fast);
+            let mut src: Vec<f32> = decisive_patterns(7).into_iter().map(f32::from_bits).collect();
+            src.extend([f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7f80_0001)]);
+            src.extend((0..4096u32).map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9))));
+            let mut dst = vec![std::mem::MaybeUninit::<Bf16>::uninit(); src.len()];
+            Bf16::narrow_slice(&src, &mut dst);
+            for (x, d) in src.iter().zip(&dst) {
+                // SAFETY: narrow_slice wrote every element.
+                let got = unsafe { d.assume_init() };
+                assert_eq!(got.0, f32_to_bf16(*x), "{:#010x}", x.to_bits());
             }
         }
         simd::set_enabled(true);
