@@ -157,7 +157,7 @@ where
                 }
             }
             for r in 0..rows {
-                let (i, h) = (r / group, self.at.head_of(r));
+                let (i, h) = self.at.position_head(r);
                 let srow = &mut scores[r * BK..r * BK + cols];
                 let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                 let row_max = mask_row(sp, masks, at, srow);

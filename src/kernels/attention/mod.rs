@@ -242,6 +242,8 @@ struct TaskInputs<'a, Q, KV, T> {
     masks: &'a Masks<'a, T>,
     b: usize,
     g: usize,
+    /// Query heads per key/value head.
+    group: usize,
     /// The call's [`Par`], asked only whether the call was told to stop (a long task asks
     /// between its query blocks).
     par: Par<'a>,
@@ -255,19 +257,23 @@ impl<Q, KV, T> Clone for TaskInputs<'_, Q, KV, T> {
 impl<Q, KV, T> Copy for TaskInputs<'_, Q, KV, T> {}
 
 impl<'a, Q, KV, T> TaskInputs<'a, Q, KV, T> {
-    /// The query head of task row `r`: row `r` is query position `r / G` of head `g·G + r % G`,
-    /// with `G` the query heads per key/value head.
+    /// The query position and head of task row `r`: row `r` is query position `r / G` of head
+    /// `g·G + r % G`, with `G` the query heads per key/value head (no integer division where `G`
+    /// is a power of two: the kernels ask for every row of every query block).
     #[inline(always)]
-    fn head_of(&self, r: usize) -> usize {
-        let group = self.spec.heads_q / self.spec.heads_kv;
-        self.g * group + r % group
+    fn position_head(&self, r: usize) -> (usize, usize) {
+        match self.group {
+            1 => (r, self.g),
+            g if g.is_power_of_two() => (r >> g.trailing_zeros(), self.g * g + (r & (g - 1))),
+            g => (r / g, self.g * g + r % g),
+        }
     }
 
-    /// Where the query of task row `r` starts in `q` (see [`TaskInputs::head_of`]).
+    /// Where the query of task row `r` starts in `q`.
     #[inline(always)]
     fn q_start(&self, r: usize) -> usize {
-        let (sp, group) = (self.spec, self.spec.heads_q / self.spec.heads_kv);
-        self.b * sp.q.batch + self.head_of(r) * sp.q.head + (r / group) * sp.q.row
+        let (sp, (i, h)) = (self.spec, self.position_head(r));
+        self.b * sp.q.batch + h * sp.q.head + i * sp.q.row
     }
 
     /// The query of task row `r`.
@@ -448,7 +454,7 @@ where
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
     // Task t works on batch t / Hkv, key/value head t % Hkv.
     let inputs =
-        |t: usize| TaskInputs { q, k, v, spec, masks, b: t / spec.heads_kv, g: t % spec.heads_kv, par };
+        |t: usize| TaskInputs { q, k, v, spec, masks, b: t / spec.heads_kv, g: t % spec.heads_kv, group, par };
     let par = if flops > 1e6 { par } else { par.sequential() };
     if l <= decode::MAX_QUERIES {
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per

@@ -94,7 +94,7 @@ where
         let k_base = self.at.b * sp.k.batch + self.at.g * sp.k.head;
         let v_base = self.at.b * sp.v.batch + self.at.g * sp.v.head;
         let offset = sp.offset();
-        // Task row r: query position r / group of head at.head_of(r).
+        // Task row r: query position and head at.position_head(r).
         let (at, b, masks) = (self.at, self.at.b, self.at.masks);
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
@@ -338,7 +338,7 @@ where
                         true => row_maxima[r],
                         false => {
                             let row = q0 + r.min(rows - 1);
-                            let (i, h) = (row / group, at.head_of(row));
+                            let (i, h) = at.position_head(row);
                             let at = RowAt { b, h, i, k0, offset, slope: slope(h), key_mask };
                             mask_row(sp, self.at.masks, at, srow)
                         }
