@@ -519,38 +519,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_rounding_instruction_rounds_as_the_portable_code() {
+    /// `S::narrow_slice` of `src` against `want`, on the accelerated path and off it.
+    fn narrows_as<S: Storage<Compute = f32> + PartialEq + std::fmt::Debug>(
+        src: &[f32],
+        want: impl Fn(f32) -> S,
+    ) {
         for fast in [false, true] {
             simd::set_enabled(fast);
-            let src: Vec<f32> = decisive_patterns(10).into_iter().map(f32::from_bits).collect();
-            let mut dst = vec![std::mem::MaybeUninit::<F16>::uninit(); src.len()];
-            F16::narrow_slice(&src, &mut dst);
+            let mut dst = vec![std::mem::MaybeUninit::<S>::uninit(); src.len()];
+            S::narrow_slice(src, &mut dst);
             for (x, d) in src.iter().zip(&dst) {
                 // SAFETY: narrow_slice wrote every element.
-                let got = unsafe { d.assume_init() };
-                assert_eq!(got.0, f32_to_f16(*x), "{:#010x}", x.to_bits());
+                assert_eq!(unsafe { d.assume_init() }, want(*x), "{:#010x}", x.to_bits());
             }
         }
         simd::set_enabled(true);
     }
 
     #[test]
+    fn the_rounding_instruction_rounds_as_the_portable_code() {
+        let src: Vec<f32> = decisive_patterns(10).into_iter().map(f32::from_bits).collect();
+        narrows_as(&src, |x| F16(f32_to_f16(x)));
+    }
+
+    #[test]
     fn the_vector_bfloat16_rounding_is_the_portable_rounding() {
-        for fast in [false, true] {
-            simd::set_enabled(fast);
-            let mut src: Vec<f32> = decisive_patterns(7).into_iter().map(f32::from_bits).collect();
-            src.extend([f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7f80_0001)]);
-            src.extend((0..4096u32).map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9))));
-            let mut dst = vec![std::mem::MaybeUninit::<Bf16>::uninit(); src.len()];
-            Bf16::narrow_slice(&src, &mut dst);
-            for (x, d) in src.iter().zip(&dst) {
-                // SAFETY: narrow_slice wrote every element.
-                let got = unsafe { d.assume_init() };
-                assert_eq!(got.0, f32_to_bf16(*x), "{:#010x}", x.to_bits());
-            }
-        }
-        simd::set_enabled(true);
+        let mut src: Vec<f32> = decisive_patterns(7).into_iter().map(f32::from_bits).collect();
+        src.extend([f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7f80_0001)]);
+        src.extend((0..4096u32).map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9))));
+        narrows_as(&src, |x| Bf16(f32_to_bf16(x)));
     }
 
     #[test]

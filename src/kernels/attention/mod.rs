@@ -453,8 +453,17 @@ where
     });
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
     // Task t works on batch t / Hkv, key/value head t % Hkv.
-    let inputs =
-        |t: usize| TaskInputs { q, k, v, spec, masks, b: t / spec.heads_kv, g: t % spec.heads_kv, group, par };
+    let inputs = |t: usize| TaskInputs {
+        q,
+        k,
+        v,
+        spec,
+        masks,
+        b: t / spec.heads_kv,
+        g: t % spec.heads_kv,
+        group,
+        par,
+    };
     let par = if flops > 1e6 { par } else { par.sequential() };
     if l <= decode::MAX_QUERIES {
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
