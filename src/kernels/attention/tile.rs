@@ -22,6 +22,10 @@
 //! on AVX2 + FMA, the K transpose, the score tiles with their masks, the probabilities and the
 //! P·V tiles run as explicit kernels instead (`fast.rs`, `avx2.rs`, and `avx512.rs` where the
 //! CPU has AVX-512F), with the same operations in the same order.
+//!
+//! bfloat16 queries, keys and values take the pair mode of `dot16.rs` instead: its own packing,
+//! matrix products and softmax step (whose masked probabilities are +0); its flushes can make an
+//! output −0.0, so every output zero is written +0.
 
 use std::mem::MaybeUninit;
 
