@@ -102,6 +102,16 @@ where
         let (at, b, masks) = (self.at, self.at.b, self.at.masks);
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
+        // How many keys before each the key mask keeps (`kept_before[j]`, for keys `< j`), so that
+        // a key block's count is one subtraction.
+        let kept_before: Vec<u32> = key_mask.map_or_else(Vec::new, |km| {
+            std::iter::once(0)
+                .chain(km.iter().scan(0, |n, &x| {
+                    *n += u32::from(x != 0);
+                    Some(*n)
+                }))
+                .collect()
+        });
         // No key after this is ever read: trailing padding, and keys past the last position's
         // causal or window bound.
         let last = self.first + self.positions - 1;
@@ -269,7 +279,10 @@ where
                 let block = k0 / BK;
                 let col0 = k0 % BK;
                 let cols = (BK - col0).min(hi - k0);
-                let kept = key_mask.map_or(cols, |km| km[k0..k0 + cols].iter().filter(|&&x| x != 0).count());
+                let kept = match key_mask {
+                    Some(_) => (kept_before[k0 + cols] - kept_before[k0]) as usize,
+                    None => cols,
+                };
                 if kept == 0 {
                     k0 += cols; // a fully padded key block: nothing to compute
                     continue;
