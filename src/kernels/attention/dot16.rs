@@ -81,6 +81,26 @@ pub(super) fn step(acc: f32, a: u32, b: u32) -> f32 {
     fma_ftz(wide(a & 0xffff), wide(b & 0xffff), odd)
 }
 
+/// [`step`] on sixteen lanes for packed inputs (no subnormal half in `a` or `b`) and an
+/// accumulator that is not subnormal, in a form the compiler vectorises: each fused step is
+/// flushed where its result is below the smallest normal. That is `step` exactly unless a result
+/// is ±2^-126 itself, where x86's tininess after rounding needs the exact sum: then this returns
+/// true, and the caller recomputes with `step`.
+#[inline(always)]
+fn steps(acc: &mut [f32; NR], a: u32, b: &[u32]) -> bool {
+    let (odd, even) = (f32::from_bits(a & 0xffff_0000), f32::from_bits(a << 16));
+    let ftz = |r: f32| if r.abs() < f32::MIN_POSITIVE { 0.0f32.copysign(r) } else { r };
+    let mut edge = false;
+    for (x, &w) in acc.iter_mut().zip(b) {
+        let r = odd.mul_add(f32::from_bits(w & 0xffff_0000), *x);
+        edge |= r.abs() == f32::MIN_POSITIVE;
+        let r = even.mul_add(f32::from_bits(w << 16), ftz(r));
+        edge |= r.abs() == f32::MIN_POSITIVE;
+        *x = ftz(r);
+    }
+    edge
+}
+
 /// A probability rounded to bfloat16 as `vcvtne2ps2bf16` rounds it: to nearest even, a subnormal
 /// read as zero.
 #[inline(always)]
@@ -94,16 +114,29 @@ pub(super) fn pairs(e: usize) -> usize {
     e.div_ceil(2)
 }
 
+/// A bfloat16 value's bits with a subnormal read as zero of its sign, as the instruction reads
+/// its inputs. The packing applies it, so that [`steps`] need not (the instruction's result is
+/// the same either way).
+#[inline(always)]
+fn daz(b: Bf16) -> u32 {
+    let b = b.0 as u32;
+    if b & 0x7f80 == 0 {
+        b & 0x8000
+    } else {
+        b
+    }
+}
+
 /// Row `row` (`e` values) as pairs in 32-bit words, the even dimension in the low half, an odd
-/// last one paired with zero.
+/// last one paired with zero; subnormal values read as zero.
 #[inline(always)]
 pub(super) fn pair_words(row: &[Bf16], out: &mut [u32]) {
     let (pairs, last) = row.as_chunks::<2>();
     for (w, &[lo, hi]) in out.iter_mut().zip(pairs) {
-        *w = lo.0 as u32 | (hi.0 as u32) << 16;
+        *w = daz(lo) | daz(hi) << 16;
     }
     if let (Some(w), [lo]) = (out.get_mut(pairs.len()), last) {
-        *w = lo.0 as u32;
+        *w = daz(*lo);
     }
 }
 
@@ -129,13 +162,13 @@ pub(super) fn pack_values(v: &[Bf16], stride: usize, ev: usize, n: usize, vt: &m
         let lo = &v[2 * j * stride..][..ev];
         match (2 * j + 1 < n).then(|| &v[(2 * j + 1) * stride..][..ev]) {
             Some(hi) => {
-                for (w, (a, b)) in out.iter_mut().zip(lo.iter().zip(hi)) {
-                    *w = a.0 as u32 | (b.0 as u32) << 16;
+                for (w, (&a, &b)) in out.iter_mut().zip(lo.iter().zip(hi)) {
+                    *w = daz(a) | daz(b) << 16;
                 }
             }
             None => {
-                for (w, a) in out.iter_mut().zip(lo) {
-                    *w = a.0 as u32;
+                for (w, &a) in out.iter_mut().zip(lo) {
+                    *w = daz(a);
                 }
             }
         }
@@ -159,11 +192,21 @@ pub(super) fn scores(
         for strip in tiles.0 / NR..tiles.1 / NR {
             let kt = &kt[strip * p * NR..(strip + 1) * p * NR];
             let mut acc = [[0.0f32; NR]; MR];
+            let mut edge = false;
             for (i, k) in kt.chunks_exact(NR).enumerate() {
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = q[(r0 + r) * p + i];
-                    for (x, &b) in acc.iter_mut().zip(k) {
-                        *x = step(*x, a, b);
+                    edge |= steps(acc, q[(r0 + r) * p + i], k);
+                }
+            }
+            if edge {
+                // A step's result was ±2^-126: the tile again, step by exact step.
+                acc = [[0.0f32; NR]; MR];
+                for (i, k) in kt.chunks_exact(NR).enumerate() {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = q[(r0 + r) * p + i];
+                        for (x, &b) in acc.iter_mut().zip(k) {
+                            *x = step(*x, a, b);
+                        }
                     }
                 }
             }
@@ -244,10 +287,20 @@ pub(super) fn pv(
     for r in 0..rows {
         let pw = &pw[r * BK / 2..][..kp];
         for (c, out) in out[r * ev..(r + 1) * ev].chunks_exact_mut(NR).enumerate() {
-            let mut acc: [f32; NR] = std::array::from_fn(|t| out[t] * alpha[r]);
+            // The instruction reads a subnormal accumulator as zero.
+            let start: [f32; NR] = std::array::from_fn(|t| flush(out[t] * alpha[r]));
+            let mut acc = start;
+            let mut edge = false;
             for (&a, v) in pw.iter().zip(vt.chunks_exact(ev)) {
-                for (x, &b) in acc.iter_mut().zip(&v[c * NR..(c + 1) * NR]) {
-                    *x = step(*x, a, b);
+                edge |= steps(&mut acc, a, &v[c * NR..(c + 1) * NR]);
+            }
+            if edge {
+                // A step's result was ±2^-126: the tile again, step by exact step.
+                acc = start;
+                for (&a, v) in pw.iter().zip(vt.chunks_exact(ev)) {
+                    for (x, &b) in acc.iter_mut().zip(&v[c * NR..(c + 1) * NR]) {
+                        *x = step(*x, a, b);
+                    }
                 }
             }
             out.copy_from_slice(&acc);
@@ -685,6 +738,9 @@ mod explicit_tests {
             let (mut a, mut b) = (vec![0u32; len], vec![0u32; len]);
             pack_keys(&k, stride, e, n, &mut a);
             t.pack_keys(&k, stride, e, n, &mut b);
+            // The portable packing also reads subnormal values as zero (the instruction does).
+            let b: Vec<u32> =
+                b.iter().map(|&w| daz(Bf16(w as u16)) | daz(Bf16((w >> 16) as u16)) << 16).collect();
             assert_eq!(a, b, "e {e} n {n}");
         }
     }
@@ -702,9 +758,12 @@ mod explicit_tests {
                 true => rnd() as u32 & 0x80ff,
                 false => bf16_bits(rnd),
             };
+            // Packed values: subnormal ones read as zero, as the packing leaves them.
+            let packed = |rnd: &mut dyn FnMut() -> u64| daz(Bf16(value(rnd) as u16));
             let vt: Vec<u32> =
-                (0..(ev / NR) * BK / 2 * NR).map(|_| value(&mut rnd) | value(&mut rnd) << 16).collect();
-            let prob = |rnd: &mut dyn FnMut() -> u64| rnd() as u32 % 0x3f80;
+                (0..(ev / NR) * BK / 2 * NR).map(|_| packed(&mut rnd) | packed(&mut rnd) << 16).collect();
+            // Probabilities in [0, 1), none subnormal (the softmax step's rounding flushes them).
+            let prob = |rnd: &mut dyn FnMut() -> u64| daz(Bf16((rnd() % 0x3f80) as u16));
             let pw: Vec<u32> = (0..rows * BK / 2).map(|_| prob(&mut rnd) | prob(&mut rnd) << 16).collect();
             let alpha: Vec<f32> =
                 (0..rows).map(|r| if r % 2 == 0 { 1.0 } else { (rnd() % 1000) as f32 / 1000.0 }).collect();
