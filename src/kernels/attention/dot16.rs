@@ -616,6 +616,58 @@ mod tests {
         }
     }
 
+    /// The sixteen-lane P·V against `step` itself, lane by lane, where sums land on ±2^-126
+    /// (the accumulators start beside it and the products are tiny): the tiles that meet it
+    /// take the exact fallback, and the results are the same.
+    #[test]
+    fn the_vector_steps_are_the_steps_at_the_smallest_normal() {
+        let mut rnd = patterns(3);
+        let (rows, ev, cols) = (MR, NR, 8);
+        let mut edges = 0;
+        for case in 0..2000 {
+            // Probabilities 2^-8..2^-1 and values of ±2^-118..2^-113: products near 2^-126.
+            let prob = |rnd: &mut dyn FnMut() -> u64| (0x3b80 + (rnd() % 0x380) as u32) & 0x3fff;
+            let value =
+                |rnd: &mut dyn FnMut() -> u64| (rnd() as u32 & 0x8000) | (0x0480 + (rnd() % 0x280) as u32);
+            let mut pw: Vec<u32> =
+                (0..rows * BK / 2).map(|_| prob(&mut rnd) | prob(&mut rnd) << 16).collect();
+            let mut vt: Vec<u32> =
+                (0..BK / 2 * ev).map(|_| value(&mut rnd) | value(&mut rnd) << 16).collect();
+            let alpha = vec![1.0f32; rows];
+            let mut start: Vec<f32> = (0..rows * ev)
+                .map(|_| {
+                    let sign = rnd() as u32 & 0x8000_0000;
+                    f32::from_bits(sign | (0x0080_0000 + (rnd() % 64) as u32))
+                })
+                .collect();
+            if case % 4 == 0 {
+                // Row 0's first odd step: 2^-126 − 2^-25·(1 + 2^-7) · 2^-126, which rounds to
+                // 2^-126 but is tiny after rounding with an unbounded exponent: flushed.
+                pw[0] = pw[0] & 0xffff | 0x3301 << 16;
+                for t in 0..ev {
+                    vt[t] = vt[t] & 0xffff | 0x8080 << 16;
+                    start[t] = f32::MIN_POSITIVE;
+                }
+            }
+            let mut got = start.clone();
+            pv(&pw, &alpha, &mut got, rows, &vt, ev, cols);
+            for r in 0..rows {
+                for t in 0..ev {
+                    let mut acc = start[r * ev + t];
+                    for j in 0..cols / 2 {
+                        let (a, b) = (pw[r * BK / 2 + j], vt[j * ev + t]);
+                        let odd =
+                            f32::from_bits(a & 0xffff_0000).mul_add(f32::from_bits(b & 0xffff_0000), acc);
+                        edges += usize::from(odd.abs() == f32::MIN_POSITIVE);
+                        acc = step(acc, a, b);
+                    }
+                    assert_eq!(got[r * ev + t].to_bits(), acc.to_bits(), "case {case} row {r} lane {t}");
+                }
+            }
+        }
+        assert!(edges > 0, "no step met the smallest normal: the fallback went untested");
+    }
+
     #[test]
     fn the_steps_add_the_odd_product_first_and_flush_subnormals() {
         let pair = |lo: f32, hi: f32| (lo.to_bits() >> 16) | (hi.to_bits() >> 16) << 16;
