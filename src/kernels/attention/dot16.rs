@@ -27,7 +27,7 @@
 //! column `c` of the keys `2j` (low half) and `2j + 1` (a key block's pairs are `BK / 2` rows of
 //! `ev` words); zeros past the last key.
 
-use super::fast::{sum_lanes, Mask, BK, BQ, MR, NR};
+use super::fast::{Mask, BK, BQ, MR, NR};
 use crate::kernels::exp::exp_short;
 use crate::kernels::storage::Bf16;
 
@@ -218,6 +218,15 @@ pub(super) fn scores(
             }
         }
     }
+}
+
+/// The sum of sixteen lanes, in the order the pair mode fixes: lane `i` plus lane `i + 8`, then
+/// those eight likewise halved, down to one.
+#[inline(always)]
+fn sum_lanes(l: &[f32; NR]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
+    let q: [f32; 4] = std::array::from_fn(|i| h[i] + h[i + 4]);
+    (q[0] + q[2]) + (q[1] + q[3])
 }
 
 /// The online softmax's step (`rows::update_row`'s, with [`exp_short`]) for rows

@@ -50,15 +50,6 @@ pub(super) fn tile_shape(rows: usize, strips: usize) -> (usize, usize) {
     }
 }
 
-/// The sum of sixteen lanes, in the order the pair mode fixes: lane `i` plus lane `i + 8`, then
-/// those eight likewise halved, down to one.
-#[inline(always)]
-pub(super) fn sum_lanes(l: &[f32; NR]) -> f32 {
-    let h: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
-    let q: [f32; 4] = std::array::from_fn(|i| h[i] + h[i + 4]);
-    (q[0] + q[2]) + (q[1] + q[3])
-}
-
 /// The causal and window bounds and the key padding of one query block against one key block,
 /// for the explicit score kernels to apply as they store the scores.
 pub struct Mask<'a> {
