@@ -165,7 +165,7 @@ fn exp16(x: __m512) -> __m512 {
     }
     let e_r = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
     // +0 below MIN (and at −inf, where r is NaN); NaN stays NaN.
-    _mm512_maskz_mov_ps(!_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, min), _mm512_scalef_ps(e_r, n))
+    _mm512_maskz_scalef_ps(!_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, min), e_r, n)
 }
 
 /// See [`Explicit::probabilities`](super::fast::Explicit::probabilities): sixteen at a time,

@@ -247,10 +247,7 @@ fn exp_short16(x: __m512) -> __m512 {
     }
     let two_f = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0));
     // +0 below MIN (and at −inf, where f is NaN); NaN stays NaN.
-    _mm512_maskz_mov_ps(
-        !_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(c::MIN)),
-        _mm512_scalef_ps(two_f, n),
-    )
+    _mm512_maskz_scalef_ps(!_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(c::MIN)), two_f, n)
 }
 
 /// The probabilities of scores `s[at..]` (up to sixteen) against the maximum `m`: +0 where
