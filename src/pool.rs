@@ -55,16 +55,18 @@ impl<'a> Par<'a> {
 
     /// Runs `f` on every task, each once, and returns when all are done.
     ///
-    /// On a pool, the calling thread takes tasks from the first at once while the pool's other
-    /// threads wake up and join it (`threads − 1` helpers, so `threads` in all), each taking the
-    /// next task left as it comes free. A thread asleep in the pool takes 9–100 µs to wake on a
-    /// busy machine, so a call whose work is that short does not wait for one to start work
-    /// (`rayon`'s `install` would); it does end only once every helper has started and found the
-    /// tasks done. So after a call the helpers stay awake for up to `LINGER` (100 µs), spinning,
-    /// and the next call of a loop (a decode step per token) finds them ready instead of asleep;
-    /// they stop as soon as a call starts. OpenMP runtimes do the same, for longer by default.
-    /// At the end of a call the calling thread likewise waits for the helpers spinning (for up
-    /// to `LINGER`), not asleep. Which thread runs a task never changes its result.
+    /// On a pool, the calling thread takes tasks from the first at once while `threads − 1`
+    /// helpers are sent to the pool to join it, each taking the next task left as it comes free.
+    /// The call never waits for a helper that has not started: a thread asleep in the pool takes
+    /// 9–100 µs to wake on a busy machine, and none may run at all while another library's
+    /// threads spin on the other cores (right after a BLAS call, say), so the calling thread
+    /// does every task no helper has taken, then waits only for the helpers that are running one
+    /// (each within a task of it). A helper that starts after that finds the call closed and
+    /// leaves without touching its memory (see [`Call`]). After its work a helper stays awake
+    /// for up to `LINGER` (100 µs), spinning, so that the next call of a loop (a decode step per
+    /// token) finds it ready instead of asleep; it stops as soon as a call starts. OpenMP
+    /// runtimes do the same, for longer by default. Which thread runs a task never changes its
+    /// result.
     pub fn for_each<T: Send>(self, tasks: &mut [T], f: impl Fn(&mut T) + Sync) {
         let sequential = |tasks: &mut [T]| {
             for task in tasks {
@@ -89,31 +91,102 @@ impl<'a> Par<'a> {
                 if self.stopped() {
                     break; // the tasks left are skipped: the call's outputs are discarded
                 }
-                // A task that panicked poisons only its own lock, and the panic reaches the caller.
+                // A task that panicked poisons only its own lock; the panic reaches the caller.
                 f(&mut task.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
             }
         };
-        let finished = AtomicUsize::new(0);
-        pool.in_place_scope(|scope| {
-            for _ in 0..helpers {
-                scope.spawn(|_| {
-                    work();
-                    finished.fetch_add(1, Ordering::Release);
-                });
-            }
-            // Helpers still lingering from the last call stop, and take these tasks at once.
-            CALLS.fetch_add(1, Ordering::Relaxed);
-            work();
-            // The helpers finish within about a task of this thread. Waiting for them here,
-            // spinning, keeps this thread awake: the scope's own wait would put it to sleep, and
-            // waking it took 6-8 µs of a 60 µs decode call (GPT-2 at two threads: 1.1x faster
-            // now). Past `LINGER`, the scope's wait takes over.
-            spin_while(|| finished.load(Ordering::Acquire) < helpers);
+        let call = Arc::new(Call::default());
+        // Helpers still lingering from the last call stop, and take these tasks at once.
+        let number = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+        let work_ref: &(dyn Fn() + Sync) = &work;
+        // SAFETY: only the lifetime is erased. A helper calls `work` only after `Call::enter`
+        // succeeds, and `Close` (below, also when this thread unwinds) closes the call and waits
+        // until every helper that entered has left before `work` and what it borrows are dropped.
+        let work_ptr = Work(unsafe {
+            std::mem::transmute::<&(dyn Fn() + Sync), &'static (dyn Fn() + Sync)>(work_ref) as *const _
         });
-        let call = CALLS.load(Ordering::Relaxed);
         for _ in 0..helpers {
-            pool.spawn(move || linger(call));
+            let (call, work_ptr) = (Arc::clone(&call), work_ptr);
+            pool.spawn(move || {
+                if call.enter() {
+                    // SAFETY: entered, so the call is open and waits for this helper to leave.
+                    let run = std::panic::AssertUnwindSafe(|| unsafe { (*work_ptr.get())() });
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        call.panic.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(panic);
+                    }
+                    call.leave();
+                }
+                linger(number);
+            });
         }
+        {
+            let _close = Close(&call);
+            work();
+        }
+        let panic = call.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(panic) = panic {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// What a call of [`Par::for_each`] shares with its helpers, which may outlive it: whether it is
+/// still open, how many helpers are inside it, and the first panic of one.
+///
+/// A helper enters by counting itself in, then checking that the call is open; the call closes
+/// by marking itself closed, then waiting until no helper is inside. Both steps are sequentially
+/// consistent, so either the helper sees the call closed (and leaves at once) or the call sees
+/// the helper inside (and waits for it).
+#[derive(Default)]
+struct Call {
+    inside: AtomicUsize,
+    closed: AtomicBool,
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+impl Call {
+    /// Counts a helper in; false (and counted out again) if the call has closed.
+    fn enter(&self) -> bool {
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.leave();
+            return false;
+        }
+        true
+    }
+
+    fn leave(&self) {
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Closes a call when dropped (at its end, or while its thread unwinds), then waits for the
+/// helpers inside it: spinning for up to `LINGER` (they finish within about a task, and
+/// spinning keeps the calling thread awake), then yielding the core.
+struct Close<'a>(&'a Call);
+
+impl Drop for Close<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        let busy = || self.0.inside.load(Ordering::SeqCst) > 0;
+        spin_while(busy);
+        while busy() {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// A call's work as a helper receives it, its lifetime erased (see [`Par::for_each`]).
+#[derive(Clone, Copy)]
+struct Work(*const (dyn Fn() + Sync));
+
+// SAFETY: the work is `Sync`, and helpers call it only while its call waits for them.
+unsafe impl Send for Work {}
+
+impl Work {
+    /// The pointer (a method, so that a closure captures the whole `Work`, which is `Send`).
+    fn get(self) -> *const (dyn Fn() + Sync) {
+        self.0
     }
 }
 
@@ -316,6 +389,62 @@ mod tests {
         });
         assert_eq!(done.load(Ordering::Relaxed), 30);
         assert!(!stop.was_requested());
+    }
+
+    #[test]
+    fn a_call_never_waits_for_a_helper_that_has_not_started() {
+        // Both pool threads busy elsewhere (as with another library's threads spinning on the
+        // other cores): the calling thread does every task, and returns long before they free.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let release = Arc::new(AtomicBool::new(false));
+        for _ in 0..2 {
+            let release = Arc::clone(&release);
+            pool.spawn(move || spin_until(&release, Duration::from_secs(10)));
+        }
+        std::thread::sleep(Duration::from_millis(20)); // both taken up
+        let start = Instant::now();
+        let mut tasks = vec![0u32; 40];
+        Par::on(&pool).for_each(&mut tasks, |x| *x += 1);
+        let took = start.elapsed();
+        assert!(tasks.iter().all(|&x| x == 1));
+        assert!(took < Duration::from_secs(5), "waited {took:?} for the helpers");
+        // The late helpers find the call closed; the pool still serves the next call.
+        release.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        let done = AtomicUsize::new(0);
+        Par::on(&pool).for_each(&mut [(); 64], |_| {
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(done.load(Ordering::Relaxed), 64);
+    }
+
+    /// Spins until `flag` is set or `limit` has passed.
+    fn spin_until(flag: &AtomicBool, limit: Duration) {
+        let start = Instant::now();
+        while !flag.load(Ordering::SeqCst) && start.elapsed() < limit {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[test]
+    fn a_task_that_panics_on_any_thread_panics_the_call() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for bad in [0, 7, 63] {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut tasks: Vec<usize> = (0..64).collect();
+                Par::on(&pool).for_each(&mut tasks, |&mut i| {
+                    std::thread::sleep(Duration::from_micros(200));
+                    assert_ne!(i, bad, "task {i}");
+                });
+            }));
+            let panic = result.expect_err("the call must panic");
+            let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(message.contains(&format!("task {bad}")), "{message}");
+        }
+        // The pool still works.
+        let mut tasks = vec![0u8; 16];
+        Par::on(&pool).for_each(&mut tasks, |x| *x = 1);
+        assert!(tasks.iter().all(|&x| x == 1));
     }
 
     #[test]
