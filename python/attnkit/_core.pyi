@@ -51,4 +51,5 @@ def attention(
     alibi: npt.NDArray[np.float64] | None = None,
     return_lse: bool = False,
     return_weights: bool = False,
+    key_lengths: npt.NDArray[np.int64] | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None, npt.NDArray[Any] | None]: ...

@@ -39,6 +39,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     key_mask: npt.ArrayLike | None = None,
+    key_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -61,6 +62,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     key_mask: npt.ArrayLike | None = None,
+    key_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -83,6 +85,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     key_mask: npt.ArrayLike | None = None,
+    key_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -105,6 +108,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     key_mask: npt.ArrayLike | None = None,
+    key_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -127,6 +131,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     key_mask: npt.ArrayLike | None = None,
+    key_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -148,6 +153,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     key_mask: npt.ArrayLike | None = None,
+    key_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -183,6 +189,12 @@ def scaled_dot_product_attention(
         key_mask: ``(..., S)`` bool or integer, nonzero = may attend (the ``attention_mask`` that
             tokenizers return), applied without building a dense mask; fully padded key blocks are
             skipped.
+        key_lengths: ``(...,)`` integers: batch item ``b`` has ``key_lengths[b]`` valid keys, the
+            first ones (ONNX's ``nonpad_kv_seqlen``); the keys after them are padding, never
+            read. Bottom-right alignment then places query ``i`` at ``i + key_lengths[b] - L``
+            for ``is_causal``, ``window`` and ``alibi_slopes``. Equal, bit for bit, to a
+            ``key_mask`` of that many leading trues with that alignment; combines with
+            ``key_mask`` when both are given.
         causal_alignment: ``"top_left"`` or ``"bottom_right"``; also places queries for
             ``window`` and ``alibi_slopes``.
         window: ``(left, right)``: keys at most ``left`` before and ``right`` after the aligned
@@ -207,8 +219,9 @@ def scaled_dot_product_attention(
             (``is_causal``, ``enable_gqa``, ``return_lse``, ``return_weights``) that are not bools.
         ValueError: bad ranks or shapes, heads that do not divide, a mask that does not broadcast
             to ``(..., Hq, L, S)``, ``dropout_p != 0``, ``scale``, ``softcap`` or
-            ``alibi_slopes`` not finite in the inputs' dtype, bad ``window``,
-            ``causal_alignment`` or ``layout``.
+            ``alibi_slopes`` not finite in the inputs' dtype, ``key_lengths`` of another shape
+            than the batch or outside ``0..S``, bad ``window``, ``causal_alignment`` or
+            ``layout``.
         MemoryError: an output that cannot be allocated (named, with the arguments that set its
             size).
         KeyboardInterrupt: Ctrl-C (or another signal whose handler raises) during a long call,
@@ -225,7 +238,7 @@ def scaled_dot_product_attention(
     if (
         type(query) is np.ndarray and type(key) is np.ndarray and type(value) is np.ndarray
         and query.ndim == 4 and key.ndim == 4 and query.shape[1] == key.shape[1]
-        and attn_mask is None and key_mask is None and window is None and alibi_slopes is None
+        and attn_mask is None and key_mask is None and key_lengths is None and window is None and alibi_slopes is None
         and softcap is None and return_lse is False and return_weights is False
         and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
         and layout == "bhsd" and causal_alignment == "top_left"
@@ -291,6 +304,15 @@ def scaled_dot_product_attention(
         if km.shape != batch_shape + (s_len,):
             raise ValueError(f"key_mask: expected shape {batch_shape + (s_len,)} (batch..., S), got {km.shape}")
         keys = np.ascontiguousarray(km.reshape(b, s_len) != 0, dtype=np.uint8)
+    lengths = None
+    if key_lengths is not None:
+        kl = int_array(_as_array(key_lengths, "key_lengths"), "key_lengths")
+        if kl.shape != batch_shape:
+            raise ValueError(f"key_lengths: expected shape {batch_shape} (one per batch item), got {kl.shape}")
+        if kl.size and (kl.min() < 0 or kl.max() > s_len):
+            bad = kl.min() if kl.min() < 0 else kl.max()
+            raise ValueError(f"key_lengths: each must lie in 0..{s_len} (S, the keys given), got {bad}")
+        lengths = np.ascontiguousarray(kl.reshape(b), dtype=np.int64)
     slopes = None
     if alibi_slopes is not None:
         sl = float_array(alibi_slopes, "alibi_slopes").astype(np.float64)
@@ -300,7 +322,7 @@ def scaled_dot_product_attention(
     win = _window(window)
     out, lse, weights = _core.attention(
         q4, k4, v4, layout, scale_value, cap, is_causal, win, alignment,
-        bool_mask, float_mask, keys, slopes, return_lse, return_weights,
+        bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths,
     )
     out = out.reshape(batch_shape + out.shape[1:])
     if layout == "bshd":

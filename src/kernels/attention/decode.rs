@@ -92,7 +92,7 @@ where
         let (b, g, masks) = (self.at.b, self.at.g, self.at.masks);
         let k_base = b * sp.k.batch + g * sp.k.head;
         let v_base = b * sp.v.batch + g * sp.v.head;
-        let offset = sp.offset();
+        let offset = self.at.masks.offset(sp, self.at.b);
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);
         // Keys and values from the task's first row on, as stored: the explicit kernels read

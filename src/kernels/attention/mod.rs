@@ -122,19 +122,9 @@ impl_attn_float!(f64, |_| None, |_| None);
 pub enum Alignment {
     /// Query `i` is position `i` (PyTorch's `is_causal`).
     TopLeft,
-    /// Query `i` is position `i + S − L` (KV caches, chunked prefill).
+    /// Query `i` is position `i + S − L` (KV caches, chunked prefill), with `S` the batch item's
+    /// key length where `key_lengths` gives one.
     BottomRight,
-}
-
-impl AttnSpec {
-    /// The aligned position of query row 0 among the keys: 0 (top-left) or `S − L` (bottom-right).
-    #[inline(always)]
-    fn offset(&self) -> isize {
-        match self.alignment {
-            Alignment::TopLeft => 0,
-            Alignment::BottomRight => self.kv_len as isize - self.q_len as isize,
-        }
-    }
 }
 
 /// Element strides of a tensor addressed as (batch, head, row), rows contiguous.
@@ -206,6 +196,9 @@ pub struct Masks<'a, T> {
     pub key_mask: Option<&'a [u8]>,
     /// ALiBi slopes, `(Hq,)` or `(batch, Hq)`.
     pub alibi: Option<&'a [f64]>,
+    /// `(batch,)`: how many keys of each batch item are valid (those from 0 on; the rest are
+    /// padding), each in `0..=S`. Bottom-right alignment counts from it.
+    pub key_lengths: Option<&'a [i64]>,
 }
 
 impl<T> Masks<'_, T> {
@@ -215,20 +208,37 @@ impl<T> Masks<'_, T> {
         self.alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }])
     }
 
+    /// The valid keys of batch `b`: its key length, or S.
+    #[inline(always)]
+    fn key_length(&self, sp: &AttnSpec, b: usize) -> usize {
+        self.key_lengths.map_or(sp.kv_len, |n| n[b] as usize) // in 0..=S (checked)
+    }
+
+    /// The aligned position of batch `b`'s query row 0 among its keys: 0 (top-left) or its key
+    /// length minus L (bottom-right).
+    #[inline(always)]
+    fn offset(&self, sp: &AttnSpec, b: usize) -> isize {
+        match sp.alignment {
+            Alignment::TopLeft => 0,
+            Alignment::BottomRight => self.key_length(sp, b) as isize - sp.q_len as isize,
+        }
+    }
+
     /// Batch `b`'s key mask (S entries), if any.
     #[inline(always)]
     fn key_mask(&self, sp: &AttnSpec, b: usize) -> Option<&[u8]> {
         self.key_mask.map(|km| &km[b * sp.kv_len..(b + 1) * sp.kv_len])
     }
 
-    /// One past batch `b`'s last unpadded key (S without a key mask). The keys after it are
+    /// One past batch `b`'s last unpadded key (its key length without a key mask). The keys after it are
     /// masked for every row, so both paths leave them out of their key ranges: bit for bit a
     /// no-op, since key blocks keep their boundaries and a masked key would only add −inf to a
     /// maximum, −0.0 to a sum and fma(−0.0, v, acc) = acc (in bfloat16's pair mode, +0 to a sum
     /// and +0 · v to acc, which changes at most the sign of a zero, and outputs are never −0).
     #[inline(always)]
     fn keys_end(&self, sp: &AttnSpec, b: usize) -> usize {
-        self.key_mask(sp, b).map_or(sp.kv_len, |km| km.iter().rposition(|&x| x != 0).map_or(0, |j| j + 1))
+        let n = self.key_length(sp, b);
+        self.key_mask(sp, b).map_or(n, |km| km[..n].iter().rposition(|&x| x != 0).map_or(0, |j| j + 1))
     }
 }
 
@@ -373,6 +383,20 @@ impl AttnSpec {
                 return Err(KernelError::invalid(
                     "key_mask",
                     format!("has {} elements, expected batch * S", km.len()),
+                ));
+            }
+        }
+        if let Some(n) = masks.key_lengths {
+            if n.len() != self.batch {
+                return Err(KernelError::invalid(
+                    "key_lengths",
+                    format!("has {} elements, expected one per batch item ({})", n.len(), self.batch),
+                ));
+            }
+            if let Some(bad) = n.iter().find(|&&x| !(0..=self.kv_len as i64).contains(&x)) {
+                return Err(KernelError::invalid(
+                    "key_lengths",
+                    format!("must lie in 0..={} (S, the keys given), got {bad}", self.kv_len),
                 ));
             }
         }
@@ -617,7 +641,7 @@ mod tests {
             data: &d[..],
             strides: [sp.heads_q * sp.q_len * sp.kv_len, sp.q_len * sp.kv_len, sp.kv_len, 1],
         });
-        let masks = Masks { bool_mask: bm, float_mask: None, key_mask: c.key_mask.as_deref(), alibi: None };
+        let masks = Masks { bool_mask: bm, key_mask: c.key_mask.as_deref(), ..Default::default() };
         let mut out = vec![];
         let lse = collect("lse", rows, |lse| {
             out = collect("out", rows * sp.dim_v, |o| {

@@ -97,7 +97,7 @@ where
         let group = self.heads.len();
         let k_base = self.at.b * sp.k.batch + self.at.g * sp.k.head;
         let v_base = self.at.b * sp.v.batch + self.at.g * sp.v.head;
-        let offset = sp.offset();
+        let offset = self.at.masks.offset(sp, self.at.b);
         // Task row r: query position and head at.position_head(r).
         let (at, b, masks) = (self.at, self.at.b, self.at.masks);
         let slope = |h: usize| masks.slope(sp, b, h);

@@ -1,0 +1,112 @@
+"""Decoding: per-item key lengths (ragged batches) in scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attnkit
+
+try:
+    import ml_dtypes
+
+    DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+except ImportError:  # bfloat16 needs ml_dtypes
+    DTYPES = [np.float32, np.float64, np.float16]
+
+sdpa = attnkit.scaled_dot_product_attention
+
+
+def qkv(dtype, b=3, hq=4, hkv=2, length=5, s=300, e=32, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, hq, length, e)).astype(dtype)
+    k = rng.standard_normal((b, hkv, s, e)).astype(dtype)
+    v = rng.standard_normal((b, hkv, s, e)).astype(dtype)
+    return q, k, v
+
+
+# L = 1 and 5 take the decode path, 40 the tiled one (and bfloat16's pair mode there).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 5, 40])
+@pytest.mark.parametrize("options", [
+    {},
+    {"is_causal": True, "causal_alignment": "bottom_right"},
+    {"is_causal": True},
+    {"window": (7, 0), "causal_alignment": "bottom_right"},
+    {"alibi_slopes": np.array([0.5, 0.25, 0.125, 0.0625]), "causal_alignment": "bottom_right"},
+])
+def test_key_lengths_equal_each_item_alone_bit_for_bit(dtype, length, options, threads):
+    q, k, v = qkv(dtype, length=length)
+    lengths = np.array([300, 131, 45])
+    for n in (1, 2):
+        threads(n)
+        out, lse = sdpa(q, k, v, enable_gqa=True, key_lengths=lengths, return_lse=True, **options)
+        for b, kl in enumerate(lengths):
+            alone, alone_lse = sdpa(q[b:b + 1], k[b:b + 1, :, :kl], v[b:b + 1, :, :kl], enable_gqa=True,
+                                    return_lse=True, **options)
+            assert np.array_equal(out[b:b + 1], alone, equal_nan=True), (b, n)
+            assert np.array_equal(lse[b:b + 1], alone_lse), (b, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 40])
+def test_key_lengths_equal_a_key_mask_of_leading_trues(dtype, length):
+    q, k, v = qkv(dtype, length=length)
+    lengths = np.array([17, 300, 0])
+    mask = np.arange(k.shape[2])[None, :] < lengths[:, None]
+    for causal in (False, True):
+        got = sdpa(q, k, v, enable_gqa=True, is_causal=causal, key_lengths=lengths, return_weights=True)
+        want = sdpa(q, k, v, enable_gqa=True, is_causal=causal, key_mask=mask, return_weights=True)
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w)
+    # Both together: the keys that both allow.
+    other = np.random.default_rng(1).random((3, k.shape[2])) < 0.7
+    got = sdpa(q, k, v, enable_gqa=True, key_lengths=lengths, key_mask=other)
+    assert np.array_equal(got, sdpa(q, k, v, enable_gqa=True, key_mask=other & mask))
+
+
+@pytest.mark.parametrize("length", [1, 40])
+def test_keys_past_the_lengths_are_never_read(length):
+    q, k, v = qkv(np.float32, length=length)
+    lengths = np.array([5, 299, 150])
+    clean = sdpa(q, k, v, enable_gqa=True, key_lengths=lengths, is_causal=True, causal_alignment="bottom_right")
+    for poison in (np.nan, np.inf, -np.inf):
+        kp, vp = k.copy(), v.copy()
+        for b, n in enumerate(lengths):
+            kp[b, :, n:] = poison
+            vp[b, :, n:] = poison
+        got = sdpa(q, kp, vp, enable_gqa=True, key_lengths=lengths, is_causal=True, causal_alignment="bottom_right")
+        assert np.array_equal(got, clean)
+
+
+def test_a_zero_key_length_gives_zeros_and_lse_minus_inf():
+    q, k, v = qkv(np.float32, length=3)
+    out, lse = sdpa(q, k, v, enable_gqa=True, key_lengths=np.array([0, 4, 0]), return_lse=True)
+    assert (out[0] == 0).all() and (out[2] == 0).all() and np.isneginf(lse[[0, 2]]).all()
+    assert np.isfinite(lse[1]).all()
+
+
+def test_key_lengths_take_batch_dimensions_and_the_bshd_layout():
+    q, k, v = qkv(np.float32, b=6, length=4)
+    lengths = np.array([[3, 200, 300], [1, 50, 77]])
+    got = sdpa(q.reshape(2, 3, *q.shape[1:]), k.reshape(2, 3, *k.shape[1:]), v.reshape(2, 3, *v.shape[1:]),
+               enable_gqa=True, key_lengths=lengths)
+    want = sdpa(q, k, v, enable_gqa=True, key_lengths=lengths.reshape(-1))
+    assert np.array_equal(got.reshape(want.shape), want)
+    t = lambda x: np.ascontiguousarray(x.swapaxes(1, 2))  # noqa: E731
+    got = sdpa(t(q), t(k), t(v), enable_gqa=True, key_lengths=lengths.reshape(-1), layout="bshd")
+    assert np.array_equal(got, t(want))
+
+
+@pytest.mark.parametrize("lengths, error, words", [
+    (np.array([1, 2]), ValueError, "key_lengths: expected shape (3,)"),
+    (np.array([1, 2, 301]), ValueError, "0..300"),
+    (np.array([1, -1, 3]), ValueError, "got -1"),
+    (np.array([1.0, 2.0, 3.0]), TypeError, "key_lengths: expected an integer array"),
+    (np.array([True, True, False]), TypeError, "key_lengths: expected an integer array"),
+    (np.array([1, 2, 2**63], dtype=np.uint64), ValueError, "0..300"),
+])
+def test_bad_key_lengths_are_named(lengths, error, words):
+    q, k, v = qkv(np.float32)
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        sdpa(q, k, v, enable_gqa=True, key_lengths=lengths)
