@@ -110,3 +110,44 @@ def test_bad_key_lengths_are_named(lengths, error, words):
     q, k, v = qkv(np.float32)
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         sdpa(q, k, v, enable_gqa=True, key_lengths=lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 40])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_views_into_a_bigger_buffer_are_read_in_place(dtype, length, layout):
+    """K and V as the first n positions of a preallocated cache: the same bits as copies, and no
+    copy made (the call allocates its output and little else)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    b, hq, hkv, cap, e, n = 2, 4, 2, 2048, 64, 700
+    shape = (b, hkv, cap, e) if layout == "bhsd" else (b, cap, hkv, e)
+    buf_k, buf_v = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    q = rng.standard_normal((b, hq, length, e) if layout == "bhsd" else (b, length, hq, e)).astype(dtype)
+    view = (lambda x: x[:, :, :n]) if layout == "bhsd" else (lambda x: x[:, :n])
+    k, v = view(buf_k), view(buf_v)
+    assert not k.flags.c_contiguous
+    kw = {"enable_gqa": True, "is_causal": True, "causal_alignment": "bottom_right", "layout": layout}
+    want = sdpa(q, np.ascontiguousarray(k), np.ascontiguousarray(v), **kw)
+    tracemalloc.start()
+    try:
+        got = sdpa(q, k, v, **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, want)
+    assert peak < k.nbytes / 4, f"{peak} bytes allocated for a {k.nbytes}-byte key view"
+
+
+def test_views_the_core_cannot_read_in_place_are_copied():
+    q, k, v = qkv(np.float32, length=3, s=64)
+    want = sdpa(q, k, v, enable_gqa=True)
+    for kk, vv in [(k[..., ::-1][..., ::-1], v), (np.repeat(k, 2, axis=-1)[..., ::2], v),
+                   (k[:, :, ::-1][:, :, ::-1], v[:, :, ::-1][:, :, ::-1])]:
+        assert np.array_equal(sdpa(q, kk, vv, enable_gqa=True), want)
+    from attnkit import _core
+    with pytest.raises(ValueError, match="key: _core needs .* contiguous last axis"):
+        _core.attention(q, np.repeat(k, 2, axis=-1)[..., ::2], v, "bhsd", 0.25, None, False, (None, None), "top_left")
+    with pytest.raises(ValueError, match="key: _core needs .* non-negative strides"):
+        _core.attention(q, k[:, :, ::-1], v, "bhsd", 0.25, None, False, (None, None), "top_left")

@@ -91,9 +91,23 @@ def _contiguous(arr: np.ndarray[Any, Any], dtype: np.dtype[Any], name: str = "in
         return np.require(arr, dtype.newbyteorder("="), ["C", "A"])
 
 
-def float_array(x: Any, name: str, *, half: bool = True) -> npt.NDArray[Any]:
+def _rows_in_place(arr: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> bool:
+    """Whether the core can read ``arr`` as it lies: ``dtype`` in native byte order, aligned, its
+    last axis contiguous and its other strides non-negative (a view into a bigger buffer)."""
+    if arr.dtype != dtype or not dtype.isnative or not arr.flags.aligned:
+        return False
+    if arr.size == 0:
+        return True  # nothing is read
+    size = dtype.itemsize
+    last = arr.ndim - 1
+    return all(n <= 1 or (st >= 0 and st % size == 0 and (a < last or st == size))
+               for a, (n, st) in enumerate(zip(arr.shape, arr.strides)))
+
+
+def float_array(x: Any, name: str, *, half: bool = True, in_place: bool = False) -> npt.NDArray[Any]:
     """A float32, float64 or (with ``half``) float16 or bfloat16 array, any byte order or layout
-    accepted. Other small float types (float8 and the like) are refused by name."""
+    accepted: C-contiguous, or (``in_place``) as it lies where the core can read it so (see
+    ``_rows_in_place``). Other small float types (float8 and the like) are refused by name."""
     arr = _as_array(x, name)
     dt = _float_dtype_of(arr.dtype)
     if dt is None or (not half and is_half(dt)):
@@ -102,6 +116,8 @@ def float_array(x: Any, name: str, *, half: bool = True) -> npt.NDArray[Any]:
         if arr.dtype.itemsize <= 2 and arr.dtype.kind in "fV":
             hint = " (attnkit does not compute in this type: convert with .astype(numpy.float32))"
         raise TypeError(f"{name}: expected a {expected} array, got dtype {arr.dtype}{hint}")
+    if in_place and _rows_in_place(arr, dt):
+        return arr
     return _contiguous(arr, dt, name)
 
 

@@ -254,7 +254,9 @@ def scaled_dot_product_attention(
             pass
     layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
     alignment = choice(causal_alignment, "causal_alignment", ("top_left", "bottom_right"))
-    q, k, v = (float_array(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value")))
+    # Read in place where the core can (a view into a bigger buffer, such as a KV cache, is never
+    # copied); copied to C order otherwise.
+    q, k, v = (float_array(x, name, in_place=True) for x, name in ((query, "query"), (key, "key"), (value, "value")))
     mixed = q.dtype == np.float32 and is_half(k.dtype)  # a 16-bit KV cache read by float32 queries
     if not (k.dtype == v.dtype and (q.dtype == k.dtype or mixed)):
         raise TypeError(

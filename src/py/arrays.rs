@@ -127,6 +127,45 @@ pub fn slice<'a, T: Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> P
     arr.as_slice().map_err(|_| not_contiguous())
 }
 
+/// The data of an array whose last axis is contiguous, read in place: the elements from its first
+/// to its last, and its element strides (each `>= 0`), so that a view into a bigger buffer (a KV
+/// cache's first `n` positions, say) is never copied. A `ValueError` for anything else (negative
+/// or unaligned strides, a strided last axis, misaligned data, another byte order); the public
+/// functions copy such arrays first.
+pub fn strided<'a, T: Element>(
+    arr: &'a PyReadonlyArrayDyn<'_, T>,
+    arg: &str,
+) -> PyResult<(&'a [T], Vec<usize>)> {
+    let bad = || {
+        PyValueError::new_err(format!(
+            "{arg}: _core needs an aligned, native-byte-order array with a contiguous last axis and \
+             non-negative strides (the public attnkit functions make one)"
+        ))
+    };
+    if !arr.is_aligned() || !arr.dtype().is_native_byteorder().unwrap_or(false) {
+        return Err(bad());
+    }
+    let size = std::mem::size_of::<T>() as isize;
+    let (shape, byte_strides) = (arr.shape(), arr.strides());
+    if shape.contains(&0) {
+        return Ok((&[], vec![0; shape.len()])); // nothing is read
+    }
+    let mut strides = Vec::with_capacity(shape.len());
+    for (a, (&n, &st)) in shape.iter().zip(byte_strides).enumerate() {
+        let last = a + 1 == shape.len();
+        if n > 1 && (st < 0 || st % size != 0 || last && st != size) {
+            return Err(bad());
+        }
+        strides.push(if n > 1 { (st / size) as usize } else { 0 });
+    }
+    // One past the last element.
+    let len = 1 + shape.iter().zip(&strides).map(|(&n, &st)| (n - 1) * st).sum::<usize>();
+    // SAFETY: the array (not empty) holds `len` elements from its data pointer on (its first to
+    // its last element, strides non-negative), aligned, borrowed read-only for 'a.
+    let data = unsafe { std::slice::from_raw_parts(arr.data() as *const T, len) };
+    Ok((data, strides))
+}
+
 /// The option named `value` among `options`, or a `ValueError` naming `arg` and listing them.
 pub fn choice<T: Copy>(arg: &str, value: &str, options: &[(&str, T)]) -> PyResult<T> {
     options.iter().find(|(name, _)| *name == value).map(|&(_, v)| v).ok_or_else(|| {

@@ -9,7 +9,7 @@ use crate::kernels::attention::{
     self as kernel, Alignment, AttnFloat, AttnSpec, Masks, Outputs, StridedMask, Strides,
 };
 use crate::kernels::storage::Storage;
-use crate::py::arrays::{choice, empty_uninit, floats, run, shape_str, slice, typed, Floats};
+use crate::py::arrays::{choice, empty_uninit, floats, run, shape_str, slice, strided, typed, Floats};
 
 /// `(out, lse, weights)`.
 type AttnResult<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
@@ -90,18 +90,19 @@ struct Extra<'a, 'py> {
     key_lengths: Option<&'a Bound<'py, PyAny>>,
 }
 
-/// `(batch, heads, rows, dim)` and the element strides of a 4-d array in the given layout.
-fn dims(shape: &[usize], bshd: bool, arg: &str) -> PyResult<([usize; 4], Strides)> {
-    let [b, x, y, d] = *shape else {
+/// `(batch, heads, rows, dim)` and the element strides (`strided`'s) of a 4-d array in the given
+/// layout.
+fn dims(shape: &[usize], strides: &[usize], bshd: bool, arg: &str) -> PyResult<([usize; 4], Strides)> {
+    let ([b, x, y, d], [sb, sx, sy, _]) = (shape, strides) else {
         return Err(PyValueError::new_err(format!(
             "{arg}: expected a 4-d array, got shape {}",
             shape_str(shape)
         )));
     };
     Ok(if bshd {
-        ([b, y, x, d], Strides { batch: x * y * d, head: d, row: y * d })
+        ([*b, *y, *x, *d], Strides { batch: *sb, head: *sy, row: *sx })
     } else {
-        ([b, x, y, d], Strides { batch: x * y * d, head: y * d, row: d })
+        ([*b, *x, *y, *d], Strides { batch: *sb, head: *sx, row: *sy })
     })
 }
 
@@ -151,9 +152,12 @@ where
     KV: Storage<Compute = T> + Element,
     T: AttnFloat + Storage<Compute = T> + Element,
 {
-    let ([b, hq, l, e], qs) = dims(q.shape(), o.bshd, "query")?;
-    let ([bk, hkv, s, ek], ks) = dims(k.shape(), o.bshd, "key")?;
-    let ([bv, hv, sv, ev], vs) = dims(v.shape(), o.bshd, "value")?;
+    // Read in place, through their strides (views into bigger buffers are never copied).
+    let ((qd, q_strides), (kd, k_strides), (vd, v_strides)) =
+        (strided(q, "query")?, strided(k, "key")?, strided(v, "value")?);
+    let ([b, hq, l, e], qs) = dims(q.shape(), &q_strides, o.bshd, "query")?;
+    let ([bk, hkv, s, ek], ks) = dims(k.shape(), &k_strides, o.bshd, "key")?;
+    let ([bv, hv, sv, ev], vs) = dims(v.shape(), &v_strides, o.bshd, "value")?;
     if (bk, bv) != (b, b) || hv != hkv || sv != s || ek != e {
         return Err(PyValueError::new_err(format!(
             "query, key, value: shapes {}, {} and {} do not fit together",
@@ -210,7 +214,6 @@ where
         alibi: alibi.as_ref().map(|a| slice(a, "alibi_slopes")).transpose()?,
         key_lengths: key_lengths.as_ref().map(|n| slice(n, "key_lengths")).transpose()?,
     };
-    let (qd, kd, vd) = (slice(q, "query")?, slice(k, "key")?, slice(v, "value")?);
 
     let (out, out_data) =
         empty_uninit::<Q>(py, &[b, hq, l, ev], "out (batch, Hq, L, Ev: set by query and value)")?;
