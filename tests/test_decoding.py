@@ -151,3 +151,21 @@ def test_views_the_core_cannot_read_in_place_are_copied():
         _core.attention(q, np.repeat(k, 2, axis=-1)[..., ::2], v, "bhsd", 0.25, None, False, (None, None), "top_left")
     with pytest.raises(ValueError, match="key: _core needs .* non-negative strides"):
         _core.attention(q, k[:, :, ::-1], v, "bhsd", 0.25, None, False, (None, None), "top_left")
+
+
+def test_query_lengths_place_each_items_last_real_query_at_its_last_key():
+    q, k, v = qkv(np.float32, length=20, s=80)
+    kl, ql = np.array([80, 33, 20]), np.array([20, 7, 0])
+    out, lse, w = sdpa(q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
+                       key_lengths=kl, query_lengths=ql, return_lse=True, return_weights=True)
+    for b in range(3):
+        if ql[b]:
+            alone = sdpa(q[b:b + 1, :, :ql[b]], k[b:b + 1, :, :kl[b]], v[b:b + 1, :, :kl[b]], enable_gqa=True,
+                         is_causal=True, causal_alignment="bottom_right")
+            assert np.array_equal(out[b:b + 1, :, :ql[b]], alone)
+        assert (out[b, :, ql[b]:] == 0).all() and np.isneginf(lse[b, :, ql[b]:]).all()
+        assert (w[b, :, ql[b]:] == 0).all()
+    with pytest.raises(ValueError, match=r"query_lengths: each must lie in 0\.\.20"):
+        sdpa(q, k, v, enable_gqa=True, query_lengths=np.array([1, 21, 0]))
+    with pytest.raises(ValueError, match=r"query_lengths: expected shape \(3,\)"):
+        sdpa(q, k, v, enable_gqa=True, query_lengths=np.array([1, 2]))

@@ -14,7 +14,7 @@ import pytest
 
 import attnkit
 
-MODULES = ["attnkit.attention", "attnkit.embedding", "attnkit.layers", "attnkit.positional", "attnkit.rope", "attnkit.threads"]
+MODULES = ["attnkit.attention", "attnkit.cache", "attnkit.embedding", "attnkit.layers", "attnkit.positional", "attnkit.rope", "attnkit.threads"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -31,7 +31,10 @@ def test_public_functions_are_documented_and_typed(name):
     obj = getattr(attnkit, name)
     doc = inspect.getdoc(obj) or ""
     assert "Example:" in doc and ">>>" in doc, f"{name} has no example"
-    functions = [obj.__init__, obj.__call__] if inspect.isclass(obj) else [obj]
+    functions = [obj]
+    if inspect.isclass(obj):  # its constructor and its public methods
+        functions = [obj.__init__] + [f for n, f in vars(obj).items() if inspect.isfunction(f) and not n.startswith("_")]
+        functions += [obj.__call__] if "__call__" in vars(obj) else []
     for fn in functions:
         assert "return" in inspect.get_annotations(fn), f"{name}.{fn.__name__} has no return annotation"
 

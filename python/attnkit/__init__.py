@@ -12,6 +12,7 @@ import threading
 from attnkit import _core
 from attnkit._core import InternalError, __version__
 from attnkit.attention import scaled_dot_product_attention
+from attnkit.cache import KVCache
 from attnkit.embedding import embedding, embedding_bag
 from attnkit.layers import MultiheadAttention
 from attnkit.positional import (
@@ -27,6 +28,7 @@ from attnkit.threads import MAX_THREADS, _configure_from_env, _register_with_thr
 __all__ = [
     "MAX_THREADS",
     "InternalError",
+    "KVCache",
     "MultiheadAttention",
     "__version__",
     "alibi_slopes",

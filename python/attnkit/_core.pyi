@@ -52,4 +52,5 @@ def attention(
     return_lse: bool = False,
     return_weights: bool = False,
     key_lengths: npt.NDArray[np.int64] | None = None,
+    query_lengths: npt.NDArray[np.int64] | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None, npt.NDArray[Any] | None]: ...

@@ -40,6 +40,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -63,6 +64,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -86,6 +88,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -109,6 +112,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -132,6 +136,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -154,6 +159,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
@@ -195,6 +201,10 @@ def scaled_dot_product_attention(
             for ``is_causal``, ``window`` and ``alibi_slopes``. Equal, bit for bit, to a
             ``key_mask`` of that many leading trues with that alignment; combines with
             ``key_mask`` when both are given.
+        query_lengths: ``(...,)`` integers: batch item ``b`` has ``query_lengths[b]`` real queries,
+            the first ones (a ragged chunk of new tokens); bottom-right alignment then places
+            query ``i`` at ``i + key_lengths[b] - query_lengths[b]`` (``S`` without
+            ``key_lengths``). The rows after them give zeros (weights zero, lse ``-inf``).
         causal_alignment: ``"top_left"`` or ``"bottom_right"``; also places queries for
             ``window`` and ``alibi_slopes``.
         window: ``(left, right)``: keys at most ``left`` before and ``right`` after the aligned
@@ -238,7 +248,7 @@ def scaled_dot_product_attention(
     if (
         type(query) is np.ndarray and type(key) is np.ndarray and type(value) is np.ndarray
         and query.ndim == 4 and key.ndim == 4 and query.shape[1] == key.shape[1]
-        and attn_mask is None and key_mask is None and key_lengths is None and window is None and alibi_slopes is None
+        and attn_mask is None and key_mask is None and key_lengths is None and query_lengths is None and window is None and alibi_slopes is None
         and softcap is None and return_lse is False and return_weights is False
         and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
         and layout == "bhsd" and causal_alignment == "top_left"
@@ -306,15 +316,10 @@ def scaled_dot_product_attention(
         if km.shape != batch_shape + (s_len,):
             raise ValueError(f"key_mask: expected shape {batch_shape + (s_len,)} (batch..., S), got {km.shape}")
         keys = np.ascontiguousarray(km.reshape(b, s_len) != 0, dtype=np.uint8)
-    lengths = None
-    if key_lengths is not None:
-        kl = int_array(_as_array(key_lengths, "key_lengths"), "key_lengths")
-        if kl.shape != batch_shape:
-            raise ValueError(f"key_lengths: expected shape {batch_shape} (one per batch item), got {kl.shape}")
-        if kl.size and (kl.min() < 0 or kl.max() > s_len):
-            bad = kl.min() if kl.min() < 0 else kl.max()
-            raise ValueError(f"key_lengths: each must lie in 0..{s_len} (S, the keys given), got {bad}")
-        lengths = np.ascontiguousarray(kl.reshape(b), dtype=np.int64)
+    lengths = None if key_lengths is None else _lengths(key_lengths, "key_lengths", batch_shape, s_len, "S, the keys")
+    q_lengths = None
+    if query_lengths is not None:
+        q_lengths = _lengths(query_lengths, "query_lengths", batch_shape, length, "L, the queries")
     slopes = None
     if alibi_slopes is not None:
         sl = float_array(alibi_slopes, "alibi_slopes").astype(np.float64)
@@ -324,8 +329,15 @@ def scaled_dot_product_attention(
     win = _window(window)
     out, lse, weights = _core.attention(
         q4, k4, v4, layout, scale_value, cap, is_causal, win, alignment,
-        bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths,
+        bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths, q_lengths,
     )
+    if q_lengths is not None:  # the rows past each item's queries are padding: zeros
+        padding = np.arange(length)[None, :] >= q_lengths[:, None]  # (b, L); out is (b, Hq, L, Ev) here
+        out[np.broadcast_to(padding[:, None, :, None], out.shape)] = 0
+        if lse is not None:
+            lse[np.broadcast_to(padding[:, None, :], lse.shape)] = -np.inf
+        if weights is not None:
+            weights[np.broadcast_to(padding[:, None, :, None], weights.shape)] = 0
     out = out.reshape(batch_shape + out.shape[1:])
     if layout == "bshd":
         out = np.ascontiguousarray(np.swapaxes(out, -2, -3))
@@ -370,6 +382,17 @@ def _attn_mask(
     if m.dtype == bool:
         return m.view(np.uint8), None
     return None, m
+
+
+def _lengths(x: Any, name: str, batch_shape: tuple[int, ...], most: int, what: str) -> npt.NDArray[np.int64]:
+    """Per-item counts, one per batch item, each in ``0..most``, as a flat int64 array."""
+    n = int_array(_as_array(x, name), name)
+    if n.shape != batch_shape:
+        raise ValueError(f"{name}: expected shape {batch_shape} (one per batch item), got {n.shape}")
+    if n.size and (n.min() < 0 or n.max() > most):
+        bad = n.min() if n.min() < 0 else n.max()
+        raise ValueError(f"{name}: each must lie in 0..{most} ({what} given), got {bad}")
+    return np.ascontiguousarray(n.reshape(-1), dtype=np.int64)
 
 
 def _window(window: Any) -> tuple[int | None, int | None]:

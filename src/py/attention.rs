@@ -19,7 +19,8 @@ type AttnResult<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bou
 #[pyfunction]
 #[pyo3(signature = (query, key, value, layout, scale, softcap, causal, window, alignment,
                     bool_mask=None, float_mask=None, key_mask=None, alibi=None,
-                    return_lse=false, return_weights=false, key_lengths=None))]
+                    return_lse=false, return_weights=false, key_lengths=None,
+                    query_lengths=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<'py>(
     py: Python<'py>,
@@ -39,6 +40,7 @@ pub fn attention<'py>(
     return_lse: bool,
     return_weights: bool,
     key_lengths: Option<&Bound<'py, PyAny>>,
+    query_lengths: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<AttnResult<'py>> {
     let bshd = choice("layout", layout, &[("bhsd", false), ("bshd", true)])?;
     let alignment = choice(
@@ -50,7 +52,7 @@ pub fn attention<'py>(
     // position arithmetic holds it.
     let window = (window.0.map(|w| w.min(1 << 62)), window.1.map(|w| w.min(1 << 62)));
     let options = Options { bshd, scale, softcap, causal, window, alignment, return_lse, return_weights };
-    let extra = Extra { bool_mask, float_mask, key_mask, alibi, key_lengths };
+    let extra = Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths };
     let (o, x) = (&options, &extra);
     match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
         (Floats::F32(q), Floats::F32(k), Floats::F32(v)) => typed_attention(py, &q, &k, &v, o, x),
@@ -88,6 +90,7 @@ struct Extra<'a, 'py> {
     key_mask: Option<&'a Bound<'py, PyAny>>,
     alibi: Option<&'a Bound<'py, PyAny>>,
     key_lengths: Option<&'a Bound<'py, PyAny>>,
+    query_lengths: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// `(batch, heads, rows, dim)` and the element strides (`strided`'s) of a 4-d array in the given
@@ -193,6 +196,7 @@ where
     let key_mask = extra.key_mask.map(|m| typed::<u8>(m, "key_mask", "uint8")).transpose()?;
     let alibi = extra.alibi.map(|a| typed::<f64>(a, "alibi_slopes", "float64")).transpose()?;
     let key_lengths = extra.key_lengths.map(|n| typed::<i64>(n, "key_lengths", "int64")).transpose()?;
+    let query_lengths = extra.query_lengths.map(|n| typed::<i64>(n, "query_lengths", "int64")).transpose()?;
     let bool_view = match &bool_mask {
         Some(m) => Some(StridedMask {
             data: slice(m, "attn_mask")?,
@@ -213,6 +217,7 @@ where
         key_mask: key_mask.as_ref().map(|m| slice(m, "key_mask")).transpose()?,
         alibi: alibi.as_ref().map(|a| slice(a, "alibi_slopes")).transpose()?,
         key_lengths: key_lengths.as_ref().map(|n| slice(n, "key_lengths")).transpose()?,
+        query_lengths: query_lengths.as_ref().map(|n| slice(n, "query_lengths")).transpose()?,
     };
 
     let (out, out_data) =

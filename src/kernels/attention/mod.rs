@@ -199,6 +199,10 @@ pub struct Masks<'a, T> {
     /// `(batch,)`: how many keys of each batch item are valid (those from 0 on; the rest are
     /// padding), each in `0..=S`. Bottom-right alignment counts from it.
     pub key_lengths: Option<&'a [i64]>,
+    /// `(batch,)`: how many queries of each batch item are real (the first ones), each in
+    /// `0..=L`: bottom-right alignment places the last real one at the item's last key. (The rows
+    /// after them are computed as if they followed it; the caller discards them.)
+    pub query_lengths: Option<&'a [i64]>,
 }
 
 impl<T> Masks<'_, T> {
@@ -220,7 +224,10 @@ impl<T> Masks<'_, T> {
     fn offset(&self, sp: &AttnSpec, b: usize) -> isize {
         match sp.alignment {
             Alignment::TopLeft => 0,
-            Alignment::BottomRight => self.key_length(sp, b) as isize - sp.q_len as isize,
+            Alignment::BottomRight => {
+                let queries = self.query_lengths.map_or(sp.q_len, |n| n[b] as usize); // in 0..=L (checked)
+                self.key_length(sp, b) as isize - queries as isize
+            }
         }
     }
 
@@ -397,6 +404,20 @@ impl AttnSpec {
                 return Err(KernelError::invalid(
                     "key_lengths",
                     format!("must lie in 0..={} (S, the keys given), got {bad}", self.kv_len),
+                ));
+            }
+        }
+        if let Some(n) = masks.query_lengths {
+            if n.len() != self.batch {
+                return Err(KernelError::invalid(
+                    "query_lengths",
+                    format!("has {} elements, expected one per batch item ({})", n.len(), self.batch),
+                ));
+            }
+            if let Some(bad) = n.iter().find(|&&x| !(0..=self.q_len as i64).contains(&x)) {
+                return Err(KernelError::invalid(
+                    "query_lengths",
+                    format!("must lie in 0..={} (L, the queries given), got {bad}", self.q_len),
                 ));
             }
         }

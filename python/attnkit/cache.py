@@ -1,0 +1,336 @@
+"""A preallocated key/value cache for decoding: new tokens are written in place, and attention
+reads the cache where it lies (never a copy of the history)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from attnkit._validate import (
+    _as_array,
+    allocating,
+    choice,
+    flag,
+    float_array,
+    float_dtype,
+    int_array,
+    integer,
+    is_half,
+)
+from attnkit.attention import scaled_dot_product_attention
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Keys and values of ``batch`` sequences, stored ``(batch, num_kv_heads, capacity, dim)``.
+
+    Each sequence has its own length (``lengths``): :meth:`append` writes new tokens after it, in
+    place, and :meth:`attend` runs attention of new queries over each sequence's keys, with query
+    ``i`` of a sequence of length ``n`` (``L`` queries) at position ``n - L + i``: causal masks,
+    windows and ALiBi are aligned per sequence. Appending costs the new tokens, never a copy of the
+    history; attention reads the cache in place.
+
+    Args:
+        batch: sequences (beams, requests) held side by side.
+        num_kv_heads: key/value heads (the query may have a multiple of them: grouped-query
+            attention).
+        head_dim: the size of a key.
+        capacity: positions reserved per sequence.
+        value_dim: the size of a value (``head_dim`` by default).
+        dtype: the storage: float32, float64, float16 or ``ml_dtypes.bfloat16``. A 16-bit cache
+            takes float32 keys and values (rounded once, to nearest even, as they are stored) and
+            float32 or 16-bit queries.
+        growable: whether an append past ``capacity`` doubles it (copying the cache once) instead of
+            raising.
+
+    Memory: ``batch * num_kv_heads * capacity * (head_dim + value_dim)`` elements, allocated at
+    once; an :meth:`attend` call allocates its output and nothing that grows with the history.
+
+    Example:
+        >>> import numpy as np, attnkit
+        >>> cache = attnkit.KVCache(1, 2, 8, capacity=16)
+        >>> rng = np.random.default_rng(0)
+        >>> k, v = (rng.standard_normal((1, 2, 5, 8), dtype=np.float32) for _ in range(2))
+        >>> cache.append(k, v)                      # a prompt of five tokens
+        >>> q = rng.standard_normal((1, 4, 5, 8), dtype=np.float32)
+        >>> cache.attend(q).shape                    # four query heads share two
+        (1, 4, 5, 8)
+        >>> cache.lengths
+        array([5])
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        capacity: int,
+        value_dim: int | None = None,
+        dtype: Any = np.float32,
+        growable: bool = False,
+    ) -> None:
+        self._batch = integer(batch, "batch", minimum=1)
+        self._heads = integer(num_kv_heads, "num_kv_heads", minimum=1)
+        self._dim = integer(head_dim, "head_dim", minimum=1)
+        self._vdim = self._dim if value_dim is None else integer(value_dim, "value_dim", minimum=1)
+        capacity = integer(capacity, "capacity", minimum=0)
+        self._dtype = float_dtype(dtype)
+        self._growable = flag(growable, "growable")
+        self._k, self._v = self._buffers(capacity)
+        self._lengths = np.zeros(self._batch, np.int64)
+
+    def _buffers(self, capacity: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        what = (f"KVCache storage ({self._batch} x {self._heads} heads x {capacity} positions x "
+                f"({self._dim} + {self._vdim}) {self._dtype})")
+        with allocating(what):
+            return (np.zeros((self._batch, self._heads, capacity, self._dim), self._dtype),
+                    np.zeros((self._batch, self._heads, capacity, self._vdim), self._dtype))
+
+    # -- what it holds ------------------------------------------------------------------------
+
+    @property
+    def lengths(self) -> npt.NDArray[np.int64]:
+        """``(batch,)`` int64: each sequence's length (a copy)."""
+        return self._lengths.copy()
+
+    @property
+    def capacity(self) -> int:
+        """Positions reserved per sequence."""
+        return int(self._k.shape[2])
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The storage dtype."""
+        return self._dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(batch, num_kv_heads, capacity, head_dim)``, the key storage's shape."""
+        b, h, c, d = self._k.shape
+        return b, h, c, d
+
+    def keys(self) -> npt.NDArray[Any]:
+        """A read-only view of the keys, ``(batch, num_kv_heads, max(lengths), head_dim)``; a
+        sequence's positions past its length hold nothing meaningful."""
+        return self._view(self._k)
+
+    def values(self) -> npt.NDArray[Any]:
+        """A read-only view of the values, ``(batch, num_kv_heads, max(lengths), value_dim)``."""
+        return self._view(self._v)
+
+    def _view(self, buf: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        view = buf[:, :, : int(self._lengths.max())]
+        view.flags.writeable = False
+        return view
+
+    def __repr__(self) -> str:
+        lengths = np.array2string(self._lengths, threshold=8, separator=", ")
+        vdim = "" if self._vdim == self._dim else f", value_dim={self._vdim}"
+        grow = ", growable=True" if self._growable else ""
+        return (f"KVCache(batch={self._batch}, num_kv_heads={self._heads}, head_dim={self._dim}{vdim}, "
+                f"capacity={self.capacity}, dtype={self._dtype.name}{grow}, lengths={lengths})")
+
+    # -- pickling: the filled positions only --------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        used = int(self._lengths.max())
+        return {"batch": self._batch, "heads": self._heads, "dim": self._dim, "vdim": self._vdim,
+                "dtype": self._dtype, "growable": self._growable, "capacity": self.capacity,
+                "lengths": self._lengths.copy(), "k": self._k[:, :, :used].copy(),
+                "v": self._v[:, :, :used].copy()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._batch, self._heads, self._dim, self._vdim = state["batch"], state["heads"], state["dim"], state["vdim"]
+        self._dtype, self._growable = np.dtype(state["dtype"]), state["growable"]
+        self._k, self._v = self._buffers(state["capacity"])
+        used = state["k"].shape[2]
+        self._k[:, :, :used] = state["k"]
+        self._v[:, :, :used] = state["v"]
+        self._lengths = np.array(state["lengths"], np.int64)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def append(
+        self,
+        key: npt.ArrayLike,
+        value: npt.ArrayLike,
+        *,
+        lengths: npt.ArrayLike | None = None,
+        layout: Literal["bhsd", "bshd"] = "bhsd",
+    ) -> None:
+        """Writes new tokens after each sequence's current length, in place.
+
+        Args:
+            key: ``(batch, num_kv_heads, n, head_dim)`` (``layout="bshd"``: ``(batch, n,
+                num_kv_heads, head_dim)``), the cache's dtype (or float32 for a 16-bit cache).
+            value: likewise with ``value_dim``.
+            lengths: ``(batch,)`` integers in ``0..n``: how many of the ``n`` new positions are
+                real for each sequence (the first ones; ragged appends). All ``n`` by default.
+            layout: ``"bhsd"`` or ``"bshd"``.
+
+        Raises:
+            TypeError: another dtype; ValueError: shapes that do not fit the cache, lengths out of
+            range, or (not growable) positions past ``capacity``. The cache is unchanged after any
+            error.
+        """
+        layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
+        k = self._new(key, "key", self._dim, layout)
+        v = self._new(value, "value", self._vdim, layout)
+        n = k.shape[2]
+        if v.shape[2] != n:
+            raise ValueError(f"value: {v.shape[2]} new positions, the key has {n}")
+        if lengths is None:
+            added = np.full(self._batch, n, np.int64)
+        else:
+            added = self._per_sequence(lengths, "lengths", n, f"n = {n}, the new positions")
+        end = self._lengths + added
+        if end.size and int(end.max()) > self.capacity:
+            if not self._growable:
+                b = int(np.argmax(end))
+                raise ValueError(
+                    f"key: sequence {b} would reach {int(end[b])} positions, past the cache's capacity "
+                    f"{self.capacity} (make the cache larger, or growable=True)"
+                )
+            self._grow(int(end.max()))
+        if (added == n).all() and (self._lengths == self._lengths[0]).all():
+            start = int(self._lengths[0])  # every sequence alike: one slice assignment
+            self._k[:, :, start:start + n] = k
+            self._v[:, :, start:start + n] = v
+        else:
+            for b in np.flatnonzero(added).tolist():
+                start, count = int(self._lengths[b]), int(added[b])
+                self._k[b, :, start:start + count] = k[b, :, :count]
+                self._v[b, :, start:start + count] = v[b, :, :count]
+        self._lengths = end
+
+    def _new(self, x: npt.ArrayLike, name: str, dim: int, layout: str) -> npt.NDArray[Any]:
+        """New keys or values as ``(batch, heads, n, dim)`` of a dtype the cache can store."""
+        arr = float_array(x, name, in_place=True)
+        if arr.dtype != self._dtype and not (is_half(self._dtype) and arr.dtype == np.float32):
+            expected = f"{self._dtype}" + (" or float32" if is_half(self._dtype) else "")
+            raise TypeError(f"{name}: dtype {arr.dtype} for a {self._dtype} cache (expected {expected})")
+        if arr.ndim != 4:
+            raise ValueError(f"{name}: expected a 4-d array ({layout}), got shape {arr.shape}")
+        if layout == "bshd":
+            arr = arr.swapaxes(1, 2)
+        if arr.shape[0] != self._batch or arr.shape[1] != self._heads or arr.shape[3] != dim:
+            raise ValueError(
+                f"{name}: {arr.shape[0]} sequences x {arr.shape[1]} heads x size {arr.shape[3]}, the cache holds "
+                f"{self._batch} x {self._heads} x {dim}"
+            )
+        return arr
+
+    def _per_sequence(self, x: npt.ArrayLike, name: str, most: int, what: str) -> npt.NDArray[np.int64]:
+        n = int_array(_as_array(x, name), name)
+        if n.shape == ():
+            n = np.full(self._batch, n, np.int64)
+        if n.shape != (self._batch,):
+            raise ValueError(f"{name}: expected shape ({self._batch},) (one per sequence), got {n.shape}")
+        if n.size and (n.min() < 0 or n.max() > most):
+            bad = n.min() if n.min() < 0 else n.max()
+            raise ValueError(f"{name}: each must lie in 0..{most} ({what}), got {bad}")
+        return n.astype(np.int64)
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+        k, v = self._buffers(capacity)
+        used = int(self._lengths.max())
+        k[:, :, :used] = self._k[:, :, :used]
+        v[:, :, :used] = self._v[:, :, :used]
+        self._k, self._v = k, v
+
+    def reorder(self, indices: npt.ArrayLike) -> None:
+        """Sequence ``b`` becomes what sequence ``indices[b]`` was (beam search).
+
+        Raises:
+            IndexError: an index outside ``0..batch-1``; ValueError: not one index per sequence.
+        """
+        idx = int_array(_as_array(indices, "indices"), "indices")
+        if idx.shape != (self._batch,):
+            raise ValueError(f"indices: expected shape ({self._batch},) (one per sequence), got {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self._batch):
+            bad = int(idx.min() if idx.min() < 0 else idx.max())
+            raise IndexError(f"indices: {bad} is not a sequence of the cache (0..{self._batch - 1})")
+        used = int(self._lengths.max())
+        self._k[:, :, :used] = self._k[idx, :, :used]
+        self._v[:, :, :used] = self._v[idx, :, :used]
+        self._lengths = self._lengths[idx]
+
+    def crop(self, lengths: npt.ArrayLike) -> None:
+        """Shortens sequences to ``lengths`` (an int for all, or one per sequence), each at most
+        its current length: rejected draft tokens of speculative decoding, say."""
+        new = self._per_sequence(lengths, "lengths", int(self._lengths.max()), "at most the current lengths")
+        longer = new > self._lengths
+        if longer.any():
+            b = int(np.argmax(longer))
+            raise ValueError(f"lengths: {int(new[b])} for sequence {b}, longer than its {int(self._lengths[b])} positions")
+        self._lengths = new
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def attend(
+        self,
+        query: npt.ArrayLike,
+        *,
+        is_causal: bool = True,
+        query_lengths: npt.ArrayLike | None = None,
+        scale: float | None = None,
+        window: tuple[int | None, int | None] | None = None,
+        alibi_slopes: npt.ArrayLike | None = None,
+        softcap: float | None = None,
+        return_lse: bool = False,
+        layout: Literal["bhsd", "bshd"] = "bhsd",
+    ) -> Any:
+        """Attention of new queries over each sequence's cached keys, read in place.
+
+        The queries are the last positions of each sequence (append their keys and values
+        first): query ``i`` of ``L`` sits at ``lengths[b] - L + i``, or at ``lengths[b] -
+        query_lengths[b] + i`` when only the first ``query_lengths[b]`` are real.
+
+        Args:
+            query: ``(batch, Hq, L, head_dim)`` (``bshd``: ``(batch, L, Hq, head_dim)``), ``Hq`` a
+                multiple of ``num_kv_heads``; the cache's dtype, or float32 over a 16-bit cache
+                (computed in float32, output float32).
+            is_causal: each query attends to the keys up to its own position (True by default, as
+                in decoding); False: to all of its sequence's keys.
+            query_lengths: ``(batch,)``: the real queries of each sequence (ragged chunks); the
+                rows after them give zeros (lse ``-inf``).
+            scale, window, alibi_slopes, softcap, return_lse, layout: as in
+                :func:`attnkit.scaled_dot_product_attention`.
+
+        Returns:
+            ``out`` ``(batch, Hq, L, value_dim)`` (``bshd``: ``(batch, L, Hq, value_dim)``), or
+            ``(out, lse)``.
+        """
+        layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
+        q = float_array(query, "query", in_place=True)
+        if q.ndim != 4:
+            raise ValueError(f"query: expected a 4-d array ({layout}), got shape {q.shape}")
+        heads = q.shape[1] if layout == "bhsd" else q.shape[2]
+        if q.shape[0] != self._batch or q.shape[3] != self._dim or heads % self._heads:
+            raise ValueError(
+                f"query: {q.shape[0]} sequences x {heads} heads x size {q.shape[3]} for a cache of "
+                f"{self._batch} sequences x {self._heads} key/value heads x size {self._dim} (the query "
+                "heads must be a multiple of the cache's)"
+            )
+        if q.dtype != self._dtype and not (is_half(self._dtype) and q.dtype == np.float32):
+            raise TypeError(f"query: dtype {q.dtype} for a {self._dtype} cache (expected {self._dtype}"
+                            + (" or float32)" if is_half(self._dtype) else ")"))
+        used = int(self._lengths.max())
+        k, v = self._k[:, :, :used], self._v[:, :, :used]
+        if layout == "bshd":  # the cache is bhsd; the core reads the query through its strides
+            q = q.swapaxes(1, 2)
+        result = scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True, key_lengths=self._lengths,
+            query_lengths=query_lengths, causal_alignment="bottom_right", window=window,
+            alibi_slopes=alibi_slopes, softcap=softcap, return_lse=return_lse,
+        )
+        if layout == "bshd":
+            if isinstance(result, tuple):
+                return np.ascontiguousarray(result[0].swapaxes(1, 2)), result[1]
+            return np.ascontiguousarray(result.swapaxes(1, 2))
+        return result

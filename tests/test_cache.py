@@ -1,0 +1,256 @@
+"""attnkit.KVCache: in-place appends, ragged batches, per-sequence alignment, chunked prefill,
+beam reordering, cropping, growth, pickling, and errors that leave the cache unchanged."""
+
+from __future__ import annotations
+
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import attnkit
+
+try:
+    import ml_dtypes
+
+    BF16 = ml_dtypes.bfloat16
+    DTYPES = [np.float32, np.float64, np.float16, BF16]
+except ImportError:  # bfloat16 needs ml_dtypes
+    BF16 = None
+    DTYPES = [np.float32, np.float64, np.float16]
+
+sdpa = attnkit.scaled_dot_product_attention
+B, HKV, HQ, E, EV = 3, 2, 4, 32, 16
+
+
+def tokens(dtype, n, seed=0, b=B):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, HQ, n, E)).astype(dtype)
+    k = rng.standard_normal((b, HKV, n, E)).astype(dtype)
+    v = rng.standard_normal((b, HKV, n, EV)).astype(dtype)
+    return q, k, v
+
+
+def state(cache):
+    return cache.lengths, cache.keys().copy(), cache.values().copy()
+
+
+def same_state(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [20, 100, 700])
+def test_chunked_prefill_gives_the_bits_of_one_call(dtype, chunk, threads):
+    """Chunks of more than 16 queries take the tiled path, as the one call does (shorter ones
+    take the decode path: see the next test)."""
+    q, k, v = tokens(dtype, 700)
+    full = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    for n in (1, 2):
+        threads(n)
+        cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=1024, dtype=dtype)
+        outs = []
+        for c0 in range(0, 700, chunk):
+            cache.append(k[:, :, c0:c0 + chunk], v[:, :, c0:c0 + chunk])
+            outs.append(cache.attend(q[:, :, c0:c0 + chunk]))
+        assert np.array_equal(np.concatenate(outs, axis=2), full)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_decoding_token_by_token_matches_one_causal_call(dtype):
+    """One query at a time takes the decode path, whose dot products run in another order than
+    the tiled path's: the rows agree to the rounding of either (not yet bit for bit)."""
+    q, k, v = tokens(dtype, 600)
+    full = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=600, dtype=dtype)
+    for t in range(600):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        np.testing.assert_allclose(cache.attend(q[:, :, t:t + 1]), full[:, :, t:t + 1],
+                                   rtol=0, atol=64 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("queries", [1, 20])
+def test_a_ragged_batch_gives_each_sequence_the_bits_it_gets_alone(dtype, queries):
+    """Sequences of different lengths, appended raggedly, then a step of new tokens for all."""
+    q, k, v = tokens(dtype, 600)
+    prompt = np.array([600 - queries, 150, 37])
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=640, dtype=dtype)
+    cache.append(k[:, :, :600 - queries], v[:, :, :600 - queries], lengths=prompt)
+    new = slice(600 - queries, 600)
+    cache.append(k[:, :, new], v[:, :, new])
+    out, lse = cache.attend(q[:, :, new], return_lse=True)
+    assert cache.lengths.tolist() == (prompt + queries).tolist()
+    for b in range(B):
+        alone = attnkit.KVCache(1, HKV, E, value_dim=EV, capacity=640, dtype=dtype)
+        alone.append(k[b:b + 1, :, :prompt[b]], v[b:b + 1, :, :prompt[b]])
+        alone.append(k[b:b + 1, :, new], v[b:b + 1, :, new])
+        want, want_lse = alone.attend(q[b:b + 1, :, new], return_lse=True)
+        assert np.array_equal(out[b:b + 1], want)
+        assert np.array_equal(lse[b:b + 1], want_lse)
+        # ... and what one call over that sequence's own keys gives.
+        keys = np.concatenate([k[b:b + 1, :, :prompt[b]], k[b:b + 1, :, new]], axis=2)
+        values = np.concatenate([v[b:b + 1, :, :prompt[b]], v[b:b + 1, :, new]], axis=2)
+        one = sdpa(q[b:b + 1, :, new], keys, values, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
+        assert np.array_equal(out[b:b + 1], one)
+
+
+def test_ragged_query_chunks_equal_each_sequence_alone():
+    q, k, v = tokens(np.float32, 60)
+    real = np.array([60, 25, 0])
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=64)
+    cache.append(k, v, lengths=real)
+    out, lse = cache.attend(q, query_lengths=real, return_lse=True)
+    for b in range(B):
+        alone = attnkit.KVCache(1, HKV, E, value_dim=EV, capacity=64)
+        alone.append(k[b:b + 1, :, :real[b]], v[b:b + 1, :, :real[b]])
+        if real[b]:
+            assert np.array_equal(out[b:b + 1, :, :real[b]], alone.attend(q[b:b + 1, :, :real[b]]))
+        assert (out[b, :, real[b]:] == 0).all() and np.isneginf(lse[b, :, real[b]:]).all()
+
+
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if np.dtype(t).itemsize == 2])
+def test_a_16_bit_cache_stores_float32_rounded_once_and_takes_float32_queries(dtype):
+    q, k, v = tokens(np.float32, 40)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=64, dtype=dtype)
+    cache.append(k, v)
+    assert np.array_equal(cache.keys(), k.astype(dtype)) and cache.keys().dtype == dtype
+    out = cache.attend(q)
+    assert out.dtype == np.float32
+    assert np.array_equal(out, sdpa(q, k.astype(dtype), v.astype(dtype), is_causal=True, enable_gqa=True))
+    out16 = cache.attend(q.astype(dtype))
+    assert out16.dtype == dtype
+
+
+def test_the_bshd_layout_for_appends_and_queries():
+    q, k, v = tokens(np.float32, 30)
+    t = lambda x: np.ascontiguousarray(x.swapaxes(1, 2))  # noqa: E731
+    a = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=32)
+    b = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=32)
+    a.append(k, v)
+    b.append(t(k), t(v), layout="bshd")
+    assert np.array_equal(a.keys(), b.keys()) and np.array_equal(a.values(), b.values())
+    assert np.array_equal(t(a.attend(q)), b.attend(t(q), layout="bshd"))
+
+
+def test_appending_costs_the_new_tokens_not_the_history():
+    """A one-token append into a cache holding 4000 positions allocates nothing near its size,
+    and an attend call allocates its output and little else."""
+    _, k, v = tokens(np.float32, 4001, b=1)
+    q = np.ones((1, HQ, 1, E), np.float32)
+    cache = attnkit.KVCache(1, HKV, E, value_dim=EV, capacity=4096)
+    cache.append(k[:, :, :4000], v[:, :, :4000])
+    history = cache.keys().nbytes
+    tracemalloc.start()
+    try:
+        cache.append(k[:, :, 4000:], v[:, :, 4000:])
+        cache.attend(q)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < history / 20, (peak, history)
+
+
+def test_past_capacity_raises_and_leaves_the_cache_unchanged_unless_growable():
+    q, k, v = tokens(np.float32, 40)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=50)
+    cache.append(k[:, :, :30], v[:, :, :30], lengths=[30, 10, 20])
+    before = state(cache)
+    with pytest.raises(ValueError, match="sequence 0 would reach 60 positions, past the cache's capacity 50"):
+        cache.append(k[:, :, :30], v[:, :, :30])
+    assert same_state(state(cache), before)
+    grows = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=8, growable=True)
+    grows.append(k[:, :, :30], v[:, :, :30], lengths=[30, 10, 20])
+    grows.append(k[:, :, 30:], v[:, :, 30:])
+    cache.append(k[:, :, 30:], v[:, :, 30:], lengths=[10, 10, 10])
+    assert grows.capacity >= 40 and same_state(state(grows), state(cache))
+    assert np.array_equal(grows.attend(q[:, :, :3]), cache.attend(q[:, :, :3]))
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda c, k, v: c.append(k[:, :1], v[:, :1]), ValueError, "key: 3 sequences x 1 heads x size 32, the cache holds 3 x 2 x 32"),
+    (lambda c, k, v: c.append(k, v[..., :8]), ValueError, "value: 3 sequences x 2 heads x size 8"),
+    (lambda c, k, v: c.append(k, v[:, :, :3]), ValueError, "value: 3 new positions, the key has 4"),
+    (lambda c, k, v: c.append(k.astype(np.float64), v), TypeError, "key: dtype float64 for a float32 cache"),
+    (lambda c, k, v: c.append(k[0], v[0]), ValueError, "key: expected a 4-d array"),
+    (lambda c, k, v: c.append(k, v, lengths=[1, 5, 1]), ValueError, "lengths: each must lie in 0..4"),
+    (lambda c, k, v: c.append(k, v, lengths=[1, 1]), ValueError, r"lengths: expected shape \(3,\)"),
+    (lambda c, k, v: c.append(k, v, lengths=[1.0, 1.0, 1.0]), TypeError, "lengths: expected an integer array"),
+    (lambda c, k, v: c.append(k, v, layout="bsdh"), ValueError, "layout: expected one of"),
+    (lambda c, k, v: c.reorder([0, 3, 1]), IndexError, "indices: 3 is not a sequence of the cache"),
+    (lambda c, k, v: c.reorder([0, -1, 1]), IndexError, "indices: -1"),
+    (lambda c, k, v: c.reorder([0, 1]), ValueError, r"indices: expected shape \(3,\)"),
+    (lambda c, k, v: c.crop([4, 2, 1]), ValueError, "lengths: 4 for sequence 0, longer than its 2 positions"),
+    (lambda c, k, v: c.attend(np.ones((3, 3, 1, 32), np.float32)), ValueError, "query heads must be a multiple"),
+    (lambda c, k, v: c.attend(np.ones((3, 4, 1, 32), np.float64)), TypeError, "query: dtype float64 for a float32 cache"),
+    (lambda c, k, v: c.attend(np.ones((2, 4, 1, 32), np.float32)), ValueError, "query: 2 sequences"),
+])
+def test_errors_name_the_argument_and_leave_the_cache_unchanged(call, error, words):
+    _, k, v = tokens(np.float32, 4)
+    cache = attnkit.KVCache(B, HKV, E, capacity=16)
+    cache.append(k, tokens(np.float32, 4)[1], lengths=[2, 3, 4])
+    before = state(cache)
+    with pytest.raises(error, match=words):
+        call(cache, k, tokens(np.float32, 4)[1])
+    assert same_state(state(cache), before)
+
+
+def test_bad_construction_is_named():
+    with pytest.raises(ValueError, match="num_kv_heads: expected an int >= 1"):
+        attnkit.KVCache(1, 0, 8, capacity=4)
+    with pytest.raises(TypeError, match="capacity: expected an int"):
+        attnkit.KVCache(1, 1, 8, capacity=4.0)
+    with pytest.raises(TypeError, match="dtype: expected"):
+        attnkit.KVCache(1, 1, 8, capacity=4, dtype=np.int32)
+    with pytest.raises(MemoryError, match="KVCache storage"):
+        attnkit.KVCache(1 << 20, 1 << 10, 1 << 10, capacity=1 << 20)
+
+
+def test_reorder_follows_the_beams():
+    q, k, v = tokens(np.float32, 20)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=32)
+    cache.append(k, v, lengths=[20, 5, 12])
+    cache.reorder([2, 2, 0])
+    want = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=32)
+    order = [2, 2, 0]
+    want.append(k[order], v[order], lengths=[12, 12, 20])
+    assert same_state(state(cache), state(want))
+    assert np.array_equal(cache.attend(q[:, :, :1]), want.attend(q[:, :, :1]))
+
+
+def test_crop_rolls_back_rejected_tokens():
+    q, k, v = tokens(np.float32, 20)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=32)
+    cache.append(k[:, :, :10], v[:, :, :10])
+    cache.append(k[:, :, 10:15], v[:, :, 10:15])  # draft tokens
+    cache.crop([12, 10, 11])  # some accepted
+    cache.append(k[:, :, 15:], v[:, :, 15:], lengths=[5, 5, 5])
+    for b, kept in enumerate([12, 10, 11]):
+        keys = np.concatenate([k[b:b + 1, :, :kept], k[b:b + 1, :, 15:]], axis=2)
+        values = np.concatenate([v[b:b + 1, :, :kept], v[b:b + 1, :, 15:]], axis=2)
+        one = sdpa(q[b:b + 1, :, 15:], keys, values, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
+        assert np.array_equal(cache.attend(q[:, :, 15:])[b:b + 1], one)
+    cache.crop(0)
+    assert cache.lengths.tolist() == [0, 0, 0]
+
+
+def test_pickle_round_trip_and_repr():
+    q, k, v = tokens(np.float32, 9)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=4096)
+    cache.append(k, v, lengths=[9, 3, 0])
+    blob = pickle.dumps(cache)
+    assert len(blob) < 2 * (k.nbytes + v.nbytes)  # the filled positions, not the capacity
+    back = pickle.loads(blob)
+    assert back.capacity == 4096 and same_state(state(back), state(cache))
+    assert np.array_equal(back.attend(q[:, :, :1]), cache.attend(q[:, :, :1]))
+    assert repr(cache) == ("KVCache(batch=3, num_kv_heads=2, head_dim=32, value_dim=16, capacity=4096, "
+                           "dtype=float32, lengths=[9, 3, 0])")
+
+
+def test_a_sequence_with_no_keys_attends_to_nothing():
+    q, k, v = tokens(np.float32, 3)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=8)
+    cache.append(k, v, lengths=[3, 0, 1])
+    out, lse = cache.attend(q[:, :, :1], return_lse=True)
+    assert (out[1] == 0).all() and np.isneginf(lse[1]).all() and np.isfinite(lse[[0, 2]]).all()
