@@ -169,3 +169,64 @@ def test_query_lengths_place_each_items_last_real_query_at_its_last_key():
         sdpa(q, k, v, enable_gqa=True, query_lengths=np.array([1, 21, 0]))
     with pytest.raises(ValueError, match=r"query_lengths: expected shape \(3,\)"):
         sdpa(q, k, v, enable_gqa=True, query_lengths=np.array([1, 2]))
+
+
+def _sink_reference(q, k, v, sinks, causal_offset=None):
+    """float64: softmax over the scores and the head's sink logit, the sink's column dropped."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+    if causal_offset is not None:
+        i, j = np.arange(q.shape[2])[:, None] + causal_offset, np.arange(k.shape[2])[None, :]
+        s = np.where(j <= i, s, -np.inf)
+    sink = np.asarray(sinks, np.float64)[None, :, None, None]
+    big = np.maximum(s.max(axis=-1, keepdims=True), sink)
+    p = np.exp(s - big)
+    den = p.sum(axis=-1, keepdims=True) + np.exp(sink - big)
+    return (p @ v) / den, (big + np.log(den))[..., 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 40])
+def test_sink_logits_join_each_softmax_denominator(dtype, length):
+    q, k, v = qkv(dtype, length=length, s=600)
+    sinks = np.array([0.5, 3.0, -2.0, 10.0])
+    out, lse = sdpa(q, k, v, enable_gqa=True, is_causal=True, causal_alignment="bottom_right", sinks=sinks,
+                    return_lse=True)
+    want, want_lse = _sink_reference(q, k, v, sinks, causal_offset=600 - length)
+    eps = float(np.finfo(np.float32 if np.dtype(dtype).itemsize == 2 else dtype).eps)
+    out_eps = 2.0 ** -7 if np.dtype(dtype).itemsize == 2 and np.dtype(dtype) != np.float16 else (
+        2.0 ** -10 if np.dtype(dtype) == np.float16 else eps)
+    vmax = np.abs(np.asarray(v, np.float64)).max()
+    assert np.abs(np.asarray(out, np.float64) - want).max() <= 4 * out_eps * vmax * (1 + 6)
+    assert np.abs(lse - want_lse).max() <= 64 * max(eps, 2.0 ** -8 if np.dtype(dtype).itemsize == 2 else 0)
+    # The same bits for any thread count, and through the cache.
+    cache = attnkit.KVCache(3, 2, 32, capacity=600, dtype=dtype)
+    cache.append(k, v)
+    assert np.array_equal(cache.attend(q, sinks=sinks), out)
+
+
+def test_a_row_with_no_key_but_a_sink_gives_zeros_and_the_sink_as_lse():
+    q, k, v = qkv(np.float32, length=3, s=10)
+    sinks = np.array([0.5, 3.0, -2.0, 10.0])
+    for length in (3, 20):
+        qq = np.repeat(q, 7, axis=2)[:, :, :length]
+        out, lse, w = sdpa(qq, k, v, enable_gqa=True, key_lengths=np.array([0, 10, 0]), sinks=sinks,
+                           return_lse=True, return_weights=True)
+        assert (out[0] == 0).all() and (w[0] == 0).all()
+        assert np.array_equal(lse[0], np.broadcast_to(sinks.astype(np.float32)[:, None], lse[0].shape))
+        # Weights count the sink: a row's weights sum to less than one.
+        assert (w[1].sum(axis=-1) < 1).all()
+
+
+@pytest.mark.parametrize("sinks, error, words", [
+    (np.zeros(3), ValueError, r"sinks: expected shape \(4,\)"),
+    (np.array([0.0, np.inf, 0.0, 0.0]), ValueError, "sinks: must be finite"),
+    (np.array([0.0, 1e39, 0.0, 0.0]), ValueError, "sinks: must be finite in float32"),
+    (np.array(["a", "b", "c", "d"]), TypeError, "sinks: expected a float32, float64"),
+])
+def test_bad_sinks_are_named(sinks, error, words):
+    q, k, v = qkv(np.float32)
+    with pytest.raises(error, match=words):
+        sdpa(q, k, v, enable_gqa=True, sinks=sinks)

@@ -53,4 +53,5 @@ def attention(
     return_weights: bool = False,
     key_lengths: npt.NDArray[np.int64] | None = None,
     query_lengths: npt.NDArray[np.int64] | None = None,
+    sinks: npt.NDArray[np.float64] | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None, npt.NDArray[Any] | None]: ...

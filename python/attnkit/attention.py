@@ -45,6 +45,7 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
     softcap: float | None = None,
+    sinks: npt.ArrayLike | None = None,
     return_lse: Literal[False] = False,
     return_weights: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
@@ -69,6 +70,7 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
     softcap: float | None = None,
+    sinks: npt.ArrayLike | None = None,
     return_lse: Literal[True],
     return_weights: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
@@ -93,6 +95,7 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
     softcap: float | None = None,
+    sinks: npt.ArrayLike | None = None,
     return_lse: Literal[False] = False,
     return_weights: Literal[True],
     layout: Literal["bhsd", "bshd"] = "bhsd",
@@ -117,6 +120,7 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
     softcap: float | None = None,
+    sinks: npt.ArrayLike | None = None,
     return_lse: Literal[True],
     return_weights: Literal[True],
     layout: Literal["bhsd", "bshd"] = "bhsd",
@@ -141,6 +145,7 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
     softcap: float | None = None,
+    sinks: npt.ArrayLike | None = None,
     return_lse: bool = False,
     return_weights: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
@@ -164,6 +169,7 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: npt.ArrayLike | None = None,
     softcap: float | None = None,
+    sinks: npt.ArrayLike | None = None,
     return_lse: bool = False,
     return_weights: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
@@ -211,6 +217,11 @@ def scaled_dot_product_attention(
             diagonal (``None`` = unlimited on that side).
         alibi_slopes: ``(Hq,)`` or ``(..., Hq)``: adds ``-slope * |i' - j|`` to the scores.
         softcap: scores become ``softcap * tanh(scores / softcap)`` before masks and biases.
+        sinks: ``(Hq,)``: a sink logit per query head (gpt-oss's attention sinks), which joins
+            every softmax denominator of its head and carries no value:
+            ``out_i = sum_j exp(s_ij) v_j / (sum_j exp(s_ij) + exp(sinks[h]))``. A row with no
+            valid key then gives zeros and ``lse = sinks[h]``; ``lse`` and the weights count the
+            sink in the denominator.
         return_lse: also return the log-sum-exp ``(..., Hq, L)`` (float32 for 16-bit inputs).
         return_weights: also return the attention probabilities ``(..., Hq, L, S)`` (float32 for
             16-bit inputs).
@@ -229,7 +240,7 @@ def scaled_dot_product_attention(
             (``is_causal``, ``enable_gqa``, ``return_lse``, ``return_weights``) that are not bools.
         ValueError: bad ranks or shapes, heads that do not divide, a mask that does not broadcast
             to ``(..., Hq, L, S)``, ``dropout_p != 0``, ``scale``, ``softcap`` or
-            ``alibi_slopes`` not finite in the inputs' dtype, ``key_lengths`` of another shape
+            ``alibi_slopes`` or ``sinks`` not finite in the inputs' dtype, ``key_lengths`` of another shape
             than the batch or outside ``0..S``, bad ``window``, ``causal_alignment`` or
             ``layout``.
         MemoryError: an output that cannot be allocated (named, with the arguments that set its
@@ -249,7 +260,7 @@ def scaled_dot_product_attention(
         type(query) is np.ndarray and type(key) is np.ndarray and type(value) is np.ndarray
         and query.ndim == 4 and key.ndim == 4 and query.shape[1] == key.shape[1]
         and attn_mask is None and key_mask is None and key_lengths is None and query_lengths is None and window is None and alibi_slopes is None
-        and softcap is None and return_lse is False and return_weights is False
+        and softcap is None and sinks is None and return_lse is False and return_weights is False
         and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
         and layout == "bhsd" and causal_alignment == "top_left"
         and (scale is None or (type(scale) is float and math.isfinite(scale)))
@@ -326,10 +337,17 @@ def scaled_dot_product_attention(
         if sl.shape not in ((hq,), batch_shape + (hq,)):
             raise ValueError(f"alibi_slopes: expected shape ({hq},) or {batch_shape + (hq,)}, got {sl.shape}")
         slopes = np.ascontiguousarray(sl.reshape(-1))
+    sink_logits = None
+    if sinks is not None:
+        sk = float_array(sinks, "sinks").astype(np.float64)
+        if sk.shape != (hq,):
+            raise ValueError(f"sinks: expected shape ({hq},) (one per query head), got {sk.shape}")
+        sink_logits = np.ascontiguousarray(sk)
     win = _window(window)
     out, lse, weights = _core.attention(
         q4, k4, v4, layout, scale_value, cap, is_causal, win, alignment,
         bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths, q_lengths,
+        sink_logits,
     )
     if q_lengths is not None:  # the rows past each item's queries are padding: zeros
         padding = np.arange(length)[None, :] >= q_lengths[:, None]  # (b, L); out is (b, Hq, L, Ev) here

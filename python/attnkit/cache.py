@@ -282,6 +282,7 @@ class KVCache:
         window: tuple[int | None, int | None] | None = None,
         alibi_slopes: npt.ArrayLike | None = None,
         softcap: float | None = None,
+        sinks: npt.ArrayLike | None = None,
         return_lse: bool = False,
         layout: Literal["bhsd", "bshd"] = "bhsd",
     ) -> Any:
@@ -299,7 +300,7 @@ class KVCache:
                 in decoding); False: to all of its sequence's keys.
             query_lengths: ``(batch,)``: the real queries of each sequence (ragged chunks); the
                 rows after them give zeros (lse ``-inf``).
-            scale, window, alibi_slopes, softcap, return_lse, layout: as in
+            scale, window, alibi_slopes, softcap, sinks, return_lse, layout: as in
                 :func:`attnkit.scaled_dot_product_attention`.
 
         Returns:
@@ -327,7 +328,7 @@ class KVCache:
         result = scaled_dot_product_attention(
             q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True, key_lengths=self._lengths,
             query_lengths=query_lengths, causal_alignment="bottom_right", window=window,
-            alibi_slopes=alibi_slopes, softcap=softcap, return_lse=return_lse,
+            alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, return_lse=return_lse,
         )
         if layout == "bshd":
             if isinstance(result, tuple):

@@ -20,7 +20,7 @@ type AttnResult<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bou
 #[pyo3(signature = (query, key, value, layout, scale, softcap, causal, window, alignment,
                     bool_mask=None, float_mask=None, key_mask=None, alibi=None,
                     return_lse=false, return_weights=false, key_lengths=None,
-                    query_lengths=None))]
+                    query_lengths=None, sinks=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<'py>(
     py: Python<'py>,
@@ -41,6 +41,7 @@ pub fn attention<'py>(
     return_weights: bool,
     key_lengths: Option<&Bound<'py, PyAny>>,
     query_lengths: Option<&Bound<'py, PyAny>>,
+    sinks: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<AttnResult<'py>> {
     let bshd = choice("layout", layout, &[("bhsd", false), ("bshd", true)])?;
     let alignment = choice(
@@ -52,7 +53,7 @@ pub fn attention<'py>(
     // position arithmetic holds it.
     let window = (window.0.map(|w| w.min(1 << 62)), window.1.map(|w| w.min(1 << 62)));
     let options = Options { bshd, scale, softcap, causal, window, alignment, return_lse, return_weights };
-    let extra = Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths };
+    let extra = Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths, sinks };
     let (o, x) = (&options, &extra);
     match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
         (Floats::F32(q), Floats::F32(k), Floats::F32(v)) => typed_attention(py, &q, &k, &v, o, x),
@@ -91,6 +92,7 @@ struct Extra<'a, 'py> {
     alibi: Option<&'a Bound<'py, PyAny>>,
     key_lengths: Option<&'a Bound<'py, PyAny>>,
     query_lengths: Option<&'a Bound<'py, PyAny>>,
+    sinks: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// `(batch, heads, rows, dim)` and the element strides (`strided`'s) of a 4-d array in the given
@@ -197,6 +199,7 @@ where
     let alibi = extra.alibi.map(|a| typed::<f64>(a, "alibi_slopes", "float64")).transpose()?;
     let key_lengths = extra.key_lengths.map(|n| typed::<i64>(n, "key_lengths", "int64")).transpose()?;
     let query_lengths = extra.query_lengths.map(|n| typed::<i64>(n, "query_lengths", "int64")).transpose()?;
+    let sinks = extra.sinks.map(|s| typed::<f64>(s, "sinks", "float64")).transpose()?;
     let bool_view = match &bool_mask {
         Some(m) => Some(StridedMask {
             data: slice(m, "attn_mask")?,
@@ -218,6 +221,7 @@ where
         alibi: alibi.as_ref().map(|a| slice(a, "alibi_slopes")).transpose()?,
         key_lengths: key_lengths.as_ref().map(|n| slice(n, "key_lengths")).transpose()?,
         query_lengths: query_lengths.as_ref().map(|n| slice(n, "query_lengths")).transpose()?,
+        sinks: sinks.as_ref().map(|s| slice(s, "sinks")).transpose()?,
     };
 
     let (out, out_data) =

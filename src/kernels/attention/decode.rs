@@ -256,6 +256,7 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
 ) {
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
     let group = heads.len();
+    let (masks, g) = (chunks[0].at.masks, chunks[0].at.g);
     let mut w = vec![T::ZERO; chunks.len()];
     let parts: Vec<_> = chunks.iter().map(|c| c.partial.parts()).collect();
     for r in 0..group * l {
@@ -275,16 +276,27 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
             *wc = (m[r] - big).exp_nonpositive();
             total = sum[r].mul_add(*wc, total);
         }
+        if empty {
+            total = T::ZERO; // (each w_c is exp(−inf − (−inf)), NaN, and unused)
+        }
+        // A sink logit joins the denominator (and may be the row's largest).
+        let sink = masks.sink(g * group + r % group).map(T::from_f64);
+        let (big, alpha, total) = super::with_sink(big, total, sink, T::exp_nonpositive);
         let out = &mut head.out[i * ev..(i + 1) * ev];
         for (d, o) in out.iter_mut().enumerate() {
             let mut x = T::ZERO;
             for (&wc, &(_, _, acc, _)) in w.iter().zip(&parts) {
                 x = acc[r * ev + d].mul_add(wc, x);
             }
-            o.write(Q::narrow(if empty { T::ZERO } else { x / total }));
+            let x = match (empty, sink) {
+                (true, _) => T::ZERO,
+                (false, None) => x / total,
+                (false, Some(_)) => x * alpha / total,
+            };
+            o.write(Q::narrow(x));
         }
         if let Some(lse) = head.lse.as_deref_mut() {
-            lse[i].write(if empty { T::NEG_INFINITY } else { big + total.ln() });
+            lse[i].write(if empty && sink.is_none() { T::NEG_INFINITY } else { big + total.ln() });
         }
         if let Some(weights) = head.weights.as_deref_mut() {
             for (c, &(.., scores)) in chunks.iter().zip(&parts) {

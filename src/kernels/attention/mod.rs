@@ -199,6 +199,9 @@ pub struct Masks<'a, T> {
     /// `(batch,)`: how many keys of each batch item are valid (those from 0 on; the rest are
     /// padding), each in `0..=S`. Bottom-right alignment counts from it.
     pub key_lengths: Option<&'a [i64]>,
+    /// `(Hq,)`: a sink logit per query head, which joins every softmax denominator of its head
+    /// and carries no value (gpt-oss).
+    pub sinks: Option<&'a [f64]>,
     /// `(batch,)`: how many queries of each batch item are real (the first ones), each in
     /// `0..=L`: bottom-right alignment places the last real one at the item's last key. (The rows
     /// after them are computed as if they followed it; the caller discards them.)
@@ -210,6 +213,12 @@ impl<T> Masks<'_, T> {
     #[inline(always)]
     fn slope(&self, sp: &AttnSpec, b: usize, h: usize) -> Option<f64> {
         self.alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }])
+    }
+
+    /// The sink logit of query head `h`, if any.
+    #[inline(always)]
+    fn sink(&self, h: usize) -> Option<f64> {
+        self.sinks.map(|s| s[h])
     }
 
     /// The valid keys of batch `b`: its key length, or S.
@@ -247,6 +256,21 @@ impl<T> Masks<'_, T> {
         let n = self.key_length(sp, b);
         self.key_mask(sp, b).map_or(n, |km| km[..n].iter().rposition(|&x| x != 0).map_or(0, |j| j + 1))
     }
+}
+
+/// A row's softmax with a sink logit `sink` joined to it: from the row's largest valid score `m`
+/// (−inf if none) and its sum of probabilities `sum` (relative to `m`), the largest of both `M`,
+/// the factor `alpha = exp(m − M)` for the row's sum and accumulated output, and the new sum
+/// `sum · alpha + exp(sink − M)`. Without a sink: `(m, 1, sum)`. `exp` is the path's exponential.
+#[inline(always)]
+fn with_sink<T: AttnFloat>(m: T, sum: T, sink: Option<T>, exp: impl Fn(T) -> T) -> (T, T, T) {
+    let Some(sink) = sink else { return (m, T::ONE, sum) };
+    if m.is_nan() {
+        return (m, T::ONE, sum); // the row is NaN either way
+    }
+    let big = if sink > m { sink } else { m };
+    let alpha = if m == T::NEG_INFINITY { T::ZERO } else { exp(m - big) };
+    (big, alpha, sum.mul_add(alpha, exp(sink - big)))
 }
 
 /// What one task of either path reads: the inputs (queries stored as `Q`, keys and values as
@@ -362,6 +386,17 @@ impl AttnSpec {
                 "softcap",
                 format!("must be a positive number, finite in {dtype} (the inputs' dtype), got {c}"),
             ));
+        }
+        if let Some(s) = masks.sinks {
+            if s.len() != self.heads_q {
+                return Err(KernelError::invalid(
+                    "sinks",
+                    format!("has {} elements, expected Hq ({})", s.len(), self.heads_q),
+                ));
+            }
+            if let Some(bad) = s.iter().find(|&&x| !finite(x)) {
+                return Err(KernelError::invalid("sinks", format!("must be finite in {dtype}, got {bad}")));
+            }
         }
         if let Some(bad) = masks.alibi.and_then(|a| a.iter().find(|&&x| !finite(x))) {
             return Err(KernelError::invalid(

@@ -460,19 +460,27 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
         let group = self.heads.len();
         let mut row = vec![T::ZERO; ev];
         for r in 0..rows {
-            let (i, head) = ((q0 + r) / group - self.first, &mut self.heads[(q0 + r) % group]);
+            let (i, n) = ((q0 + r) / group - self.first, (q0 + r) % group);
+            let sink = self.at.masks.sink(self.at.g * group + n).map(T::from_f64);
+            let head = &mut self.heads[n];
+            // A sink logit joins the denominator (and may be the row's largest).
+            let (big, alpha, total) = super::with_sink(m[r], sum[r], sink, exp);
             let empty = m[r] == T::NEG_INFINITY;
             // `+ 0` makes a zero +0: only the pair mode's flushes give −0 (see `run`).
             for (x, &a) in row.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
-                *x = if empty { T::ZERO } else { a / sum[r] + T::ZERO };
+                *x = match (empty, sink) {
+                    (true, _) => T::ZERO,
+                    (false, None) => a / total + T::ZERO,
+                    (false, Some(_)) => a * alpha / total + T::ZERO,
+                };
             }
             Q::narrow_slice(&row, &mut head.out[i * ev..(i + 1) * ev]);
             if let Some(lse) = head.lse.as_deref_mut() {
-                lse[i].write(if empty { T::NEG_INFINITY } else { m[r] + sum[r].ln() });
+                lse[i].write(if empty && sink.is_none() { T::NEG_INFINITY } else { big + total.ln() });
             }
             if let Some(w) = head.weights.as_deref_mut() {
                 for (x, &score) in w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
-                    x.write(if empty { T::ZERO } else { exp(score - m[r]) / sum[r] });
+                    x.write(if empty { T::ZERO } else { exp(score - big) / total });
                 }
             }
         }
