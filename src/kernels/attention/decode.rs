@@ -29,8 +29,6 @@ use crate::kernels::storage::Storage;
 
 /// The longest query that takes this path.
 pub(super) const MAX_QUERIES: usize = 16;
-/// Keys per chunk, a multiple of `BK`.
-pub(super) const CHUNK: usize = 512;
 
 /// One chunk's state for every row of its task, in one allocation (a decode call is short, and
 /// allocations add up): the running maximum, the sum of probabilities, the unnormalised output
@@ -246,8 +244,8 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Task for Merge<'_, '_, '_, '_, Q
 }
 
 /// Combines the chunks of one (batch, key/value head), in chunk order, into the outputs of its
-/// query heads: with `M` the largest chunk maximum and `w_c = exp(m_c − M)`,
-/// `out = Σ acc_c w_c / Σ sum_c w_c`, `lse = M + ln Σ sum_c w_c`, `weights = exp(s − M) / Σ sum_c w_c`.
+/// query heads: each chunk's partial normalised, then merged by log-sum-exp (`merge.rs`, the
+/// arithmetic the tiled path finishes with too), with the heads' sink logits.
 #[inline(always)]
 pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
     spec: &AttnSpec,
@@ -257,53 +255,38 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
     let group = heads.len();
     let (masks, g) = (chunks[0].at.masks, chunks[0].at.g);
-    let mut w = vec![T::ZERO; chunks.len()];
+    let n = chunks.len();
+    let (mut lses, mut factors) = (vec![T::ZERO; n], vec![T::ZERO; n]);
+    let (mut outs, mut row) = (vec![T::ZERO; n * ev], vec![T::ZERO; ev]);
     let parts: Vec<_> = chunks.iter().map(|c| c.partial.parts()).collect();
     for r in 0..group * l {
         let (i, head) = (r / group, &mut heads[r % group]);
-        // The largest chunk maximum; NaN, once met, stays (a later fully masked chunk's −inf
-        // must not replace it: NaN in an attended key reaches its row on every path).
-        let mut big = T::NEG_INFINITY;
-        for &(m, ..) in &parts {
-            let m = m[r];
-            if !big.is_nan() && (m.is_nan() || m > big) {
-                big = m;
-            }
+        for (c, &(m, sum, acc, _)) in parts.iter().enumerate() {
+            lses[c] = super::merge::normalise(
+                m[r],
+                sum[r],
+                &acc[r * ev..(r + 1) * ev],
+                &mut outs[c * ev..(c + 1) * ev],
+            );
         }
-        let empty = big == T::NEG_INFINITY;
-        let mut total = T::ZERO;
-        for (wc, &(m, sum, ..)) in w.iter_mut().zip(&parts) {
-            *wc = (m[r] - big).exp_nonpositive();
-            total = sum[r].mul_add(*wc, total);
-        }
-        if empty {
-            total = T::ZERO; // (each w_c is exp(−inf − (−inf)), NaN, and unused)
-        }
-        // A sink logit joins the denominator (and may be the row's largest).
         let sink = masks.sink(g * group + r % group).map(T::from_f64);
-        let (big, alpha, total) = super::with_sink(big, total, sink, T::exp_nonpositive);
-        let out = &mut head.out[i * ev..(i + 1) * ev];
-        for (d, o) in out.iter_mut().enumerate() {
-            let mut x = T::ZERO;
-            for (&wc, &(_, _, acc, _)) in w.iter().zip(&parts) {
-                x = acc[r * ev + d].mul_add(wc, x);
-            }
-            let x = match (empty, sink) {
-                (true, _) => T::ZERO,
-                (false, None) => x / total,
-                (false, Some(_)) => x * alpha / total,
-            };
+        let lse =
+            super::merge::merge_row(&lses, |c| &outs[c * ev..(c + 1) * ev], sink, &mut row, &mut factors);
+        for (o, &x) in head.out[i * ev..(i + 1) * ev].iter_mut().zip(&row) {
             o.write(Q::narrow(x));
         }
-        if let Some(lse) = head.lse.as_deref_mut() {
-            lse[i].write(if empty && sink.is_none() { T::NEG_INFINITY } else { big + total.ln() });
+        if let Some(l) = head.lse.as_deref_mut() {
+            l[i].write(lse);
         }
         if let Some(weights) = head.weights.as_deref_mut() {
-            for (c, &(.., scores)) in chunks.iter().zip(&parts) {
-                let (c0, c1) = c.keys;
+            for (c, (chunk, &(m, sum, _, scores))) in chunks.iter().zip(&parts).enumerate() {
+                let (c0, c1) = chunk.keys;
                 let scores = &scores[r * (c1 - c0)..(r + 1) * (c1 - c0)];
                 for (x, &score) in weights[i * s + c0..i * s + c1].iter_mut().zip(scores) {
-                    x.write(if empty { T::ZERO } else { (score - big).exp_nonpositive() / total });
+                    x.write(match m[r] == T::NEG_INFINITY {
+                        true => T::ZERO,
+                        false => (score - m[r]).exp_nonpositive() / sum[r] * factors[c],
+                    });
                 }
             }
         }

@@ -481,6 +481,11 @@ impl<'a> Dot<'a> {
         }
     }
 
+    /// The rows' sums start again at 0 (a new chunk of keys).
+    pub(super) fn restart(&mut self) {
+        self.sums.fill([0.0; NR]);
+    }
+
     /// Each row's sum of probabilities over the key blocks so far, into `sum` (one per row).
     #[inline(always)]
     pub(super) fn sums(&self, sum: &mut [f32]) {

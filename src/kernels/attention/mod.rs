@@ -45,6 +45,7 @@ mod fast;
 mod generic;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
+mod merge;
 mod rows;
 mod tile;
 #[cfg(target_arch = "x86_64")]
@@ -256,21 +257,6 @@ impl<T> Masks<'_, T> {
         let n = self.key_length(sp, b);
         self.key_mask(sp, b).map_or(n, |km| km[..n].iter().rposition(|&x| x != 0).map_or(0, |j| j + 1))
     }
-}
-
-/// A row's softmax with a sink logit `sink` joined to it: from the row's largest valid score `m`
-/// (−inf if none) and its sum of probabilities `sum` (relative to `m`), the largest of both `M`,
-/// the factor `alpha = exp(m − M)` for the row's sum and accumulated output, and the new sum
-/// `sum · alpha + exp(sink − M)`. Without a sink: `(m, 1, sum)`. `exp` is the path's exponential.
-#[inline(always)]
-fn with_sink<T: AttnFloat>(m: T, sum: T, sink: Option<T>, exp: impl Fn(T) -> T) -> (T, T, T) {
-    let Some(sink) = sink else { return (m, T::ONE, sum) };
-    if m.is_nan() {
-        return (m, T::ONE, sum); // the row is NaN either way
-    }
-    let big = if sink > m { sink } else { m };
-    let alpha = if m == T::NEG_INFINITY { T::ZERO } else { exp(m - big) };
-    (big, alpha, sum.mul_add(alpha, exp(sink - big)))
 }
 
 /// What one task of either path reads: the inputs (queries stored as `Q`, keys and values as
@@ -548,13 +534,13 @@ where
     if l <= decode::MAX_QUERIES {
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
         // (batch, key/value head).
-        let n_chunks = s.div_ceil(decode::CHUNK).max(1);
+        let n_chunks = s.div_ceil(merge::CHUNK).max(1);
         let mut chunks: Vec<decode::Chunk<'_, Q, KV, T>> = (0..spec.batch * spec.heads_kv * n_chunks)
             .map(|t| {
                 let c = t % n_chunks;
                 decode::Chunk {
                     at: inputs(t / n_chunks),
-                    keys: (c * decode::CHUNK, ((c + 1) * decode::CHUNK).min(s)),
+                    keys: (c * merge::CHUNK, ((c + 1) * merge::CHUNK).min(s)),
                     weights: has_weights,
                     partial: Default::default(),
                 }

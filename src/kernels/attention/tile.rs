@@ -31,6 +31,7 @@ use std::mem::MaybeUninit;
 
 use super::fast::{Mask, ScoreBlock, VBlock, BK, BQ, MR, NR};
 use super::generic::{add_pv, pv_tiles, rows_as, score_tile, PvBlock};
+use super::merge::{self, CHUNK};
 use super::rows::{key_range, mask_row, update_row, RowAt};
 use super::{dot16, AttnFloat, TaskInputs};
 use crate::kernels::exp::exp_short;
@@ -228,6 +229,12 @@ where
         let mut block_scores =
             vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
 
+        // Rows whose keys span several chunks (or that have a sink logit) finish by merging the
+        // partial results of their chunks (`merge.rs`), kept here: per chunk met, each row's
+        // normalised output, log-sum-exp, maximum and sum.
+        let mut stash = Stash::default();
+        let sinks = self.at.masks.sinks.is_some();
+
         // This task's rows (whole query blocks: `first · group` is a multiple of BQ).
         let (start, end) = (self.first * group, (self.first + self.positions) * group);
         for q0 in (start..end).step_by(BQ) {
@@ -274,8 +281,19 @@ where
             let (lo, hi) = key_range(sp, offset, q0 / group, (q0 + rows - 1) / group);
             let hi = hi.min(keys_end).max(lo);
             let lo = if lo < hi { lo / BK * BK } else { hi };
+            stash.clear();
+            let mut chunk = None;
             let mut k0 = lo;
             while k0 < hi {
+                if chunk.is_some_and(|c| c != k0 / CHUNK) {
+                    // A chunk ends: its partial results are kept, and the next starts afresh.
+                    if let (Some(dot), Some(sum)) = (&mut dot, T::as_f32_mut(&mut sum)) {
+                        dot.sums(&mut sum[..padded]);
+                        dot.restart();
+                    }
+                    stash.close(rows, ev, &mut m, &mut sum, &mut acc);
+                }
+                chunk = Some(k0 / CHUNK);
                 let block = k0 / BK;
                 let col0 = k0 % BK;
                 let cols = (BK - col0).min(hi - k0);
@@ -432,12 +450,108 @@ where
             if let (Some(dot), Some(sum)) = (&dot, T::as_f32_mut(&mut sum)) {
                 dot.sums(&mut sum[..padded]);
             }
-            self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores, dot.is_some());
+            if stash.chunks == 0 && !sinks {
+                self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores, dot.is_some());
+            } else {
+                if chunk.is_some() {
+                    stash.close(rows, ev, &mut m, &mut sum, &mut acc);
+                }
+                let first_chunk = chunk.map_or(0, |c| c + 1 - stash.chunks);
+                self.finish_merged(q0, rows, &stash, first_chunk, &block_scores, dot.is_some());
+            }
         }
     }
 }
 
+/// The partial results of a query block's rows, one chunk of keys after another (see
+/// `merge.rs`): per chunk, `rows` log-sum-exps, maxima and sums, and `rows x ev` outputs.
+#[derive(Default)]
+struct Stash<T> {
+    chunks: usize,
+    lse: Vec<T>,
+    m: Vec<T>,
+    sum: Vec<T>,
+    out: Vec<T>,
+}
+
+impl<T: AttnFloat> Stash<T> {
+    fn clear(&mut self) {
+        self.chunks = 0;
+        self.lse.clear();
+        self.m.clear();
+        self.sum.clear();
+        self.out.clear();
+    }
+
+    /// Keeps rows `0..rows` of the running state as the next chunk's partials, and resets it.
+    #[inline(always)]
+    fn close(&mut self, rows: usize, ev: usize, m: &mut [T], sum: &mut [T], acc: &mut [T]) {
+        let at = self.out.len();
+        self.out.resize(at + rows * ev, T::ZERO); // (in cache, written once a query block)
+        for r in 0..rows {
+            let out = &mut self.out[at + r * ev..at + (r + 1) * ev];
+            self.lse.push(merge::normalise(m[r], sum[r], &acc[r * ev..(r + 1) * ev], out));
+        }
+        self.m.extend_from_slice(&m[..rows]);
+        self.sum.extend_from_slice(&sum[..rows]);
+        self.chunks += 1;
+        m.fill(T::NEG_INFINITY);
+        sum.fill(T::ZERO);
+        acc.fill(T::ZERO);
+    }
+}
+
 impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
+    /// [`Group::finish_rows`] for rows whose partials `stash` holds, chunk `first_chunk` on:
+    /// merged (`merge.rs`), with the rows' sink logits. (Inlined, as everything a task runs, so
+    /// that it compiles with the task's instruction set: `mul_add` is a library call outside.)
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn finish_merged(
+        &mut self,
+        q0: usize,
+        rows: usize,
+        stash: &Stash<T>,
+        first_chunk: usize,
+        scores: &[T],
+        pairs: bool,
+    ) {
+        let exp = |x: T| match pairs {
+            true => T::from_f64(exp_short(x.to_f64() as f32) as f64), // T is f32 there: exact
+            false => x.exp_nonpositive(),
+        };
+        let (s, ev) = (self.at.spec.kv_len, self.at.spec.dim_v);
+        let (group, n) = (self.heads.len(), stash.chunks);
+        let (mut row, mut lses, mut factors) = (vec![T::ZERO; ev], vec![T::ZERO; n], vec![T::ZERO; n]);
+        for r in 0..rows {
+            let (i, h) = ((q0 + r) / group - self.first, (q0 + r) % group);
+            let sink = self.at.masks.sink(self.at.g * group + h).map(T::from_f64);
+            let head = &mut self.heads[h];
+            for (c, l) in lses.iter_mut().enumerate() {
+                *l = stash.lse[c * rows + r];
+            }
+            let out_of = |c: usize| &stash.out[(c * rows + r) * ev..(c * rows + r + 1) * ev];
+            let lse = merge::merge_row(&lses, out_of, sink, &mut row, &mut factors);
+            Q::narrow_slice(&row, &mut head.out[i * ev..(i + 1) * ev]);
+            if let Some(l) = head.lse.as_deref_mut() {
+                l[i].write(lse);
+            }
+            if let Some(w) = head.weights.as_deref_mut() {
+                for (j, (x, &score)) in
+                    w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]).enumerate()
+                {
+                    // Key j's chunk: its maximum and sum, and its share of the row.
+                    let c = (j / CHUNK).wrapping_sub(first_chunk);
+                    let weight = match c < n && stash.m[c * rows + r] != T::NEG_INFINITY {
+                        true => exp(score - stash.m[c * rows + r]) / stash.sum[c * rows + r] * factors[c],
+                        false => T::ZERO,
+                    };
+                    x.write(weight);
+                }
+            }
+        }
+    }
+
     /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows` (`pairs`: of
     /// the bfloat16 pair mode, whose probabilities are `exp_short`'s).
     #[inline(always)]
@@ -460,27 +574,20 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
         let group = self.heads.len();
         let mut row = vec![T::ZERO; ev];
         for r in 0..rows {
-            let (i, n) = ((q0 + r) / group - self.first, (q0 + r) % group);
-            let sink = self.at.masks.sink(self.at.g * group + n).map(T::from_f64);
-            let head = &mut self.heads[n];
-            // A sink logit joins the denominator (and may be the row's largest).
-            let (big, alpha, total) = super::with_sink(m[r], sum[r], sink, exp);
+            let (i, head) = ((q0 + r) / group - self.first, &mut self.heads[(q0 + r) % group]);
             let empty = m[r] == T::NEG_INFINITY;
             // `+ 0` makes a zero +0: only the pair mode's flushes give −0 (see `run`).
+            // (`merge::normalise`'s formula: a row inside one chunk merges to exactly this.)
             for (x, &a) in row.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
-                *x = match (empty, sink) {
-                    (true, _) => T::ZERO,
-                    (false, None) => a / total + T::ZERO,
-                    (false, Some(_)) => a * alpha / total + T::ZERO,
-                };
+                *x = if empty { T::ZERO } else { a / sum[r] + T::ZERO };
             }
             Q::narrow_slice(&row, &mut head.out[i * ev..(i + 1) * ev]);
             if let Some(lse) = head.lse.as_deref_mut() {
-                lse[i].write(if empty && sink.is_none() { T::NEG_INFINITY } else { big + total.ln() });
+                lse[i].write(if empty { T::NEG_INFINITY } else { m[r] + sum[r].ln() });
             }
             if let Some(w) = head.weights.as_deref_mut() {
                 for (x, &score) in w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
-                    x.write(if empty { T::ZERO } else { exp(score - big) / total });
+                    x.write(if empty { T::ZERO } else { exp(score - m[r]) / sum[r] });
                 }
             }
         }
