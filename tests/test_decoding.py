@@ -230,3 +230,61 @@ def test_bad_sinks_are_named(sinks, error, words):
     q, k, v = qkv(np.float32)
     with pytest.raises(error, match=words):
         sdpa(q, k, v, enable_gqa=True, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [3, 30])
+def test_merge_attention_of_the_kernels_own_chunks_gives_the_bits_of_one_call(dtype, length):
+    q, k, v = qkv(dtype, length=length, s=1500)
+    whole, whole_lse = sdpa(q, k, v, enable_gqa=True, return_lse=True)
+    parts = [sdpa(q, k[:, :, a:b], v[:, :, a:b], enable_gqa=True, return_lse=True)
+             for a, b in ((0, 512), (512, 1024), (1024, 1500))]
+    out, lse = attnkit.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    assert np.array_equal(out, whole) and np.array_equal(lse, whole_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attention_of_any_split_meets_the_float_bound(dtype):
+    q, k, v = qkv(dtype, length=5, s=300)
+    whole = sdpa(q, k, v, enable_gqa=True)
+    cuts = [0, 7, 150, 151, 300]
+    parts = [sdpa(q, k[:, :, a:b], v[:, :, a:b], enable_gqa=True, return_lse=True) for a, b in zip(cuts, cuts[1:])]
+    out, lse = attnkit.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    assert out.dtype == np.dtype(dtype) and lse.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    eps = {2: 2.0 ** -7 if np.dtype(dtype) != np.float16 else 2.0 ** -10}.get(np.dtype(dtype).itemsize,
+                                                                             float(np.finfo(dtype).eps))
+    err = np.abs(np.asarray(out, np.float64) - np.asarray(whole, np.float64)).max()
+    assert err <= 8 * eps * np.abs(np.asarray(v, np.float64)).max()
+
+
+def test_merge_attention_leaves_out_empty_partials_and_keeps_nan():
+    q, k, v = qkv(np.float32, length=2, s=40)
+    a = sdpa(q, k[:, :, :20], v[:, :, :20], enable_gqa=True, return_lse=True)
+    b = sdpa(q, k[:, :, 20:], v[:, :, 20:], enable_gqa=True, return_lse=True)
+    empty_out, empty_lse = np.full_like(a[0], np.nan), np.full_like(a[1], -np.inf)
+    out, lse = attnkit.merge_attention([a[0], empty_out, b[0]], [a[1], empty_lse, b[1]])
+    want = attnkit.merge_attention([a[0], b[0]], [a[1], b[1]])
+    assert np.array_equal(out, want[0]) and np.array_equal(lse, want[1])
+    out, lse = attnkit.merge_attention([empty_out], [empty_lse])
+    assert (out == 0).all() and np.isneginf(lse).all()
+    nan_lse = a[1].copy()
+    nan_lse[0, 1, 0] = np.nan
+    out, lse = attnkit.merge_attention([a[0], b[0]], [nan_lse, b[1]])
+    assert np.isnan(out[0, 1, 0]).all() and np.isnan(lse[0, 1, 0])
+    assert not np.isnan(out[0, 1, 1]).any() and not np.isnan(lse[0, 1, 1])
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda a, b: attnkit.merge_attention([], []), ValueError, "at least one"),
+    (lambda a, b: attnkit.merge_attention([a[0]], [a[1], b[1]]), ValueError, "as many partials"),
+    (lambda a, b: attnkit.merge_attention([a[0], b[0][..., :8]], [a[1], b[1]]), ValueError, r"outs\[1\], lses\[1\]: shapes"),
+    (lambda a, b: attnkit.merge_attention([a[0], b[0].astype(np.float64)], [a[1], b[1]]), TypeError, r"outs\[1\]: dtype float64"),
+    (lambda a, b: attnkit.merge_attention([a[0]], [a[1].astype(np.float64)]), TypeError, r"lses\[0\]: dtype float64 for float32"),
+    (lambda a, b: attnkit.merge_attention(np.stack([a[0], b[0]]), [a[1], b[1]]), TypeError, "sequences"),
+])
+def test_merge_attention_errors_are_named(call, error, words):
+    q, k, v = qkv(np.float32, length=2, s=40)
+    a = sdpa(q, k[:, :, :20], v[:, :, :20], enable_gqa=True, return_lse=True)
+    b = sdpa(q, k[:, :, 20:], v[:, :, 20:], enable_gqa=True, return_lse=True)
+    with pytest.raises(error, match=words):
+        call(a, b)

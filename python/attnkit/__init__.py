@@ -11,7 +11,7 @@ import threading
 
 from attnkit import _core
 from attnkit._core import InternalError, __version__
-from attnkit.attention import scaled_dot_product_attention
+from attnkit.attention import merge_attention, scaled_dot_product_attention
 from attnkit.cache import KVCache
 from attnkit.embedding import embedding, embedding_bag
 from attnkit.layers import MultiheadAttention
@@ -36,6 +36,7 @@ __all__ = [
     "embedding",
     "embedding_bag",
     "get_num_threads",
+    "merge_attention",
     "position_ids",
     "relative_position_bias",
     "relative_position_bucket",

@@ -5,6 +5,7 @@ unless the weights are asked for."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -14,6 +15,7 @@ from attnkit import _core
 from attnkit._validate import (
     _as_array,
     _contiguous,
+    allocating,
     choice,
     compute_dtype,
     flag,
@@ -24,7 +26,7 @@ from attnkit._validate import (
     real,
 )
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["merge_attention", "scaled_dot_product_attention"]
 
 
 @overload
@@ -367,6 +369,73 @@ def scaled_dot_product_attention(
         weights = weights.reshape(batch_shape + weights.shape[1:])
         results.append(weights[0] if squeeze else weights)
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def merge_attention(
+    outs: Sequence[npt.ArrayLike], lses: Sequence[npt.ArrayLike]
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Combines attention results over disjoint sets of keys into the result over all of them,
+    by their log-sum-exp (as xformers' ``merge_attentions``): for split-KV decoding, a prompt
+    prefix shared by many sequences, or cascades.
+
+    With ``M = max_c lse_c`` and ``w_c = exp(lse_c - M)``: ``out = sum_c w_c out_c / sum_c w_c``
+    and ``lse = M + log sum_c w_c``, the partials taken in order. A partial with ``lse = -inf``
+    (no key to attend to) is left out, whatever its output holds; a row that none reaches gives
+    zeros and ``-inf``; a NaN ``lse`` makes its row NaN. This is the arithmetic attnkit's kernels
+    finish with over their own chunks of 512 keys, so float32 and float64 results of calls over
+    keys ``[0, 512)``, ``[512, 1024)``, ... merge to the bits of one call over all the keys.
+
+    Args:
+        outs: the partial outputs, each ``(..., L, Ev)`` (as ``scaled_dot_product_attention``
+            returns them), all of one dtype: float32, float64, float16 or bfloat16 (merged in
+            float32 and rounded once).
+        lses: their log-sum-exps, each ``(..., L)``: float32 (float64 for float64 outputs).
+
+    Returns:
+        ``(out, lse)``: ``out`` in the partials' dtype, ``lse`` in the dtype merged in.
+
+    Raises:
+        ValueError: no partial, or shapes that differ; TypeError: dtypes that differ or do not
+            fit (float32 ``lses`` for float16/bfloat16 outputs).
+
+    Example:
+        >>> import numpy as np, attnkit
+        >>> rng = np.random.default_rng(0)
+        >>> q, k, v = (rng.standard_normal((1, 2, 3, 8), dtype=np.float32) for _ in range(3))
+        >>> parts = [attnkit.scaled_dot_product_attention(q, k[:, :, s], v[:, :, s], return_lse=True)
+        ...          for s in (slice(0, 2), slice(2, 3))]
+        >>> out, lse = attnkit.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+        >>> whole = attnkit.scaled_dot_product_attention(q, k, v)
+        >>> bool(np.allclose(out, whole, atol=1e-6))
+        True
+    """
+    if isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray):
+        raise TypeError("outs, lses: expected sequences (lists or tuples) of arrays, one per partial result")
+    o_list = [float_array(o, f"outs[{i}]") for i, o in enumerate(outs)]
+    l_list = [float_array(x, f"lses[{i}]") for i, x in enumerate(lses)]
+    if not o_list or len(o_list) != len(l_list):
+        raise ValueError(f"outs, lses: expected as many partials of each, at least one; got {len(o_list)} and {len(l_list)}")
+    dtype = o_list[0].dtype
+    wide = compute_dtype(dtype)
+    for i, (o, x) in enumerate(zip(o_list, l_list)):
+        if o.dtype != dtype:
+            raise TypeError(f"outs[{i}]: dtype {o.dtype}, outs[0] has {dtype}")
+        if x.dtype != wide:
+            raise TypeError(f"lses[{i}]: dtype {x.dtype} for {dtype} outputs (expected {wide})")
+        if o.ndim < 1 or o.shape != o_list[0].shape or x.shape != o.shape[:-1]:
+            raise ValueError(
+                f"outs[{i}], lses[{i}]: shapes {o.shape} and {x.shape}; expected outs of one shape (..., L, Ev) "
+                f"({o_list[0].shape}) and lses of its shape without the last axis"
+            )
+    shape = o_list[0].shape
+    rows, ev = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+    with allocating(f"outs (the {len(o_list)} partials stacked, widened to {wide})"):
+        stacked = np.stack([o.reshape(rows, ev) for o in o_list]).astype(wide, copy=False)
+        stacked_lse = np.ascontiguousarray(np.stack([x.reshape(rows) for x in l_list]))
+    merged = _core.merge_attention(stacked, stacked_lse)
+    out = np.ascontiguousarray(merged[:, :ev]).reshape(shape)
+    lse = np.ascontiguousarray(merged[:, ev]).reshape(shape[:-1])
+    return (out.astype(dtype) if dtype != wide else out), lse
 
 
 def _attn_mask(

@@ -9,7 +9,9 @@ use crate::kernels::attention::{
     self as kernel, Alignment, AttnFloat, AttnSpec, Masks, Outputs, StridedMask, Strides,
 };
 use crate::kernels::storage::Storage;
-use crate::py::arrays::{choice, empty_uninit, floats, run, shape_str, slice, strided, typed, Floats};
+use crate::py::arrays::{
+    choice, empty_uninit, fill_new, floats, run, shape_str, slice, strided, typed, Floats,
+};
 
 /// `(out, lse, weights)`.
 type AttnResult<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
@@ -241,4 +243,49 @@ where
         kernel::attention(qd, kd, vd, &spec, &masks, outputs, par)
     })?;
     Ok((out, lse, weights))
+}
+
+/// Merges partial attention results over disjoint key sets: `outs` `(P, N, Ev)` and `lses`
+/// `(P, N)`, both float32 or both float64, into `(N, Ev + 1)`: each row's output, then its
+/// log-sum-exp.
+#[pyfunction]
+pub fn merge_attention<'py>(
+    py: Python<'py>,
+    outs: &Bound<'py, PyAny>,
+    lses: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match (floats(outs, "outs")?, floats(lses, "lses")?) {
+        (Floats::F32(o), Floats::F32(l)) => typed_merge(py, &o, &l),
+        (Floats::F64(o), Floats::F64(l)) => typed_merge(py, &o, &l),
+        (o, l) => Err(PyTypeError::new_err(format!(
+            "outs, lses: dtypes {} and {}: expected both float32 or both float64",
+            dtype_name(&o),
+            dtype_name(&l)
+        ))),
+    }
+}
+
+fn typed_merge<'py, T: AttnFloat + Element + Send + Sync>(
+    py: Python<'py>,
+    outs: &PyReadonlyArrayDyn<'py, T>,
+    lses: &PyReadonlyArrayDyn<'py, T>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (&[p, n, ev], &[pl, nl]) = (outs.shape(), lses.shape()) else {
+        return Err(PyValueError::new_err(format!(
+            "outs, lses: expected shapes (P, N, Ev) and (P, N), got {} and {}",
+            shape_str(outs.shape()),
+            shape_str(lses.shape())
+        )));
+    };
+    if (pl, nl) != (p, n) {
+        return Err(PyValueError::new_err(format!(
+            "outs, lses: shapes {} and {} do not fit together",
+            shape_str(outs.shape()),
+            shape_str(lses.shape())
+        )));
+    }
+    let (o, l) = (slice(outs, "outs")?, slice(lses, "lses")?);
+    fill_new(py, &[n, ev + 1], "merged (N, Ev + 1)", &[n], |out, par| {
+        kernel::merge_attention(o, l, p, ev, out, par)
+    })
 }

@@ -85,6 +85,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_simd_avx512, m)?)?;
     m.add_function(wrap_pyfunction!(_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::_set_main_thread, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::merge_attention, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding, m)?)?;
     m.add_function(wrap_pyfunction!(embedding::embedding_bag, m)?)?;
     m.add_function(wrap_pyfunction!(positional::sinusoidal, m)?)?;

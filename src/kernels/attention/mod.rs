@@ -584,6 +584,56 @@ where
     Ok(())
 }
 
+/// Merges `parts` partial results over disjoint key sets, `outs` `(parts, rows, ev)` and `lses`
+/// `(parts, rows)`, into `out` `(rows, ev + 1)`: each row's merged output, then its log-sum-exp
+/// (`merge.rs`, the arithmetic the kernels finish with, so that the results of calls over a row's
+/// chunks of keys merge to the bits of one call over all of them). A partial with lse −inf is
+/// left out; NaN, once met, stays.
+pub fn merge_attention<T: AttnFloat>(
+    outs: &[T],
+    lses: &[T],
+    parts: usize,
+    ev: usize,
+    out: &mut [MaybeUninit<T>],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    let rows = lses.len().checked_div(parts).unwrap_or(0);
+    expect_len("lses", lses.len(), parts.checked_mul(rows))?;
+    expect_len("outs", outs.len(), product(&[parts, rows, ev]))?;
+    expect_len("out", out.len(), rows.checked_mul(ev + 1))?;
+    crate::kernels::for_each_row_block(out, ev + 1, par, &Merge { outs, lses, parts, rows, ev });
+    Ok(())
+}
+
+/// [`merge_attention`]'s rows.
+struct Merge<'a, T> {
+    outs: &'a [T],
+    lses: &'a [T],
+    parts: usize,
+    rows: usize,
+    ev: usize,
+}
+
+impl<T: AttnFloat> crate::kernels::Rows<MaybeUninit<T>> for Merge<'_, T> {
+    #[inline(always)]
+    fn rows(&self, first: usize, block: &mut [MaybeUninit<T>]) {
+        let (parts, rows, ev) = (self.parts, self.rows, self.ev);
+        let (mut lses, mut factors, mut row) =
+            (vec![T::ZERO; parts], vec![T::ZERO; parts], vec![T::ZERO; ev]);
+        for (i, dst) in block.chunks_exact_mut(ev + 1).enumerate() {
+            let r = first + i;
+            for (c, l) in lses.iter_mut().enumerate() {
+                *l = self.lses[c * rows + r];
+            }
+            let out_of = |c: usize| &self.outs[(c * rows + r) * ev..(c * rows + r + 1) * ev];
+            let lse = merge::merge_row(&lses, out_of, None, &mut row, &mut factors);
+            for (d, &x) in dst.iter_mut().zip(row.iter().chain([&lse])) {
+                d.write(x);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
