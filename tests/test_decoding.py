@@ -288,3 +288,41 @@ def test_merge_attention_errors_are_named(call, error, words):
     b = sdpa(q, k[:, :, 20:], v[:, :, 20:], enable_gqa=True, return_lse=True)
     with pytest.raises(error, match=words):
         call(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [3, 40])
+def test_return_scores_gives_the_masked_scores_before_the_softmax(dtype, length, threads):
+    q, k, v = qkv(dtype, length=length, s=600)
+    rng = np.random.default_rng(5)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    bias = rng.standard_normal((1, 4, length, 600)).astype(dtype)
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625])
+    lengths = np.array([600, 333, 17])
+    kw = {"enable_gqa": True, "is_causal": True, "causal_alignment": "bottom_right", "softcap": 5.0,
+          "attn_mask": bias, "alibi_slopes": slopes, "key_lengths": lengths}
+    threads(1)
+    out, weights, scores = sdpa(q, k, v, return_weights=True, return_scores=True, **kw)
+    assert scores.dtype == compute and scores.shape == (3, 4, length, 600)
+    # float64 reference: scaled, softcapped, then the bias and ALiBi added, masked pairs -inf.
+    q64, k64 = (np.asarray(x, np.float64) for x in (q, k))
+    raw = q64 @ np.repeat(k64, 2, axis=1).swapaxes(-1, -2) / np.sqrt(32)
+    want = 5.0 * np.tanh(raw / 5.0) + np.asarray(bias, np.float64)
+    for b, n in enumerate(lengths):
+        i = np.arange(length)[:, None] + n - length
+        j = np.arange(600)[None, :]
+        want[b] -= slopes[:, None, None] * np.abs(i - j)
+        want[b] = np.where((j <= i) & (j < n), want[b], -np.inf)
+    masked = np.isneginf(want)
+    assert (np.isneginf(scores) == masked).all()
+    tol = 64 * float(np.finfo(compute).eps) * (1 + np.abs(np.where(masked, 0, want)))
+    assert (np.abs(np.where(masked, 0, scores - np.where(masked, 0, want))) <= tol).all()
+    # The weights are their softmax; the bits do not depend on the thread count.
+    s64 = np.asarray(scores, np.float64)
+    top = s64.max(axis=-1, keepdims=True)
+    soft = np.exp(s64 - np.where(np.isneginf(top), 0, top))  # rows with no key: all zero
+    total = soft.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(weights, soft / np.where(total == 0, 1, total), rtol=0, atol=1e-5)
+    threads(2)
+    again = sdpa(q, k, v, return_weights=True, return_scores=True, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(again, (out, weights, scores)))

@@ -50,6 +50,7 @@ def scaled_dot_product_attention(
     sinks: npt.ArrayLike | None = None,
     return_lse: Literal[False] = False,
     return_weights: Literal[False] = False,
+    return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
 ) -> npt.NDArray[Any]: ...
 
@@ -75,6 +76,7 @@ def scaled_dot_product_attention(
     sinks: npt.ArrayLike | None = None,
     return_lse: Literal[True],
     return_weights: Literal[False] = False,
+    return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 
@@ -100,6 +102,7 @@ def scaled_dot_product_attention(
     sinks: npt.ArrayLike | None = None,
     return_lse: Literal[False] = False,
     return_weights: Literal[True],
+    return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 
@@ -125,6 +128,7 @@ def scaled_dot_product_attention(
     sinks: npt.ArrayLike | None = None,
     return_lse: Literal[True],
     return_weights: Literal[True],
+    return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 
@@ -150,6 +154,7 @@ def scaled_dot_product_attention(
     sinks: npt.ArrayLike | None = None,
     return_lse: bool = False,
     return_weights: bool = False,
+    return_scores: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]: ...
 
@@ -174,6 +179,7 @@ def scaled_dot_product_attention(
     sinks: npt.ArrayLike | None = None,
     return_lse: bool = False,
     return_weights: bool = False,
+    return_scores: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]:
     """Attention as ``torch.nn.functional.scaled_dot_product_attention``, on NumPy arrays.
@@ -227,11 +233,15 @@ def scaled_dot_product_attention(
         return_lse: also return the log-sum-exp ``(..., Hq, L)`` (float32 for 16-bit inputs).
         return_weights: also return the attention probabilities ``(..., Hq, L, S)`` (float32 for
             16-bit inputs).
+        return_scores: also return the scores before the softmax ``(..., Hq, L, S)`` (float32 for
+            16-bit inputs): scaled, softcapped, biases added, ``-inf`` at every masked pair
+            (ONNX's ``qk_matmul_output`` with bias; for KV-eviction methods such as H2O).
         layout: ``"bhsd"`` or ``"bshd"`` for query, key, value and the output.
 
     Returns:
         ``out`` of shape ``(..., Hq, L, Ev)`` (``bshd``: ``(..., L, Hq, Ev)``), or the tuple
-        ``(out, lse)``, ``(out, weights)`` or ``(out, lse, weights)`` when requested. A query row
+        ``(out, lse)``, ``(out, weights)`` or ``(out, lse, weights)`` when requested, then
+        ``scores`` last when requested. A query row
         with no key to attend to gives zeros (weights zero, lse ``-inf``), never NaN; masked keys,
         values and queries never enter the arithmetic; results are bitwise identical for any
         thread count.
@@ -263,6 +273,7 @@ def scaled_dot_product_attention(
         and query.ndim == 4 and key.ndim == 4 and query.shape[1] == key.shape[1]
         and attn_mask is None and key_mask is None and key_lengths is None and query_lengths is None and window is None and alibi_slopes is None
         and softcap is None and sinks is None and return_lse is False and return_weights is False
+        and return_scores is False
         and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
         and layout == "bhsd" and causal_alignment == "top_left"
         and (scale is None or (type(scale) is float and math.isfinite(scale)))
@@ -290,6 +301,7 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p: attnkit is for inference and takes only 0.0, got {dropout_p}")
     is_causal, enable_gqa = flag(is_causal, "is_causal"), flag(enable_gqa, "enable_gqa")
     return_lse, return_weights = flag(return_lse, "return_lse"), flag(return_weights, "return_weights")
+    return_scores = flag(return_scores, "return_scores")
     squeeze = q.ndim == 2
     if squeeze:  # (L, E): one batch item and one head, in either layout
         q, k, v = q[None], k[None], v[None]
@@ -346,10 +358,10 @@ def scaled_dot_product_attention(
             raise ValueError(f"sinks: expected shape ({hq},) (one per query head), got {sk.shape}")
         sink_logits = np.ascontiguousarray(sk)
     win = _window(window)
-    out, lse, weights = _core.attention(
+    out, lse, weights, scores = _core.attention(
         q4, k4, v4, layout, scale_value, cap, is_causal, win, alignment,
         bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths, q_lengths,
-        sink_logits,
+        sink_logits, return_scores,
     )
     if q_lengths is not None:  # the rows past each item's queries are padding: zeros
         padding = np.arange(length)[None, :] >= q_lengths[:, None]  # (b, L); out is (b, Hq, L, Ev) here
@@ -358,6 +370,8 @@ def scaled_dot_product_attention(
             lse[np.broadcast_to(padding[:, None, :], lse.shape)] = -np.inf
         if weights is not None:
             weights[np.broadcast_to(padding[:, None, :, None], weights.shape)] = 0
+        if scores is not None:
+            scores[np.broadcast_to(padding[:, None, :, None], scores.shape)] = -np.inf
     out = out.reshape(batch_shape + out.shape[1:])
     if layout == "bshd":
         out = np.ascontiguousarray(np.swapaxes(out, -2, -3))
@@ -365,9 +379,10 @@ def scaled_dot_product_attention(
     if lse is not None:
         lse = lse.reshape(batch_shape + lse.shape[1:])
         results.append(lse[0] if squeeze else lse)
-    if weights is not None:
-        weights = weights.reshape(batch_shape + weights.shape[1:])
-        results.append(weights[0] if squeeze else weights)
+    for extra in (weights, scores):
+        if extra is not None:
+            extra = extra.reshape(batch_shape + extra.shape[1:])
+            results.append(extra[0] if squeeze else extra)
     return results[0] if len(results) == 1 else tuple(results)
 
 

@@ -13,16 +13,18 @@ use crate::py::arrays::{
     choice, empty_uninit, fill_new, floats, run, shape_str, slice, strided, typed, Floats,
 };
 
-/// `(out, lse, weights)`.
-type AttnResult<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+/// `(out, lse, weights, scores)`.
+type AttnResult<'py> =
+    (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
 /// Attention over `(B, H, L, E)` arrays (`layout="bshd"`: `(B, L, H, E)`); returns
-/// `(out (B, Hq, L, Ev), lse (B, Hq, L) or None, weights (B, Hq, L, S) or None)`.
+/// `(out (B, Hq, L, Ev), lse (B, Hq, L) or None, weights (B, Hq, L, S) or None, scores (B, Hq, L,
+/// S) or None)`.
 #[pyfunction]
 #[pyo3(signature = (query, key, value, layout, scale, softcap, causal, window, alignment,
                     bool_mask=None, float_mask=None, key_mask=None, alibi=None,
                     return_lse=false, return_weights=false, key_lengths=None,
-                    query_lengths=None, sinks=None))]
+                    query_lengths=None, sinks=None, return_scores=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<'py>(
     py: Python<'py>,
@@ -44,6 +46,7 @@ pub fn attention<'py>(
     key_lengths: Option<&Bound<'py, PyAny>>,
     query_lengths: Option<&Bound<'py, PyAny>>,
     sinks: Option<&Bound<'py, PyAny>>,
+    return_scores: bool,
 ) -> PyResult<AttnResult<'py>> {
     let bshd = choice("layout", layout, &[("bhsd", false), ("bshd", true)])?;
     let alignment = choice(
@@ -54,7 +57,17 @@ pub fn attention<'py>(
     // A bound beyond any sequence means "unlimited" on that side; clamped so the kernel's signed
     // position arithmetic holds it.
     let window = (window.0.map(|w| w.min(1 << 62)), window.1.map(|w| w.min(1 << 62)));
-    let options = Options { bshd, scale, softcap, causal, window, alignment, return_lse, return_weights };
+    let options = Options {
+        bshd,
+        scale,
+        softcap,
+        causal,
+        window,
+        alignment,
+        return_lse,
+        return_weights,
+        return_scores,
+    };
     let extra = Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths, sinks };
     let (o, x) = (&options, &extra);
     match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
@@ -85,6 +98,7 @@ struct Options {
     alignment: Alignment,
     return_lse: bool,
     return_weights: bool,
+    return_scores: bool,
 }
 
 struct Extra<'a, 'py> {
@@ -236,13 +250,18 @@ where
         .return_weights
         .then(|| empty_uninit::<T>(py, &[b, hq, l, s], "weights (batch, Hq, L, S: set by query and key)"))
         .transpose()?;
+    let scores = o
+        .return_scores
+        .then(|| empty_uninit::<T>(py, &[b, hq, l, s], "scores (batch, Hq, L, S: set by query and key)"))
+        .transpose()?;
     let (lse, lse_data) = lse.map_or((None, None), |(a, d)| (Some(a), Some(d)));
     let (weights, weights_data) = weights.map_or((None, None), |(a, d)| (Some(a), Some(d)));
+    let (scores, scores_data) = scores.map_or((None, None), |(a, d)| (Some(a), Some(d)));
     run(py, &[], |par| {
-        let outputs = Outputs { out: out_data, lse: lse_data, weights: weights_data };
+        let outputs = Outputs { out: out_data, lse: lse_data, weights: weights_data, scores: scores_data };
         kernel::attention(qd, kd, vd, &spec, &masks, outputs, par)
     })?;
-    Ok((out, lse, weights))
+    Ok((out, lse, weights, scores))
 }
 
 /// Merges partial attention results over disjoint key sets: `outs` `(P, N, Ev)` and `lses`

@@ -278,6 +278,14 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
         if let Some(l) = head.lse.as_deref_mut() {
             l[i].write(lse);
         }
+        if let Some(out) = head.scores.as_deref_mut() {
+            for (chunk, &(.., scores)) in chunks.iter().zip(&parts) {
+                let (c0, c1) = chunk.keys;
+                for (x, &score) in out[i * s + c0..i * s + c1].iter_mut().zip(&scores[r * (c1 - c0)..]) {
+                    x.write(score);
+                }
+            }
+        }
         if let Some(weights) = head.weights.as_deref_mut() {
             for (c, (chunk, &(m, sum, _, scores))) in chunks.iter().zip(&parts).enumerate() {
                 let (c0, c1) = chunk.keys;

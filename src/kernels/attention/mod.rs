@@ -310,12 +310,14 @@ impl<'a, Q, KV, T> TaskInputs<'a, Q, KV, T> {
     }
 }
 
-/// Where the outputs go: `out` (in the queries' storage type `O`) always, `lse` and `weights` (in
-/// the compute type `T`) when requested.
+/// Where the outputs go: `out` (in the queries' storage type `O`) always, `lse`, `weights` and
+/// `scores` (in the compute type `T`) when requested.
 pub struct Outputs<'a, O, T> {
     pub out: &'a mut [MaybeUninit<O>],
     pub lse: Option<&'a mut [MaybeUninit<T>]>,
     pub weights: Option<&'a mut [MaybeUninit<T>]>,
+    /// The scores before the softmax, masked pairs −inf.
+    pub scores: Option<&'a mut [MaybeUninit<T>]>,
 }
 
 fn last_index(
@@ -459,6 +461,11 @@ impl AttnSpec {
                 outputs.weights.as_ref().map(|w| w.len()),
                 rows.and_then(|r| r.checked_mul(self.kv_len)),
             ),
+            (
+                "scores",
+                outputs.scores.as_ref().map(|w| w.len()),
+                rows.and_then(|r| r.checked_mul(self.kv_len)),
+            ),
         ];
         for (arg, got, expected) in sizes {
             if let Some(len) = got {
@@ -466,6 +473,14 @@ impl AttnSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// Each (batch, query head)'s `n` elements of an optional `(batch, Hq, ...)` output.
+fn per_head<X>(x: Option<&mut [X]>, n: usize, pairs: usize) -> Vec<Option<&mut [X]>> {
+    match x {
+        Some(w) if n > 0 => w.chunks_mut(n).map(Some).collect(),
+        _ => (0..pairs).map(|_| None).collect(),
     }
 }
 
@@ -505,18 +520,17 @@ where
         Some(lse) => lse.chunks_mut(l).map(Some).collect(),
         None => (0..pairs).map(|_| None).collect(),
     };
-    let has_weights = outputs.weights.is_some() && s > 0;
-    let weights: Vec<Option<&mut [MaybeUninit<T>]>> = match outputs.weights {
-        Some(w) if s > 0 => w.chunks_mut(l * s).map(Some).collect(),
-        _ => (0..pairs).map(|_| None).collect(),
-    };
+    // (The scores of every pair are kept where the weights or the scores are asked for.)
+    let has_weights = (outputs.weights.is_some() || outputs.scores.is_some()) && s > 0;
+    let (weights, scores) = (per_head(outputs.weights, l * s, pairs), per_head(outputs.scores, l * s, pairs));
     // ... gathered into one task per (batch, key/value head) with the query heads that share it.
     let group = spec.heads_q / spec.heads_kv;
-    let mut heads = outs.into_iter().zip(lses).zip(weights).map(|((out, lse), weights)| tile::HeadOut {
-        out,
-        lse,
-        weights,
-    });
+    let mut heads = outs
+        .into_iter()
+        .zip(lses)
+        .zip(weights)
+        .zip(scores)
+        .map(|(((out, lse), weights), scores)| tile::HeadOut { out, lse, weights, scores });
     let flops = 2.0 * (l as f64) * (s as f64) * ((spec.dim_qk + ev) as f64) * pairs as f64;
     // Task t works on batch t / Hkv, key/value head t % Hkv.
     let inputs = |t: usize| TaskInputs {
@@ -743,7 +757,7 @@ mod tests {
                     &c.v,
                     sp,
                     &masks,
-                    Outputs { out: o, lse: Some(&mut *lse), weights: None },
+                    Outputs { out: o, lse: Some(&mut *lse), weights: None, scores: None },
                     par,
                 )
             })?;
@@ -821,7 +835,7 @@ mod tests {
                     &c.v,
                     &c.spec,
                     &masks,
-                    Outputs { out: o, lse: None, weights: None },
+                    Outputs { out: o, lse: None, weights: None, scores: None },
                     Par::SEQ,
                 )
             })

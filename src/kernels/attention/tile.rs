@@ -38,11 +38,12 @@ use crate::kernels::exp::exp_short;
 use crate::kernels::simd::{self, Task};
 use crate::kernels::storage::{Storage, Stored};
 
-/// One head's rows of `out` (stored as `O`), `lse` and `weights` (as `T`).
+/// One head's rows of `out` (stored as `O`), `lse`, `weights` and `scores` (as `T`).
 pub(super) struct HeadOut<'o, O, T> {
     pub out: &'o mut [MaybeUninit<O>],
     pub lse: Option<&'o mut [MaybeUninit<T>]>,
     pub weights: Option<&'o mut [MaybeUninit<T>]>,
+    pub scores: Option<&'o mut [MaybeUninit<T>]>,
 }
 
 impl<'o, O, T> HeadOut<'o, O, T> {
@@ -57,6 +58,7 @@ impl<'o, O, T> HeadOut<'o, O, T> {
             out: split(&mut self.out, i * ev),
             lse: self.lse.as_mut().map(|x| split(x, i)),
             weights: self.weights.as_mut().map(|x| split(x, i * s)),
+            scores: self.scores.as_mut().map(|x| split(x, i * s)),
         }
     }
 }
@@ -226,8 +228,8 @@ where
         // of a task's, without causal or window bounds) build them once.
         let mut keep_for = None;
         // The masked scores of the current query block, kept only when weights are requested.
-        let mut block_scores =
-            vec![T::NEG_INFINITY; if self.heads[0].weights.is_some() { BQ * s } else { 0 }];
+        let keep_scores = self.heads[0].weights.is_some() || self.heads[0].scores.is_some();
+        let mut block_scores = vec![T::NEG_INFINITY; if keep_scores { BQ * s } else { 0 }];
 
         // Rows whose keys span several chunks (or that have a sink logit) finish by merging the
         // partial results of their chunks (`merge.rs`), kept here: per chunk met, each row's
@@ -463,6 +465,16 @@ where
     }
 }
 
+/// Query position `i`'s `s` masked scores, row `r` of `scores`, into `head.scores` if asked for.
+#[inline(always)]
+fn write_scores<O, T: Copy>(head: &mut HeadOut<'_, O, T>, i: usize, s: usize, scores: &[T], r: usize) {
+    if let Some(out) = head.scores.as_deref_mut() {
+        for (x, &score) in out[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
+            x.write(score);
+        }
+    }
+}
+
 /// The partial results of a query block's rows, one chunk of keys after another (see
 /// `merge.rs`): per chunk, `rows` log-sum-exps, maxima and sums, and `rows x ev` outputs.
 #[derive(Default)]
@@ -549,6 +561,7 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
                     x.write(weight);
                 }
             }
+            write_scores(head, i, s, scores, r);
         }
     }
 
@@ -590,6 +603,7 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
                     x.write(if empty { T::ZERO } else { exp(score - m[r]) / sum[r] });
                 }
             }
+            write_scores(head, i, s, scores, r);
         }
     }
 }
