@@ -207,6 +207,7 @@ def cases(quick: bool, torch: Any) -> list[Case]:
 
     out.extend(attention_cases(quick, torch))
     out.extend(half_cases(quick, torch))
+    out.extend(decode_step_cases(quick, torch))
     out.append(layer_case(quick, torch))
 
     # The harness against itself: the ratio shows the measurement noise.
@@ -377,6 +378,104 @@ def half_cases(quick: bool, torch: Any) -> list[Case]:
     return out
 
 
+# Decode steps shaped like a model's: name, batch, query heads, key/value heads, context, E, and
+# whether the batch is ragged (lengths from 100 to 4000).
+DECODE_STEP_GRID = [
+    ("GPT-2 B8", 8, 12, 12, 1024, 64, False),
+    ("Llama-3 kv4096", 1, 32, 8, 4096, 128, False),
+    ("Llama-3 kv8192", 1, 32, 8, 8192, 128, False),
+    ("TinyLlama kv2048", 1, 32, 4, 2048, 64, False),
+    ("ragged B8 100-4000", 8, 32, 4, 4000, 64, True),
+]
+
+
+def decode_step_cases(quick: bool, torch: Any) -> list[Case]:
+    """One decode step as a model runs it: a NumPy BLAS projection of the hidden state (which makes
+    the query), then attention over the KV cache: attnkit's ``KVCache`` (append the new token in
+    place, attend, crop back to the context) against PyTorch's SDPA on the same cache in its best
+    form (the new token written into a preallocated tensor, SDPA on a slice of it; a ragged batch
+    with a key padding mask). The row's time is the whole step, projection included."""
+    rng = np.random.default_rng(4)
+    out: list[Case] = []
+    for name, b, hq, hkv, context, e, ragged in DECODE_STEP_GRID:
+        if quick and (context > 2048 or ragged):
+            continue
+        lengths = rng.integers(100, context + 1, size=b) if ragged else np.full(b, context)
+        lengths[-1] = context  # the longest sets the cache's width
+        hidden = hq * e
+        w = rng.standard_normal((hidden, hidden), dtype=np.float32) / np.float32(np.sqrt(hidden))
+        x = rng.standard_normal((b, hidden), dtype=np.float32)
+        k = rng.standard_normal((b, hkv, context, e), dtype=np.float32)
+        v = rng.standard_normal((b, hkv, context, e), dtype=np.float32)
+        new_k, new_v = k[:, :, :1].copy(), v[:, :, :1].copy()
+        cache = attnkit.KVCache(b, hkv, e, capacity=context + 1)
+        cache.append(k, v, lengths=lengths - 1)
+        steady = cache.lengths
+
+        def ours(cache: attnkit.KVCache = cache, steady: Any = steady, x: Any = x, w: Any = w,
+                 shape: tuple[int, ...] = (b, hq, 1, e), new: tuple[Any, Any] = (new_k, new_v)) -> object:
+            q = (x @ w).reshape(shape)
+            cache.append(*new)
+            result = cache.attend(q)
+            cache.crop(steady)
+            return result
+
+        kv_bytes = int(lengths.sum()) * hkv * e * 4 * 2
+        case = Case(f"decode step {name}", f"B{b} H{hq}/{hkv} kv{context} E{e}", kv_bytes, ours, kv_bytes=kv_bytes)
+        if torch is not None:
+            tk, tv = torch.from_numpy(k), torch.from_numpy(v)
+            t_new_k, t_new_v = torch.from_numpy(new_k), torch.from_numpy(new_v)
+            mask = torch.from_numpy(np.arange(context)[None, :] < lengths[:, None])[:, None, None, :] if ragged else None
+
+            def theirs(x: Any = x, w: Any = w, shape: tuple[int, ...] = (b, hq, 1, e), tk: Any = tk, tv: Any = tv,
+                       new: tuple[Any, Any] = (t_new_k, t_new_v), mask: Any = mask, lengths: Any = lengths) -> object:
+                q = torch.from_numpy(x @ w).view(shape)
+                for i, n in enumerate(lengths):  # the new token at each sequence's last position
+                    tk[i, :, n - 1:n] = new[0][i]
+                    tv[i, :, n - 1:n] = new[1][i]
+                return torch.nn.functional.scaled_dot_product_attention(q, tk, tv, attn_mask=mask, enable_gqa=hq != hkv)
+
+            case.peers["torch"] = theirs
+        out.append(case)
+    return out
+
+
+def decode_latency(tokens: int = 4096, path: str | None = None) -> list[float]:
+    """Milliseconds of each of ``tokens`` decode steps through a ``KVCache`` (TinyLlama's heads:
+    32 query heads over 4 key/value heads of 64), one token appended and attended at a time: the
+    latency grows with the attention's work alone (appends cost the new token). Prints the median
+    per 512 tokens; with ``path``, plots every step (needs matplotlib)."""
+    rng = np.random.default_rng(6)
+    k = rng.standard_normal((1, 4, tokens, 64), dtype=np.float32)
+    v = rng.standard_normal((1, 4, tokens, 64), dtype=np.float32)
+    q = rng.standard_normal((1, 32, tokens, 64), dtype=np.float32)
+    cache = attnkit.KVCache(1, 4, 64, capacity=tokens)
+    ms = []
+    for t in range(tokens):
+        start = time.perf_counter()
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        cache.attend(q[:, :, t:t + 1])
+        ms.append(1e3 * (time.perf_counter() - start))
+    buckets = [statistics.median(ms[i:i + 512]) for i in range(0, tokens, 512)]
+    print("decode latency through the cache (TinyLlama heads), median ms per 512 tokens: "
+          + " ".join(f"{x:.3f}" for x in buckets))
+    if path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot(range(1, tokens + 1), ms, linewidth=0.5)
+        ax.set_xlabel("tokens in the cache")
+        ax.set_ylabel("ms per step (append + attend)")
+        ax.set_ylim(0, 3 * max(buckets))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return ms
+
+
 def layer_case(quick: bool, torch: Any) -> Case:
     """The MultiheadAttention layer on BERT-base shapes against torch.nn.MultiheadAttention (eval mode,
     need_weights=False), both with the same weights and a padding mask."""
@@ -472,6 +571,7 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
         attnkit.set_num_threads(before)
         if torch:
             torch.set_num_threads(torch_before)
+    latency = decode_latency(1024 if quick else 4096)
     print("\nms: attnkit's median milliseconds a call; rate: GB/s moved, GFLOP/s for attention (\"of cal\":")
     print("as a share of the calibration matmul at that thread count), GB/s of K and V read for decode")
     print("rows; vs numpy, vs torch: peer time / attnkit time, above 1 means attnkit is faster (the A/A")
@@ -482,7 +582,7 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"calibration_gflops": calibration, "peak_gflops_one_core": peaks,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+                       "rows": [asdict(r) for r in rows], "decode_latency_ms": latency}, f, indent=1)
         print(f"saved {json_path}")
     if plot_path:
         plot(rows, plot_path)
