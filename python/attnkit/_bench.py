@@ -381,7 +381,7 @@ def half_cases(quick: bool, torch: Any) -> list[Case]:
 # Decode steps shaped like a model's: name, batch, query heads, key/value heads, context, E, and
 # whether the batch is ragged (lengths from 100 to 4000).
 DECODE_STEP_GRID = [
-    ("GPT-2 B8", 8, 12, 12, 1024, 64, False),
+    ("GPT-2 B8 kv1024", 8, 12, 12, 1024, 64, False),
     ("Llama-3 kv4096", 1, 32, 8, 4096, 128, False),
     ("Llama-3 kv8192", 1, 32, 8, 8192, 128, False),
     ("TinyLlama kv2048", 1, 32, 4, 2048, 64, False),
@@ -421,7 +421,7 @@ def decode_step_cases(quick: bool, torch: Any) -> list[Case]:
             return result
 
         kv_bytes = int(lengths.sum()) * hkv * e * 4 * 2
-        case = Case(f"decode step {name}", f"B{b} H{hq}/{hkv} kv{context} E{e}", kv_bytes, ours, kv_bytes=kv_bytes)
+        case = Case(f"step {name}", f"B{b} H{hq}/{hkv} kv{context} E{e}", kv_bytes, ours, kv_bytes=kv_bytes)
         if torch is not None:
             tk, tv = torch.from_numpy(k), torch.from_numpy(v)
             t_new_k, t_new_v = torch.from_numpy(new_k), torch.from_numpy(new_v)
