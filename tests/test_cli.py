@@ -101,3 +101,16 @@ def test_bench_plot_draws_the_ratios(tmp_path):
     else:
         _bench.plot(rows, str(target))
         assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_latency_times_every_step(tmp_path, capsys):
+    ms = _bench.decode_latency(64)
+    assert len(ms) == 64 and all(x > 0 for x in ms)
+    assert "median ms per 512 tokens" in capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    target = tmp_path / "latency.png"
+    _bench.decode_latency(16, str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

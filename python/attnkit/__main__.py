@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (about a minute)")
     bench.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
     bench.add_argument("--json", metavar="FILE", help="save the figures as JSON")
-    bench.add_argument("--plot", metavar="FILE.png", help="draw the ratios to PyTorch (needs matplotlib)")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw the ratios to PyTorch, and the decode latency per "
+                       "token to FILE-latency.png (needs matplotlib)")
     demo = commands.add_parser("demo", help="self-attention on the words of a sentence")
     demo.add_argument("sentence", nargs="?", help="the sentence (default: a sentence with two kinds of bank)")
     demo.add_argument("--plot", metavar="FILE.png", help="save the attention map (needs matplotlib)")

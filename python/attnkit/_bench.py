@@ -571,7 +571,8 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
         attnkit.set_num_threads(before)
         if torch:
             torch.set_num_threads(torch_before)
-    latency = decode_latency(1024 if quick else 4096)
+    latency_plot = None if plot_path is None else "-latency".join(os.path.splitext(plot_path))
+    latency = decode_latency(1024 if quick else 4096, latency_plot)
     print("\nms: attnkit's median milliseconds a call; rate: GB/s moved, GFLOP/s for attention (\"of cal\":")
     print("as a share of the calibration matmul at that thread count), GB/s of K and V read for decode")
     print("rows; vs numpy, vs torch: peer time / attnkit time, above 1 means attnkit is faster (the A/A")
@@ -586,7 +587,7 @@ def run(quick: bool = False, threads: tuple[int, ...] = (1, 2), json_path: str |
         print(f"saved {json_path}")
     if plot_path:
         plot(rows, plot_path)
-        print(f"saved {plot_path}")
+        print(f"saved {plot_path} and {latency_plot}")
     return rows
 
 
