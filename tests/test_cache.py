@@ -254,3 +254,22 @@ def test_a_sequence_with_no_keys_attends_to_nothing():
     cache.append(k, v, lengths=[3, 0, 1])
     out, lse = cache.attend(q[:, :, :1], return_lse=True)
     assert (out[1] == 0).all() and np.isneginf(lse[1]).all() and np.isfinite(lse[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_quick_paths_of_append_and_attend_agree_with_the_full_ones(dtype):
+    """A plain step (bhsd arrays of the cache's dtype, no options) skips the argument checks of
+    the full path; both must give the same cache and the same bits."""
+    q, k, v = tokens(dtype, 30)
+    quick = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=32, dtype=dtype)
+    full = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=32, dtype=dtype)
+    quick.append(k[:, :, :20], v[:, :, :20])
+    full.append(list(k[:, :, :20]), list(v[:, :, :20]))  # lists: the full path
+    assert same_state(state(quick), state(full))
+    quick.append(k[:, :, 20:], v[:, :, 20:], lengths=[10, 4, 0])  # ragged: the full path
+    quick.append(k[:, :, :1], v[:, :, :1])  # lengths differ: the full path
+    full.append(k[:, :, 20:], v[:, :, 20:], lengths=[10, 4, 0])
+    full.append(list(k[:, :, :1]), list(v[:, :, :1]))
+    assert same_state(state(quick), state(full))
+    assert np.array_equal(quick.attend(q[:, :, :1]), full.attend(q[:, :, :1], return_lse=True)[0])
+    assert np.array_equal(quick.attend(q[:, :, :3], is_causal=False), full.attend(list(q[:, :, :3]), is_causal=False))

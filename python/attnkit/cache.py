@@ -3,11 +3,13 @@ reads the cache where it lies (never a copy of the history)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from attnkit import _core
 from attnkit._validate import (
     _as_array,
     allocating,
@@ -81,7 +83,11 @@ class KVCache:
         self._dtype = float_dtype(dtype)
         self._growable = flag(growable, "growable")
         self._k, self._v = self._buffers(capacity)
-        self._lengths = np.zeros(self._batch, np.int64)
+        self._set_lengths(np.zeros(self._batch, np.int64))
+
+    def _set_lengths(self, lengths: npt.NDArray[np.int64]) -> None:
+        self._lengths = lengths
+        self._uniform = bool((lengths == lengths[0]).all())  # every sequence alike
 
     def _buffers(self, capacity: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         what = (f"KVCache storage ({self._batch} x {self._heads} heads x {capacity} positions x "
@@ -150,7 +156,7 @@ class KVCache:
         used = state["k"].shape[2]
         self._k[:, :, :used] = state["k"]
         self._v[:, :, :used] = state["v"]
-        self._lengths = np.array(state["lengths"], np.int64)
+        self._set_lengths(np.array(state["lengths"], np.int64))
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -177,6 +183,18 @@ class KVCache:
             range, or (not growable) positions past ``capacity``. The cache is unchanged after any
             error.
         """
+        if (  # the common step, checked first (a decode loop calls this per layer and token)
+            lengths is None and layout == "bhsd" and type(key) is np.ndarray and type(value) is np.ndarray
+            and key.dtype == self._dtype and value.dtype == self._dtype and key.ndim == value.ndim == 4
+            and key.shape[:2] == value.shape[:2] == (self._batch, self._heads) and key.shape[2] == value.shape[2]
+            and key.shape[3] == self._dim and value.shape[3] == self._vdim and self._uniform
+        ):
+            start, n = int(self._lengths[0]), key.shape[2]
+            if start + n <= self.capacity:
+                self._k[:, :, start:start + n] = key
+                self._v[:, :, start:start + n] = value
+                self._lengths += n
+                return
         layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
         k = self._new(key, "key", self._dim, layout)
         v = self._new(value, "value", self._vdim, layout)
@@ -205,7 +223,7 @@ class KVCache:
                 start, count = int(self._lengths[b]), int(added[b])
                 self._k[b, :, start:start + count] = k[b, :, :count]
                 self._v[b, :, start:start + count] = v[b, :, :count]
-        self._lengths = end
+        self._set_lengths(end)
 
     def _new(self, x: npt.ArrayLike, name: str, dim: int, layout: str) -> npt.NDArray[Any]:
         """New keys or values as ``(batch, heads, n, dim)`` of a dtype the cache can store."""
@@ -258,7 +276,7 @@ class KVCache:
         used = int(self._lengths.max())
         self._k[:, :, :used] = self._k[idx, :, :used]
         self._v[:, :, :used] = self._v[idx, :, :used]
-        self._lengths = self._lengths[idx]
+        self._set_lengths(self._lengths[idx])
 
     def crop(self, lengths: npt.ArrayLike) -> None:
         """Shortens sequences to ``lengths`` (an int for all, or one per sequence), each at most
@@ -268,7 +286,7 @@ class KVCache:
         if longer.any():
             b = int(np.argmax(longer))
             raise ValueError(f"lengths: {int(new[b])} for sequence {b}, longer than its {int(self._lengths[b])} positions")
-        self._lengths = new
+        self._set_lengths(new)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -307,6 +325,22 @@ class KVCache:
             ``out`` ``(batch, Hq, L, value_dim)`` (``bshd``: ``(batch, L, Hq, value_dim)``), or
             ``(out, lse)``.
         """
+        if (  # the common step, checked first: the core re-validates and refuses what it cannot take
+            type(query) is np.ndarray and query.ndim == 4 and query.dtype == self._dtype and layout == "bhsd"
+            and query_lengths is None and window is None and alibi_slopes is None and softcap is None
+            and sinks is None and type(is_causal) is bool and return_lse is False
+            and query.shape[0] == self._batch and query.shape[3] == self._dim and query.shape[1] % self._heads == 0
+            and (scale is None or (type(scale) is float and math.isfinite(scale)))
+        ):
+            used = int(self._lengths.max())
+            s = scale if scale is not None else 1.0 / math.sqrt(self._dim)
+            try:
+                return _core.attention(
+                    query, self._k[:, :, :used], self._v[:, :, :used], "bhsd", s, None, is_causal, (None, None),
+                    "bottom_right", None, None, None, None, False, False, self._lengths,
+                )[0]
+            except (TypeError, ValueError):
+                pass  # explained by the full path below
         layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
         q = float_array(query, "query", in_place=True)
         if q.ndim != 4:
