@@ -273,3 +273,85 @@ def test_the_quick_paths_of_append_and_attend_agree_with_the_full_ones(dtype):
     assert same_state(state(quick), state(full))
     assert np.array_equal(quick.attend(q[:, :, :1]), full.attend(q[:, :, :1], return_lse=True)[0])
     assert np.array_equal(quick.attend(q[:, :, :3], is_causal=False), full.attend(list(q[:, :, :3]), is_causal=False))
+
+
+def _grow_both(full, ring, k, v, chunks, lengths=None):
+    """Appends the same tokens to a full cache and a rotating one, chunk by chunk."""
+    for a, b in zip(chunks, chunks[1:]):
+        extra = {} if lengths is None else {"lengths": np.minimum(lengths, b - a)}
+        full.append(k[:, :, a:b], v[:, :, a:b], **extra)
+        ring.append(k[:, :, a:b], v[:, :, a:b], **extra)
+        yield a, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step", [1, 24])
+def test_a_rotating_cache_gives_the_bits_of_a_full_cache_with_its_window(dtype, step, threads):
+    q, k, v = tokens(dtype, 1400)
+    window = 300
+    for n in (1, 2):
+        threads(n)
+        full = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=1400, dtype=dtype)
+        ring = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=step, dtype=dtype, window=window)
+        shape = ring.shape
+        for a, b in _grow_both(full, ring, k, v, list(range(0, 1400, step)) + [1400]):
+            if a % (5 * step) and b < 1390:
+                continue
+            want = full.attend(q[:, :, a:b], window=(window, None))
+            assert np.array_equal(ring.attend(q[:, :, a:b]), want), (a, b)
+        # Bounded: twice (the window, two appends' worth and a chunk of margin), whatever was appended.
+        assert ring.shape == shape and shape[2] <= 2 * (window + 2 * step + 1023)
+        assert np.array_equal(ring.keys(), full.keys()[:, :, -window:])
+
+
+def test_a_rotating_cache_takes_ragged_appends_and_queries():
+    q, k, v = tokens(np.float32, 900)
+    full = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=900)
+    ring = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=30, window=200)
+    real = np.array([30, 17, 3])
+    for a, b in _grow_both(full, ring, k, v, list(range(0, 900, 30)), lengths=real):
+        ql = np.minimum(real, b - a)
+        kw = {"query_lengths": ql, "return_lse": True}
+        got, want = ring.attend(q[:, :, a:b], **kw), full.attend(q[:, :, a:b], window=(200, None), **kw)
+        assert all(np.array_equal(x, y) for x, y in zip(got, want)), (a, b)
+
+
+def test_a_rotating_cache_rolls_back_reorders_and_pickles():
+    q, k, v = tokens(np.float32, 700)
+    full = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=700)
+    ring = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=8, window=100)
+    list(_grow_both(full, ring, k, v, list(range(0, 600, 8)) + [600]))
+    for cache in (full, ring):
+        cache.crop([595, 592, 600])  # rejected draft tokens
+        cache.reorder([2, 0, 0])
+    list(_grow_both(full, ring, k, v, [600, 606]))
+    back = pickle.loads(pickle.dumps(ring))
+    assert repr(back) == repr(ring) and "window=100" in repr(ring)
+    want = full.attend(q[:, :, 600:606], window=(100, None))
+    assert np.array_equal(ring.attend(q[:, :, 600:606]), want)
+    assert np.array_equal(back.attend(q[:, :, 600:606]), want)
+    assert len(pickle.dumps(ring)) < 2.2 * (ring.shape[0] * ring.shape[1] * ring.shape[2] // 2) * (E + EV) * 4
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda c, q, k, v: c.append(k[:, :, :9], v[:, :, :9]), ValueError, "key: 9 new positions, more than the 8"),
+    (lambda c, q, k, v: c.attend(q[:, :, :9]), ValueError, "query: 9 queries, more than the 8"),
+    (lambda c, q, k, v: c.attend(q[:, :, :1], window=(101, None)), ValueError, "window: a rotating cache of window 100"),
+    (lambda c, q, k, v: c.crop([0, 0, 0]), ValueError, "rolls back 40 positions; a rotating cache keeps 8"),
+])
+def test_rotating_cache_errors_leave_it_unchanged(call, error, words):
+    q, k, v = tokens(np.float32, 40)
+    ring = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=8, window=100)
+    for a in range(0, 40, 8):
+        ring.append(k[:, :, a:a + 8], v[:, :, a:a + 8])
+    before = state(ring)
+    with pytest.raises(error, match=words):
+        call(ring, q, k, v)
+    assert same_state(state(ring), before)
+
+
+def test_a_rotating_cache_is_not_growable():
+    with pytest.raises(ValueError, match="window: a rotating cache has a fixed size"):
+        attnkit.KVCache(1, 1, 8, capacity=4, window=16, growable=True)
+    with pytest.raises(ValueError, match="capacity: a rotating cache needs capacity >= 1"):
+        attnkit.KVCache(1, 1, 8, capacity=0, window=16)

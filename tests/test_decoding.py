@@ -326,3 +326,17 @@ def test_return_scores_gives_the_masked_scores_before_the_softmax(dtype, length,
     threads(2)
     again = sdpa(q, k, v, return_weights=True, return_scores=True, **kw)
     assert all(np.array_equal(x, y) for x, y in zip(again, (out, weights, scores)))
+
+
+def test_key_starts_read_each_items_keys_from_its_own_row():
+    q, k, v = qkv(np.float32, length=20, s=1000)
+    starts, lengths = np.array([0, 512, 300]), np.array([400, 488, 37])
+    kw = {"enable_gqa": True, "is_causal": True, "causal_alignment": "bottom_right"}
+    got = sdpa(q, k, v, key_lengths=lengths, key_starts=starts, **kw)
+    for b in range(3):
+        rows = slice(starts[b], starts[b] + lengths[b])
+        assert np.array_equal(got[b:b + 1], sdpa(q[b:b + 1], k[b:b + 1, :, rows], v[b:b + 1, :, rows], **kw))
+    with pytest.raises(ValueError, match="key_starts: needs key_lengths"):
+        sdpa(q, k, v, key_starts=starts, **kw)
+    with pytest.raises(ValueError, match="key_starts: item 1's 488 keys from row 513 do not fit the 1000 rows"):
+        sdpa(q, k, v, key_lengths=lengths, key_starts=np.array([0, 513, 0]), **kw)

@@ -42,6 +42,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    key_starts: npt.ArrayLike | None = None,
     query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
@@ -68,6 +69,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    key_starts: npt.ArrayLike | None = None,
     query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
@@ -94,6 +96,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    key_starts: npt.ArrayLike | None = None,
     query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
@@ -120,6 +123,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    key_starts: npt.ArrayLike | None = None,
     query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
@@ -146,6 +150,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    key_starts: npt.ArrayLike | None = None,
     query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
@@ -171,6 +176,7 @@ def scaled_dot_product_attention(
     *,
     key_mask: npt.ArrayLike | None = None,
     key_lengths: npt.ArrayLike | None = None,
+    key_starts: npt.ArrayLike | None = None,
     query_lengths: npt.ArrayLike | None = None,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     window: tuple[int | None, int | None] | None = None,
@@ -215,6 +221,10 @@ def scaled_dot_product_attention(
             for ``is_causal``, ``window`` and ``alibi_slopes``. Equal, bit for bit, to a
             ``key_mask`` of that many leading trues with that alignment; combines with
             ``key_mask`` when both are given.
+        key_starts: ``(...,)`` integers, with ``key_lengths``: batch item ``b``'s keys and values
+            are rows ``key_starts[b]`` to ``key_starts[b] + key_lengths[b] - 1`` of ``key`` and
+            ``value`` (a window into a bigger buffer, such as a rotating cache), its key 0 at
+            row ``key_starts[b]``.
         query_lengths: ``(...,)`` integers: batch item ``b`` has ``query_lengths[b]`` real queries,
             the first ones (a ragged chunk of new tokens); bottom-right alignment then places
             query ``i`` at ``i + key_lengths[b] - query_lengths[b]`` (``S`` without
@@ -271,7 +281,8 @@ def scaled_dot_product_attention(
     if (
         type(query) is np.ndarray and type(key) is np.ndarray and type(value) is np.ndarray
         and query.ndim == 4 and key.ndim == 4 and query.shape[1] == key.shape[1]
-        and attn_mask is None and key_mask is None and key_lengths is None and query_lengths is None and window is None and alibi_slopes is None
+        and attn_mask is None and key_mask is None and key_lengths is None and key_starts is None
+        and query_lengths is None and window is None and alibi_slopes is None
         and softcap is None and sinks is None and return_lse is False and return_weights is False
         and return_scores is False
         and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
@@ -342,6 +353,15 @@ def scaled_dot_product_attention(
             raise ValueError(f"key_mask: expected shape {batch_shape + (s_len,)} (batch..., S), got {km.shape}")
         keys = np.ascontiguousarray(km.reshape(b, s_len) != 0, dtype=np.uint8)
     lengths = None if key_lengths is None else _lengths(key_lengths, "key_lengths", batch_shape, s_len, "S, the keys")
+    starts = None
+    if key_starts is not None:
+        if lengths is None:
+            raise ValueError("key_starts: needs key_lengths (how many keys each item has from its start)")
+        starts = _lengths(key_starts, "key_starts", batch_shape, s_len, "S, the rows given")
+        if (starts + lengths > s_len).any():
+            b = int(np.argmax(starts + lengths > s_len))
+            raise ValueError(f"key_starts: item {b}'s {int(lengths[b])} keys from row {int(starts[b])} do not fit "
+                             f"the {s_len} rows given")
     q_lengths = None
     if query_lengths is not None:
         q_lengths = _lengths(query_lengths, "query_lengths", batch_shape, length, "L, the queries")
@@ -361,7 +381,7 @@ def scaled_dot_product_attention(
     out, lse, weights, scores = _core.attention(
         q4, k4, v4, layout, scale_value, cap, is_causal, win, alignment,
         bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths, q_lengths,
-        sink_logits, return_scores,
+        sink_logits, return_scores, starts,
     )
     if q_lengths is not None:  # the rows past each item's queries are padding: zeros
         padding = np.arange(length)[None, :] >= q_lengths[:, None]  # (b, L); out is (b, Hq, L, Ev) here

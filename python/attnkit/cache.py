@@ -47,9 +47,17 @@ class KVCache:
             float32 or 16-bit queries.
         growable: whether an append past ``capacity`` doubles it (copying the cache once) instead of
             raising.
+        window: makes the cache a rotating buffer of bounded size for sliding-window attention
+            (Mistral, Gemma-2's local layers): each query attends to its own position and the
+            ``window`` before it, and :meth:`attend` gives the bits of a full cache attended with
+            ``window=(window, None)``. ``capacity`` is then the most new positions one append
+            adds (and one attend call queries, and :meth:`crop` rolls back).
 
     Memory: ``batch * num_kv_heads * capacity * (head_dim + value_dim)`` elements, allocated at
-    once; an :meth:`attend` call allocates its output and nothing that grows with the history.
+    once; with ``window``, twice ``window + 2 * capacity`` rounded up to a multiple of 512 (plus
+    up to 511) positions instead, whatever the length: the buffer is mirrored, so that every run
+    of keys is contiguous. An :meth:`attend` call allocates its output and nothing that grows with
+    the history.
 
     Example:
         >>> import numpy as np, attnkit
@@ -74,6 +82,7 @@ class KVCache:
         value_dim: int | None = None,
         dtype: Any = np.float32,
         growable: bool = False,
+        window: int | None = None,
     ) -> None:
         self._batch = integer(batch, "batch", minimum=1)
         self._heads = integer(num_kv_heads, "num_kv_heads", minimum=1)
@@ -82,7 +91,17 @@ class KVCache:
         capacity = integer(capacity, "capacity", minimum=0)
         self._dtype = float_dtype(dtype)
         self._growable = flag(growable, "growable")
-        self._k, self._v = self._buffers(capacity)
+        self._window: int | None = None
+        self._ring = 0  # rows of the rotating buffer (mirrored: twice as many are stored)
+        self._capacity = capacity
+        if window is not None:
+            self._window = integer(window, "window", minimum=0)
+            if self._growable:
+                raise ValueError("window: a rotating cache has a fixed size; growable=True does not apply")
+            if capacity < 1:
+                raise ValueError("capacity: a rotating cache needs capacity >= 1 (the most new positions an append adds)")
+            self._ring = _ring_rows(self._window, capacity)
+        self._k, self._v = self._buffers(2 * self._ring if self._ring else capacity)
         self._set_lengths(np.zeros(self._batch, np.int64))
 
     def _set_lengths(self, lengths: npt.NDArray[np.int64]) -> None:
@@ -105,8 +124,14 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        """Positions reserved per sequence."""
-        return int(self._k.shape[2])
+        """Positions reserved per sequence; for a rotating cache (``window=``), the most new
+        positions one append may add."""
+        return self._capacity if self._ring else int(self._k.shape[2])
+
+    @property
+    def window(self) -> int | None:
+        """For a rotating cache, the keys a query attends to before its own position."""
+        return self._window
 
     @property
     def dtype(self) -> np.dtype[Any]:
@@ -121,41 +146,53 @@ class KVCache:
 
     def keys(self) -> npt.NDArray[Any]:
         """A read-only view of the keys, ``(batch, num_kv_heads, max(lengths), head_dim)``; a
-        sequence's positions past its length hold nothing meaningful."""
+        sequence's positions past its length hold nothing meaningful. A rotating cache returns a
+        copy of each sequence's last ``min(max(lengths), window)`` positions, right-aligned
+        (zeros before a short sequence's first)."""
         return self._view(self._k)
 
     def values(self) -> npt.NDArray[Any]:
-        """A read-only view of the values, ``(batch, num_kv_heads, max(lengths), value_dim)``."""
+        """The values, as :meth:`keys` gives the keys."""
         return self._view(self._v)
 
     def _view(self, buf: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        view = buf[:, :, : int(self._lengths.max())]
-        view.flags.writeable = False
-        return view
+        if not self._ring:
+            view = buf[:, :, : int(self._lengths.max())]
+            view.flags.writeable = False
+            return view
+        kept = min(int(self._lengths.max()), self._window or 0)
+        out = np.zeros(buf.shape[:2] + (kept,) + buf.shape[3:], buf.dtype)
+        for b, n in enumerate(self._lengths.tolist()):
+            m = min(n, kept)
+            out[b, :, kept - m:] = buf[b][:, np.arange(n - m, n) % self._ring]
+        return out
 
     def __repr__(self) -> str:
         lengths = np.array2string(self._lengths, threshold=8, separator=", ")
         vdim = "" if self._vdim == self._dim else f", value_dim={self._vdim}"
-        grow = ", growable=True" if self._growable else ""
+        grow = ", growable=True" if self._growable else (f", window={self._window}" if self._ring else "")
         return (f"KVCache(batch={self._batch}, num_kv_heads={self._heads}, head_dim={self._dim}{vdim}, "
                 f"capacity={self.capacity}, dtype={self._dtype.name}{grow}, lengths={lengths})")
 
     # -- pickling: the filled positions only --------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        used = int(self._lengths.max())
+        used = self._ring or int(self._lengths.max())  # a rotating cache: one copy of its rows
         return {"batch": self._batch, "heads": self._heads, "dim": self._dim, "vdim": self._vdim,
                 "dtype": self._dtype, "growable": self._growable, "capacity": self.capacity,
-                "lengths": self._lengths.copy(), "k": self._k[:, :, :used].copy(),
+                "window": self._window, "lengths": self._lengths.copy(), "k": self._k[:, :, :used].copy(),
                 "v": self._v[:, :, :used].copy()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._batch, self._heads, self._dim, self._vdim = state["batch"], state["heads"], state["dim"], state["vdim"]
         self._dtype, self._growable = np.dtype(state["dtype"]), state["growable"]
-        self._k, self._v = self._buffers(state["capacity"])
+        self._window, self._capacity = state.get("window"), state["capacity"]
+        self._ring = 0 if self._window is None else _ring_rows(self._window, self._capacity)
+        self._k, self._v = self._buffers(2 * self._ring if self._ring else state["capacity"])
         used = state["k"].shape[2]
-        self._k[:, :, :used] = state["k"]
-        self._v[:, :, :used] = state["v"]
+        for copy in range(2 if self._ring else 1):  # a rotating cache's mirror
+            self._k[:, :, copy * used:(copy + 1) * used] = state["k"]
+            self._v[:, :, copy * used:(copy + 1) * used] = state["v"]
         self._set_lengths(np.array(state["lengths"], np.int64))
 
     # -- writing ------------------------------------------------------------------------------
@@ -187,7 +224,7 @@ class KVCache:
             lengths is None and layout == "bhsd" and type(key) is np.ndarray and type(value) is np.ndarray
             and key.dtype == self._dtype and value.dtype == self._dtype and key.ndim == value.ndim == 4
             and key.shape[:2] == value.shape[:2] == (self._batch, self._heads) and key.shape[2] == value.shape[2]
-            and key.shape[3] == self._dim and value.shape[3] == self._vdim and self._uniform
+            and key.shape[3] == self._dim and value.shape[3] == self._vdim and self._uniform and not self._ring
         ):
             start, n = int(self._lengths[0]), key.shape[2]
             if start + n <= self.capacity:
@@ -206,6 +243,18 @@ class KVCache:
         else:
             added = self._per_sequence(lengths, "lengths", n, f"n = {n}, the new positions")
         end = self._lengths + added
+        if self._ring:
+            if n > self._capacity:
+                raise ValueError(f"key: {n} new positions, more than the {self._capacity} (capacity) a rotating cache "
+                                 "takes in one append")
+            for b in np.flatnonzero(added).tolist():
+                rows = np.arange(int(self._lengths[b]), int(end[b])) % self._ring
+                count = int(added[b])
+                for mirror in (rows, rows + self._ring):  # (self._k[b, :, rows] would put rows first)
+                    self._k[b][:, mirror] = k[b, :, :count]
+                    self._v[b][:, mirror] = v[b, :, :count]
+            self._set_lengths(end)
+            return
         if end.size and int(end.max()) > self.capacity:
             if not self._growable:
                 b = int(np.argmax(end))
@@ -273,7 +322,7 @@ class KVCache:
         if idx.size and (idx.min() < 0 or idx.max() >= self._batch):
             bad = int(idx.min() if idx.min() < 0 else idx.max())
             raise IndexError(f"indices: {bad} is not a sequence of the cache (0..{self._batch - 1})")
-        used = int(self._lengths.max())
+        used = 2 * self._ring if self._ring else int(self._lengths.max())
         self._k[:, :, :used] = self._k[idx, :, :used]
         self._v[:, :, :used] = self._v[idx, :, :used]
         self._set_lengths(self._lengths[idx])
@@ -286,6 +335,10 @@ class KVCache:
         if longer.any():
             b = int(np.argmax(longer))
             raise ValueError(f"lengths: {int(new[b])} for sequence {b}, longer than its {int(self._lengths[b])} positions")
+        if self._ring and (self._lengths - new > self._capacity).any():
+            b = int(np.argmax(self._lengths - new > self._capacity))
+            raise ValueError(f"lengths: {int(new[b])} for sequence {b} rolls back {int(self._lengths[b] - new[b])} positions; "
+                             f"a rotating cache keeps {self._capacity} (capacity) to roll back")
         self._set_lengths(new)
 
     # -- reading ------------------------------------------------------------------------------
@@ -330,7 +383,7 @@ class KVCache:
             and query_lengths is None and window is None and alibi_slopes is None and softcap is None
             and sinks is None and type(is_causal) is bool and return_lse is False
             and query.shape[0] == self._batch and query.shape[3] == self._dim and query.shape[1] % self._heads == 0
-            and (scale is None or (type(scale) is float and math.isfinite(scale)))
+            and (scale is None or (type(scale) is float and math.isfinite(scale))) and not self._ring
         ):
             used = int(self._lengths.max())
             s = scale if scale is not None else 1.0 / math.sqrt(self._dim)
@@ -355,12 +408,17 @@ class KVCache:
         if q.dtype != self._dtype and not (is_half(self._dtype) and q.dtype == np.float32):
             raise TypeError(f"query: dtype {q.dtype} for a {self._dtype} cache (expected {self._dtype}"
                             + (" or float32)" if is_half(self._dtype) else ")"))
-        used = int(self._lengths.max())
-        k, v = self._k[:, :, :used], self._v[:, :, :used]
         if layout == "bshd":  # the cache is bhsd; the core reads the query through its strides
             q = q.swapaxes(1, 2)
+        lengths, starts = self._lengths, None
+        if self._ring:
+            window, lengths, starts = self._ring_window(q.shape[2], query_lengths, window)
+            k, v = self._k, self._v
+        else:
+            used = int(self._lengths.max())
+            k, v = self._k[:, :, :used], self._v[:, :, :used]
         result = scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True, key_lengths=self._lengths,
+            q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True, key_lengths=lengths, key_starts=starts,
             query_lengths=query_lengths, causal_alignment="bottom_right", window=window,
             alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, return_lse=return_lse,
         )
@@ -369,3 +427,39 @@ class KVCache:
                 return np.ascontiguousarray(result[0].swapaxes(1, 2)), result[1]
             return np.ascontiguousarray(result.swapaxes(1, 2))
         return result
+
+    def _ring_window(
+        self, length: int, query_lengths: npt.ArrayLike | None, window: tuple[int | None, int | None] | None
+    ) -> tuple[tuple[int | None, int | None], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """For a rotating cache: the window to apply, and each sequence's keys as a run of rows of
+        the mirrored buffer. The run starts at a multiple of ``CHUNK`` positions at or before the
+        first key any of its queries may see, so that key blocks and chunks fall where they fall
+        in a full cache, and the bits are a full cache's."""
+        w = self._window or 0
+        if window is None:
+            window = (w, None)
+        if not isinstance(window, (tuple, list)) or len(window) != 2 or not (
+                isinstance(window[0], int) and 0 <= window[0] <= w):
+            raise ValueError(f"window: a rotating cache of window {w} takes (left, right) with 0 <= left <= {w}, "
+                             f"got {window!r}")
+        left: int = window[0]
+        real = (np.full(self._batch, length, np.int64) if query_lengths is None
+                else self._per_sequence(query_lengths, "query_lengths", length, f"L = {length}, the queries"))
+        if length > self._capacity:
+            raise ValueError(f"query: {length} queries, more than the {self._capacity} (capacity) a rotating cache "
+                             "attends at once")
+        first = np.maximum(self._lengths - real - left, 0)  # each sequence's first key in reach
+        start = first // CHUNK * CHUNK
+        return (left, window[1]), self._lengths - start, start % self._ring
+
+
+# Keys per chunk of the kernels' merge (`merge.rs`): a rotating cache's runs of keys start at
+# multiples of it.
+CHUNK = 512
+
+
+def _ring_rows(window: int, capacity: int) -> int:
+    """Rows of a rotating cache's buffer: a multiple of CHUNK holding, besides the window, the
+    CHUNK - 1 keys before it that a run may start with, an append's new positions and as many to
+    roll back."""
+    return -(-(window + 2 * capacity + CHUNK - 1) // CHUNK) * CHUNK

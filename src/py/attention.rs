@@ -24,7 +24,7 @@ type AttnResult<'py> =
 #[pyo3(signature = (query, key, value, layout, scale, softcap, causal, window, alignment,
                     bool_mask=None, float_mask=None, key_mask=None, alibi=None,
                     return_lse=false, return_weights=false, key_lengths=None,
-                    query_lengths=None, sinks=None, return_scores=false))]
+                    query_lengths=None, sinks=None, return_scores=false, key_starts=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<'py>(
     py: Python<'py>,
@@ -47,6 +47,7 @@ pub fn attention<'py>(
     query_lengths: Option<&Bound<'py, PyAny>>,
     sinks: Option<&Bound<'py, PyAny>>,
     return_scores: bool,
+    key_starts: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<AttnResult<'py>> {
     let bshd = choice("layout", layout, &[("bhsd", false), ("bshd", true)])?;
     let alignment = choice(
@@ -68,7 +69,8 @@ pub fn attention<'py>(
         return_weights,
         return_scores,
     };
-    let extra = Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths, sinks };
+    let extra =
+        Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths, sinks, key_starts };
     let (o, x) = (&options, &extra);
     match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
         (Floats::F32(q), Floats::F32(k), Floats::F32(v)) => typed_attention(py, &q, &k, &v, o, x),
@@ -109,6 +111,7 @@ struct Extra<'a, 'py> {
     key_lengths: Option<&'a Bound<'py, PyAny>>,
     query_lengths: Option<&'a Bound<'py, PyAny>>,
     sinks: Option<&'a Bound<'py, PyAny>>,
+    key_starts: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// `(batch, heads, rows, dim)` and the element strides (`strided`'s) of a 4-d array in the given
@@ -216,6 +219,7 @@ where
     let key_lengths = extra.key_lengths.map(|n| typed::<i64>(n, "key_lengths", "int64")).transpose()?;
     let query_lengths = extra.query_lengths.map(|n| typed::<i64>(n, "query_lengths", "int64")).transpose()?;
     let sinks = extra.sinks.map(|s| typed::<f64>(s, "sinks", "float64")).transpose()?;
+    let key_starts = extra.key_starts.map(|n| typed::<i64>(n, "key_starts", "int64")).transpose()?;
     let bool_view = match &bool_mask {
         Some(m) => Some(StridedMask {
             data: slice(m, "attn_mask")?,
@@ -238,6 +242,7 @@ where
         key_lengths: key_lengths.as_ref().map(|n| slice(n, "key_lengths")).transpose()?,
         query_lengths: query_lengths.as_ref().map(|n| slice(n, "query_lengths")).transpose()?,
         sinks: sinks.as_ref().map(|s| slice(s, "sinks")).transpose()?,
+        key_starts: key_starts.as_ref().map(|n| slice(n, "key_starts")).transpose()?,
     };
 
     let (out, out_data) =

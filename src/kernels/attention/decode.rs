@@ -88,8 +88,9 @@ where
         let rows = group * l;
         let (c0, c1) = self.keys;
         let (b, g, masks) = (self.at.b, self.at.g, self.at.masks);
-        let k_base = b * sp.k.batch + g * sp.k.head;
-        let v_base = b * sp.v.batch + g * sp.v.head;
+        let start = masks.key_start(b);
+        let k_base = b * sp.k.batch + g * sp.k.head + start * sp.k.row;
+        let v_base = b * sp.v.batch + g * sp.v.head + start * sp.v.row;
         let offset = self.at.masks.offset(sp, self.at.b);
         let slope = |h: usize| masks.slope(sp, b, h);
         let key_mask = masks.key_mask(sp, b);

@@ -200,6 +200,9 @@ pub struct Masks<'a, T> {
     /// `(batch,)`: how many keys of each batch item are valid (those from 0 on; the rest are
     /// padding), each in `0..=S`. Bottom-right alignment counts from it.
     pub key_lengths: Option<&'a [i64]>,
+    /// `(batch,)`: the row of K and V where each batch item's key 0 lies (with `key_lengths`, whose
+    /// keys must end inside the S rows): a KV cache's window, wherever it starts in its buffer.
+    pub key_starts: Option<&'a [i64]>,
     /// `(Hq,)`: a sink logit per query head, which joins every softmax denominator of its head
     /// and carries no value (gpt-oss).
     pub sinks: Option<&'a [f64]>,
@@ -214,6 +217,12 @@ impl<T> Masks<'_, T> {
     #[inline(always)]
     fn slope(&self, sp: &AttnSpec, b: usize, h: usize) -> Option<f64> {
         self.alibi.map(|a| a[if a.len() == sp.heads_q { h } else { b * sp.heads_q + h }])
+    }
+
+    /// How many rows into K and V batch `b`'s keys start (0 without `key_starts`).
+    #[inline(always)]
+    fn key_start(&self, b: usize) -> usize {
+        self.key_starts.map_or(0, |n| n[b] as usize) // checked: >= 0, and the keys end inside S
     }
 
     /// The sink logit of query head `h`, if any.
@@ -427,6 +436,27 @@ impl AttnSpec {
                 return Err(KernelError::invalid(
                     "key_lengths",
                     format!("must lie in 0..={} (S, the keys given), got {bad}", self.kv_len),
+                ));
+            }
+        }
+        if let Some(starts) = masks.key_starts {
+            let Some(lengths) = masks.key_lengths.filter(|_| starts.len() == self.batch) else {
+                return Err(KernelError::invalid(
+                    "key_starts",
+                    format!(
+                        "needs key_lengths, and one start per batch item ({}); got {}",
+                        self.batch,
+                        starts.len()
+                    ),
+                ));
+            };
+            let s = self.kv_len as i64;
+            if let Some((b, (&start, &n))) =
+                starts.iter().zip(lengths).enumerate().find(|(_, (&start, &n))| start < 0 || start > s - n)
+            {
+                return Err(KernelError::invalid(
+                    "key_starts",
+                    format!("item {b}'s {n} keys from row {start} do not fit the {s} rows given"),
                 ));
             }
         }

@@ -98,8 +98,9 @@ where
         let sp = self.at.spec;
         let (s, e, ev) = (sp.kv_len, sp.dim_qk, sp.dim_v);
         let group = self.heads.len();
-        let k_base = self.at.b * sp.k.batch + self.at.g * sp.k.head;
-        let v_base = self.at.b * sp.v.batch + self.at.g * sp.v.head;
+        let start = self.at.masks.key_start(self.at.b);
+        let k_base = self.at.b * sp.k.batch + self.at.g * sp.k.head + start * sp.k.row;
+        let v_base = self.at.b * sp.v.batch + self.at.g * sp.v.head + start * sp.v.row;
         let offset = self.at.masks.offset(sp, self.at.b);
         // Task row r: query position and head at.position_head(r).
         let (at, b, masks) = (self.at, self.at.b, self.at.masks);
