@@ -355,3 +355,47 @@ def test_a_rotating_cache_is_not_growable():
         attnkit.KVCache(1, 1, 8, capacity=4, window=16, growable=True)
     with pytest.raises(ValueError, match="capacity: a rotating cache needs capacity >= 1"):
         attnkit.KVCache(1, 1, 8, capacity=0, window=16)
+
+
+def _streaming_reference(q, k, v, first, window, sinks):
+    """float64: query positions first.. over the keys up to each, within the window or among the
+    first ``sinks`` positions."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+    i, j = np.arange(first, first + q.shape[2])[:, None], np.arange(k.shape[2])[None, :]
+    s = np.where((j <= i) & ((j >= i - window) | (j < sinks)), s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (p @ v) / p.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step", [1, 20])
+def test_sink_tokens_are_attended_besides_the_window(dtype, step):
+    q, k, v = tokens(dtype, 900)
+    ring = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=step, dtype=dtype, window=200, sink_tokens=4)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    eps = {np.float64: 2.0 ** -52, np.float32: 2.0 ** -23, np.float16: 2.0 ** -10}.get(dtype, 2.0 ** -7)
+    for a in range(0, 900, step):
+        ring.append(k[:, :, a:a + step], v[:, :, a:a + step])
+        if a % (7 * step) and a < 880:
+            continue
+        out, lse = ring.attend(q[:, :, a:a + step], return_lse=True)
+        assert out.dtype == dtype and lse.dtype == compute
+        want = _streaming_reference(q[:, :, a:a + step], k[:, :, :a + step], v[:, :, :a + step], a, 200, 4)
+        vmax = np.abs(np.asarray(v, np.float64)).max()
+        assert np.abs(np.asarray(out, np.float64) - want).max() <= 16 * eps * vmax, a
+    assert "sink_tokens=4" in repr(ring)
+    back = pickle.loads(pickle.dumps(ring))
+    assert np.array_equal(back.attend(q[:, :, :1]), ring.attend(q[:, :, :1]))
+
+
+def test_sink_tokens_need_a_window_and_refuse_alibi():
+    with pytest.raises(ValueError, match="sink_tokens: kept besides a window"):
+        attnkit.KVCache(1, 1, 8, capacity=4, sink_tokens=2)
+    q, k, v = tokens(np.float32, 4)
+    ring = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=4, window=16, sink_tokens=2)
+    ring.append(k, v)
+    with pytest.raises(ValueError, match="alibi_slopes: not taken with sink_tokens"):
+        ring.attend(q, alibi_slopes=np.ones(HQ))

@@ -21,7 +21,7 @@ from attnkit._validate import (
     integer,
     is_half,
 )
-from attnkit.attention import scaled_dot_product_attention
+from attnkit.attention import merge_attention, scaled_dot_product_attention
 
 __all__ = ["KVCache"]
 
@@ -52,6 +52,10 @@ class KVCache:
             ``window`` before it, and :meth:`attend` gives the bits of a full cache attended with
             ``window=(window, None)``. ``capacity`` is then the most new positions one append
             adds (and one attend call queries, and :meth:`crop` rolls back).
+        sink_tokens: with ``window``, the first ``sink_tokens`` positions are kept besides it and
+            every query attends to them too (StreamingLLM's attention sinks; the keys are stored as
+            given, so positions, RoPE included, are the caller's). Computed as the window's
+            result merged with the sink tokens' by log-sum-exp; ALiBi is not taken with them.
 
     Memory: ``batch * num_kv_heads * capacity * (head_dim + value_dim)`` elements, allocated at
     once; with ``window``, twice ``window + 2 * capacity`` rounded up to a multiple of 512 (plus
@@ -83,6 +87,7 @@ class KVCache:
         dtype: Any = np.float32,
         growable: bool = False,
         window: int | None = None,
+        sink_tokens: int = 0,
     ) -> None:
         self._batch = integer(batch, "batch", minimum=1)
         self._heads = integer(num_kv_heads, "num_kv_heads", minimum=1)
@@ -101,7 +106,11 @@ class KVCache:
             if capacity < 1:
                 raise ValueError("capacity: a rotating cache needs capacity >= 1 (the most new positions an append adds)")
             self._ring = _ring_rows(self._window, capacity)
+        self._sink_tokens = integer(sink_tokens, "sink_tokens", minimum=0)
+        if self._sink_tokens and not self._ring:
+            raise ValueError("sink_tokens: kept besides a window; pass window= as well (a full cache keeps every token)")
         self._k, self._v = self._buffers(2 * self._ring if self._ring else capacity)
+        self._sk, self._sv = self._buffers(self._sink_tokens)
         self._set_lengths(np.zeros(self._batch, np.int64))
 
     def _set_lengths(self, lengths: npt.NDArray[np.int64]) -> None:
@@ -171,6 +180,7 @@ class KVCache:
         lengths = np.array2string(self._lengths, threshold=8, separator=", ")
         vdim = "" if self._vdim == self._dim else f", value_dim={self._vdim}"
         grow = ", growable=True" if self._growable else (f", window={self._window}" if self._ring else "")
+        grow += f", sink_tokens={self._sink_tokens}" if self._sink_tokens else ""
         return (f"KVCache(batch={self._batch}, num_kv_heads={self._heads}, head_dim={self._dim}{vdim}, "
                 f"capacity={self.capacity}, dtype={self._dtype.name}{grow}, lengths={lengths})")
 
@@ -181,7 +191,7 @@ class KVCache:
         return {"batch": self._batch, "heads": self._heads, "dim": self._dim, "vdim": self._vdim,
                 "dtype": self._dtype, "growable": self._growable, "capacity": self.capacity,
                 "window": self._window, "lengths": self._lengths.copy(), "k": self._k[:, :, :used].copy(),
-                "v": self._v[:, :, :used].copy()}
+                "v": self._v[:, :, :used].copy(), "sk": self._sk.copy(), "sv": self._sv.copy()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._batch, self._heads, self._dim, self._vdim = state["batch"], state["heads"], state["dim"], state["vdim"]
@@ -190,6 +200,8 @@ class KVCache:
         self._ring = 0 if self._window is None else _ring_rows(self._window, self._capacity)
         self._k, self._v = self._buffers(2 * self._ring if self._ring else state["capacity"])
         used = state["k"].shape[2]
+        self._sk, self._sv = state["sk"], state["sv"]
+        self._sink_tokens = self._sk.shape[2]
         for copy in range(2 if self._ring else 1):  # a rotating cache's mirror
             self._k[:, :, copy * used:(copy + 1) * used] = state["k"]
             self._v[:, :, copy * used:(copy + 1) * used] = state["v"]
@@ -253,6 +265,10 @@ class KVCache:
                 for mirror in (rows, rows + self._ring):  # (self._k[b, :, rows] would put rows first)
                     self._k[b][:, mirror] = k[b, :, :count]
                     self._v[b][:, mirror] = v[b, :, :count]
+                first, sinks = int(self._lengths[b]), min(int(end[b]), self._sink_tokens)
+                if first < sinks:  # the first tokens are kept besides the window, too
+                    self._sk[b, :, first:sinks] = k[b, :, :sinks - first]
+                    self._sv[b, :, first:sinks] = v[b, :, :sinks - first]
             self._set_lengths(end)
             return
         if end.size and int(end.max()) > self.capacity:
@@ -323,6 +339,8 @@ class KVCache:
             bad = int(idx.min() if idx.min() < 0 else idx.max())
             raise IndexError(f"indices: {bad} is not a sequence of the cache (0..{self._batch - 1})")
         used = 2 * self._ring if self._ring else int(self._lengths.max())
+        self._sk[...] = self._sk[idx]
+        self._sv[...] = self._sv[idx]
         self._k[:, :, :used] = self._k[idx, :, :used]
         self._v[:, :, :used] = self._v[idx, :, :used]
         self._set_lengths(self._lengths[idx])
@@ -420,13 +438,33 @@ class KVCache:
         result = scaled_dot_product_attention(
             q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True, key_lengths=lengths, key_starts=starts,
             query_lengths=query_lengths, causal_alignment="bottom_right", window=window,
-            alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, return_lse=return_lse,
+            alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, return_lse=return_lse or self._sink_tokens > 0,
         )
+        if self._sink_tokens:
+            if alibi_slopes is not None:
+                raise ValueError("alibi_slopes: not taken with sink_tokens (the sink tokens' distances are not kept)")
+            assert isinstance(result, tuple) and window is not None
+            result = self._with_sink_tokens(q, result, query_lengths, int(window[0] or 0), scale, softcap, return_lse)
         if layout == "bshd":
             if isinstance(result, tuple):
                 return np.ascontiguousarray(result[0].swapaxes(1, 2)), result[1]
             return np.ascontiguousarray(result.swapaxes(1, 2))
         return result
+
+    def _with_sink_tokens(self, q: npt.NDArray[Any], window_part: tuple[Any, ...], query_lengths: Any, left: int,
+                          scale: float | None, softcap: float | None, return_lse: bool) -> Any:
+        """The window's result merged (`merge_attention`) with attention over the sink tokens that
+        lie before each query's window (those inside it are in the window's result already)."""
+        length = q.shape[2]
+        real = (np.full(self._batch, length, np.int64) if query_lengths is None
+                else self._per_sequence(query_lengths, "query_lengths", length, f"L = {length}, the queries"))
+        position = self._lengths[:, None] - real[:, None] + np.arange(length)[None, :]  # (B, L)
+        j = np.arange(self._sink_tokens)[None, None, :]
+        allowed = (j < position[:, :, None] - left) & (np.arange(length)[None, :, None] < real[:, None, None])
+        out_s, lse_s = scaled_dot_product_attention(
+            q, self._sk, self._sv, allowed[:, None], scale=scale, enable_gqa=True, softcap=softcap, return_lse=True)
+        out, lse = merge_attention([window_part[0], out_s], [window_part[1], lse_s])
+        return (out, lse) if return_lse else out
 
     def _ring_window(
         self, length: int, query_lengths: npt.ArrayLike | None, window: tuple[int | None, int | None] | None
