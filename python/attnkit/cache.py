@@ -431,7 +431,8 @@ class KVCache:
         lengths, starts = self._lengths, None
         if self._ring:
             window, lengths, starts = self._ring_window(q.shape[2], query_lengths, window)
-            k, v = self._k, self._v
+            end = int((starts + lengths).max())  # the rows any run reaches: no empty chunks past them
+            k, v = self._k[:, :, :end], self._v[:, :, :end]
         else:
             used = int(self._lengths.max())
             k, v = self._k[:, :, :used], self._v[:, :, :used]
