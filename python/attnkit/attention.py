@@ -249,22 +249,23 @@ def scaled_dot_product_attention(
         layout: ``"bhsd"`` or ``"bshd"`` for query, key, value and the output.
 
     Returns:
-        ``out`` of shape ``(..., Hq, L, Ev)`` (``bshd``: ``(..., L, Hq, Ev)``), or the tuple
-        ``(out, lse)``, ``(out, weights)`` or ``(out, lse, weights)`` when requested, then
-        ``scores`` last when requested. A query row
-        with no key to attend to gives zeros (weights zero, lse ``-inf``), never NaN; masked keys,
-        values and queries never enter the arithmetic; results are bitwise identical for any
-        thread count.
+        ``out`` of shape ``(..., Hq, L, Ev)`` (``bshd``: ``(..., L, Hq, Ev)``), or a tuple of
+        ``out`` and those requested, in the order ``lse``, ``weights``, ``scores``. A query row
+        with no key to attend to gives zeros (weights zero, lse ``-inf``, or the sink logit with
+        ``sinks``), never NaN; masked keys, values and queries never enter the arithmetic; results
+        are bitwise identical for any thread count.
 
     Raises:
         TypeError: non-float dtypes (float8 and other small types included), dtypes that do
-            not go together, integer masks, a float mask of another dtype, flags
-            (``is_causal``, ``enable_gqa``, ``return_lse``, ``return_weights``) that are not bools.
+            not go together, integer masks, a float mask of another dtype, non-integer lengths or
+            starts, flags (``is_causal``, ``enable_gqa``, ``return_lse``, ``return_weights``,
+            ``return_scores``) that are not bools.
         ValueError: bad ranks or shapes, heads that do not divide, a mask that does not broadcast
-            to ``(..., Hq, L, S)``, ``dropout_p != 0``, ``scale``, ``softcap`` or
-            ``alibi_slopes`` or ``sinks`` not finite in the inputs' dtype, ``key_lengths`` of another shape
-            than the batch or outside ``0..S``, bad ``window``, ``causal_alignment`` or
-            ``layout``.
+            to ``(..., Hq, L, S)``, ``dropout_p != 0``, ``scale``, ``softcap``, ``alibi_slopes``
+            or ``sinks`` not finite in the inputs' dtype, ``key_lengths``, ``key_starts`` or
+            ``query_lengths`` of another shape than the batch or out of range (``key_starts``
+            without ``key_lengths``, or keys past the rows given), bad ``window``,
+            ``causal_alignment`` or ``layout``.
         MemoryError: an output that cannot be allocated (named, with the arguments that set its
             size).
         KeyboardInterrupt: Ctrl-C (or another signal whose handler raises) during a long call,
