@@ -292,10 +292,7 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
                 let (c0, c1) = chunk.keys;
                 let scores = &scores[r * (c1 - c0)..(r + 1) * (c1 - c0)];
                 for (x, &score) in weights[i * s + c0..i * s + c1].iter_mut().zip(scores) {
-                    x.write(match m[r] == T::NEG_INFINITY {
-                        true => T::ZERO,
-                        false => (score - m[r]).exp_nonpositive() / sum[r] * factors[c],
-                    });
+                    x.write(super::merge::weight(score, m[r], sum[r], factors[c], T::exp_nonpositive));
                 }
             }
         }

@@ -38,6 +38,17 @@ pub(super) fn normalise<T: AttnFloat>(m: T, sum: T, acc: &[T], out: &mut [T]) ->
     m + sum.ln()
 }
 
+/// The weight of `score` in a partial whose maximum is `m` and sum `sum`, and whose share of its
+/// row is `share` (see [`merge_row`]): `exp(score − m) / sum · share`, 0 in a partial with no
+/// valid key. `exp` is the path's exponential.
+#[inline(always)]
+pub(super) fn weight<T: AttnFloat>(score: T, m: T, sum: T, share: T, exp: impl Fn(T) -> T) -> T {
+    match m == T::NEG_INFINITY {
+        true => T::ZERO,
+        false => exp(score - m) / sum * share,
+    }
+}
+
 /// Merges one row's partials (`lses[c]`, `out_of(c)`) in order, with an optional sink logit, into
 /// `out`; returns the row's log-sum-exp and leaves in `factors[c]` the share `w_c / Σ w` of
 /// partial `c` (0 for one left out), by which its own weights scale. A row with no partial and no

@@ -349,6 +349,28 @@ fn last_index(
 }
 
 impl AttnSpec {
+    /// Per-item counts (`arg`): one per batch item, each in `0..=most` (`what`).
+    fn check_counts(
+        &self,
+        arg: &'static str,
+        counts: &[i64],
+        most: usize,
+        what: &str,
+    ) -> Result<(), KernelError> {
+        if counts.len() != self.batch {
+            return Err(KernelError::invalid(
+                arg,
+                format!("has {} elements, expected one per batch item ({})", counts.len(), self.batch),
+            ));
+        }
+        match counts.iter().find(|&&x| !(0..=most as i64).contains(&x)) {
+            Some(bad) => {
+                Err(KernelError::invalid(arg, format!("must lie in 0..={most} ({what}), got {bad}")))
+            }
+            None => Ok(()),
+        }
+    }
+
     fn check<Q, KV, T: crate::kernels::Float>(
         &self,
         q: &[Q],
@@ -426,18 +448,7 @@ impl AttnSpec {
             }
         }
         if let Some(n) = masks.key_lengths {
-            if n.len() != self.batch {
-                return Err(KernelError::invalid(
-                    "key_lengths",
-                    format!("has {} elements, expected one per batch item ({})", n.len(), self.batch),
-                ));
-            }
-            if let Some(bad) = n.iter().find(|&&x| !(0..=self.kv_len as i64).contains(&x)) {
-                return Err(KernelError::invalid(
-                    "key_lengths",
-                    format!("must lie in 0..={} (S, the keys given), got {bad}", self.kv_len),
-                ));
-            }
+            self.check_counts("key_lengths", n, self.kv_len, "S, the keys given")?;
         }
         if let Some(starts) = masks.key_starts {
             let Some(lengths) = masks.key_lengths.filter(|_| starts.len() == self.batch) else {
@@ -461,18 +472,7 @@ impl AttnSpec {
             }
         }
         if let Some(n) = masks.query_lengths {
-            if n.len() != self.batch {
-                return Err(KernelError::invalid(
-                    "query_lengths",
-                    format!("has {} elements, expected one per batch item ({})", n.len(), self.batch),
-                ));
-            }
-            if let Some(bad) = n.iter().find(|&&x| !(0..=self.q_len as i64).contains(&x)) {
-                return Err(KernelError::invalid(
-                    "query_lengths",
-                    format!("must lie in 0..={} (L, the queries given), got {bad}", self.q_len),
-                ));
-            }
+            self.check_counts("query_lengths", n, self.q_len, "L, the queries given")?;
         }
         if let Some(a) = masks.alibi {
             if a.len() != self.heads_q && Some(a.len()) != self.batch.checked_mul(self.heads_q) {

@@ -466,16 +466,6 @@ where
     }
 }
 
-/// Query position `i`'s `s` masked scores, row `r` of `scores`, into `head.scores` if asked for.
-#[inline(always)]
-fn write_scores<O, T: Copy>(head: &mut HeadOut<'_, O, T>, i: usize, s: usize, scores: &[T], r: usize) {
-    if let Some(out) = head.scores.as_deref_mut() {
-        for (x, &score) in out[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
-            x.write(score);
-        }
-    }
-}
-
 /// The partial results of a query block's rows, one chunk of keys after another (see
 /// `merge.rs`): per chunk, `rows` log-sum-exps, maxima and sums, and `rows x ev` outputs.
 #[derive(Default)]
@@ -529,45 +519,33 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
         scores: &[T],
         pairs: bool,
     ) {
-        let exp = |x: T| match pairs {
-            true => T::from_f64(exp_short(x.to_f64() as f32) as f64), // T is f32 there: exact
-            false => x.exp_nonpositive(),
-        };
-        let (s, ev) = (self.at.spec.kv_len, self.at.spec.dim_v);
+        let (exp, ev) = (path_exp::<T>(pairs), self.at.spec.dim_v);
         let (group, n) = (self.heads.len(), stash.chunks);
         let (mut row, mut lses, mut factors) = (vec![T::ZERO; ev], vec![T::ZERO; n], vec![T::ZERO; n]);
         for r in 0..rows {
-            let (i, h) = ((q0 + r) / group - self.first, (q0 + r) % group);
-            let sink = self.at.masks.sink(self.at.g * group + h).map(T::from_f64);
-            let head = &mut self.heads[h];
+            let sink = self.at.masks.sink(self.at.g * group + (q0 + r) % group).map(T::from_f64);
             for (c, l) in lses.iter_mut().enumerate() {
                 *l = stash.lse[c * rows + r];
             }
             let out_of = |c: usize| &stash.out[(c * rows + r) * ev..(c * rows + r + 1) * ev];
             let lse = merge::merge_row(&lses, out_of, sink, &mut row, &mut factors);
-            Q::narrow_slice(&row, &mut head.out[i * ev..(i + 1) * ev]);
-            if let Some(l) = head.lse.as_deref_mut() {
-                l[i].write(lse);
-            }
-            if let Some(w) = head.weights.as_deref_mut() {
-                for (j, (x, &score)) in
-                    w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]).enumerate()
-                {
-                    // Key j's chunk: its maximum and sum, and its share of the row.
-                    let c = (j / CHUNK).wrapping_sub(first_chunk);
-                    let weight = match c < n && stash.m[c * rows + r] != T::NEG_INFINITY {
-                        true => exp(score - stash.m[c * rows + r]) / stash.sum[c * rows + r] * factors[c],
-                        false => T::ZERO,
-                    };
-                    x.write(weight);
+            // Key j's weight, from its chunk's maximum and sum and the chunk's share of the row.
+            let weight = |j: usize, score: T| {
+                let c = (j / CHUNK).wrapping_sub(first_chunk);
+                match c < n {
+                    true => {
+                        merge::weight(score, stash.m[c * rows + r], stash.sum[c * rows + r], factors[c], exp)
+                    }
+                    false => T::ZERO,
                 }
-            }
-            write_scores(head, i, s, scores, r);
+            };
+            self.write_row(q0 + r, &row, lse, scores, r, weight);
         }
     }
 
     /// Writes `out`, `lse` and normalised `weights` for task rows `q0..q0 + rows` (`pairs`: of
-    /// the bfloat16 pair mode, whose probabilities are `exp_short`'s).
+    /// the bfloat16 pair mode, whose probabilities are `exp_short`'s): each row normalised as a
+    /// chunk's partial is (`merge::normalise`), which is what a row inside one chunk merges to.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn finish_rows(
@@ -580,31 +558,55 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
         scores: &[T],
         pairs: bool,
     ) {
-        let exp = |x: T| match pairs {
-            true => T::from_f64(exp_short(x.to_f64() as f32) as f64), // T is f32 there: exact
-            false => x.exp_nonpositive(),
-        };
-        let (s, ev) = (self.at.spec.kv_len, self.at.spec.dim_v);
-        let group = self.heads.len();
+        let (exp, ev) = (path_exp::<T>(pairs), self.at.spec.dim_v);
         let mut row = vec![T::ZERO; ev];
         for r in 0..rows {
-            let (i, head) = ((q0 + r) / group - self.first, &mut self.heads[(q0 + r) % group]);
-            let empty = m[r] == T::NEG_INFINITY;
-            // `+ 0` makes a zero +0: only the pair mode's flushes give −0 (see `run`).
-            // (`merge::normalise`'s formula: a row inside one chunk merges to exactly this.)
-            for (x, &a) in row.iter_mut().zip(&acc[r * ev..(r + 1) * ev]) {
-                *x = if empty { T::ZERO } else { a / sum[r] + T::ZERO };
-            }
-            Q::narrow_slice(&row, &mut head.out[i * ev..(i + 1) * ev]);
-            if let Some(lse) = head.lse.as_deref_mut() {
-                lse[i].write(if empty { T::NEG_INFINITY } else { m[r] + sum[r].ln() });
-            }
-            if let Some(w) = head.weights.as_deref_mut() {
-                for (x, &score) in w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
-                    x.write(if empty { T::ZERO } else { exp(score - m[r]) / sum[r] });
-                }
-            }
-            write_scores(head, i, s, scores, r);
+            let lse = merge::normalise(m[r], sum[r], &acc[r * ev..(r + 1) * ev], &mut row);
+            self.write_row(q0 + r, &row, lse, scores, r, |_, score| {
+                merge::weight(score, m[r], sum[r], T::ONE, exp)
+            });
         }
+    }
+
+    /// Task row `row`'s results: its output `out` (rounded to `Q`), its log-sum-exp, and the
+    /// weights (`weight(j, score)`) and scores of its row `r` of `scores`, where asked for.
+    #[inline(always)]
+    fn write_row(
+        &mut self,
+        row: usize,
+        out: &[T],
+        lse: T,
+        scores: &[T],
+        r: usize,
+        weight: impl Fn(usize, T) -> T,
+    ) {
+        let (s, ev, group) = (self.at.spec.kv_len, self.at.spec.dim_v, self.heads.len());
+        let (i, head) = (row / group - self.first, &mut self.heads[row % group]);
+        Q::narrow_slice(out, &mut head.out[i * ev..(i + 1) * ev]);
+        if let Some(l) = head.lse.as_deref_mut() {
+            l[i].write(lse);
+        }
+        if let Some(w) = head.weights.as_deref_mut() {
+            for (j, (x, &score)) in
+                w[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]).enumerate()
+            {
+                x.write(weight(j, score));
+            }
+        }
+        if let Some(out) = head.scores.as_deref_mut() {
+            for (x, &score) in out[i * s..(i + 1) * s].iter_mut().zip(&scores[r * s..(r + 1) * s]) {
+                x.write(score);
+            }
+        }
+    }
+}
+
+/// The exponential of a path's probabilities: `exp_short`'s in the bfloat16 pair mode (`T` is
+/// float32 there, so the round trip is exact), `exp_nonpositive` elsewhere.
+#[inline(always)]
+fn path_exp<T: AttnFloat>(pairs: bool) -> impl Fn(T) -> T + Copy {
+    move |x: T| match pairs {
+        true => T::from_f64(exp_short(x.to_f64() as f32) as f64),
+        false => x.exp_nonpositive(),
     }
 }
