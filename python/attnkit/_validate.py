@@ -188,3 +188,15 @@ def choice(x: Any, name: str, options: tuple[str, ...]) -> str:
     if x not in options:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, got {x!r}")
     return str(x)
+
+
+def counts(x: Any, name: str, shape: tuple[int, ...], most: int, what: str) -> npt.NDArray[np.int64]:
+    """Per-item counts (lengths, starts) of ``shape``, each in ``0..most`` (``what``), as a flat
+    int64 array."""
+    n = int_array(_as_array(x, name), name)
+    if n.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} (one per batch item), got {n.shape}")
+    if n.size and (n.min() < 0 or n.max() > most):
+        bad = n.min() if n.min() < 0 else n.max()
+        raise ValueError(f"{name}: each must lie in 0..{most} ({what}), got {bad}")
+    return np.ascontiguousarray(n.reshape(-1), dtype=np.int64)

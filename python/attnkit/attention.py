@@ -18,6 +18,7 @@ from attnkit._validate import (
     allocating,
     choice,
     compute_dtype,
+    counts,
     flag,
     float_array,
     int_array,
@@ -353,19 +354,19 @@ def scaled_dot_product_attention(
         if km.shape != batch_shape + (s_len,):
             raise ValueError(f"key_mask: expected shape {batch_shape + (s_len,)} (batch..., S), got {km.shape}")
         keys = np.ascontiguousarray(km.reshape(b, s_len) != 0, dtype=np.uint8)
-    lengths = None if key_lengths is None else _lengths(key_lengths, "key_lengths", batch_shape, s_len, "S, the keys")
+    lengths = None if key_lengths is None else counts(key_lengths, "key_lengths", batch_shape, s_len, "S, the keys given")
     starts = None
     if key_starts is not None:
         if lengths is None:
             raise ValueError("key_starts: needs key_lengths (how many keys each item has from its start)")
-        starts = _lengths(key_starts, "key_starts", batch_shape, s_len, "S, the rows given")
+        starts = counts(key_starts, "key_starts", batch_shape, s_len, "S, the rows given")
         if (starts + lengths > s_len).any():
             b = int(np.argmax(starts + lengths > s_len))
             raise ValueError(f"key_starts: item {b}'s {int(lengths[b])} keys from row {int(starts[b])} do not fit "
                              f"the {s_len} rows given")
     q_lengths = None
     if query_lengths is not None:
-        q_lengths = _lengths(query_lengths, "query_lengths", batch_shape, length, "L, the queries")
+        q_lengths = counts(query_lengths, "query_lengths", batch_shape, length, "L, the queries given")
     slopes = None
     if alibi_slopes is not None:
         sl = float_array(alibi_slopes, "alibi_slopes").astype(np.float64)
@@ -505,17 +506,6 @@ def _attn_mask(
     if m.dtype == bool:
         return m.view(np.uint8), None
     return None, m
-
-
-def _lengths(x: Any, name: str, batch_shape: tuple[int, ...], most: int, what: str) -> npt.NDArray[np.int64]:
-    """Per-item counts, one per batch item, each in ``0..most``, as a flat int64 array."""
-    n = int_array(_as_array(x, name), name)
-    if n.shape != batch_shape:
-        raise ValueError(f"{name}: expected shape {batch_shape} (one per batch item), got {n.shape}")
-    if n.size and (n.min() < 0 or n.max() > most):
-        bad = n.min() if n.min() < 0 else n.max()
-        raise ValueError(f"{name}: each must lie in 0..{most} ({what} given), got {bad}")
-    return np.ascontiguousarray(n.reshape(-1), dtype=np.int64)
 
 
 def _window(window: Any) -> tuple[int | None, int | None]:

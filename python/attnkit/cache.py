@@ -14,6 +14,7 @@ from attnkit._validate import (
     _as_array,
     allocating,
     choice,
+    counts,
     flag,
     float_array,
     float_dtype,
@@ -308,15 +309,15 @@ class KVCache:
         return arr
 
     def _per_sequence(self, x: npt.ArrayLike, name: str, most: int, what: str) -> npt.NDArray[np.int64]:
-        n = int_array(_as_array(x, name), name)
-        if n.shape == ():
-            n = np.full(self._batch, n, np.int64)
-        if n.shape != (self._batch,):
-            raise ValueError(f"{name}: expected shape ({self._batch},) (one per sequence), got {n.shape}")
-        if n.size and (n.min() < 0 or n.max() > most):
-            bad = n.min() if n.min() < 0 else n.max()
-            raise ValueError(f"{name}: each must lie in 0..{most} ({what}), got {bad}")
-        return n.astype(np.int64)
+        """One count per sequence (an int: the same for all), each in ``0..most``."""
+        n = _as_array(x, name)
+        return counts(np.full(self._batch, n) if n.shape == () else n, name, (self._batch,), most, what)
+
+    def _queries(self, length: int, query_lengths: npt.ArrayLike | None) -> npt.NDArray[np.int64]:
+        """Each sequence's real queries of ``length``."""
+        if query_lengths is None:
+            return np.full(self._batch, length, np.int64)
+        return self._per_sequence(query_lengths, "query_lengths", length, f"L = {length}, the queries")
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.capacity)
@@ -430,7 +431,10 @@ class KVCache:
             q = q.swapaxes(1, 2)
         lengths, starts = self._lengths, None
         if self._ring:
-            window, lengths, starts = self._ring_window(q.shape[2], query_lengths, window)
+            if self._sink_tokens and alibi_slopes is not None:
+                raise ValueError("alibi_slopes: not taken with sink_tokens (the sink tokens' distances are not kept)")
+            real = self._queries(q.shape[2], query_lengths)
+            window, lengths, starts = self._ring_window(q.shape[2], real, window)
             end = int((starts + lengths).max())  # the rows any run reaches: no empty chunks past them
             k, v = self._k[:, :, :end], self._v[:, :, :end]
         else:
@@ -442,23 +446,20 @@ class KVCache:
             alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, return_lse=return_lse or self._sink_tokens > 0,
         )
         if self._sink_tokens:
-            if alibi_slopes is not None:
-                raise ValueError("alibi_slopes: not taken with sink_tokens (the sink tokens' distances are not kept)")
             assert isinstance(result, tuple) and window is not None
-            result = self._with_sink_tokens(q, result, query_lengths, int(window[0] or 0), scale, softcap, return_lse)
+            result = self._with_sink_tokens(q, result, real, int(window[0] or 0), scale, softcap, return_lse)
         if layout == "bshd":
             if isinstance(result, tuple):
                 return np.ascontiguousarray(result[0].swapaxes(1, 2)), result[1]
             return np.ascontiguousarray(result.swapaxes(1, 2))
         return result
 
-    def _with_sink_tokens(self, q: npt.NDArray[Any], window_part: tuple[Any, ...], query_lengths: Any, left: int,
-                          scale: float | None, softcap: float | None, return_lse: bool) -> Any:
+    def _with_sink_tokens(self, q: npt.NDArray[Any], window_part: tuple[Any, ...], real: npt.NDArray[np.int64],
+                          left: int, scale: float | None, softcap: float | None, return_lse: bool) -> Any:
         """The window's result merged (`merge_attention`) with attention over the sink tokens that
-        lie before each query's window (those inside it are in the window's result already)."""
+        lie before each query's window (those inside it are in the window's result already);
+        ``real``: each sequence's real queries."""
         length = q.shape[2]
-        real = (np.full(self._batch, length, np.int64) if query_lengths is None
-                else self._per_sequence(query_lengths, "query_lengths", length, f"L = {length}, the queries"))
         position = self._lengths[:, None] - real[:, None] + np.arange(length)[None, :]  # (B, L)
         j = np.arange(self._sink_tokens)[None, None, :]
         allowed = (j < position[:, :, None] - left) & (np.arange(length)[None, :, None] < real[:, None, None])
@@ -468,10 +469,11 @@ class KVCache:
         return (out, lse) if return_lse else out
 
     def _ring_window(
-        self, length: int, query_lengths: npt.ArrayLike | None, window: tuple[int | None, int | None] | None
+        self, length: int, real: npt.NDArray[np.int64], window: tuple[int | None, int | None] | None
     ) -> tuple[tuple[int | None, int | None], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """For a rotating cache: the window to apply, and each sequence's keys as a run of rows of
-        the mirrored buffer. The run starts at a multiple of ``CHUNK`` positions at or before the
+        the mirrored buffer, for ``length`` queries of which ``real`` are real per sequence. The
+        run starts at a multiple of ``CHUNK`` positions at or before the
         first key any of its queries may see, so that key blocks and chunks fall where they fall
         in a full cache, and the bits are a full cache's."""
         w = self._window or 0
@@ -482,8 +484,6 @@ class KVCache:
             raise ValueError(f"window: a rotating cache of window {w} takes (left, right) with 0 <= left <= {w}, "
                              f"got {window!r}")
         left: int = window[0]
-        real = (np.full(self._batch, length, np.int64) if query_lengths is None
-                else self._per_sequence(query_lengths, "query_lengths", length, f"L = {length}, the queries"))
         if length > self._capacity:
             raise ValueError(f"query: {length} queries, more than the {self._capacity} (capacity) a rotating cache "
                              "attends at once")
