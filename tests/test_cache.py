@@ -399,3 +399,21 @@ def test_sink_tokens_need_a_window_and_refuse_alibi():
     ring.append(k, v)
     with pytest.raises(ValueError, match="alibi_slopes: not taken with sink_tokens"):
         ring.attend(q, alibi_slopes=np.ones(HQ))
+
+
+def test_the_cache_never_shares_its_lengths_with_a_caller():
+    """A decode loop crops back to an array it keeps; appending must change neither that array
+    nor the crop that follows (the quick append path once grew such an array in place)."""
+    _, k, v = tokens(np.float32, 8)
+    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=16)
+    cache.append(k[:, :, :4], v[:, :, :4])
+    steady = cache.lengths
+    for _ in range(3):
+        cache.append(k[:, :, 4:5], v[:, :, 4:5])
+        assert cache.lengths.tolist() == [5, 5, 5] and steady.tolist() == [4, 4, 4]
+        cache.crop(steady)
+        assert cache.lengths.tolist() == [4, 4, 4]
+    indices = np.array([2, 1, 0])
+    cache.reorder(indices)
+    cache.append(k[:, :, 4:5], v[:, :, 4:5])
+    assert indices.tolist() == [2, 1, 0]

@@ -115,7 +115,7 @@ class KVCache:
         self._set_lengths(np.zeros(self._batch, np.int64))
 
     def _set_lengths(self, lengths: npt.NDArray[np.int64]) -> None:
-        self._lengths = lengths
+        self._lengths = np.array(lengths, np.int64)  # the cache's own (a caller's array may be passed)
         self._uniform = bool((lengths == lengths[0]).all())  # every sequence alike
 
     def _buffers(self, capacity: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
@@ -243,7 +243,7 @@ class KVCache:
             if start + n <= self.capacity:
                 self._k[:, :, start:start + n] = key
                 self._v[:, :, start:start + n] = value
-                self._lengths += n
+                self._lengths = self._lengths + n  # a new array: never one a caller holds
                 return
         layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
         k = self._new(key, "key", self._dim, layout)
