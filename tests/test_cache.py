@@ -57,17 +57,57 @@ def test_chunked_prefill_gives_the_bits_of_one_call(dtype, chunk, threads):
         assert np.array_equal(np.concatenate(outs, axis=2), full)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_decoding_token_by_token_matches_one_causal_call(dtype):
-    """One query at a time takes the decode path, whose dot products run in another order than
-    the tiled path's: the rows agree to the rounding of either (not yet bit for bit)."""
-    q, k, v = tokens(dtype, 600)
+# (query dtype, cache dtype): one dtype, or float32 queries over a 16-bit cache.
+PAIRS = [(d, d) for d in DTYPES] + [(np.float32, np.float16)] + ([(np.float32, BF16)] if BF16 else [])
+
+
+def _pair_id(pair):
+    return "-".join(np.dtype(d).name for d in pair)
+
+
+def _exact(pair):
+    """Whether decoding gives the bits of a long call: everywhere but bfloat16 queries over a
+    bfloat16 cache, whose long calls take the dot-product pairs of `vdpbf16ps`."""
+    return not (BF16 is not None and pair == (BF16, BF16))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=_pair_id)
+def test_decoding_token_by_token_gives_the_bits_of_one_causal_call(pair, threads):
+    """One query at a time takes the decode path; it reads the keys in the strips the cache
+    stores them in and computes each score in the tiled path's order, so every row is the row of
+    one causal call over the whole sequence, bit for bit."""
+    qdt, kdt = pair
+    q, k, v = tokens(np.float32, 600)
+    q, k, v = q.astype(qdt), k.astype(kdt), v.astype(kdt)
+    full, full_lse = sdpa(q, k, v, is_causal=True, enable_gqa=True, return_lse=True)
+    for n in (1, 2):
+        threads(n)
+        cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=600, dtype=kdt)
+        for t in range(600):
+            cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+            if n == 2 and t % 7:
+                continue  # (at two threads, every seventh token)
+            out, lse = cache.attend(q[:, :, t:t + 1], return_lse=True)
+            if _exact(pair):
+                assert np.array_equal(out, full[:, :, t:t + 1]), t
+                assert np.array_equal(lse, full_lse[:, :, t:t + 1]), t
+            else:  # within bfloat16's rounding of the output
+                np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(full[:, :, t:t + 1], np.float64),
+                                           rtol=0, atol=4 * 2.0 ** -8)
+
+
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (3, 1), (5, 1)])
+def test_decoding_gives_the_bits_of_one_causal_call_for_any_group_of_heads(hq, hkv):
+    """The decode kernel takes rows in pairs and a row left over alone: one, three and five rows
+    per key/value head, over key counts that end inside a strip of 16."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, hq, 300, E), dtype=np.float32)
+    k, v = (rng.standard_normal((2, hkv, 300, d), dtype=np.float32) for d in (E, EV))
     full = sdpa(q, k, v, is_causal=True, enable_gqa=True)
-    cache = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=600, dtype=dtype)
-    for t in range(600):
+    cache = attnkit.KVCache(2, hkv, E, value_dim=EV, capacity=300)
+    for t in range(300):
         cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
-        np.testing.assert_allclose(cache.attend(q[:, :, t:t + 1]), full[:, :, t:t + 1],
-                                   rtol=0, atol=64 * np.finfo(dtype).eps)
+        assert np.array_equal(cache.attend(q[:, :, t:t + 1]), full[:, :, t:t + 1]), t
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,11 +129,11 @@ def test_a_ragged_batch_gives_each_sequence_the_bits_it_gets_alone(dtype, querie
         want, want_lse = alone.attend(q[b:b + 1, :, new], return_lse=True)
         assert np.array_equal(out[b:b + 1], want)
         assert np.array_equal(lse[b:b + 1], want_lse)
-        # ... and what one call over that sequence's own keys gives.
-        keys = np.concatenate([k[b:b + 1, :, :prompt[b]], k[b:b + 1, :, new]], axis=2)
-        values = np.concatenate([v[b:b + 1, :, :prompt[b]], v[b:b + 1, :, new]], axis=2)
-        one = sdpa(q[b:b + 1, :, new], keys, values, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
-        assert np.array_equal(out[b:b + 1], one)
+        # ... and the last rows of one causal call over that sequence's own tokens.
+        if _exact((dtype, dtype)):
+            own = [np.concatenate([x[b:b + 1, :, :prompt[b]], x[b:b + 1, :, new]], axis=2) for x in (q, k, v)]
+            one = sdpa(*own, is_causal=True, enable_gqa=True)
+            assert np.array_equal(out[b:b + 1], one[:, :, -queries:])
 
 
 def test_ragged_query_chunks_equal_each_sequence_alone():
@@ -227,10 +267,12 @@ def test_crop_rolls_back_rejected_tokens():
     cache.crop([12, 10, 11])  # some accepted
     cache.append(k[:, :, 15:], v[:, :, 15:], lengths=[5, 5, 5])
     for b, kept in enumerate([12, 10, 11]):
-        keys = np.concatenate([k[b:b + 1, :, :kept], k[b:b + 1, :, 15:]], axis=2)
-        values = np.concatenate([v[b:b + 1, :, :kept], v[b:b + 1, :, 15:]], axis=2)
-        one = sdpa(q[b:b + 1, :, 15:], keys, values, is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
-        assert np.array_equal(cache.attend(q[:, :, 15:])[b:b + 1], one)
+        # The last rows of one causal call over the tokens kept (through a cache of its own: at
+        # most 16 queries take the decode path, which computes as the cache's reads of them).
+        own = [np.concatenate([x[b:b + 1, :, :kept], x[b:b + 1, :, 15:]], axis=2) for x in (q, k, v)]
+        alone = attnkit.KVCache(1, HKV, E, value_dim=EV, capacity=32)
+        alone.append(own[1], own[2])
+        assert np.array_equal(cache.attend(q[:, :, 15:])[b:b + 1], alone.attend(own[0])[:, :, -5:])
     cache.crop(0)
     assert cache.lengths.tolist() == [0, 0, 0]
 

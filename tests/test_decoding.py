@@ -201,10 +201,14 @@ def test_sink_logits_join_each_softmax_denominator(dtype, length):
     vmax = np.abs(np.asarray(v, np.float64)).max()
     assert np.abs(np.asarray(out, np.float64) - want).max() <= 4 * out_eps * vmax * (1 + 6)
     assert np.abs(lse - want_lse).max() <= 64 * max(eps, 2.0 ** -8 if np.dtype(dtype).itemsize == 2 else 0)
-    # The same bits for any thread count, and through the cache.
+    # Through the cache: the same bound (it computes short queries' scores in the order of
+    # long ones), and the same bits where the call is long.
     cache = attnkit.KVCache(3, 2, 32, capacity=600, dtype=dtype)
     cache.append(k, v)
-    assert np.array_equal(cache.attend(q, sinks=sinks), out)
+    cached = cache.attend(q, sinks=sinks)
+    assert np.abs(np.asarray(cached, np.float64) - want).max() <= 4 * out_eps * vmax * (1 + 6)
+    if length > 16:
+        assert np.array_equal(cached, out)
 
 
 def test_a_row_with_no_key_but_a_sink_gives_zeros_and_the_sink_as_lse():

@@ -56,5 +56,6 @@ def attention(
     sinks: npt.NDArray[np.float64] | None = None,
     return_scores: bool = False,
     key_starts: npt.NDArray[np.int64] | None = None,
+    key_strips: bool = False,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None, npt.NDArray[Any] | None, npt.NDArray[Any] | None]: ...
 def merge_attention(outs: npt.NDArray[Any], lses: npt.NDArray[Any]) -> npt.NDArray[Any]: ...

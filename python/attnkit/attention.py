@@ -188,6 +188,7 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     return_scores: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    _key_strips: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]:
     """Attention as ``torch.nn.functional.scaled_dot_product_attention``, on NumPy arrays.
 
@@ -286,7 +287,7 @@ def scaled_dot_product_attention(
         and attn_mask is None and key_mask is None and key_lengths is None and key_starts is None
         and query_lengths is None and window is None and alibi_slopes is None
         and softcap is None and sinks is None and return_lse is False and return_weights is False
-        and return_scores is False
+        and return_scores is False and _key_strips is None
         and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
         and layout == "bhsd" and causal_alignment == "top_left"
         and (scale is None or (type(scale) is float and math.isfinite(scale)))
@@ -380,10 +381,12 @@ def scaled_dot_product_attention(
             raise ValueError(f"sinks: expected shape ({hq},) (one per query head), got {sk.shape}")
         sink_logits = np.ascontiguousarray(sk)
     win = _window(window)
+    # (`_key_strips`, for KVCache alone: the keys transposed in strips of 16, `(B, Hkv, S / 16, E,
+    # 16)`, which the core reads in place of `key`, then a stand-in of the keys' shape and dtype.)
     out, lse, weights, scores = _core.attention(
-        q4, k4, v4, layout, scale_value, cap, is_causal, win, alignment,
+        q4, k4 if _key_strips is None else _key_strips, v4, layout, scale_value, cap, is_causal, win, alignment,
         bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths, q_lengths,
-        sink_logits, return_scores, starts,
+        sink_logits, return_scores, starts, _key_strips is not None,
     )
     if q_lengths is not None:  # the rows past each item's queries are padding: zeros
         padding = np.arange(length)[None, :] >= q_lengths[:, None]  # (b, L); out is (b, Hq, L, Ev) here

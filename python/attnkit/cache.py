@@ -28,7 +28,7 @@ __all__ = ["KVCache"]
 
 
 class KVCache:
-    """Keys and values of ``batch`` sequences, stored ``(batch, num_kv_heads, capacity, dim)``.
+    """Keys and values of ``batch`` sequences, ``(batch, num_kv_heads, capacity, dim)`` each.
 
     Each sequence has its own length (``lengths``): :meth:`append` writes new tokens after it, in
     place, and :meth:`attend` runs attention of new queries over each sequence's keys, with query
@@ -58,8 +58,17 @@ class KVCache:
             given, so positions, RoPE included, are the caller's). Computed as the window's
             result merged with the sink tokens' by log-sum-exp; ALiBi is not taken with them.
 
-    Memory: ``batch * num_kv_heads * capacity * (head_dim + value_dim)`` elements, allocated at
-    once; with ``window``, twice ``window + 2 * capacity`` rounded up to a multiple of 512 (plus
+    Storage: the values as ``(batch, num_kv_heads, positions, value_dim)``; the keys transposed in
+    strips of 16 positions, ``(batch, num_kv_heads, positions / 16, head_dim, 16)``, the form in
+    which attention packs them for its matrix products. So attention never transposes the cache,
+    and one query at a time computes each score in the order a long query does: decoding token by
+    token gives the bits of one causal call over the whole sequence (float32, float64, float16,
+    and float32 queries over a float16 or bfloat16 cache; bfloat16 queries over a bfloat16 cache
+    agree within the bound of the half-precision notes, as their long calls take the pairs of
+    ``vdpbf16ps``).
+
+    Memory: ``batch * num_kv_heads * positions * (head_dim + value_dim)`` elements, allocated at
+    once, ``positions`` being ``capacity`` rounded up to a multiple of 16; with ``window``, twice ``window + 2 * capacity`` rounded up to a multiple of 512 (plus
     up to 511) positions instead, whatever the length: the buffer is mirrored, so that every run
     of keys is contiguous. An :meth:`attend` call allocates its output and nothing that grows with
     the history.
@@ -111,19 +120,38 @@ class KVCache:
         if self._sink_tokens and not self._ring:
             raise ValueError("sink_tokens: kept besides a window; pass window= as well (a full cache keeps every token)")
         self._k, self._v = self._buffers(2 * self._ring if self._ring else capacity)
-        self._sk, self._sv = self._buffers(self._sink_tokens)
+        self._sk, self._sv = self._buffers(self._sink_tokens, strips=False)
         self._set_lengths(np.zeros(self._batch, np.int64))
 
     def _set_lengths(self, lengths: npt.NDArray[np.int64]) -> None:
         self._lengths = np.array(lengths, np.int64)  # the cache's own (a caller's array may be passed)
         self._uniform = bool((lengths == lengths[0]).all())  # every sequence alike
 
-    def _buffers(self, capacity: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        what = (f"KVCache storage ({self._batch} x {self._heads} heads x {capacity} positions x "
+    def _buffers(self, capacity: int, strips: bool = True) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """Keys (in strips of STRIP positions, or rows) and values (rows) for ``capacity`` positions
+        (rounded up to a multiple of STRIP)."""
+        n = _strips(capacity) * STRIP if strips else capacity
+        what = (f"KVCache storage ({self._batch} x {self._heads} heads x {n} positions x "
                 f"({self._dim} + {self._vdim}) {self._dtype})")
+        b, h = self._batch, self._heads
         with allocating(what):
-            return (np.zeros((self._batch, self._heads, capacity, self._dim), self._dtype),
-                    np.zeros((self._batch, self._heads, capacity, self._vdim), self._dtype))
+            k = np.zeros((b, h, n // STRIP, self._dim, STRIP) if strips else (b, h, n, self._dim), self._dtype)
+            return k, np.zeros((b, h, n, self._vdim), self._dtype)
+
+    def _store_keys(self, b: int | None, positions: npt.NDArray[np.int64], k: npt.NDArray[Any]) -> None:
+        """Writes keys ``k`` ``(num_kv_heads, n, head_dim)`` of sequence ``b`` at its ``positions``
+        ``(n,)``; ``b`` None: ``k`` ``(batch, ...)``, every sequence."""
+        strip, lane = positions // STRIP, positions % STRIP
+        if b is None:  # (advanced indices apart: their axis comes first)
+            self._k[:, :, strip, :, lane] = k.transpose(2, 0, 1, 3)
+        else:
+            self._k[b][:, strip, :, lane] = k.transpose(1, 0, 2)
+
+    def _key_rows(self, positions: int) -> npt.NDArray[Any]:
+        """The first ``positions`` keys of every sequence as rows, ``(batch, heads, positions,
+        head_dim)`` (a copy)."""
+        k = self._k[:, :, :_strips(positions)]
+        return k.transpose(0, 1, 2, 4, 3).reshape(k.shape[:2] + (-1, self._dim))[:, :, :positions]
 
     # -- what it holds ------------------------------------------------------------------------
 
@@ -136,7 +164,7 @@ class KVCache:
     def capacity(self) -> int:
         """Positions reserved per sequence; for a rotating cache (``window=``), the most new
         positions one append may add."""
-        return self._capacity if self._ring else int(self._k.shape[2])
+        return self._capacity
 
     @property
     def window(self) -> int | None:
@@ -150,31 +178,40 @@ class KVCache:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """``(batch, num_kv_heads, capacity, head_dim)``, the key storage's shape."""
-        b, h, c, d = self._k.shape
-        return b, h, c, d
+        """``(batch, num_kv_heads, positions, head_dim)``: the positions stored (``capacity``
+        rounded up to a multiple of 16; a rotating cache's mirrored buffer)."""
+        return self._batch, self._heads, int(self._v.shape[2]), self._dim
 
     def keys(self) -> npt.NDArray[Any]:
-        """A read-only view of the keys, ``(batch, num_kv_heads, max(lengths), head_dim)``; a
-        sequence's positions past its length hold nothing meaningful. A rotating cache returns a
-        copy of each sequence's last ``min(max(lengths), window)`` positions, right-aligned
+        """A copy of the keys, ``(batch, num_kv_heads, max(lengths), head_dim)`` (they are stored
+        in strips); a sequence's positions past its length hold nothing meaningful. A rotating
+        cache gives each sequence's last ``min(max(lengths), window)`` positions, right-aligned
         (zeros before a short sequence's first)."""
-        return self._view(self._k)
+        return self._view(keys=True)
 
     def values(self) -> npt.NDArray[Any]:
-        """The values, as :meth:`keys` gives the keys."""
-        return self._view(self._v)
+        """The values, as :meth:`keys` gives the keys, but a read-only view where the cache is
+        not rotating."""
+        return self._view(keys=False)
 
-    def _view(self, buf: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    def _view(self, keys: bool) -> npt.NDArray[Any]:
         if not self._ring:
-            view = buf[:, :, : int(self._lengths.max())]
+            n = int(self._lengths.max())
+            if keys:
+                return self._key_rows(n)
+            view = self._v[:, :, :n]
             view.flags.writeable = False
             return view
         kept = min(int(self._lengths.max()), self._window or 0)
-        out = np.zeros(buf.shape[:2] + (kept,) + buf.shape[3:], buf.dtype)
+        dim = self._dim if keys else self._vdim
+        out = np.zeros((self._batch, self._heads, kept, dim), self._dtype)
         for b, n in enumerate(self._lengths.tolist()):
             m = min(n, kept)
-            out[b, :, kept - m:] = buf[b][:, np.arange(n - m, n) % self._ring]
+            rows = np.arange(n - m, n) % self._ring
+            if keys:
+                out[b, :, kept - m:] = self._k[b][:, rows // STRIP, :, rows % STRIP].transpose(1, 0, 2)
+            else:
+                out[b, :, kept - m:] = self._v[b][:, rows]
         return out
 
     def __repr__(self) -> str:
@@ -191,7 +228,7 @@ class KVCache:
         used = self._ring or int(self._lengths.max())  # a rotating cache: one copy of its rows
         return {"batch": self._batch, "heads": self._heads, "dim": self._dim, "vdim": self._vdim,
                 "dtype": self._dtype, "growable": self._growable, "capacity": self.capacity,
-                "window": self._window, "lengths": self._lengths.copy(), "k": self._k[:, :, :used].copy(),
+                "window": self._window, "lengths": self._lengths.copy(), "k": self._key_rows(used),
                 "v": self._v[:, :, :used].copy(), "sk": self._sk.copy(), "sv": self._sv.copy()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -204,7 +241,7 @@ class KVCache:
         self._sk, self._sv = state["sk"], state["sv"]
         self._sink_tokens = self._sk.shape[2]
         for copy in range(2 if self._ring else 1):  # a rotating cache's mirror
-            self._k[:, :, copy * used:(copy + 1) * used] = state["k"]
+            self._store_keys(None, np.arange(copy * used, (copy + 1) * used), state["k"])
             self._v[:, :, copy * used:(copy + 1) * used] = state["v"]
         self._set_lengths(np.array(state["lengths"], np.int64))
 
@@ -241,7 +278,10 @@ class KVCache:
         ):
             start, n = int(self._lengths[0]), key.shape[2]
             if start + n <= self.capacity:
-                self._k[:, :, start:start + n] = key
+                if n == 1:  # one token: basic indexing, the quickest write
+                    self._k[:, :, start // STRIP, :, start % STRIP] = key[:, :, 0]
+                else:
+                    self._store_keys(None, np.arange(start, start + n), key)
                 self._v[:, :, start:start + n] = value
                 self._lengths = self._lengths + n  # a new array: never one a caller holds
                 return
@@ -263,8 +303,8 @@ class KVCache:
             for b in np.flatnonzero(added).tolist():
                 rows = np.arange(int(self._lengths[b]), int(end[b])) % self._ring
                 count = int(added[b])
-                for mirror in (rows, rows + self._ring):  # (self._k[b, :, rows] would put rows first)
-                    self._k[b][:, mirror] = k[b, :, :count]
+                for mirror in (rows, rows + self._ring):  # (self._v[b, :, rows] would put rows first)
+                    self._store_keys(b, mirror, k[b, :, :count])
                     self._v[b][:, mirror] = v[b, :, :count]
                 first, sinks = int(self._lengths[b]), min(int(end[b]), self._sink_tokens)
                 if first < sinks:  # the first tokens are kept besides the window, too
@@ -281,13 +321,13 @@ class KVCache:
                 )
             self._grow(int(end.max()))
         if (added == n).all() and (self._lengths == self._lengths[0]).all():
-            start = int(self._lengths[0])  # every sequence alike: one slice assignment
-            self._k[:, :, start:start + n] = k
+            start = int(self._lengths[0])  # every sequence alike: one assignment
+            self._store_keys(None, np.arange(start, start + n), k)
             self._v[:, :, start:start + n] = v
         else:
             for b in np.flatnonzero(added).tolist():
                 start, count = int(self._lengths[b]), int(added[b])
-                self._k[b, :, start:start + count] = k[b, :, :count]
+                self._store_keys(b, np.arange(start, start + count), k[b, :, :count])
                 self._v[b, :, start:start + count] = v[b, :, :count]
         self._set_lengths(end)
 
@@ -323,9 +363,9 @@ class KVCache:
         capacity = max(needed, 2 * self.capacity)
         k, v = self._buffers(capacity)
         used = int(self._lengths.max())
-        k[:, :, :used] = self._k[:, :, :used]
+        k[:, :, :_strips(used)] = self._k[:, :, :_strips(used)]
         v[:, :, :used] = self._v[:, :, :used]
-        self._k, self._v = k, v
+        self._k, self._v, self._capacity = k, v, capacity
 
     def reorder(self, indices: npt.ArrayLike) -> None:
         """Sequence ``b`` becomes what sequence ``indices[b]`` was (beam search).
@@ -342,7 +382,7 @@ class KVCache:
         used = 2 * self._ring if self._ring else int(self._lengths.max())
         self._sk[...] = self._sk[idx]
         self._sv[...] = self._sv[idx]
-        self._k[:, :, :used] = self._k[idx, :, :used]
+        self._k[:, :, :_strips(used)] = self._k[idx, :, :_strips(used)]
         self._v[:, :, :used] = self._v[idx, :, :used]
         self._set_lengths(self._lengths[idx])
 
@@ -404,12 +444,12 @@ class KVCache:
             and query.shape[0] == self._batch and query.shape[3] == self._dim and query.shape[1] % self._heads == 0
             and (scale is None or (type(scale) is float and math.isfinite(scale))) and not self._ring
         ):
-            used = int(self._lengths.max())
+            n = _strips(int(self._lengths.max()))
             s = scale if scale is not None else 1.0 / math.sqrt(self._dim)
             try:
                 return _core.attention(
-                    query, self._k[:, :, :used], self._v[:, :, :used], "bhsd", s, None, is_causal, (None, None),
-                    "bottom_right", None, None, None, None, False, False, self._lengths,
+                    query, self._k[:, :, :n], self._v[:, :, :n * STRIP], "bhsd", s, None, is_causal, (None, None),
+                    "bottom_right", None, None, None, None, False, False, self._lengths, key_strips=True,
                 )[0]
             except (TypeError, ValueError):
                 pass  # explained by the full path below
@@ -435,13 +475,14 @@ class KVCache:
                 raise ValueError("alibi_slopes: not taken with sink_tokens (the sink tokens' distances are not kept)")
             real = self._queries(q.shape[2], query_lengths)
             window, lengths, starts = self._ring_window(q.shape[2], real, window)
-            end = int((starts + lengths).max())  # the rows any run reaches: no empty chunks past them
-            k, v = self._k[:, :, :end], self._v[:, :, :end]
+            n = _strips(int((starts + lengths).max()))  # the rows any run reaches: no empty chunks past them
         else:
-            used = int(self._lengths.max())
-            k, v = self._k[:, :, :used], self._v[:, :, :used]
-        result = scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True, key_lengths=lengths, key_starts=starts,
+            n = _strips(int(self._lengths.max()))
+        k, v = self._k[:, :, :n], self._v[:, :, :n * STRIP]
+        stand_in = np.broadcast_to(np.zeros((), self._dtype), v.shape[:3] + (self._dim,))  # the keys' shape
+        # (`_key_strips` is private to the cache: no public overload takes it.)
+        result = scaled_dot_product_attention(  # type: ignore[call-overload, misc]
+            q, stand_in, v, _key_strips=k, is_causal=is_causal, scale=scale, enable_gqa=True, key_lengths=lengths, key_starts=starts,
             query_lengths=query_lengths, causal_alignment="bottom_right", window=window,
             alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, return_lse=return_lse or self._sink_tokens > 0,
         )
@@ -495,6 +536,13 @@ class KVCache:
 # Keys per chunk of the kernels' merge (`merge.rs`): a rotating cache's runs of keys start at
 # multiples of it.
 CHUNK = 512
+# Positions per strip of the stored keys (the kernels' `NR`).
+STRIP = 16
+
+
+def _strips(positions: int) -> int:
+    """Strips holding ``positions`` positions."""
+    return -(-positions // STRIP)
 
 
 def _ring_rows(window: int, capacity: int) -> int:

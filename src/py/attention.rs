@@ -24,7 +24,7 @@ type AttnResult<'py> =
 #[pyo3(signature = (query, key, value, layout, scale, softcap, causal, window, alignment,
                     bool_mask=None, float_mask=None, key_mask=None, alibi=None,
                     return_lse=false, return_weights=false, key_lengths=None,
-                    query_lengths=None, sinks=None, return_scores=false, key_starts=None))]
+                    query_lengths=None, sinks=None, return_scores=false, key_starts=None, key_strips=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<'py>(
     py: Python<'py>,
@@ -48,6 +48,7 @@ pub fn attention<'py>(
     sinks: Option<&Bound<'py, PyAny>>,
     return_scores: bool,
     key_starts: Option<&Bound<'py, PyAny>>,
+    key_strips: bool,
 ) -> PyResult<AttnResult<'py>> {
     let bshd = choice("layout", layout, &[("bhsd", false), ("bshd", true)])?;
     let alignment = choice(
@@ -68,6 +69,7 @@ pub fn attention<'py>(
         return_lse,
         return_weights,
         return_scores,
+        key_strips,
     };
     let extra =
         Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths, sinks, key_starts };
@@ -101,6 +103,8 @@ struct Options {
     return_lse: bool,
     return_weights: bool,
     return_scores: bool,
+    /// The key is `(B, Hkv, S / 16, E, 16)`: strips of 16 keys, transposed (`AttnSpec::k_strips`).
+    key_strips: bool,
 }
 
 struct Extra<'a, 'py> {
@@ -128,6 +132,24 @@ fn dims(shape: &[usize], strides: &[usize], bshd: bool, arg: &str) -> PyResult<(
     } else {
         ([*b, *x, *y, *d], Strides { batch: *sb, head: *sx, row: *sy })
     })
+}
+
+/// `(batch, heads, rows, dim)` and the element strides of keys in strips: a `(B, Hkv, S / 16, E,
+/// 16)` array whose strips (its last two axes) are contiguous, addressed as rows of `E`
+/// (`AttnSpec::k_strips`).
+fn strip_dims(shape: &[usize], strides: &[usize], bshd: bool) -> PyResult<([usize; 4], Strides)> {
+    let bad = |what: String| PyValueError::new_err(format!("key: keys in strips {what}"));
+    if bshd {
+        return Err(bad("take layout 'bhsd'".into()));
+    }
+    let ([b, h, n, e, w], [sb, sh, sn, se, _]) = (shape, strides) else {
+        return Err(bad(format!("are a 5-d array, got shape {}", shape_str(shape))));
+    };
+    // (`strided` gives 0 for the stride of an axis of length 1.)
+    if *w != 16 || *n > 1 && *sn != e * 16 || *e > 1 && *se != 16 {
+        return Err(bad(format!("need contiguous strips of 16 keys, got shape {}", shape_str(shape))));
+    }
+    Ok(([*b, *h, n * 16, *e], Strides { batch: *sb, head: *sh, row: *e }))
 }
 
 /// Element strides that broadcast a compact 4-d mask over `(B, Hq, L, S)`.
@@ -180,7 +202,10 @@ where
     let ((qd, q_strides), (kd, k_strides), (vd, v_strides)) =
         (strided(q, "query")?, strided(k, "key")?, strided(v, "value")?);
     let ([b, hq, l, e], qs) = dims(q.shape(), &q_strides, o.bshd, "query")?;
-    let ([bk, hkv, s, ek], ks) = dims(k.shape(), &k_strides, o.bshd, "key")?;
+    let ([bk, hkv, s, ek], ks) = match o.key_strips {
+        true => strip_dims(k.shape(), &k_strides, o.bshd)?,
+        false => dims(k.shape(), &k_strides, o.bshd, "key")?,
+    };
     let ([bv, hv, sv, ev], vs) = dims(v.shape(), &v_strides, o.bshd, "value")?;
     if (bk, bv) != (b, b) || hv != hkv || sv != s || ek != e {
         return Err(PyValueError::new_err(format!(
@@ -206,6 +231,7 @@ where
         causal: o.causal,
         window: o.window,
         alignment: o.alignment,
+        k_strips: o.key_strips,
     };
     let target = [b, hq, l, s];
     let bool_mask =

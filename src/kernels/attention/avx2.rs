@@ -321,6 +321,81 @@ pub(super) fn dots_tile<const R: usize, L: Lanes>(
     }
 }
 
+/// [`Explicit::strip_dots`](super::fast::Explicit::strip_dots): four strips at a time, each read
+/// for all rows while it stays in cache: pairs of rows against two strips (eight chains of eight
+/// lanes side by side, each key vector loaded once for both rows), a row left over one strip at a
+/// time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn strip_dots<L: Lanes>(q: &[f32], e: usize, kt: &[L], cols: usize, out: &mut [f32]) {
+    let (rows, strips) = (q.len() / e, cols.div_ceil(NR));
+    let mut n0 = 0;
+    while n0 < strips {
+        let n = (strips - n0).min(4);
+        let kt = &kt[n0 * e * NR..];
+        let mut r = 0;
+        while r < rows {
+            let (q, out) = (&q[r * e..], &mut out[r * BK..]);
+            if n == 4 && rows - r >= 2 {
+                strip_tile::<2, 2, L>(q, e, kt, n0, cols, out);
+                strip_tile::<2, 2, L>(q, e, &kt[2 * e * NR..], n0 + 2, cols, out);
+                r += 2;
+            } else {
+                // A single row: one strip after another. Two or four side by side, their pages
+                // read as concurrent streams, came out up to a quarter slower on a decode call
+                // that streams the cache from memory (GPT-2, batch 8).
+                for i in 0..n {
+                    strip_tile::<1, 1, L>(q, e, &kt[i * e * NR..], n0 + i, cols, out);
+                }
+                r += 1;
+            }
+        }
+        n0 += n;
+    }
+}
+
+/// `R` query rows (from `q`, `e` apart) against `N` strips (`e x NR` each, from `kt`): the scores
+/// of block columns `n0·NR..` up to `cols`, each a chain of fused multiply-adds over `d` from +0,
+/// into `out` (rows `BK` apart).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn strip_tile<const R: usize, const N: usize, L: Lanes>(
+    q: &[f32],
+    e: usize,
+    kt: &[L],
+    n0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let (halves, _) = kt[..N * e * NR].as_chunks::<8>(); // strip n, dimension d: halves 2(n·e + d)..
+    let strips: [&[[L; 8]]; N] = simd::array(|n| &halves[2 * n * e..2 * (n + 1) * e]);
+    let q: [&[f32]; R] = simd::array(|r| &q[r * e..(r + 1) * e]);
+    let mut acc = [[[_mm256_setzero_ps(); 2]; N]; R];
+    for d in 0..e {
+        let x: [__m256; R] = simd::array(|r| _mm256_set1_ps(q[r][d]));
+        for (n, strip) in strips.iter().enumerate() {
+            // SAFETY: AVX2 and F16C (this function's features).
+            let k = unsafe { [L::load8(&strip[2 * d]), L::load8(&strip[2 * d + 1])] };
+            for (acc, &x) in acc.iter_mut().zip(&x) {
+                acc[n][0] = _mm256_fmadd_ps(x, k[0], acc[n][0]);
+                acc[n][1] = _mm256_fmadd_ps(x, k[1], acc[n][1]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (n, acc) in acc.iter().enumerate() {
+            for (h, &v) in acc.iter().enumerate() {
+                let j = (n0 + n) * NR + h * 8;
+                if j < cols {
+                    let mut t = [0.0; 8];
+                    store(&mut t, v);
+                    let w = (cols - j).min(8);
+                    out[r * BK + j..][..w].copy_from_slice(&t[..w]);
+                }
+            }
+        }
+    }
+}
+
 /// One query row against keys four at a time: four eight-lane chains side by side, each chunk of
 /// the query loaded once for the four keys, reduced together.
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -20,7 +20,7 @@
 //! value is finite.
 
 use super::fast::{VBlock, BK, MR, NR};
-use super::generic::{add_pv, rows_as};
+use super::generic::{add_pv, rows_as, score_tile};
 use super::rows::{key_range, mask_row, update_row, RowAt};
 use super::tile::HeadOut;
 use super::{AttnFloat, AttnSpec, TaskInputs};
@@ -138,6 +138,21 @@ where
             }
             let k_block = KV::stored(k_src).from(k0 * sp.k.row);
             match fast_dots {
+                _ if sp.k_strips && e > 0 => {
+                    // Keys in strips (`k0`, a multiple of BK, starts one): each score in the
+                    // tiled path's order, from the block's whole strips.
+                    let n = cols.div_ceil(NR) * NR * e;
+                    match fast {
+                        Some(token) => {
+                            let kt = KV::stored(&k_src[..k0 * e + n]).from(k0 * e);
+                            T::strip_dots(token, &qs[..rows * e], e, kt, cols, scores);
+                        }
+                        None => {
+                            let (kt, _) = rows_as(k_src, e, e, k0, n / e, &mut kw);
+                            strip_scores(&qs[..rows * e], e, &kt[..n], cols, scores);
+                        }
+                    }
+                }
                 Some(token) => {
                     if fast_rows > 0 {
                         T::dots(token, &qs[..fast_rows * e], e, k_block, sp.k.row, cols, scores);
@@ -225,6 +240,22 @@ fn dots<'k, T: AttnFloat + 'k>(q: &[T], k_row: impl Fn(usize) -> &'k [T], out: &
             *a = x.mul_add(y, *a);
         }
         *o = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    }
+}
+
+/// `scores[r·BK + j] = q_r · k_j` for the rows of `qs` (`e` apart) and the `cols` keys whose
+/// strips `kt` holds (`kt[(j / NR · e + d) · NR + j % NR]`), in the tiled path's arithmetic
+/// ([`score_tile`]: each score one chain of fused multiply-adds over `d` in order, from zero).
+/// (The explicit kernel, `Explicit::strip_dots`, runs four strips side by side.)
+#[inline(always)]
+fn strip_scores<T: AttnFloat>(qs: &[T], e: usize, kt: &[T], cols: usize, scores: &mut [T]) {
+    for (q, out) in qs.chunks_exact(e).zip(scores.chunks_mut(BK)) {
+        let (q, _) = q.as_chunks::<1>();
+        for n in 0..cols.div_ceil(NR) {
+            let [tile] = score_tile(q, &kt[n * e * NR..(n + 1) * e * NR]);
+            let w = NR.min(cols - n * NR);
+            out[n * NR..n * NR + w].copy_from_slice(&tile[..w]);
+        }
     }
 }
 

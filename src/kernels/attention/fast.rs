@@ -147,6 +147,11 @@ pub trait Explicit: Sized + Copy {
     /// every value is finite. `out.len()` must be a multiple of 8.
     fn pv_row(t: Self::Token, p: &[Self], alpha: Self, out: &mut [Self], v: Stored<'_, Self>, stride: usize);
 
+    /// `out[r·BK + j] = q_r · k_j` for the query rows of `q` (`e > 0` apart) and the `cols` keys
+    /// whose strips `kt` holds (`kt[(j / NR · e + d) · NR + j % NR]`, whole strips): the same as
+    /// `decode::strip_scores`.
+    fn strip_dots(t: Self::Token, q: &[Self], e: usize, kt: Stored<'_, Self>, cols: usize, out: &mut [Self]);
+
     /// `kt[(j / NR · e + d) · NR + j % NR] = k[j · stride + d]` for keys `j < n` and `d < e`: the
     /// keys transposed into strips of `NR`, as `tile.rs` packs them.
     fn pack_keys(t: Self::Token, k: &[Self], stride: usize, e: usize, n: usize, kt: &mut [Self]);
@@ -185,6 +190,9 @@ macro_rules! no_kernels {
                 match t {}
             }
             fn pack_keys(t: Never, _: &[Self], _: usize, _: usize, _: usize, _: &mut [Self]) {
+                match t {}
+            }
+            fn strip_dots(t: Never, _: &[Self], _: usize, _: Stored<'_, Self>, _: usize, _: &mut [Self]) {
                 match t {}
             }
             fn dots_row(t: Never, _: &[Self], _: Stored<'_, Self>, _: usize, _: usize, _: &mut [Self]) {

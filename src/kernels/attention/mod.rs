@@ -155,6 +155,12 @@ pub struct AttnSpec {
     /// Keys allowed on each side of the aligned diagonal; `None` = unlimited.
     pub window: (Option<usize>, Option<usize>),
     pub alignment: Alignment,
+    /// Keys stored transposed in strips of 16 keys (`NR`), as the tiled path packs them: element
+    /// `d` of key `j` at `(j / 16 · E + d) · 16 + j % 16` from its (batch, head)'s start. `k.row`
+    /// is then `E`, and `kv_len` and every key start are multiples of 16. `KVCache` stores its
+    /// keys so: neither path transposes them, and short queries compute each score in the tiled
+    /// path's order, so that decoding gives the bits of one call over the whole sequence.
+    pub k_strips: bool,
 }
 
 /// A mask read through element strides over (batch, head, query, key); a stride of 0 broadcasts.
@@ -471,6 +477,21 @@ impl AttnSpec {
                 ));
             }
         }
+        if self.k_strips {
+            let strips = fast::NR;
+            if self.k.row != self.dim_qk || !self.kv_len.is_multiple_of(strips) {
+                return Err(KernelError::invalid(
+                    "key",
+                    format!("strips of {strips} keys need rows of E elements and S a multiple of {strips}"),
+                ));
+            }
+            if let Some(bad) = masks.key_starts.and_then(|s| s.iter().find(|&&x| x % strips as i64 != 0)) {
+                return Err(KernelError::invalid(
+                    "key_starts",
+                    format!("must be multiples of {strips} for keys stored in strips, got {bad}"),
+                ));
+            }
+        }
         if let Some(n) = masks.query_lengths {
             self.check_counts("query_lengths", n, self.q_len, "L, the queries given")?;
         }
@@ -716,6 +737,7 @@ mod tests {
             causal: false,
             window: (None, None),
             alignment: Alignment::TopLeft,
+            k_strips: false,
         };
         Case {
             spec,

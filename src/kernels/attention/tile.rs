@@ -130,10 +130,16 @@ where
         let v_src = self.at.v.get(v_base..).unwrap_or_default();
         // bfloat16 queries, keys and values (value rows of whole strips): the matrix products in
         // the dot-product pairs of `dot16.rs`, which packs K and V itself.
+        // Keys in strips (`AttnSpec::k_strips`): the whole strips the task reads.
+        let strips_end = keys_end.div_ceil(NR) * NR;
         let mut dot = match (Q::as_bf16(self.at.q), KV::as_bf16(k_src), KV::as_bf16(v_src)) {
-            (Some(q), Some(k), Some(v)) if ev > 0 && ev.is_multiple_of(NR) => {
-                Some(dot16::Dot::new(q, k, sp.k.row, v, sp.v.row, e, ev, keys_end))
-            }
+            (Some(q), Some(k), Some(v)) if ev > 0 && ev.is_multiple_of(NR) => Some(match sp.k_strips {
+                // (`dot16.rs` packs key rows: the strips unpacked first.)
+                true => {
+                    dot16::Dot::new(q, &unstrip(&k[..strips_end * e], e), e, v, sp.v.row, e, ev, keys_end)
+                }
+                false => dot16::Dot::new(q, k, sp.k.row, v, sp.v.row, e, ev, keys_end),
+            }),
             _ => None,
         };
         let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
@@ -141,6 +147,8 @@ where
         let mut kt = vec![T::ZERO; if dot.is_none() { packed * e } else { 0 }];
         match (fast, KV::as_compute(k_src)) {
             _ if dot.is_some() => {}
+            // Already packed: as T.
+            _ if sp.k_strips => KV::widen_slice(&k_src[..strips_end * e], &mut kt[..strips_end * e]),
             (Some(token), Some(k)) if keys_end > 0 => T::pack_keys(token, k, sp.k.row, e, keys_end, &mut kt),
             (Some(token), None) if keys_end > 0 && e > 0 => {
                 // 16-bit keys: a key block at a time widened (rows e apart), then transposed.
@@ -599,6 +607,16 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
             }
         }
     }
+}
+
+/// Keys in strips of `NR` (`kt[(j / NR · e + d) · NR + j % NR]`) as rows of `e`.
+fn unstrip<X: Copy + Default>(kt: &[X], e: usize) -> Vec<X> {
+    let mut rows = vec![X::default(); kt.len()];
+    for (i, &x) in kt.iter().enumerate() {
+        let (strip, d, t) = (i / (e * NR), i / NR % e, i % NR);
+        rows[(strip * NR + t) * e + d] = x;
+    }
+    rows
 }
 
 /// The exponential of a path's probabilities: `exp_short`'s in the bfloat16 pair mode (`T` is

@@ -116,6 +116,12 @@ impl Explicit for f32 {
     }
 
     #[inline(always)]
+    fn strip_dots(_: X86, q: &[f32], e: usize, kt: Stored<'_, f32>, cols: usize, out: &mut [f32]) {
+        // SAFETY: as in `scores`.
+        with_lanes!(kt, kt => unsafe { avx2::strip_dots(q, e, kt, cols, out) })
+    }
+
+    #[inline(always)]
     fn pv_row(_: X86, p: &[f32], alpha: f32, out: &mut [f32], v: Stored<'_, f32>, stride: usize) {
         // SAFETY: as in `scores`.
         with_lanes!(v, v => unsafe { avx2::pv_row(p, alpha, out, v, stride) })
