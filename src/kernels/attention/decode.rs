@@ -18,6 +18,12 @@
 //! single-row kernels: dot products of four keys side by side and a P·V row held in registers.
 //! The explicit P·V leaves out no key, so it runs where no pair of its rows is masked or every
 //! value is finite.
+//!
+//! Keys stored in strips (`AttnSpec::k_strips`, a `KVCache`'s) take the tiled path's order
+//! instead: each score one chain of fused multiply-adds over `d` in order, lanes across the keys
+//! of a strip (`strip_scores`, and `Explicit::strip_dots`). With the rest of the step the same
+//! (masks, online softmax from whole key blocks, P·V, the chunk merge), a row decoded alone gets
+//! the bits the tiled path gives it in one long call.
 
 use super::fast::{VBlock, BK, MR, NR};
 use super::generic::{add_pv, rows_as, score_tile};
