@@ -62,7 +62,7 @@ impl<'a> Par<'a> {
     /// threads spin on the other cores (right after a BLAS call, say), so the calling thread
     /// does every task no helper has taken, then waits only for the helpers that are running one
     /// (each within a task of it). A helper that starts after that finds the call closed and
-    /// leaves without touching its memory (see [`Call`]). After its work a helper stays awake
+    /// leaves without touching its memory (see `Call`). After its work a helper stays awake
     /// for up to `LINGER` (100 µs), spinning, so that the next call of a loop (a decode step per
     /// token) finds it ready instead of asleep; it stops as soon as a call starts. OpenMP
     /// runtimes do the same, for longer by default. Which thread runs a task never changes its
