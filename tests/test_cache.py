@@ -65,17 +65,14 @@ def _pair_id(pair):
     return "-".join(np.dtype(d).name for d in pair)
 
 
-def _exact(pair):
-    """Whether decoding gives the bits of a long call: everywhere but bfloat16 queries over a
-    bfloat16 cache, whose long calls take the dot-product pairs of `vdpbf16ps`."""
-    return not (BF16 is not None and pair == (BF16, BF16))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=_pair_id)
 def test_decoding_token_by_token_gives_the_bits_of_one_causal_call(pair, threads):
     """One query at a time takes the decode path; it reads the keys in the strips the cache
-    stores them in and computes each score in the tiled path's order, so every row is the row of
-    one causal call over the whole sequence, bit for bit."""
+    stores them in and computes each score in the tiled path's order (bfloat16 queries over a
+    bfloat16 cache: the tiled path's pair mode itself), so every row is the row of one causal
+    call over the whole sequence, bit for bit."""
     qdt, kdt = pair
     q, k, v = tokens(np.float32, 600)
     q, k, v = q.astype(qdt), k.astype(kdt), v.astype(kdt)
@@ -88,12 +85,8 @@ def test_decoding_token_by_token_gives_the_bits_of_one_causal_call(pair, threads
             if n == 2 and t % 7:
                 continue  # (at two threads, every seventh token)
             out, lse = cache.attend(q[:, :, t:t + 1], return_lse=True)
-            if _exact(pair):
-                assert np.array_equal(out, full[:, :, t:t + 1]), t
-                assert np.array_equal(lse, full_lse[:, :, t:t + 1]), t
-            else:  # within bfloat16's rounding of the output
-                np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(full[:, :, t:t + 1], np.float64),
-                                           rtol=0, atol=4 * 2.0 ** -8)
+            assert np.array_equal(out, full[:, :, t:t + 1]), t
+            assert np.array_equal(lse, full_lse[:, :, t:t + 1]), t
 
 
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (3, 1), (5, 1)])
@@ -130,10 +123,9 @@ def test_a_ragged_batch_gives_each_sequence_the_bits_it_gets_alone(dtype, querie
         assert np.array_equal(out[b:b + 1], want)
         assert np.array_equal(lse[b:b + 1], want_lse)
         # ... and the last rows of one causal call over that sequence's own tokens.
-        if _exact((dtype, dtype)):
-            own = [np.concatenate([x[b:b + 1, :, :prompt[b]], x[b:b + 1, :, new]], axis=2) for x in (q, k, v)]
-            one = sdpa(*own, is_causal=True, enable_gqa=True)
-            assert np.array_equal(out[b:b + 1], one[:, :, -queries:])
+        own = [np.concatenate([x[b:b + 1, :, :prompt[b]], x[b:b + 1, :, new]], axis=2) for x in (q, k, v)]
+        one = sdpa(*own, is_causal=True, enable_gqa=True)
+        assert np.array_equal(out[b:b + 1], one[:, :, -queries:])
 
 
 def test_ragged_query_chunks_equal_each_sequence_alone():

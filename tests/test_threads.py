@@ -111,9 +111,15 @@ def ticks_in_middle_of(call):
 def test_heavy_calls_release_the_gil(threads):
     threads(1)
     # Control: a NumPy reduction over Python ints runs in C and never releases the GIL.
+    # (Up to three tries: on a loaded machine one control run has been seen to let the other
+    # thread in, once in many CI runs; a single clean run shows that the measurement works.)
     held = np.arange(2_000_000, dtype=object)
-    elapsed, ticks = ticks_in_middle_of(held.sum)
-    assert ticks == 0, f"the measurement cannot see a GIL-holding call ({ticks} ticks in {elapsed:.3f} s)"
+    controls = []
+    for _ in range(3):
+        controls.append(ticks_in_middle_of(held.sum))
+        if controls[-1][1] == 0:
+            break
+    assert controls[-1][1] == 0, f"the measurement cannot see a GIL-holding call ((s, ticks): {controls})"
 
     # 6.4 million float64 sin/cos evaluations: about 0.1 s on one core.
     elapsed, ticks = ticks_in_middle_of(lambda: attnkit.sinusoidal_positions(100_000, 128))

@@ -62,10 +62,9 @@ class KVCache:
     strips of 16 positions, ``(batch, num_kv_heads, positions / 16, head_dim, 16)``, the form in
     which attention packs them for its matrix products. So attention never transposes the cache,
     and one query at a time computes each score in the order a long query does: decoding token by
-    token gives the bits of one causal call over the whole sequence (float32, float64, float16,
-    and float32 queries over a float16 or bfloat16 cache; bfloat16 queries over a bfloat16 cache
-    agree within the bound of the half-precision notes, as their long calls take the pairs of
-    ``vdpbf16ps``).
+    token gives the bits of one causal call over the whole sequence, for every dtype (bfloat16
+    queries over a bfloat16 cache take the ``vdpbf16ps`` pairs of long calls at every length,
+    which costs their decode steps a packing of the keys and values on each call).
 
     Memory: ``batch * num_kv_heads * positions * (head_dim + value_dim)`` elements, allocated at
     once, ``positions`` being ``capacity`` rounded up to a multiple of 16; with ``window``, twice ``window + 2 * capacity`` rounded up to a multiple of 512 (plus

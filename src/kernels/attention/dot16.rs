@@ -127,6 +127,13 @@ fn daz(b: Bf16) -> u32 {
     }
 }
 
+/// [`daz`] without a branch, for loops that vectorise.
+#[inline(always)]
+fn daz_lanes(b: Bf16) -> u32 {
+    let b = b.0 as u32;
+    b & (0x8000 | (u32::from(b & 0x7f80 != 0) * 0x7fff))
+}
+
 /// Row `row` (`e` values) as pairs in 32-bit words, the even dimension in the low half, an odd
 /// last one paired with zero; subnormal values read as zero.
 #[inline(always)]
@@ -150,6 +157,27 @@ pub(super) fn pack_keys(k: &[Bf16], stride: usize, e: usize, n: usize, kt: &mut 
         pair_words(&k[j * stride..][..e], &mut words);
         for (i, &w) in words.iter().enumerate() {
             kt[(strip * p + i) * NR + col] = w;
+        }
+    }
+}
+
+/// Packs keys `0..n` stored in strips of `NR` (`ks[(j / NR · e + d) · NR + j % NR]`) into `kt`,
+/// as [`pack_keys`] packs rows: each pair of a strip's dimension rows interleaved into one row of
+/// words, columns past `n` left zero.
+#[inline(always)]
+pub(super) fn pack_key_strips(ks: &[Bf16], e: usize, n: usize, kt: &mut [u32]) {
+    let p = pairs(e);
+    let zeros = [Bf16::default(); NR];
+    for strip in 0..n.div_ceil(NR) {
+        let cols = NR.min(n - strip * NR);
+        let (rows, _) = ks[strip * e * NR..(strip + 1) * e * NR].as_chunks::<NR>();
+        let (out, _) = kt[strip * p * NR..(strip + 1) * p * NR].as_chunks_mut::<NR>();
+        for (i, out) in out.iter_mut().enumerate() {
+            let (lo, hi) = (&rows[2 * i], rows.get(2 * i + 1).unwrap_or(&zeros));
+            for (w, (&a, &b)) in out.iter_mut().zip(lo.iter().zip(hi)) {
+                *w = daz_lanes(a) | daz_lanes(b) << 16;
+            }
+            out[cols..].fill(0);
         }
     }
 }
@@ -361,6 +389,15 @@ pub(super) fn detect() -> Option<Token> {
     None
 }
 
+/// The keys a [`Dot`] packs: rows `stride` apart, or strips of `NR` keys
+/// (`ks[(j / NR · e + d) · NR + j % NR]`, `AttnSpec::k_strips`), which pair up without a
+/// transpose ([`pack_key_strips`]).
+#[derive(Clone, Copy)]
+pub(super) enum Keys<'k> {
+    Rows { k: &'k [Bf16], stride: usize },
+    Strips(&'k [Bf16]),
+}
+
 /// One tiled task's state in this mode: its packed keys and values, the current query block's
 /// pair words, the rounded probabilities and the lanes of the rows' sums.
 pub(super) struct Dot<'a> {
@@ -377,15 +414,13 @@ pub(super) struct Dot<'a> {
 }
 
 impl<'a> Dot<'a> {
-    /// Packs keys and values `0..n` (of `k` and `v`, rows `k_stride` and `v_stride` apart) for
-    /// queries `q`; `ev` must be a positive multiple of NR. (Inlined into the task, so that the
-    /// packing loops are compiled for AVX2 there.)
+    /// Packs keys and values `0..n` (`keys`, and `v` with rows `v_stride` apart) for queries
+    /// `q`; `ev` must be a positive multiple of NR. (Inlined into the task, so that the packing
+    /// loops are compiled for AVX2 there.)
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         q: &'a [Bf16],
-        k: &[Bf16],
-        k_stride: usize,
+        keys: Keys<'_>,
         v: &[Bf16],
         v_stride: usize,
         e: usize,
@@ -397,12 +432,13 @@ impl<'a> Dot<'a> {
         let mut vt = vec![0u32; blocks * BK / 2 * ev];
         let token = detect();
         if n > 0 {
-            match token {
+            match (keys, token) {
                 #[cfg(target_arch = "x86_64")]
-                Some(t) => t.pack_keys(k, k_stride, e, n, &mut kt),
+                (Keys::Rows { k, stride }, Some(t)) => t.pack_keys(k, stride, e, n, &mut kt),
                 #[cfg(not(target_arch = "x86_64"))]
-                Some(t) => match t {},
-                None => pack_keys(k, k_stride, e, n, &mut kt),
+                (Keys::Rows { .. }, Some(t)) => match t {},
+                (Keys::Rows { k, stride }, None) => pack_keys(k, stride, e, n, &mut kt),
+                (Keys::Strips(ks), _) => pack_key_strips(ks, e, n, &mut kt),
             }
             pack_values(v, v_stride, ev, n, &mut vt);
         }
@@ -540,6 +576,26 @@ mod tests {
             1 => (x & 0x80ff) | 0x3f00, // near ±1
             2 => (x & 0x8fff) | 0x3000,
             _ => x,
+        }
+    }
+
+    #[test]
+    fn keys_in_strips_pack_as_key_rows_do() {
+        let mut rnd = patterns(7);
+        for (e, n) in [(8usize, 16usize), (7, 37), (1, 5), (64, 130)] {
+            let rows: Vec<Bf16> = (0..n * e).map(|_| Bf16(bf16_bits(&mut rnd) as u16)).collect();
+            // The same keys in strips of NR, the columns past n holding garbage.
+            let mut strips: Vec<Bf16> = (0..n.div_ceil(NR) * NR * e).map(|_| Bf16(0x7fc1)).collect();
+            for j in 0..n {
+                for d in 0..e {
+                    strips[(j / NR * e + d) * NR + j % NR] = rows[j * e + d];
+                }
+            }
+            let words = n.div_ceil(BK) * BK * pairs(e);
+            let (mut want, mut got) = (vec![0u32; words], vec![0u32; words]);
+            pack_keys(&rows, e, e, n, &mut want);
+            pack_key_strips(&strips, e, n, &mut got);
+            assert_eq!(got, want, "e {e}, n {n}");
         }
     }
 

@@ -596,7 +596,14 @@ where
         par,
     };
     let par = if flops > 1e6 { par } else { par.sequential() };
-    if l <= decode::MAX_QUERIES {
+    // bfloat16 queries over bfloat16 keys in strips (a `KVCache`'s) take the tiled path's pair
+    // mode (`dot16.rs`) at any length, so that decoding gives the bits of one long call.
+    let pair_mode = spec.k_strips
+        && Q::as_bf16(q).is_some()
+        && KV::as_bf16(k).is_some()
+        && ev > 0
+        && ev.is_multiple_of(fast::NR);
+    if l <= decode::MAX_QUERIES && !pair_mode {
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
         // (batch, key/value head).
         let n_chunks = s.div_ceil(merge::CHUNK).max(1);

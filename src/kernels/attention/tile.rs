@@ -128,18 +128,18 @@ where
         // are packed, or read by kernels that widen them: the loops below compute in T alone).
         let k_src = self.at.k.get(k_base..).unwrap_or_default();
         let v_src = self.at.v.get(v_base..).unwrap_or_default();
-        // bfloat16 queries, keys and values (value rows of whole strips): the matrix products in
-        // the dot-product pairs of `dot16.rs`, which packs K and V itself.
         // Keys in strips (`AttnSpec::k_strips`): the whole strips the task reads.
         let strips_end = keys_end.div_ceil(NR) * NR;
+        // bfloat16 queries, keys and values (value rows of whole strips): the matrix products in
+        // the dot-product pairs of `dot16.rs`, which packs K and V itself.
         let mut dot = match (Q::as_bf16(self.at.q), KV::as_bf16(k_src), KV::as_bf16(v_src)) {
-            (Some(q), Some(k), Some(v)) if ev > 0 && ev.is_multiple_of(NR) => Some(match sp.k_strips {
-                // (`dot16.rs` packs key rows: the strips unpacked first.)
-                true => {
-                    dot16::Dot::new(q, &unstrip(&k[..strips_end * e], e), e, v, sp.v.row, e, ev, keys_end)
-                }
-                false => dot16::Dot::new(q, k, sp.k.row, v, sp.v.row, e, ev, keys_end),
-            }),
+            (Some(q), Some(k), Some(v)) if ev > 0 && ev.is_multiple_of(NR) => {
+                let keys = match sp.k_strips {
+                    true => dot16::Keys::Strips(&k[..strips_end * e]),
+                    false => dot16::Keys::Rows { k, stride: sp.k.row },
+                };
+                Some(dot16::Dot::new(q, keys, v, sp.v.row, e, ev, keys_end))
+            }
             _ => None,
         };
         let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
@@ -607,16 +607,6 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
             }
         }
     }
-}
-
-/// Keys in strips of `NR` (`kt[(j / NR · e + d) · NR + j % NR]`) as rows of `e`.
-fn unstrip<X: Copy + Default>(kt: &[X], e: usize) -> Vec<X> {
-    let mut rows = vec![X::default(); kt.len()];
-    for (i, &x) in kt.iter().enumerate() {
-        let (strip, d, t) = (i / (e * NR), i / NR % e, i % NR);
-        rows[(strip * NR + t) * e + d] = x;
-    }
-    rows
 }
 
 /// The exponential of a path's probabilities: `exp_short`'s in the bfloat16 pair mode (`T` is
