@@ -321,41 +321,31 @@ pub(super) fn dots_tile<const R: usize, L: Lanes>(
     }
 }
 
-/// [`Explicit::strip_dots`](super::fast::Explicit::strip_dots): four strips at a time, each read
-/// for all rows while it stays in cache: pairs of rows against two strips (eight chains of eight
-/// lanes side by side, each key vector loaded once for both rows), a row left over one strip at a
-/// time.
+/// [`Explicit::strip_dots`](super::fast::Explicit::strip_dots): one strip after another, each
+/// read for all rows while it stays in cache, against four rows at a time (eight chains of
+/// eight lanes side by side), then pairs, then a single row. (Two or four strips side by side,
+/// their pages read as concurrent streams, came out up to a quarter slower on decode calls that
+/// stream the cache from memory: GPT-2 at batch 8, and grouped heads over long sequences.)
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn strip_dots<L: Lanes>(q: &[f32], e: usize, kt: &[L], cols: usize, out: &mut [f32]) {
-    let (rows, strips) = (q.len() / e, cols.div_ceil(NR));
-    let mut n0 = 0;
-    while n0 < strips {
-        let n = (strips - n0).min(4);
-        let kt = &kt[n0 * e * NR..];
+    let rows = q.len() / e;
+    for n in 0..cols.div_ceil(NR) {
+        let kt = &kt[n * e * NR..];
         let mut r = 0;
         while r < rows {
             let (q, out) = (&q[r * e..], &mut out[r * BK..]);
-            if n == 4 && rows - r >= 2 {
-                strip_tile::<2, 2, L>(q, e, kt, n0, cols, out);
-                strip_tile::<2, 2, L>(q, e, &kt[2 * e * NR..], n0 + 2, cols, out);
-                r += 2;
-            } else {
-                // A single row: one strip after another. Two or four side by side, their pages
-                // read as concurrent streams, came out up to a quarter slower on a decode call
-                // that streams the cache from memory (GPT-2, batch 8).
-                for i in 0..n {
-                    strip_tile::<1, 1, L>(q, e, &kt[i * e * NR..], n0 + i, cols, out);
-                }
-                r += 1;
-            }
+            r += match rows - r {
+                4.. => strip_tile::<4, 1, L>(q, e, kt, n, cols, out),
+                2 | 3 => strip_tile::<2, 1, L>(q, e, kt, n, cols, out),
+                _ => strip_tile::<1, 1, L>(q, e, kt, n, cols, out),
+            };
         }
-        n0 += n;
     }
 }
 
 /// `R` query rows (from `q`, `e` apart) against `N` strips (`e x NR` each, from `kt`): the scores
 /// of block columns `n0·NR..` up to `cols`, each a chain of fused multiply-adds over `d` from +0,
-/// into `out` (rows `BK` apart).
+/// into `out` (rows `BK` apart); returns `R`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn strip_tile<const R: usize, const N: usize, L: Lanes>(
@@ -365,7 +355,7 @@ fn strip_tile<const R: usize, const N: usize, L: Lanes>(
     n0: usize,
     cols: usize,
     out: &mut [f32],
-) {
+) -> usize {
     let (halves, _) = kt[..N * e * NR].as_chunks::<8>(); // strip n, dimension d: halves 2(n·e + d)..
     let strips: [&[[L; 8]]; N] = simd::array(|n| &halves[2 * n * e..2 * (n + 1) * e]);
     let q: [&[f32]; R] = simd::array(|r| &q[r * e..(r + 1) * e]);
@@ -394,6 +384,7 @@ fn strip_tile<const R: usize, const N: usize, L: Lanes>(
             }
         }
     }
+    R
 }
 
 /// One query row against keys four at a time: four eight-lane chains side by side, each chunk of
