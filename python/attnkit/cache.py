@@ -67,8 +67,8 @@ class KVCache:
     which costs their decode steps a packing of the keys and values on each call).
 
     Memory: ``batch * num_kv_heads * positions * (head_dim + value_dim)`` elements, allocated at
-    once, ``positions`` being ``capacity`` rounded up to a multiple of 16; with ``window``, twice ``window + 2 * capacity`` rounded up to a multiple of 512 (plus
-    up to 511) positions instead, whatever the length: the buffer is mirrored, so that every run
+    once, ``positions`` being ``capacity`` rounded up to a multiple of 16; with ``window``, twice
+    ``window + 2 * capacity`` rounded up to a multiple of 512 (plus up to 511) positions instead, whatever the length: the buffer is mirrored, so that every run
     of keys is contiguous. An :meth:`attend` call allocates its output and nothing that grows with
     the history.
 
@@ -146,6 +146,11 @@ class KVCache:
         else:
             self._k[b][:, strip, :, lane] = k.transpose(1, 0, 2)
 
+    def _load_keys(self, b: int, positions: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        """Sequence ``b``'s keys at ``positions`` ``(n,)``, as ``(num_kv_heads, n, head_dim)``."""
+        keys: npt.NDArray[Any] = self._k[b][:, positions // STRIP, :, positions % STRIP]
+        return keys.transpose(1, 0, 2)
+
     def _key_rows(self, positions: int) -> npt.NDArray[Any]:
         """The first ``positions`` keys of every sequence as rows, ``(batch, heads, positions,
         head_dim)`` (a copy)."""
@@ -208,7 +213,7 @@ class KVCache:
             m = min(n, kept)
             rows = np.arange(n - m, n) % self._ring
             if keys:
-                out[b, :, kept - m:] = self._k[b][:, rows // STRIP, :, rows % STRIP].transpose(1, 0, 2)
+                out[b, :, kept - m:] = self._load_keys(b, rows)
             else:
                 out[b, :, kept - m:] = self._v[b][:, rows]
         return out

@@ -4,7 +4,8 @@
 //! the two give the same bits:
 //! - a tiled-path score is the chain `fma(q[d], k[d], ·)` over d = 0, 1, … from +0; a decode
 //!   score is the eight-lane form of `decode::dots` (lane t the chain over d ≡ t mod 8, padded
-//!   with zeros, which add nothing), reduced by the same addition tree;
+//!   with zeros, which add nothing), reduced by the same addition tree, except over keys in
+//!   strips (`strip_dots`), where it is the tiled path's chain;
 //! - masking is a select to −inf after all arithmetic; a row's maximum ignores NaN and a NaN
 //!   flag is kept apart (the order of a maximum cannot matter here: a score is never −0, since a
 //!   chain of fused multiply-adds from +0 only reaches zero as +0);

@@ -252,7 +252,7 @@ fn dots<'k, T: AttnFloat + 'k>(q: &[T], k_row: impl Fn(usize) -> &'k [T], out: &
 /// `scores[r·BK + j] = q_r · k_j` for the rows of `qs` (`e` apart) and the `cols` keys whose
 /// strips `kt` holds (`kt[(j / NR · e + d) · NR + j % NR]`), in the tiled path's arithmetic
 /// ([`score_tile`]: each score one chain of fused multiply-adds over `d` in order, from zero).
-/// (The explicit kernel, `Explicit::strip_dots`, runs four strips side by side.)
+/// (The explicit kernel, `Explicit::strip_dots`, takes four rows at a time against each strip.)
 #[inline(always)]
 fn strip_scores<T: AttnFloat>(qs: &[T], e: usize, kt: &[T], cols: usize, scores: &mut [T]) {
     for (q, out) in qs.chunks_exact(e).zip(scores.chunks_mut(BK)) {

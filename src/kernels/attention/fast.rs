@@ -3,8 +3,8 @@
 //! `tile.rs` and `decode.rs` are written once, generically, in loops LLVM vectorises. For
 //! float32 on x86-64 with AVX2 and FMA, their hot steps also exist as explicit kernels
 //! (`avx2.rs`): the K transpose, the score micro-tiles with their masks and row maxima, the
-//! probabilities with their sum, the P·V micro-tiles, and decode's dot products and P·V for
-//! groups of four rows and for single rows. Where the CPU has AVX-512 (F and VL), the score
+//! probabilities with their sum, the P·V micro-tiles, and decode's dot products (over key rows,
+//! and over keys in strips) and P·V for groups of four rows and for single rows. Where the CPU has AVX-512 (F and VL), the score
 //! tiles, the probabilities and the P·V tiles run in 16-lane registers instead (`avx512.rs`),
 //! the matrix products with tiles twice as large, and decode's dot products take eight rows at a
 //! time. Each computes exactly the
