@@ -68,9 +68,12 @@ class KVCache:
 
     Memory: ``batch * num_kv_heads * positions * (head_dim + value_dim)`` elements, allocated at
     once, ``positions`` being ``capacity`` rounded up to a multiple of 16; with ``window``, twice
-    ``window + 2 * capacity`` rounded up to a multiple of 512 (plus up to 511) positions instead, whatever the length: the buffer is mirrored, so that every run
-    of keys is contiguous. An :meth:`attend` call allocates its output and nothing that grows with
-    the history.
+    ``window + 2 * capacity`` rounded up to a multiple of 512 (plus up to 511) positions instead,
+    whatever the length: the buffer is mirrored, so that every run of keys is contiguous. An
+    :meth:`attend` call of at most 16 queries allocates its output and nothing that grows with the
+    history. Longer calls copy the keys they read, one key/value head at a time per thread, as a
+    long call does; so do bfloat16 queries over a bfloat16 cache at any length (with the values:
+    the pairs of ``vdpbf16ps``).
 
     Example:
         >>> import numpy as np, attnkit
