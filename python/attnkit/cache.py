@@ -64,7 +64,8 @@ class KVCache:
     and one query at a time computes each score in the order a long query does: decoding token by
     token gives the bits of one causal call over the whole sequence, for every dtype (bfloat16
     queries over a bfloat16 cache take the ``vdpbf16ps`` pairs of long calls at every length,
-    which costs their decode steps a packing of the keys and values on each call).
+    which costs their decode steps a packing of the keys and values, a block at a time, on each
+    call).
 
     Memory: ``batch * num_kv_heads * positions * (head_dim + value_dim)`` elements, allocated at
     once, ``positions`` being ``capacity`` rounded up to a multiple of 16; with ``window``, twice
@@ -72,8 +73,7 @@ class KVCache:
     whatever the length: the buffer is mirrored, so that every run of keys is contiguous. An
     :meth:`attend` call of at most 16 queries allocates its output and nothing that grows with the
     history. Longer calls copy the keys they read, one key/value head at a time per thread, as a
-    long call does; so do bfloat16 queries over a bfloat16 cache at any length (with the values:
-    the pairs of ``vdpbf16ps``).
+    long call does.
 
     Example:
         >>> import numpy as np, attnkit

@@ -411,39 +411,96 @@ pub(super) struct Dot<'a> {
     qw: Vec<u32>,
     pw: Vec<u32>,
     sums: Vec<[f32; NR]>,
+    /// Where `kt` and `vt` hold one key block at a time ([`Dot::load`]): the keys and values it
+    /// is packed from, and which block it holds; `None` where they hold every block.
+    one_block: Option<(Source<'a>, usize)>,
+}
+
+/// The keys `0..n` and values (rows `v_stride` apart) a [`Dot`] packs a block at a time from.
+struct Source<'a> {
+    keys: Keys<'a>,
+    v: &'a [Bf16],
+    v_stride: usize,
+    n: usize,
 }
 
 impl<'a> Dot<'a> {
     /// Packs keys and values `0..n` (`keys`, and `v` with rows `v_stride` apart) for queries
-    /// `q`; `ev` must be a positive multiple of NR. (Inlined into the task, so that the packing
-    /// loops are compiled for AVX2 there.)
+    /// `q`, all at once, or with `one_block` a key block at a time as [`Dot::load`] asks; `ev`
+    /// must be a positive multiple of NR. (Inlined into the task, so that the packing loops are
+    /// compiled for AVX2 there.)
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         q: &'a [Bf16],
-        keys: Keys<'_>,
-        v: &[Bf16],
+        keys: Keys<'a>,
+        v: &'a [Bf16],
         v_stride: usize,
         e: usize,
         ev: usize,
         n: usize,
+        one_block: bool,
     ) -> Self {
-        let (p, blocks) = (pairs(e), n.div_ceil(BK));
-        let mut kt = vec![0u32; blocks * BK * p];
-        let mut vt = vec![0u32; blocks * BK / 2 * ev];
+        let p = pairs(e);
+        let blocks = if one_block { 1 } else { n.div_ceil(BK) };
+        let (kt, vt) = (vec![0u32; blocks * BK * p], vec![0u32; blocks * BK / 2 * ev]);
         let token = detect();
-        if n > 0 {
-            match (keys, token) {
-                #[cfg(target_arch = "x86_64")]
-                (Keys::Rows { k, stride }, Some(t)) => t.pack_keys(k, stride, e, n, &mut kt),
-                #[cfg(not(target_arch = "x86_64"))]
-                (Keys::Rows { .. }, Some(t)) => match t {},
-                (Keys::Rows { k, stride }, None) => pack_keys(k, stride, e, n, &mut kt),
-                (Keys::Strips(ks), _) => pack_key_strips(ks, e, n, &mut kt),
-            }
-            pack_values(v, v_stride, ev, n, &mut vt);
-        }
+        let source = Source { keys, v, v_stride, n };
         let (qw, pw) = (vec![0u32; BQ * p], vec![0u32; BQ * BK / 2]);
-        Self { q, e, ev, pairs: p, token, kt, vt, qw, pw, sums: vec![[0.0; NR]; BQ] }
+        let mut dot =
+            Self { q, e, ev, pairs: p, token, kt, vt, qw, pw, sums: vec![[0.0; NR]; BQ], one_block: None };
+        match one_block {
+            true => dot.one_block = Some((source, usize::MAX)),
+            false => dot.pack(&source, 0, n),
+        }
+        dot
+    }
+
+    /// Packs keys and values `j0..j0 + n` of `src` into `kt` and `vt` from their start.
+    #[inline(always)]
+    fn pack(&mut self, src: &Source<'_>, j0: usize, n: usize) {
+        let (e, ev) = (self.e, self.ev);
+        if n == 0 {
+            return;
+        }
+        let (kt, vt) = (&mut self.kt, &mut self.vt);
+        match (src.keys, self.token) {
+            #[cfg(target_arch = "x86_64")]
+            (Keys::Rows { k, stride }, Some(t)) => t.pack_keys(&k[j0 * stride..], stride, e, n, kt),
+            #[cfg(not(target_arch = "x86_64"))]
+            (Keys::Rows { .. }, Some(t)) => match t {},
+            (Keys::Rows { k, stride }, None) => pack_keys(&k[j0 * stride..], stride, e, n, kt),
+            (Keys::Strips(ks), _) => pack_key_strips(&ks[j0 * e..], e, n, kt),
+        }
+        pack_values(&src.v[j0 * src.v_stride..], src.v_stride, ev, n, vt);
+    }
+
+    /// Makes key block `block` the one packed, where they are packed a block at a time (a task
+    /// with one query block reads each key block once, and then holds one block instead of all).
+    #[inline(always)]
+    pub(super) fn load(&mut self, block: usize) {
+        let Some((src, held)) = self.one_block.take() else { return };
+        if held != block {
+            let (j0, n) = (block * BK, BK.min(src.n.saturating_sub(block * BK)));
+            if n < BK {
+                self.kt.fill(0); // (the keys past the last are zeros, as when all are packed)
+                self.vt.fill(0);
+            }
+            self.pack(&src, j0, n);
+        }
+        self.one_block = Some((src, block));
+    }
+
+    /// Where key block `block` lies in `kt` and `vt` (in blocks).
+    #[inline(always)]
+    fn at(&self, block: usize) -> usize {
+        match &self.one_block {
+            Some((_, held)) => {
+                debug_assert_eq!(*held, block, "Dot::load packs a block before it is read");
+                0
+            }
+            None => block,
+        }
     }
 
     /// Takes the query block's rows: row `r < rows` from `q[start(r)..]`; their sums start at 0.
@@ -478,7 +535,8 @@ impl<'a> Dot<'a> {
         out: &mut [f32],
         mask: Option<(&Mask<'_>, &mut [f32])>,
     ) -> bool {
-        let kt = &self.kt[block * BK * self.pairs..(block + 1) * BK * self.pairs];
+        let at = self.at(block);
+        let kt = &self.kt[at * BK * self.pairs..(at + 1) * BK * self.pairs];
         match self.token {
             #[cfg(target_arch = "x86_64")]
             Some(t) => {
@@ -541,7 +599,8 @@ impl<'a> Dot<'a> {
     #[inline(always)]
     pub(super) fn pv(&self, block: usize, alpha: &[f32], out: &mut [f32], rows: usize, cols: usize) {
         let per_block = BK / 2 * self.ev;
-        let vt = &self.vt[block * per_block..(block + 1) * per_block];
+        let at = self.at(block);
+        let vt = &self.vt[at * per_block..(at + 1) * per_block];
         let (pw, ev) = (&self.pw, self.ev);
         match self.token {
             #[cfg(target_arch = "x86_64")]

@@ -138,7 +138,10 @@ where
                     true => dot16::Keys::Strips(&k[..strips_end * e]),
                     false => dot16::Keys::Rows { k, stride: sp.k.row },
                 };
-                Some(dot16::Dot::new(q, keys, v, sp.v.row, e, ev, keys_end))
+                // (A task with one query block reads each key block once: it packs them one at
+                // a time, and holds one, as a decode step through a `KVCache` needs.)
+                let one_block = self.positions * group <= BQ;
+                Some(dot16::Dot::new(q, keys, v, sp.v.row, e, ev, keys_end, one_block))
             }
             _ => None,
         };
@@ -348,6 +351,9 @@ where
                     }
                 }
                 let mask = Mask { all_valid, bounds: &bounds[..padded], keep: &keep };
+                if let Some(dot) = &mut dot {
+                    dot.load(block);
+                }
                 // Whether the score kernel masked the scores and took the row maxima itself.
                 let masked = if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(&mut scores)) {
                     let mask = T::as_f32_mut(&mut row_maxima).filter(|_| dot_masks).map(|max| (&mask, max));
