@@ -71,9 +71,10 @@ class KVCache:
     once, ``positions`` being ``capacity`` rounded up to a multiple of 16; with ``window``, twice
     ``window + 2 * capacity`` rounded up to a multiple of 512 (plus up to 511) positions instead,
     whatever the length: the buffer is mirrored, so that every run of keys is contiguous. An
-    :meth:`attend` call of at most 16 queries allocates its output and nothing that grows with the
-    history. Longer calls copy the keys they read, one key/value head at a time per thread, as a
-    long call does.
+    :meth:`attend` call of at most 16 queries allocates its output, scratch for one key block and,
+    for each 512 keys, one partial result per query row (``value_dim + 2`` numbers, merged at the
+    end). Longer calls copy the keys they read, one key/value head at a time per thread, as a long
+    call does.
 
     Example:
         >>> import numpy as np, attnkit
