@@ -254,7 +254,7 @@ fn dots<'k, T: AttnFloat + 'k>(q: &[T], k_row: impl Fn(usize) -> &'k [T], out: &
 /// ([`score_tile`]: each score one chain of fused multiply-adds over `d` in order, from zero).
 /// (The explicit kernel, `Explicit::strip_dots`, takes four rows at a time against each strip.)
 #[inline(always)]
-fn strip_scores<T: AttnFloat>(qs: &[T], e: usize, kt: &[T], cols: usize, scores: &mut [T]) {
+pub(super) fn strip_scores<T: AttnFloat>(qs: &[T], e: usize, kt: &[T], cols: usize, scores: &mut [T]) {
     for (q, out) in qs.chunks_exact(e).zip(scores.chunks_mut(BK)) {
         let (q, _) = q.as_chunks::<1>();
         for n in 0..cols.div_ceil(NR) {

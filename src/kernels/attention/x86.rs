@@ -142,6 +142,7 @@ fn dots_wide<L: Lanes>(q: &[f32], e: usize, k: &[L], stride: usize, n: usize, ou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::attention::fast::NR;
     use crate::kernels::attention::rows;
     use crate::kernels::exp::f32_consts as c;
 
@@ -154,6 +155,33 @@ mod tests {
         row.extend([min, min.next_up(), min.next_down(), -87.33, -87.34, -103.0, -104.0, -0.0, -1e-30]);
         row.extend([f32::NEG_INFINITY, f32::NAN, f32::MIN, -f32::MIN_POSITIVE]);
         row
+    }
+
+    #[test]
+    fn explicit_strip_dots_give_the_portable_bits() {
+        let Some(token) = X86::detect() else { return }; // no AVX2 here: nothing to compare
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 20001) as f32 / 10000.0 - 1.0
+        };
+        // Rows in fours, pairs and one left over; key counts ending inside a strip; odd E.
+        for (e, rows, cols) in
+            [(64usize, 1usize, 128usize), (64, 3, 37), (128, 5, 100), (7, 8, 16), (32, 2, 1), (64, 9, 128)]
+        {
+            let q: Vec<f32> = (0..rows * e).map(|_| rnd()).collect();
+            let kt: Vec<f32> = (0..cols.div_ceil(NR) * NR * e).map(|_| rnd()).collect();
+            let (mut want, mut got) = (vec![0.0f32; rows * BK], vec![0.0f32; rows * BK]);
+            super::super::decode::strip_scores(&q, e, &kt, cols, &mut want);
+            f32::strip_dots(token, &q, e, Stored::Compute(&kt), cols, &mut got);
+            for r in 0..rows {
+                let bits =
+                    |x: &[f32]| x[r * BK..r * BK + cols].iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "e {e}, rows {rows}, cols {cols}, row {r}");
+            }
+        }
     }
 
     #[test]
