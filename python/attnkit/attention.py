@@ -356,15 +356,8 @@ def scaled_dot_product_attention(
             raise ValueError(f"key_mask: expected shape {batch_shape + (s_len,)} (batch..., S), got {km.shape}")
         keys = np.ascontiguousarray(km.reshape(b, s_len) != 0, dtype=np.uint8)
     lengths = None if key_lengths is None else counts(key_lengths, "key_lengths", batch_shape, s_len, "S, the keys given")
-    starts = None
-    if key_starts is not None:
-        if lengths is None:
-            raise ValueError("key_starts: needs key_lengths (how many keys each item has from its start)")
-        starts = counts(key_starts, "key_starts", batch_shape, s_len, "S, the rows given")
-        if (starts + lengths > s_len).any():
-            b = int(np.argmax(starts + lengths > s_len))
-            raise ValueError(f"key_starts: item {b}'s {int(lengths[b])} keys from row {int(starts[b])} do not fit "
-                             f"the {s_len} rows given")
+    # (The core checks that key_starts comes with key_lengths and that each item's keys fit.)
+    starts = None if key_starts is None else counts(key_starts, "key_starts", batch_shape, s_len, "S, the rows given")
     q_lengths = None
     if query_lengths is not None:
         q_lengths = counts(query_lengths, "query_lengths", batch_shape, length, "L, the queries given")

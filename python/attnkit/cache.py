@@ -150,6 +150,16 @@ class KVCache:
         else:
             self._k[b][:, strip, :, lane] = k.transpose(1, 0, 2)
 
+    def _write_all(self, start: int, k: npt.NDArray[Any], v: npt.NDArray[Any]) -> None:
+        """Writes keys ``k`` and values ``v`` ``(batch, heads, n, dim)`` at positions ``start..start
+        + n`` of every sequence."""
+        n = k.shape[2]
+        if n == 1:  # one token (a decode step): basic indexing, the quickest write
+            self._k[:, :, start // STRIP, :, start % STRIP] = k[:, :, 0]
+        else:
+            self._store_keys(None, np.arange(start, start + n), k)
+        self._v[:, :, start:start + n] = v
+
     def _load_keys(self, b: int, positions: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
         """Sequence ``b``'s keys at ``positions`` ``(n,)``, as ``(num_kv_heads, n, head_dim)``."""
         keys: npt.NDArray[Any] = self._k[b][:, positions // STRIP, :, positions % STRIP]
@@ -286,11 +296,7 @@ class KVCache:
         ):
             start, n = int(self._lengths[0]), key.shape[2]
             if start + n <= self.capacity:
-                if n == 1:  # one token: basic indexing, the quickest write
-                    self._k[:, :, start // STRIP, :, start % STRIP] = key[:, :, 0]
-                else:
-                    self._store_keys(None, np.arange(start, start + n), key)
-                self._v[:, :, start:start + n] = value
+                self._write_all(start, key, value)
                 self._lengths = self._lengths + n  # a new array: never one a caller holds
                 return
         layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
@@ -328,10 +334,8 @@ class KVCache:
                     f"{self.capacity} (make the cache larger, or growable=True)"
                 )
             self._grow(int(end.max()))
-        if (added == n).all() and (self._lengths == self._lengths[0]).all():
-            start = int(self._lengths[0])  # every sequence alike: one assignment
-            self._store_keys(None, np.arange(start, start + n), k)
-            self._v[:, :, start:start + n] = v
+        if (added == n).all() and self._uniform:  # every sequence alike: one assignment
+            self._write_all(int(self._lengths[0]), k, v)
         else:
             for b in np.flatnonzero(added).tolist():
                 start, count = int(self._lengths[b]), int(added[b])

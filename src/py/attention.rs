@@ -6,7 +6,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::kernels::attention::{
-    self as kernel, Alignment, AttnFloat, AttnSpec, Masks, Outputs, StridedMask, Strides,
+    self as kernel, Alignment, AttnFloat, AttnSpec, Masks, Outputs, StridedMask, Strides, KEY_STRIP,
 };
 use crate::kernels::storage::Storage;
 use crate::py::arrays::{
@@ -146,10 +146,11 @@ fn strip_dims(shape: &[usize], strides: &[usize], bshd: bool) -> PyResult<([usiz
         return Err(bad(format!("are a 5-d array, got shape {}", shape_str(shape))));
     };
     // (`strided` gives 0 for the stride of an axis of length 1.)
-    if *w != 16 || *n > 1 && *sn != e * 16 || *e > 1 && *se != 16 {
-        return Err(bad(format!("need contiguous strips of 16 keys, got shape {}", shape_str(shape))));
+    const W: usize = KEY_STRIP;
+    if *w != W || *n > 1 && *sn != e * W || *e > 1 && *se != W {
+        return Err(bad(format!("need contiguous strips of {W} keys, got shape {}", shape_str(shape))));
     }
-    Ok(([*b, *h, n * 16, *e], Strides { batch: *sb, head: *sh, row: *e }))
+    Ok(([*b, *h, n * W, *e], Strides { batch: *sb, head: *sh, row: *e }))
 }
 
 /// Element strides that broadcast a compact 4-d mask over `(B, Hq, L, S)`.

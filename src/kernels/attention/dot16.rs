@@ -389,6 +389,14 @@ pub(super) fn detect() -> Option<Token> {
     None
 }
 
+/// Whether bfloat16 queries, keys and values with values of `ev` columns take this mode: value
+/// rows of whole strips. (The tiled path decides with it, and so does the choice of path for keys
+/// in strips, which must agree.)
+#[inline(always)]
+pub(super) fn fits(ev: usize) -> bool {
+    ev > 0 && ev.is_multiple_of(NR)
+}
+
 /// The keys a [`Dot`] packs: rows `stride` apart, or strips of `NR` keys
 /// (`ks[(j / NR · e + d) · NR + j % NR]`, `AttnSpec::k_strips`), which pair up without a
 /// transpose ([`pack_key_strips`]).

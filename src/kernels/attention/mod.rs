@@ -128,6 +128,9 @@ pub enum Alignment {
     BottomRight,
 }
 
+/// Keys per strip where keys are stored in strips (`AttnSpec::k_strips`).
+pub const KEY_STRIP: usize = fast::NR;
+
 /// Element strides of a tensor addressed as (batch, head, row), rows contiguous.
 #[derive(Debug, Clone, Copy)]
 pub struct Strides {
@@ -478,7 +481,7 @@ impl AttnSpec {
             }
         }
         if self.k_strips {
-            let strips = fast::NR;
+            let strips = KEY_STRIP;
             if self.k.row != self.dim_qk || !self.kv_len.is_multiple_of(strips) {
                 return Err(KernelError::invalid(
                     "key",
@@ -598,11 +601,7 @@ where
     let par = if flops > 1e6 { par } else { par.sequential() };
     // bfloat16 queries over bfloat16 keys in strips (a `KVCache`'s) take the tiled path's pair
     // mode (`dot16.rs`) at any length, so that decoding gives the bits of one long call.
-    let pair_mode = spec.k_strips
-        && Q::as_bf16(q).is_some()
-        && KV::as_bf16(k).is_some()
-        && ev > 0
-        && ev.is_multiple_of(fast::NR);
+    let pair_mode = spec.k_strips && Q::as_bf16(q).is_some() && KV::as_bf16(k).is_some() && dot16::fits(ev);
     if l <= decode::MAX_QUERIES && !pair_mode {
         // Short queries: one task per (batch, key/value head, chunk of keys), then one merge per
         // (batch, key/value head).

@@ -133,7 +133,7 @@ where
         // bfloat16 queries, keys and values (value rows of whole strips): the matrix products in
         // the dot-product pairs of `dot16.rs`, which packs K and V itself.
         let mut dot = match (Q::as_bf16(self.at.q), KV::as_bf16(k_src), KV::as_bf16(v_src)) {
-            (Some(q), Some(k), Some(v)) if ev > 0 && ev.is_multiple_of(NR) => {
+            (Some(q), Some(k), Some(v)) if dot16::fits(ev) => {
                 let keys = match sp.k_strips {
                     true => dot16::Keys::Strips(&k[..strips_end * e]),
                     false => dot16::Keys::Rows { k, stride: sp.k.row },
