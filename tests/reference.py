@@ -182,3 +182,48 @@ def attention(q, k, v, *, bool_mask=None, float_mask=None, key_mask=None, causal
                 lse[b, h, i] = m + np.log(p.sum())
                 weights[b, h, i, js] = p / p.sum()
     return out, lse, weights, score_max
+
+
+def normal_cdf(x):
+    """Φ(x) in float64, from the standard library's erfc (accurate in both tails)."""
+    return np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)), otypes=[np.float64])(x)
+
+
+def _sigmoid(v):
+    """1 / (1 + e^-v) without overflow, in float64."""
+    v = np.asarray(v, np.float64)
+    e = np.exp(-np.abs(v))
+    return np.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def gelu(x, approximate="none"):
+    x = np.asarray(x, np.float64)
+    if approximate == "tanh":
+        return x * _sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))
+    return x * normal_cdf(x)
+
+
+def silu_mul(gate, up):
+    g = np.asarray(gate, np.float64)
+    return g * _sigmoid(g) * np.asarray(up, np.float64)
+
+
+def layer_norm(h, n_axes, weight=None, bias=None, eps=1e-5):
+    """float64, over the last ``n_axes`` axes: two passes, biased variance."""
+    h = np.asarray(h, np.float64)
+    axes = tuple(range(h.ndim - n_axes, h.ndim))
+    mean = h.mean(axis=axes, keepdims=True)
+    var = ((h - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (h - mean) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y
+
+
+def rms_norm(h, n_axes, weight=None, eps=1e-6):
+    h = np.asarray(h, np.float64)
+    axes = tuple(range(h.ndim - n_axes, h.ndim))
+    y = h / np.sqrt((h**2).mean(axis=axes, keepdims=True) + eps)
+    return y if weight is None else y * np.asarray(weight, np.float64)

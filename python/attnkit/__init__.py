@@ -12,6 +12,7 @@ import threading
 from attnkit import _core
 from attnkit._core import InternalError, __version__
 from attnkit.attention import merge_attention, scaled_dot_product_attention
+from attnkit.block import gelu, layer_norm, rms_norm, silu_mul
 from attnkit.cache import KVCache
 from attnkit.embedding import embedding, embedding_bag
 from attnkit.layers import MultiheadAttention
@@ -35,15 +36,19 @@ __all__ = [
     "apply_rope",
     "embedding",
     "embedding_bag",
+    "gelu",
     "get_num_threads",
+    "layer_norm",
     "merge_attention",
     "position_ids",
     "relative_position_bias",
     "relative_position_bucket",
+    "rms_norm",
     "rope_cos_sin",
     "rope_frequencies",
     "scaled_dot_product_attention",
     "set_num_threads",
+    "silu_mul",
     "sinusoidal_positions",
 ]
 

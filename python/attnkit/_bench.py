@@ -209,9 +209,63 @@ def cases(quick: bool, torch: Any) -> list[Case]:
     out.extend(half_cases(quick, torch))
     out.extend(decode_step_cases(quick, torch))
     out.append(layer_case(quick, torch))
+    out.extend(block_cases(torch))
 
     # The harness against itself: the ratio shows the measurement noise.
     out.append(Case("A/A check (embedding)", emb.shape, emb.nbytes, emb.ours, {"attnkit again": emb.ours}))
+    return out
+
+
+def block_cases(torch: Any) -> list[Case]:
+    """The rest of a block at model shapes: MiniLM's post-norm (the residual add fused with the
+    layer norm) and GELU over a batch of 32 sentences of 32 tokens; SmolLM2's RMS norm (with the
+    residual) and SwiGLU product over a 512-token prompt. NumPy peers where NumPy has the function
+    (it has no erf); PyTorch's functions, the residual added first."""
+    rng = np.random.default_rng(5)
+
+    def rand(*shape: int) -> Any:
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    x, r, w, b = rand(1024, 384), rand(1024, 384), rand(384), rand(384)
+    h, hs = rand(1024, 1536), rand(512, 576)
+    rs, ws, g, u = rand(512, 576), rand(576), rand(512, 1536), rand(512, 1536)
+
+    def numpy_layer_norm() -> object:
+        s = x + r
+        mean = s.mean(-1, keepdims=True)
+        c = s - mean
+        return c / np.sqrt((c * c).mean(-1, keepdims=True) + np.float32(1e-12)) * w + b, s
+
+    def numpy_rms_norm() -> object:
+        s = hs + rs
+        return s / np.sqrt((s * s).mean(-1, keepdims=True) + np.float32(1e-5)) * ws, s
+
+    out = [
+        Case("layer_norm + residual", "MiniLM (1024, 384) f32", 3 * x.nbytes + 2 * x.nbytes,
+             lambda: attnkit.layer_norm(x, 384, w, b, 1e-12, residual=r), {"numpy": numpy_layer_norm}),
+        Case("rms_norm + residual", "SmolLM2 (512, 576) f32", 5 * hs.nbytes,
+             lambda: attnkit.rms_norm(hs, 576, ws, 1e-5, residual=rs), {"numpy": numpy_rms_norm}),
+        Case("gelu", "MiniLM (1024, 1536) f32", 2 * h.nbytes, lambda: attnkit.gelu(h)),
+        Case("gelu tanh", "(1024, 1536) f32", 2 * h.nbytes, lambda: attnkit.gelu(h, "tanh")),
+        Case("silu_mul", "SmolLM2 (512, 1536) f32", 3 * g.nbytes, lambda: attnkit.silu_mul(g, u),
+             {"numpy": lambda: g / (1 + np.exp(-g)) * u}),
+    ]
+    if torch is not None:
+        F = torch.nn.functional
+        tx, tr, tw, tb, th = (torch.from_numpy(a) for a in (x, r, w, b, h))
+        ths, trs, tws, tg, tu = (torch.from_numpy(a) for a in (hs, rs, ws, g, u))
+
+        def torch_layer_norm() -> object:
+            s = tx + tr
+            return F.layer_norm(s, (384,), tw, tb, 1e-12), s
+
+        def torch_rms_norm() -> object:
+            s = ths + trs
+            return F.rms_norm(s, (576,), tws, 1e-5), s
+
+        for case, fn in zip(out, [torch_layer_norm, torch_rms_norm, lambda: F.gelu(th),
+                                  lambda: F.gelu(th, approximate="tanh"), lambda: F.silu(tg) * tu]):
+            case.peers["torch"] = fn
     return out
 
 

@@ -35,6 +35,17 @@ def rope_cos_sin(
 def apply_rope(
     x: npt.NDArray[Any], cos: npt.NDArray[Any], sin: npt.NDArray[Any], style: str, layout: str
 ) -> npt.NDArray[Any]: ...
+def norm(
+    x: npt.NDArray[Any],
+    residual: npt.NDArray[Any] | None,
+    weight: npt.NDArray[np.float64] | None,
+    bias: npt.NDArray[np.float64] | None,
+    n: int,
+    eps: float,
+    kind: str,
+) -> Any: ...
+def gelu(x: npt.NDArray[Any], approximate: str) -> npt.NDArray[Any]: ...
+def silu_mul(gate: npt.NDArray[Any], up: npt.NDArray[Any]) -> npt.NDArray[Any]: ...
 def attention(
     query: npt.NDArray[Any],
     key: npt.NDArray[Any],

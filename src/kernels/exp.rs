@@ -102,11 +102,8 @@ pub fn exp_short(x: f32) -> f32 {
 impl Exp for f64 {
     #[inline(always)]
     fn exp_nonpositive(self) -> f64 {
-        const LOG2E: f64 = std::f64::consts::LOG2_E;
-        const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000); // 6.93147180369123816490e-01
-        const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76); // 1.90821492927058770002e-10
-        const ROUNDER: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
-        let x = if self.is_nan() { self } else { self.max(-708.0) };
+        use f64_consts::*;
+        let x = if self.is_nan() { self } else { self.max(MIN_F64) };
         let shifted = x * LOG2E + ROUNDER;
         let n = shifted - ROUNDER;
         let r = x - n * LN2_HI - n * LN2_LO;
@@ -117,7 +114,7 @@ impl Exp for f64 {
         }
         let e_r = p * r + 1.0;
         let two_n = f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52);
-        if self < -708.0 {
+        if self < MIN_F64 {
             0.0
         } else {
             e_r * two_n
@@ -125,8 +122,20 @@ impl Exp for f64 {
     }
 }
 
+/// The constants of the float64 `exp`, shared with the elementwise kernels' vector version
+/// (`block.rs`), which reduces the argument the same way.
+pub(crate) mod f64_consts {
+    pub const LOG2E: f64 = std::f64::consts::LOG2_E;
+    pub const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000); // 6.93147180369123816490e-01
+    pub const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76); // 1.90821492927058770002e-10
+    pub const ROUNDER: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    /// Below this, `exp` is flushed to zero (2^n stays normal above it).
+    pub const MIN: f64 = -708.0;
+}
+use f64_consts::MIN as MIN_F64;
+
 /// 1/k! for k = 0..=12.
-const INV_FACTORIAL: [f64; 13] = [
+pub(crate) const INV_FACTORIAL: [f64; 13] = [
     1.0,
     1.0,
     1.0 / 2.0,

@@ -6,6 +6,7 @@
 //! bitwise identical for any thread count.
 
 pub mod attention;
+pub mod block;
 pub mod embedding;
 pub mod exp;
 pub mod output;
@@ -99,6 +100,27 @@ pub(crate) fn for_each_row_block<T: Send, K: Rows<T>>(
     par: Par<'_>,
     kernel: &K,
 ) {
+    row_blocks(out, row_len, par, kernel, simd::rows)
+}
+
+/// [`for_each_row_block`] with each block run through [`simd::rows_wide`] (AVX-512 where there
+/// is, for float64 vector code).
+pub(crate) fn for_each_row_block_wide<T: Send, K: Rows<T>>(
+    out: &mut [T],
+    row_len: usize,
+    par: Par<'_>,
+    kernel: &K,
+) {
+    row_blocks(out, row_len, par, kernel, simd::rows_wide)
+}
+
+fn row_blocks<T: Send, K: Rows<T>>(
+    out: &mut [T],
+    row_len: usize,
+    par: Par<'_>,
+    kernel: &K,
+    run: fn(&K, usize, &mut [T]),
+) {
     if out.is_empty() || row_len == 0 {
         return;
     }
@@ -108,7 +130,7 @@ pub(crate) fn for_each_row_block<T: Send, K: Rows<T>>(
     let mut tasks: Vec<_> = out.chunks_mut(per_task * rows * row_len).enumerate().collect();
     par.for_each(&mut tasks, |(t, task)| {
         for (i, block) in task.chunks_mut(rows * row_len).enumerate() {
-            simd::rows(kernel, (*t * per_task + i) * rows, block);
+            run(kernel, (*t * per_task + i) * rows, block);
         }
     });
 }

@@ -96,6 +96,26 @@ fn task_avx2<K: Task>(task: &mut K) {
     task.run()
 }
 
+/// Runs `task` compiled for AVX-512 (F, VL) + FMA when [`avx512`], else as [`task`] does: for
+/// float64 vector code that gains from eight lanes (and 32 registers) per instruction, the
+/// elementwise functions of `block`. The operations, and so the bits, are the same either way.
+#[inline(always)]
+pub(crate) fn task_wide<K: Task>(task: &mut K) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512F/VL (checked by `avx512`) and AVX2 + FMA (implied
+        // by `accelerated`, which `avx512` requires).
+        return unsafe { task_avx512(task) };
+    }
+    self::task(task)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn task_avx512<K: Task>(task: &mut K) {
+    task.run()
+}
+
 /// One block of a [`Rows`] kernel, as a [`Task`].
 struct RowsTask<'a, K, T> {
     kernel: &'a K,
@@ -129,6 +149,12 @@ impl<T, K: RowsPair<T>> Task for RowsPairTask<'_, K, T> {
 #[inline(always)]
 pub(crate) fn rows<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
     task(&mut RowsTask { kernel, first, block })
+}
+
+/// Runs `kernel.rows(first, block)` through [`task_wide`].
+#[inline(always)]
+pub(crate) fn rows_wide<T, K: Rows<T>>(kernel: &K, first: usize, block: &mut [T]) {
+    task_wide(&mut RowsTask { kernel, first, block })
 }
 
 /// Runs `kernel.rows(first, a, b)` through [`task`].

@@ -3,6 +3,7 @@
 
 mod arrays;
 mod attention;
+mod block;
 mod embedding;
 mod errors;
 mod half;
@@ -92,5 +93,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(positional::rope_cos_sin, m)?)?;
     m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
     m.add_function(wrap_pyfunction!(attention::attention, m)?)?;
+    m.add_function(wrap_pyfunction!(block::norm, m)?)?;
+    m.add_function(wrap_pyfunction!(block::gelu, m)?)?;
+    m.add_function(wrap_pyfunction!(block::silu_mul, m)?)?;
     Ok(())
 }
