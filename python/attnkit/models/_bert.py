@@ -1,0 +1,329 @@
+"""BERT-family encoders (BERT, MiniLM, sentence-transformers' models on them): token ids to
+contextual embeddings to pooled sentence vectors, in float32, with NumPy's matrix products and
+attnkit's kernels.
+
+One layer (post-norm, as BERT)::
+
+    q, k, v = split(h @ W_qkv + b_qkv)                       # one product for the three
+    a = scaled_dot_product_attention(q, k, v, key_mask=attention_mask, layout="bshd")
+    h = layer_norm(a @ W_o + b_o, residual=h)                 # the add fused with the norm
+    h = layer_norm(gelu(h @ W_i + b_i) @ W_f + b_f, residual=h)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+import attnkit
+from attnkit.models._files import LoadError, extra, read_json, read_safetensors, setting, tensor
+
+F32 = npt.NDArray[np.float32]
+
+_ACTIVATIONS: dict[str, Literal["none", "tanh"]] = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+_POOLING = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    hidden: int
+    heads: int
+    layers: int
+    intermediate: int
+    vocab: int
+    positions: int
+    type_vocab: int
+    eps: float
+    gelu: Literal["none", "tanh"]  # the erf form ("none") or the tanh approximation
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], path: Path) -> BertConfig:
+        hidden = setting(config, "hidden_size", path, int)
+        heads = setting(config, "num_attention_heads", path, int)
+        if hidden % heads:
+            raise LoadError(f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        act = config.get("hidden_act", "gelu")
+        if act not in _ACTIVATIONS:
+            raise LoadError(f"{path}: hidden_act {act!r} is not one of {', '.join(map(repr, _ACTIVATIONS))}")
+        kind = config.get("position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise LoadError(f"{path}: position_embedding_type {kind!r}: only 'absolute' is supported")
+        return cls(
+            hidden=hidden,
+            heads=heads,
+            layers=setting(config, "num_hidden_layers", path, int),
+            intermediate=setting(config, "intermediate_size", path, int),
+            vocab=setting(config, "vocab_size", path, int),
+            positions=setting(config, "max_position_embeddings", path, int),
+            type_vocab=setting(config, "type_vocab_size", path, int, 2),
+            eps=float(setting(config, "layer_norm_eps", path, float, 1e-12)),
+            gelu=_ACTIVATIONS[act],
+        )
+
+
+@dataclass(frozen=True)
+class _Layer:
+    w_qkv: F32  # (hidden, 3 hidden): the query, key and value projections side by side
+    b_qkv: F32
+    w_o: F32  # (hidden, hidden)
+    b_o: F32
+    ln1: tuple[F32, F32]
+    w_i: F32  # (hidden, intermediate)
+    b_i: F32
+    w_f: F32  # (intermediate, hidden)
+    b_f: F32
+    ln2: tuple[F32, F32]
+
+
+class BertEncoder:
+    """A BERT-family encoder with its tokenizer, pooling and normalization.
+
+    Made by :func:`attnkit.models.load`. :meth:`encode` turns sentences into vectors;
+    :meth:`forward` gives the contextual embeddings of token ids. Picklable (the weights and the
+    tokenizer travel), so it can be shipped to worker processes.
+
+    Attributes:
+        tokenizer: the checkpoint's ``tokenizers.Tokenizer``, truncating to ``max_seq_length``
+            and padding each batch to its longest sentence.
+        config: the architecture (:class:`BertConfig`).
+        pooling: ``"mean"``, ``"cls"`` or ``"max"``.
+        normalize: whether :meth:`encode` scales vectors to unit length by default.
+        max_seq_length: the longest input in tokens (longer ones are truncated).
+    """
+
+    def __init__(
+        self,
+        config: BertConfig,
+        weights: dict[str, Any],
+        tokenizer: Any,
+        *,
+        pooling: str = "mean",
+        normalize: bool = False,
+        max_seq_length: int | None = None,
+    ) -> None:
+        self.config = config
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_seq_length = min(max_seq_length or config.positions, config.positions)
+        self._word, self._position, self._type = weights["word"], weights["position"], weights["type"]
+        self._ln0: tuple[F32, F32] = weights["ln0"]
+        self._layers: list[_Layer] = weights["layers"]
+        self.tokenizer = tokenizer
+        self._configure_tokenizer()
+
+    def _configure_tokenizer(self) -> None:
+        pad_id = self.tokenizer.token_to_id("[PAD]")
+        self.tokenizer.enable_truncation(max_length=self.max_seq_length)
+        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: Path, config_dict: dict[str, Any]) -> BertEncoder:
+        config = BertConfig.from_dict(config_dict, folder / "config.json")
+        path = folder / "model.safetensors"
+        raw = read_safetensors(path)
+        # BertForX checkpoints put the encoder under "bert."; a BertModel's keys have no prefix.
+        if "embeddings.word_embeddings.weight" not in raw and "bert.embeddings.word_embeddings.weight" in raw:
+            raw = {k.removeprefix("bert."): v for k, v in raw.items()}
+        h, i = config.hidden, config.intermediate
+
+        def get(key: str, *shape: int) -> F32:
+            return tensor(raw, key, shape, path)
+
+        def norm(prefix: str) -> tuple[F32, F32]:
+            # Old TensorFlow conversions name the parameters gamma and beta.
+            if f"{prefix}.weight" not in raw and f"{prefix}.gamma" in raw:
+                return get(f"{prefix}.gamma", h), get(f"{prefix}.beta", h)
+            return get(f"{prefix}.weight", h), get(f"{prefix}.bias", h)
+
+        layers = []
+        for n in range(config.layers):
+            p = f"encoder.layer.{n}"
+            qkv = [get(f"{p}.attention.self.{name}.weight", h, h) for name in ("query", "key", "value")]
+            qkv_b = [get(f"{p}.attention.self.{name}.bias", h) for name in ("query", "key", "value")]
+            layers.append(_Layer(
+                w_qkv=np.ascontiguousarray(np.concatenate(qkv).T),
+                b_qkv=np.concatenate(qkv_b),
+                w_o=np.ascontiguousarray(get(f"{p}.attention.output.dense.weight", h, h).T),
+                b_o=get(f"{p}.attention.output.dense.bias", h),
+                ln1=norm(f"{p}.attention.output.LayerNorm"),
+                w_i=np.ascontiguousarray(get(f"{p}.intermediate.dense.weight", i, h).T),
+                b_i=get(f"{p}.intermediate.dense.bias", i),
+                w_f=np.ascontiguousarray(get(f"{p}.output.dense.weight", h, i).T),
+                b_f=get(f"{p}.output.dense.bias", h),
+                ln2=norm(f"{p}.output.LayerNorm"),
+            ))
+        weights = {
+            "word": get("embeddings.word_embeddings.weight", config.vocab, h),
+            "position": get("embeddings.position_embeddings.weight", config.positions, h),
+            "type": get("embeddings.token_type_embeddings.weight", config.type_vocab, h),
+            "ln0": norm("embeddings.LayerNorm"),
+            "layers": layers,
+        }
+        tokenizers = extra("tokenizers")
+        tok_path = folder / "tokenizer.json"
+        if not tok_path.is_file():
+            raise LoadError(f"{tok_path}: missing")
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises its own exception type
+            raise LoadError(f"{tok_path}: not a readable tokenizer ({e})") from e
+        pooling, normalize, max_len = _sentence_transformers_modules(folder)
+        return cls(config, weights, tokenizer, pooling=pooling, normalize=normalize, max_seq_length=max_len)
+
+    # -- pickling ----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["tokenizer"] = self.tokenizer.to_str()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        tokenizers = extra("tokenizers")
+        state = dict(state)
+        state["tokenizer"] = tokenizers.Tokenizer.from_str(state["tokenizer"])
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"BertEncoder(layers={c.layers}, hidden={c.hidden}, heads={c.heads}, vocab={c.vocab}, "
+            f"pooling={self.pooling!r}, normalize={self.normalize}, max_seq_length={self.max_seq_length})"
+        )
+
+    # -- running -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: npt.ArrayLike,
+        attention_mask: npt.ArrayLike | None = None,
+        token_type_ids: npt.ArrayLike | None = None,
+    ) -> F32:
+        """The last layer's contextual embeddings, ``(batch, seq, hidden)`` float32, of right- or
+        left-padded token ids ``(batch, seq)`` (``attention_mask`` nonzero = a real token).
+        Positions count from 0 at the first column, as in BERT."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids: expected a 2-d array (batch, seq), got shape {ids.shape}")
+        b, s = ids.shape
+        if s > self.config.positions:
+            raise ValueError(f"input_ids: {s} tokens, more than max_position_embeddings = {self.config.positions}")
+        mask = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask) != 0
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected shape {ids.shape} (that of input_ids), got {mask.shape}")
+        types = np.zeros((b, s), np.int64) if token_type_ids is None else np.asarray(token_type_ids)
+        if types.shape != ids.shape:
+            raise ValueError(f"token_type_ids: expected shape {ids.shape} (that of input_ids), got {types.shape}")
+        c = self.config
+        # The order of transformers' BertEmbeddings: (word + type) + position, then the norm.
+        x = attnkit.embedding(ids, self._word) + attnkit.embedding(types, self._type)
+        x += self._position[:s]
+        # Rows of tokens: every matrix product is one (batch * seq, ...) GEMM.
+        h = attnkit.layer_norm(x.reshape(b * s, c.hidden), c.hidden, *self._ln0, c.eps)
+        d = c.hidden // c.heads
+        for layer in self._layers:
+            qkv = (h @ layer.w_qkv + layer.b_qkv).reshape(b, s, 3, c.heads, d)
+            a = attnkit.scaled_dot_product_attention(
+                qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd"
+            )
+            h = attnkit.layer_norm(a.reshape(b * s, c.hidden) @ layer.w_o + layer.b_o, c.hidden, *layer.ln1, c.eps,
+                                   residual=h)[0]
+            f = attnkit.gelu(h @ layer.w_i + layer.b_i, c.gelu) @ layer.w_f + layer.b_f
+            h = attnkit.layer_norm(f, c.hidden, *layer.ln2, c.eps, residual=h)[0]
+        h = h.reshape(b, s, c.hidden)
+        return h
+
+    def pool(self, hidden: F32, attention_mask: npt.ArrayLike) -> F32:
+        """Sentence vectors ``(batch, hidden)`` from contextual embeddings, by the checkpoint's
+        pooling (as sentence-transformers computes it)."""
+        mask = (np.asarray(attention_mask) != 0)[..., None]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "max":
+            return np.where(mask, hidden, np.float32(-1e9)).max(axis=1)  # type: ignore[no-any-return]
+        counts = np.maximum(mask.sum(axis=1, dtype=np.float32), np.float32(1e-9))
+        return (hidden * mask).sum(axis=1) / counts  # type: ignore[no-any-return]
+
+    def encode(
+        self,
+        sentences: str | Iterable[str],
+        *,
+        batch_size: int = 32,
+        normalize: bool | None = None,
+    ) -> F32:
+        """Sentence embeddings, as sentence-transformers' ``encode`` computes them.
+
+        Sentences are sorted by length and run ``batch_size`` at a time, each batch padded to its
+        longest; the vectors come back in the input order.
+
+        Args:
+            sentences: a string or an iterable of strings.
+            batch_size: sentences per forward pass (>= 1).
+            normalize: scale each vector to unit length; None follows the checkpoint (its
+                ``Normalize`` module).
+
+        Returns:
+            ``(n, hidden)`` float32 (``(hidden,)`` for a single string).
+        """
+        single = isinstance(sentences, str)
+        texts: Sequence[str] = [sentences] if single else list(sentences)  # type: ignore[list-item]
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("sentences: expected a string or an iterable of strings")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        normalize = self.normalize if normalize is None else bool(normalize)
+        out = np.empty((len(texts), self.config.hidden), np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            encs = self.tokenizer.encode_batch([texts[i] for i in idx])
+            ids = np.array([e.ids for e in encs], np.int64)
+            mask = np.array([e.attention_mask for e in encs], np.int64)
+            types = np.array([e.type_ids for e in encs], np.int64)
+            out[idx] = self.pool(self.forward(ids, mask, types), mask)
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
+        return out[0] if single else out
+
+
+def _sentence_transformers_modules(folder: Path) -> tuple[str, bool, int | None]:
+    """Pooling, normalization and max_seq_length from sentence-transformers' configs: mean pooling,
+    no normalization and the config's length when there are none."""
+    modules_path = folder / "modules.json"
+    if not modules_path.is_file():
+        return "mean", False, None
+    modules = read_json(modules_path)
+    if not isinstance(modules, list):
+        raise LoadError(f"{modules_path}: expected a list of modules")
+    pooling, normalize = "mean", False
+    for module in modules:
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        if kind.endswith(".Pooling"):
+            pool_path = folder / str(module.get("path", "")) / "config.json"
+            pool_config = read_json(pool_path)
+            chosen = [name for key, name in _POOLING.items() if pool_config.get(key)]
+            others = [k for k, v in pool_config.items() if k.startswith("pooling_mode") and v and k not in _POOLING]
+            if len(chosen) != 1 or others:
+                raise LoadError(
+                    f"{pool_path}: expected exactly one of {', '.join(_POOLING)} set, got {chosen + others or 'none'}"
+                )
+            pooling = chosen[0]
+        elif kind.endswith(".Normalize"):
+            normalize = True
+        elif not kind.endswith(".Transformer"):
+            raise LoadError(f"{modules_path}: module type {kind!r} is not supported (Transformer, Pooling, Normalize)")
+    max_len = None
+    st_path = folder / "sentence_bert_config.json"
+    if st_path.is_file():
+        max_len = setting(read_json(st_path), "max_seq_length", st_path, int, 0) or None
+    return pooling, normalize, max_len

@@ -1,0 +1,75 @@
+"""Reading checkpoint files, with errors that name the file and the key at fault."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded: a missing file, an unknown architecture, or a tensor or
+    setting that does not match the config. The message names the file and the key."""
+
+
+def extra(module: str) -> Any:
+    """Imports one of the ``models`` extra's packages, or says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"attnkit.models needs {module.split('.')[0]}: pip install 'attnkit[models]'"
+        ) from e
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LoadError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, (dict, list)):
+        raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data  # type: ignore[return-value]
+
+
+def setting(config: dict[str, Any], key: str, path: Path, kind: type, default: Any = None) -> Any:
+    """``config[key]`` checked to be a ``kind`` (a positive number for ints), or ``default``."""
+    if key not in config or config[key] is None:
+        if default is None:
+            raise LoadError(f"{path}: {key} is missing")
+        return default
+    value = config[key]
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is int and value <= 0):
+        raise LoadError(f"{path}: {key} must be a {'positive int' if kind is int else kind.__name__}, got {value!r}")
+    return value
+
+
+def read_safetensors(path: Path) -> dict[str, npt.NDArray[Any]]:
+    if not path.is_file():
+        raise LoadError(f"{path}: missing")
+    numpy_io = extra("safetensors.numpy")
+    try:
+        return dict(numpy_io.load_file(str(path)))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise LoadError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def tensor(weights: dict[str, npt.NDArray[Any]], key: str, shape: tuple[int, ...], path: Path) -> npt.NDArray[np.float32]:
+    """``weights[key]`` as float32, checked to have ``shape``."""
+    if key not in weights:
+        raise LoadError(f"{path}: tensor {key} is missing")
+    arr = weights[key]
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        raise LoadError(f"{path}: tensor {key} has dtype {arr.dtype}, expected a float dtype")
+    if arr.shape != shape:
+        raise LoadError(f"{path}: tensor {key} has shape {arr.shape}, expected {shape} from the config")
+    return np.ascontiguousarray(arr, dtype=np.float32)

