@@ -3,8 +3,9 @@
 ``python -m attnkit bench [--quick] [--threads 1 2] [--json FILE] [--plot FILE.png]``: each kernel's speed against
 NumPy and PyTorch. ``python -m attnkit demo [SENTENCE] [--plot FILE.png]``: static embeddings
 become contextual ones through self-attention. ``python -m attnkit embed --model PATH [FILE] --out
-OUT.npy``: sentence embeddings of the lines of FILE (or standard input) with a real checkpoint
-(needs ``attnkit[models]``).
+OUT.npy``: sentence embeddings of the lines of FILE (or standard input) with a real checkpoint;
+``python -m attnkit generate --model PATH "prompt" [--max-new-tokens N] [--temperature T --seed S]``:
+a decoder continues the prompt, streaming (both need ``attnkit[models]``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
     embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                        help="unit-length vectors (default: as the checkpoint says)")
+    generate = commands.add_parser("generate", help="continue a prompt with a decoder checkpoint, streaming")
+    generate.add_argument("--model", required=True, metavar="PATH", help="a folder or a .gguf file (attnkit.models.load)")
+    generate.add_argument("prompt", help="the text to continue (apply the model's chat template yourself)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens (default 64)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above: sampling")
+    generate.add_argument("--seed", type=int, default=None, help="the sampler's seed")
     args = parser.parse_args(argv)
 
     if args.command == "embed":
         return _embed(args, parser)
+    if args.command == "generate":
+        return _generate(args, parser)
 
     if args.command == "demo":
         from attnkit import _demo
@@ -56,6 +65,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    try:
+        from attnkit import models
+    except ImportError as e:
+        parser.error(str(e))
+    if args.max_new_tokens < 0:
+        parser.error("--max-new-tokens: must be at least 0")
+    if not args.temperature >= 0:
+        parser.error("--temperature: must be at least 0")
+    try:
+        decoder = models.load(args.model)
+    except (ValueError, ImportError) as e:
+        print(f"generate: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(decoder, models.LlamaDecoder):
+        print(f"generate: {args.model} holds a {type(decoder).__name__}; generate needs a decoder (LLaMA family)",
+              file=sys.stderr)
+        return 2
+    prompt = decoder.tokenizer.encode(args.prompt).ids
+    if not prompt:
+        parser.error("prompt: the tokenizer gives no tokens for it")
+    new: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    first = None
+    for step in decoder.stream_ids([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   seed=args.seed):
+        if first is None:
+            first = time.perf_counter()
+        new.append(step[0])
+        text = decoder.tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # a character whose bytes are still coming
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    end = time.perf_counter()
+    print(decoder.tokenizer.decode(new, skip_special_tokens=True)[len(shown):])  # bytes that never completed
+    if new and first is not None:
+        rate = (len(new) - 1) / (end - first) if len(new) > 1 else float("nan")
+        print(f"{len(new)} tokens; prompt of {len(prompt)} tokens in {first - start:.2f} s, then {rate:.1f} tokens/s",
+              file=sys.stderr)
+    return 0
+
+
 def _embed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import numpy as np
 
@@ -69,6 +123,10 @@ def _embed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         encoder = models.load(args.model)
     except (ValueError, ImportError) as e:
         print(f"embed: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(encoder, models.BertEncoder):
+        print(f"embed: {args.model} holds a {type(encoder).__name__}; embed needs an encoder (BERT family)",
+              file=sys.stderr)
         return 2
     if args.file is None:
         text = sys.stdin.read()

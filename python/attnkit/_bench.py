@@ -290,6 +290,8 @@ def model_cases(quick: bool) -> list[Case]:
         encoder = models.load(path)
     except ImportError:
         return []
+    if not isinstance(encoder, models.BertEncoder):
+        return []
     rng = np.random.default_rng(6)
     words = ("the bank of the river was steep and the money in the bank grew slowly while a man ate "
              "food riding a horse").split()
@@ -298,8 +300,7 @@ def model_cases(quick: bool) -> list[Case]:
     # Real tokens (padding excluded): the rate counts useful work.
     tokens = sum(sum(e.attention_mask) for e in encoder.tokenizer.encode_batch(sentences))
     case = Case("MiniLM encode", f"{n} sentences, batch 32", 0, lambda: encoder.encode(sentences), repeats=3,
-                flops=2.0 * tokens * sum(w.size for layer in encoder._layers
-                                         for w in (layer.w_qkv, layer.w_o, layer.w_i, layer.w_f)))
+                flops=2.0 * tokens * encoder.projection_parameters)
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
 

@@ -194,6 +194,11 @@ class BertEncoder:
         state["tokenizer"] = tokenizers.Tokenizer.from_str(state["tokenizer"])
         self.__dict__.update(state)
 
+    @property
+    def projection_parameters(self) -> int:
+        """The weights of the layers' matrix products: one token costs twice as many FLOPs there."""
+        return sum(w.size for layer in self._layers for w in (layer.w_qkv, layer.w_o, layer.w_i, layer.w_f))
+
     def __repr__(self) -> str:
         c = self.config
         return (
@@ -250,9 +255,9 @@ class BertEncoder:
         if self.pooling == "cls":
             return hidden[:, 0]
         if self.pooling == "max":
-            return np.where(mask, hidden, np.float32(-1e9)).max(axis=1)  # type: ignore[no-any-return]
+            return np.asarray(np.where(mask, hidden, np.float32(-1e9)).max(axis=1), np.float32)
         counts = np.maximum(mask.sum(axis=1, dtype=np.float32), np.float32(1e-9))
-        return (hidden * mask).sum(axis=1) / counts  # type: ignore[no-any-return]
+        return np.asarray((hidden * mask).sum(axis=1) / counts, np.float32)
 
     def encode(
         self,

@@ -1,0 +1,341 @@
+"""LLaMA-family decoders (LLaMA, SmolLM2, TinyLlama, Mistral without its window): token ids to
+next-token logits, and text generation through attnkit's ``KVCache``, in float32, with NumPy's
+matrix products and attnkit's kernels.
+
+One layer (pre-norm)::
+
+    x, h = rms_norm(previous, residual=h)                     # the add fused with the norm
+    q, k, v = x @ W_q, x @ W_k, x @ W_v;  q, k = apply_rope(q), apply_rope(k)
+    a = cache.attend(q) after cache.append(k, v)              # or one causal call (forward)
+    y, h = rms_norm(a @ W_o, residual=h)
+    previous = silu_mul(y @ W_gate, y @ W_up) @ W_down
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+import attnkit
+from attnkit.models._files import LoadError, extra, read_json, read_safetensors, setting, tensor
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    intermediate: int
+    vocab: int
+    eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_positions: int
+    # "half" for Hugging Face's weights; "interleaved" for GGUF files, whose query and key rows
+    # llama.cpp stores in its own RoPE order (a permutation of each head's channels that q · k
+    # does not see).
+    rope_style: Literal["half", "interleaved"] = "half"
+    eos_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], path: Path) -> LlamaConfig:
+        hidden = setting(config, "hidden_size", path, int)
+        heads = setting(config, "num_attention_heads", path, int)
+        kv_heads = setting(config, "num_key_value_heads", path, int, heads)
+        if heads % kv_heads:
+            raise LoadError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        head_dim = setting(config, "head_dim", path, int, hidden // heads)
+        if head_dim % 2:
+            raise LoadError(f"{path}: head_dim {head_dim} must be even (rotary pairs)")
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise LoadError(f"{path}: hidden_act {act!r}: LLaMA-family models use 'silu'")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise LoadError(f"{path}: attention_bias / mlp_bias: biases are not supported")
+        eos = config.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            layers=setting(config, "num_hidden_layers", path, int),
+            intermediate=setting(config, "intermediate_size", path, int),
+            vocab=setting(config, "vocab_size", path, int),
+            eps=float(setting(config, "rms_norm_eps", path, float, 1e-6)),
+            rope_theta=float(setting(config, "rope_theta", path, float, 10000.0)),
+            rope_scaling=config.get("rope_scaling"),
+            max_positions=setting(config, "max_position_embeddings", path, int, 2048),
+            eos_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class _Layer:
+    attn_norm: F32
+    w_q: F32  # (hidden, heads * head_dim): transposed, so that x @ w_q is the projection
+    w_k: F32
+    w_v: F32
+    w_o: F32
+    ffn_norm: F32
+    w_gate: F32
+    w_up: F32
+    w_down: F32
+
+
+@dataclass
+class _Weights:
+    embed: F32  # (vocab, hidden)
+    layers: list[_Layer]
+    norm: F32
+    lm_head: F32  # (hidden, vocab)
+
+
+class LlamaDecoder:
+    """A LLaMA-family decoder with its tokenizer.
+
+    Made by :func:`attnkit.models.load`. :meth:`forward` gives next-token logits of (left- or
+    right-) padded token ids; :meth:`generate` continues prompts, greedily at temperature 0, with a
+    ``KVCache`` per layer. Picklable.
+
+    Attributes:
+        tokenizer: the checkpoint's ``tokenizers.Tokenizer``.
+        config: the architecture (:class:`LlamaConfig`).
+    """
+
+    def __init__(self, config: LlamaConfig, weights: _Weights, tokenizer: Any) -> None:
+        self.config = config
+        self._w = weights
+        self.tokenizer = tokenizer
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: Path, config_dict: dict[str, Any]) -> LlamaDecoder:
+        """A Hugging Face folder: config.json, model.safetensors, tokenizer.json."""
+        config = LlamaConfig.from_dict(config_dict, folder / "config.json")
+        if not config.eos_ids and (folder / "generation_config.json").is_file():
+            eos = read_json(folder / "generation_config.json").get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            config = LlamaConfig(**{**config.__dict__, "eos_ids": eos_ids})
+        path = folder / "model.safetensors"
+        raw = read_safetensors(path)
+        c = config
+        q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
+
+        def get(key: str, *shape: int) -> F32:
+            return tensor(raw, key, shape, path)
+
+        def t(key: str, *shape: int) -> F32:  # a projection, transposed for x @ w
+            return np.ascontiguousarray(get(key, *shape).T)
+
+        layers = []
+        for n in range(c.layers):
+            p = f"model.layers.{n}"
+            layers.append(_Layer(
+                attn_norm=get(f"{p}.input_layernorm.weight", c.hidden),
+                w_q=t(f"{p}.self_attn.q_proj.weight", q_dim, c.hidden),
+                w_k=t(f"{p}.self_attn.k_proj.weight", kv_dim, c.hidden),
+                w_v=t(f"{p}.self_attn.v_proj.weight", kv_dim, c.hidden),
+                w_o=t(f"{p}.self_attn.o_proj.weight", c.hidden, q_dim),
+                ffn_norm=get(f"{p}.post_attention_layernorm.weight", c.hidden),
+                w_gate=t(f"{p}.mlp.gate_proj.weight", c.intermediate, c.hidden),
+                w_up=t(f"{p}.mlp.up_proj.weight", c.intermediate, c.hidden),
+                w_down=t(f"{p}.mlp.down_proj.weight", c.hidden, c.intermediate),
+            ))
+        embed = get("model.embed_tokens.weight", c.vocab, c.hidden)
+        # Tied as the config says (transformers' default for LLaMA: not tied, so lm_head.weight
+        # must be there).
+        tied = bool(config_dict.get("tie_word_embeddings", False))
+        lm_head = embed.T if tied else t("lm_head.weight", c.vocab, c.hidden)
+        weights = _Weights(embed=embed, layers=layers, norm=get("model.norm.weight", c.hidden), lm_head=lm_head)
+        return cls(config, weights, _tokenizer(folder / "tokenizer.json"))
+
+    # -- pickling ----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tokenizer": self.tokenizer.to_str()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        tokenizers = extra("tokenizers")
+        self.__dict__.update({**state, "tokenizer": tokenizers.Tokenizer.from_str(state["tokenizer"])})
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"LlamaDecoder(layers={c.layers}, hidden={c.hidden}, heads={c.heads}/{c.kv_heads}, "
+                f"head_dim={c.head_dim}, vocab={c.vocab}, rope_theta={c.rope_theta:g})")
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _tables(self, positions: npt.NDArray[np.int64]) -> tuple[F32, F32]:
+        c = self.config
+        return attnkit.rope_cos_sin(positions, c.head_dim, base=c.rope_theta, scaling=c.rope_scaling)
+
+    def _layers(self, h: F32, cos: F32, sin: F32, attend: Any) -> F32:
+        """The layer stack over token rows ``h`` ``(batch, seq, hidden)``; ``attend(n, q, k, v)``
+        is layer ``n``'s attention (``bshd`` arrays). Returns the final norm of the last rows."""
+        c = self.config
+        b, s = h.shape[:2]
+        layers = self._w.layers
+        x = attnkit.rms_norm(h, c.hidden, layers[0].attn_norm, c.eps)
+        for n, layer in enumerate(layers):
+            q = attnkit.apply_rope((x @ layer.w_q).reshape(b, s, c.heads, c.head_dim), cos, sin,
+                                   style=c.rope_style, layout="bshd")
+            k = attnkit.apply_rope((x @ layer.w_k).reshape(b, s, c.kv_heads, c.head_dim), cos, sin,
+                                   style=c.rope_style, layout="bshd")
+            v = (x @ layer.w_v).reshape(b, s, c.kv_heads, c.head_dim)
+            a = attend(n, q, k, v).reshape(b, s, c.heads * c.head_dim)
+            y, h = attnkit.rms_norm(a @ layer.w_o, c.hidden, layer.ffn_norm, c.eps, residual=h)
+            mlp = attnkit.silu_mul(y @ layer.w_gate, y @ layer.w_up) @ layer.w_down
+            following = layers[n + 1].attn_norm if n + 1 < len(layers) else self._w.norm
+            x, h = attnkit.rms_norm(mlp, c.hidden, following, c.eps, residual=h)
+        return x
+
+    def forward(self, input_ids: npt.ArrayLike, attention_mask: npt.ArrayLike | None = None) -> F32:
+        """Next-token logits ``(batch, seq, vocab)`` float32 of token ids ``(batch, seq)``, left- or
+        right-padded (``attention_mask`` nonzero = a real token). Positions count real tokens only,
+        so each sequence gets the logits it gets alone; padded rows give meaningless values."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids: expected a 2-d array (batch, seq), got shape {ids.shape}")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask) != 0
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected shape {ids.shape} (that of input_ids), got {mask.shape}")
+        cos, sin = self._tables(attnkit.position_ids(mask))
+        h = attnkit.embedding(ids, self._w.embed)
+
+        def attend(_: int, q: F32, k: F32, v: F32) -> F32:
+            return attnkit.scaled_dot_product_attention(q, k, v, is_causal=True, key_mask=mask, enable_gqa=True,
+                                                        layout="bshd")
+
+        return self._layers(h, cos, sin, attend) @ self._w.lm_head
+
+    def generate(
+        self,
+        prompts: str | Iterable[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> str | list[str]:
+        """Continues each prompt by up to ``max_new_tokens`` tokens (fewer when it ends with an
+        end-of-sequence token), all prompts in one batch.
+
+        The prompts are tokenized as they are (apply a chat template first for an instruct model),
+        prefilled together with each sequence at its own length, then decoded one token per step
+        through a ``KVCache`` per layer, logits computed for the last position only.
+
+        Args:
+            prompts: a string or an iterable of strings.
+            max_new_tokens: ``>= 0``.
+            temperature: 0 picks the most likely token (greedy); above 0 samples from
+                ``softmax(logits / temperature)``.
+            seed: the sampler's seed (``numpy.random.default_rng``).
+
+        Returns:
+            The generated text (without the prompt) of each prompt; a string for a string.
+        """
+        single = isinstance(prompts, str)
+        texts: Sequence[str] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("prompts: expected a string or an iterable of strings")
+        outs = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.generate_ids(
+            [self.tokenizer.encode(t).ids for t in texts], max_new_tokens=max_new_tokens,
+            temperature=temperature, seed=seed)]
+        return outs[0] if single else outs
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """:meth:`generate` on token ids: the new ids of each prompt (end-of-sequence included)."""
+        new: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream_ids(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed):
+            for i, token in enumerate(step):
+                if token >= 0:
+                    new[i].append(token)
+        return new
+
+    def stream_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> Iterator[list[int]]:
+        """:meth:`generate_ids` one step at a time: yields the new token of each prompt, or -1 for a
+        prompt that has ended, until every prompt has ended or ``max_new_tokens`` steps."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        temperature = float(temperature)
+        if not temperature >= 0:
+            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+        c = self.config
+        b = len(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        if b and lengths.min() == 0:
+            raise ValueError("prompts: every prompt needs at least one token")
+        if b == 0 or max_new_tokens == 0:
+            return
+        rng = np.random.default_rng(seed)
+        caches = [attnkit.KVCache(b, c.kv_heads, c.head_dim, capacity=int(lengths.max()) + max_new_tokens)
+                  for _ in range(c.layers)]
+        # Prefill: right-padded, each sequence's queries aligned to its own positions.
+        ids = np.zeros((b, int(lengths.max())), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        steps = lengths
+        done = np.zeros(b, bool)
+        positions = np.arange(ids.shape[1])[None, :].repeat(b, 0)
+        for _ in range(max_new_tokens):
+            cos, sin = self._tables(positions)
+            h = attnkit.embedding(ids, self._w.embed)
+
+            def attend(n: int, q: F32, k: F32, v: F32, steps: Any = steps) -> F32:
+                caches[n].append(k, v, lengths=steps, layout="bshd")
+                return caches[n].attend(q, query_lengths=steps, layout="bshd")  # type: ignore[no-any-return]
+
+            x = self._layers(h, cos, sin, attend)
+            last = x[np.arange(b), steps - 1]  # each sequence's last real row
+            token = _pick(last @ self._w.lm_head, temperature, rng)
+            yield [-1 if done[i] else int(token[i]) for i in range(b)]
+            done |= np.isin(token, c.eos_ids)
+            if done.all():
+                return
+            ids = token[:, None]
+            positions = caches[0].lengths[:, None]
+            steps = np.ones(b, np.int64)
+
+
+def _pick(logits: F32, temperature: float, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """The next token of each row: the most likely one, or a sample at ``temperature``."""
+    if temperature == 0:
+        return np.asarray(logits.argmax(axis=-1), np.int64)
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p], np.int64)
+
+
+def _tokenizer(path: Path) -> Any:
+    tokenizers = extra("tokenizers")
+    if not path.is_file():
+        raise LoadError(f"{path}: missing")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type
+        raise LoadError(f"{path}: not a readable tokenizer ({e})") from e
