@@ -224,15 +224,22 @@ def _unpermute(w, n_head):
 
 @pytest.fixture(scope="module")
 def smollm2_transformers(smollm2):
-    """transformers' LlamaForCausalLM on the GGUF's weights, dequantized by the gguf package and
-    put back in Hugging Face's layout here (transformers' own GGUF loader needs accelerate, which
-    is not a peer of this project); and transformers' tokenizer from the GGUF."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import gguf
-
     folder, _ = smollm2
-    reader = gguf.GGUFReader(os.path.join(folder, SMOL_FILE))
+    model = transformers_llama_from_gguf(os.path.join(folder, SMOL_FILE))
+    return model, transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_FILE)
+
+
+def transformers_llama_from_gguf(path):
+    """transformers' LlamaForCausalLM on a GGUF's weights, dequantized by the gguf package and put
+    back in Hugging Face's layout here (transformers' own GGUF loader needs accelerate, which is not
+    a peer of this project)."""
+    import gguf
+    import torch
+    import transformers
+
+    reader = gguf.GGUFReader(path)
 
     def meta(key):
         return reader.get_field(key).contents()
@@ -264,7 +271,7 @@ def smollm2_transformers(smollm2):
         })
     model = transformers.LlamaForCausalLM(config).eval()
     model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})  # writable copies
-    return model, transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_FILE)
+    return model
 
 
 SMOL_PROMPTS = [
