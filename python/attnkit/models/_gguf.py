@@ -84,31 +84,30 @@ def load_gguf(path: Path) -> LlamaDecoder:
             raise LoadError(f"{path}: tensor {name} has shape {tuple(int(d) for d in t.shape[::-1])}, "
                             f"expected {shape} from the metadata")
         try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            # As a plain array: slicing the reader's memmap row group by row group costs more than
+            # the arithmetic.
+            values = gguf.quants.dequantize(t.data.view(np.ndarray), t.tensor_type)
         except NotImplementedError as e:
             raise LoadError(f"{path}: tensor {name}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
         return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
-
-    def proj(name: str, rows: int, cols: int) -> F32:  # transposed for x @ w
-        return np.ascontiguousarray(get(name, rows, cols).T)
 
     q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
     layers = []
     for n in range(c.layers):
         p = f"blk.{n}"
-        layers.append(_Layer(
+        layers.append(_Layer.of(
             attn_norm=get(f"{p}.attn_norm.weight", c.hidden),
-            w_q=proj(f"{p}.attn_q.weight", q_dim, c.hidden),
-            w_k=proj(f"{p}.attn_k.weight", kv_dim, c.hidden),
-            w_v=proj(f"{p}.attn_v.weight", kv_dim, c.hidden),
-            w_o=proj(f"{p}.attn_output.weight", c.hidden, q_dim),
+            q=get(f"{p}.attn_q.weight", q_dim, c.hidden),
+            k=get(f"{p}.attn_k.weight", kv_dim, c.hidden),
+            v=get(f"{p}.attn_v.weight", kv_dim, c.hidden),
+            o=get(f"{p}.attn_output.weight", c.hidden, q_dim),
             ffn_norm=get(f"{p}.ffn_norm.weight", c.hidden),
-            w_gate=proj(f"{p}.ffn_gate.weight", c.intermediate, c.hidden),
-            w_up=proj(f"{p}.ffn_up.weight", c.intermediate, c.hidden),
-            w_down=proj(f"{p}.ffn_down.weight", c.hidden, c.intermediate),
+            gate=get(f"{p}.ffn_gate.weight", c.intermediate, c.hidden),
+            up=get(f"{p}.ffn_up.weight", c.intermediate, c.hidden),
+            down=get(f"{p}.ffn_down.weight", c.hidden, c.intermediate),
         ))
     embed = get("token_embd.weight", c.vocab, c.hidden)
-    lm_head = proj("output.weight", c.vocab, c.hidden) if "output.weight" in tensors else embed.T
+    lm_head = np.ascontiguousarray(get("output.weight", c.vocab, c.hidden).T) if "output.weight" in tensors else embed.T
     weights = _Weights(embed=embed, layers=layers, norm=get("output_norm.weight", c.hidden), lm_head=lm_head)
     return LlamaDecoder(config, weights, _tokenizer(path, field, tokens))
 

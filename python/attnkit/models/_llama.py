@@ -82,14 +82,24 @@ class LlamaConfig:
 @dataclass(frozen=True)
 class _Layer:
     attn_norm: F32
-    w_q: F32  # (hidden, heads * head_dim): transposed, so that x @ w_q is the projection
-    w_k: F32
-    w_v: F32
-    w_o: F32
+    w_qkv: F32  # (hidden, (heads + 2 kv_heads) head_dim): the three projections, one product
+    w_o: F32  # (heads head_dim, hidden)
     ffn_norm: F32
-    w_gate: F32
-    w_up: F32
-    w_down: F32
+    w_gate_up: F32  # (hidden, 2 intermediate): the gate and up projections side by side
+    w_down: F32  # (intermediate, hidden)
+
+    @classmethod
+    def of(cls, attn_norm: F32, q: F32, k: F32, v: F32, o: F32, ffn_norm: F32, gate: F32, up: F32,
+           down: F32) -> _Layer:
+        """A layer from its matrices as checkpoints store them, (out, in)."""
+        return cls(
+            attn_norm=attn_norm,
+            w_qkv=np.ascontiguousarray(np.concatenate([q, k, v]).T),
+            w_o=np.ascontiguousarray(o.T),
+            ffn_norm=ffn_norm,
+            w_gate_up=np.ascontiguousarray(np.concatenate([gate, up]).T),
+            w_down=np.ascontiguousarray(down.T),
+        )
 
 
 @dataclass
@@ -135,28 +145,25 @@ class LlamaDecoder:
         def get(key: str, *shape: int) -> F32:
             return tensor(raw, key, shape, path)
 
-        def t(key: str, *shape: int) -> F32:  # a projection, transposed for x @ w
-            return np.ascontiguousarray(get(key, *shape).T)
-
         layers = []
         for n in range(c.layers):
             p = f"model.layers.{n}"
-            layers.append(_Layer(
+            layers.append(_Layer.of(
                 attn_norm=get(f"{p}.input_layernorm.weight", c.hidden),
-                w_q=t(f"{p}.self_attn.q_proj.weight", q_dim, c.hidden),
-                w_k=t(f"{p}.self_attn.k_proj.weight", kv_dim, c.hidden),
-                w_v=t(f"{p}.self_attn.v_proj.weight", kv_dim, c.hidden),
-                w_o=t(f"{p}.self_attn.o_proj.weight", c.hidden, q_dim),
+                q=get(f"{p}.self_attn.q_proj.weight", q_dim, c.hidden),
+                k=get(f"{p}.self_attn.k_proj.weight", kv_dim, c.hidden),
+                v=get(f"{p}.self_attn.v_proj.weight", kv_dim, c.hidden),
+                o=get(f"{p}.self_attn.o_proj.weight", c.hidden, q_dim),
                 ffn_norm=get(f"{p}.post_attention_layernorm.weight", c.hidden),
-                w_gate=t(f"{p}.mlp.gate_proj.weight", c.intermediate, c.hidden),
-                w_up=t(f"{p}.mlp.up_proj.weight", c.intermediate, c.hidden),
-                w_down=t(f"{p}.mlp.down_proj.weight", c.hidden, c.intermediate),
+                gate=get(f"{p}.mlp.gate_proj.weight", c.intermediate, c.hidden),
+                up=get(f"{p}.mlp.up_proj.weight", c.intermediate, c.hidden),
+                down=get(f"{p}.mlp.down_proj.weight", c.hidden, c.intermediate),
             ))
         embed = get("model.embed_tokens.weight", c.vocab, c.hidden)
         # Tied as the config says (transformers' default for LLaMA: not tied, so lm_head.weight
         # must be there).
         tied = bool(config_dict.get("tie_word_embeddings", False))
-        lm_head = embed.T if tied else t("lm_head.weight", c.vocab, c.hidden)
+        lm_head = embed.T if tied else np.ascontiguousarray(get("lm_head.weight", c.vocab, c.hidden).T)
         weights = _Weights(embed=embed, layers=layers, norm=get("model.norm.weight", c.hidden), lm_head=lm_head)
         return cls(config, weights, _tokenizer(folder / "tokenizer.json"))
 
@@ -187,15 +194,18 @@ class LlamaDecoder:
         b, s = h.shape[:2]
         layers = self._w.layers
         x = attnkit.rms_norm(h, c.hidden, layers[0].attn_norm, c.eps)
+        q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
         for n, layer in enumerate(layers):
-            q = attnkit.apply_rope((x @ layer.w_q).reshape(b, s, c.heads, c.head_dim), cos, sin,
+            qkv = x @ layer.w_qkv
+            q = attnkit.apply_rope(qkv[..., :q_dim].reshape(b, s, c.heads, c.head_dim), cos, sin,
                                    style=c.rope_style, layout="bshd")
-            k = attnkit.apply_rope((x @ layer.w_k).reshape(b, s, c.kv_heads, c.head_dim), cos, sin,
+            k = attnkit.apply_rope(qkv[..., q_dim:q_dim + kv_dim].reshape(b, s, c.kv_heads, c.head_dim), cos, sin,
                                    style=c.rope_style, layout="bshd")
-            v = (x @ layer.w_v).reshape(b, s, c.kv_heads, c.head_dim)
-            a = attend(n, q, k, v).reshape(b, s, c.heads * c.head_dim)
+            v = qkv[..., q_dim + kv_dim:].reshape(b, s, c.kv_heads, c.head_dim)
+            a = attend(n, q, k, v).reshape(b, s, q_dim)
             y, h = attnkit.rms_norm(a @ layer.w_o, c.hidden, layer.ffn_norm, c.eps, residual=h)
-            mlp = attnkit.silu_mul(y @ layer.w_gate, y @ layer.w_up) @ layer.w_down
+            gate_up = y @ layer.w_gate_up
+            mlp = attnkit.silu_mul(gate_up[..., :c.intermediate], gate_up[..., c.intermediate:]) @ layer.w_down
             following = layers[n + 1].attn_norm if n + 1 < len(layers) else self._w.norm
             x, h = attnkit.rms_norm(mlp, c.hidden, following, c.eps, residual=h)
         return x
