@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 
 import numpy as np
@@ -236,3 +237,89 @@ def test_a_missing_extra_says_how_to_install_it(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
     with pytest.raises(ImportError, match=r"pip install 'attnkit\[models\]'"):
         models.load(folder)
+
+
+def test_demo_with_a_model_compares_static_and_contextual_embeddings(folder, capsys):
+    from attnkit.__main__ import main
+
+    assert main(["demo", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "cosine between any two: 1.000" in out  # the static row is one vector
+    # The contextual vectors of "bank" differ between sentences: some off-diagonal cosine below 1.
+    rows = [line.split()[1:] for line in out.splitlines() if line.strip().startswith("s") and "." in line
+            and len(line.split()) == 5]
+    sims = np.array(rows, float)
+    assert sims.shape == (4, 4) and np.allclose(np.diag(sims), 1) and sims.min() < 0.999
+    assert "layer 1, head 0: in s1, 'bank' attends most to" in out
+    assert main(["demo", "--model", str(folder), "--word", "zebra"]) == 2
+    assert main(["demo", "--model", str(folder), "--layer", "7"]) == 2
+    assert main(["demo", "--model", str(folder / "nowhere")]) == 2
+
+
+def test_output_attentions_are_the_softmax_rows(folder):
+    encoder = models.load(folder)
+    ids, mask = _batch(encoder, SENTENCES[:3])
+    hidden, weights = encoder.forward(ids, mask, output_attentions=True)
+    np.testing.assert_array_equal(hidden, encoder.forward(ids, mask))
+    assert len(weights) == 2 and weights[0].shape == (3, 4, ids.shape[1], ids.shape[1])
+    real = mask.astype(bool)
+    np.testing.assert_allclose(weights[1].sum(-1)[real[:, None, :].repeat(4, 1)], 1, atol=1e-6)
+    assert (weights[1][~real[:, None, None, :].repeat(4, 1).repeat(ids.shape[1], 2)] == 0).all()
+
+
+# -- Ray Data ------------------------------------------------------------------------------------
+
+
+def test_embedder_is_a_batch_function(folder):
+    from attnkit.models import Embedder
+
+    embed = Embedder(str(folder), threads=1)
+    out = embed({"text": np.array(SENTENCES), "id": np.arange(len(SENTENCES))})
+    np.testing.assert_allclose(out["embedding"], models.load(folder).encode(SENTENCES), atol=1e-6)
+    np.testing.assert_array_equal(out["id"], np.arange(len(SENTENCES)))
+    with pytest.raises(ValueError, match="no column 'text'"):
+        embed({"sentence": np.array(["a"])})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    # Logical CPUs: the read task and two one-CPU workers (Ray schedules by them, not by cores).
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+# Ray Data's own code warns about its own deprecated options (ray 2.60: use_push_based_shuffle,
+# use_polars).
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+def test_ray_data_embeds_a_corpus_with_one_model_per_worker(folder, tmp_path, ray_local):
+    from attnkit.models import Embedder
+
+    corpus = [f"{s} {i}" for i in range(40) for s in SENTENCES[:3]]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus) + "\n")
+    ds = ray_local.data.read_text(str(path))
+    ds = ds.map_batches(Embedder, fn_constructor_args=(str(folder),), batch_size=16, batch_format="numpy",
+                        num_cpus=1, concurrency=2)
+    rows = ds.take_all()
+    got = {r["text"]: r["embedding"] for r in rows}
+    assert len(rows) == len(corpus)
+    want = models.load(folder).encode(corpus)
+    np.testing.assert_allclose(np.stack([got[t] for t in corpus]), want, atol=1e-6)
+
+
+def test_a_ray_worker_runs_as_many_threads_as_its_cpu_share(folder, ray_local):
+    from attnkit.models import Embedder
+
+    @ray_local.remote(num_cpus=1)
+    def threads_in_worker(path):
+        import attnkit
+
+        embedder = Embedder(path)
+        return os.environ.get("OMP_NUM_THREADS"), embedder.threads, attnkit.get_num_threads()
+
+    omp, embedder_threads, attnkit_threads = ray_local.get(threads_in_worker.remote(str(folder)))
+    assert (omp, embedder_threads, attnkit_threads) == ("1", 1, 1)
+    assert pickle.loads(pickle.dumps(Embedder(str(folder), threads=1))).encoder.config.hidden == 32

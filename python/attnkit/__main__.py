@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="self-attention on the words of a sentence")
     demo.add_argument("sentence", nargs="?", help="the sentence (default: a sentence with two kinds of bank)")
     demo.add_argument("--plot", metavar="FILE.png", help="save the attention map (needs matplotlib)")
+    demo.add_argument("--model", metavar="PATH", help="a real encoder's folder: one word in several sentences, its "
+                      "static against its contextual embeddings (needs attnkit[models])")
+    demo.add_argument("--word", default="bank", help="with --model: the word to follow (default: bank)")
+    demo.add_argument("--layer", type=int, default=None, help="with --model: the layer of the attention shown (default: last)")
+    demo.add_argument("--head", type=int, default=0, help="with --model: the head of the attention shown (default: 0)")
     embed = commands.add_parser("embed", help="sentence embeddings of text lines, with a checkpoint folder")
     embed.add_argument("--model", required=True, metavar="PATH", help="the checkpoint's folder (attnkit.models.load)")
     embed.add_argument("file", nargs="?", help="one sentence per line (default: standard input)")
@@ -49,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from attnkit import _demo
 
+        if args.model:
+            try:
+                return _demo.run_model(args.model, args.sentence, args.word, args.plot, args.layer, args.head)
+            except (ValueError, ImportError) as e:
+                print(f"demo: {e}", file=sys.stderr)
+                return 2
         return _demo.run(args.sentence, args.plot)
 
     if args.command == "bench":

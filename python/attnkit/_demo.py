@@ -94,3 +94,89 @@ def run(sentence: str | None = None, plot: str | None = None) -> int:
         fig.savefig(plot, dpi=120)
         print(f"\nsaved the attention map to {plot}")
     return 0
+
+
+# With a real encoder: one word in several sentences.
+MODEL_SENTENCES = (
+    "She deposited the money at the bank.",
+    "The bank approved the loan this morning.",
+    "They sat on the grassy bank of the river.",
+    "Fish swam near the muddy bank of the lake.",
+)
+
+
+def run_model(path: str, sentence: str | None = None, word: str = "bank", plot: str | None = None,
+              layer: int | None = None, head: int = 0) -> int:
+    """The lecture notes' story with a real encoder: ``word``'s static embedding (its row of the
+    input table) is the same in every sentence; its contextual embeddings (the last layer's output
+    at its position) are not: sentences of one meaning resemble each other."""
+    from attnkit import models
+
+    encoder = models.load(path)
+    if not isinstance(encoder, models.BertEncoder):
+        print(f"demo: {path} holds a {type(encoder).__name__}; the demo needs an encoder (BERT family)")
+        return 2
+    sentences = [*MODEL_SENTENCES, sentence] if sentence else list(MODEL_SENTENCES)
+    tok = encoder.tokenizer
+    word_id = tok.token_to_id(word.lower())
+    if word_id is None:
+        print(f"demo: {word!r} is not one token of this model's vocabulary; choose another --word")
+        return 2
+    encs = tok.encode_batch(sentences)
+    ids = np.array([e.ids for e in encs])
+    mask = np.array([e.attention_mask for e in encs])
+    where = [list(e.ids).index(word_id) if word_id in e.ids else -1 for e in encs]
+    if min(where) < 0:
+        missing = sentences[where.index(-1)]
+        print(f"demo: {word!r} is not in the sentence {missing!r}")
+        return 2
+    hidden, weights = encoder.forward(ids, mask, output_attentions=True)
+    n_layers = len(weights)
+    layer = n_layers - 1 if layer is None else layer
+    if not 0 <= layer < n_layers or not 0 <= head < encoder.config.heads:
+        print(f"demo: --layer must be in 0..{n_layers - 1} and --head in 0..{encoder.config.heads - 1}")
+        return 2
+    static = np.stack([encoder.static_embedding(word_id)] * len(sentences))
+    contextual = hidden[np.arange(len(sentences)), where]
+
+    def cosines(v: np.ndarray) -> np.ndarray:
+        u = v / np.linalg.norm(v, axis=1, keepdims=True)
+        sims: np.ndarray = u @ u.T
+        return sims
+
+    print(f"{encoder}\n")
+    for i, s in enumerate(sentences):
+        print(f"  s{i + 1}: {s}")
+    print(f"\nthe static embedding of {word!r} (its row of the input table) is the same vector in every sentence:")
+    print(f"  cosine between any two: {cosines(static).min():.3f}")
+    print(f"its contextual embeddings (last layer, at {word!r}) differ; cosine similarity:")
+    sims = cosines(contextual)
+    print("       " + "".join(f"{f's{j + 1}':>7}" for j in range(len(sentences))))
+    for i in range(len(sentences)):
+        print(f"  s{i + 1:<4}" + "".join(f"{sims[i, j]:7.3f}" for j in range(len(sentences))))
+    tokens = encs[0].tokens
+    w = weights[layer][0, head, where[0], : int(mask[0].sum())]
+    top = np.argsort(w)[::-1][:4]
+    print(f"\nlayer {layer}, head {head}: in s1, {word!r} attends most to "
+          + ", ".join(f"{tokens[j]} {w[j]:.2f}" for j in top))
+    if plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("\n--plot needs matplotlib, which is not installed (pip install matplotlib)")
+            return 2
+        n = int(mask[0].sum())
+        fig, ax = plt.subplots(figsize=(1 + 0.5 * n, 1 + 0.5 * n))
+        ax.imshow(weights[layer][0, head, :n, :n], cmap="viridis")
+        ax.set_xticks(range(n), tokens[:n], rotation=60, ha="right")
+        ax.set_yticks(range(n), tokens[:n])
+        ax.set_xlabel("attends to (key)")
+        ax.set_ylabel("token (query)")
+        ax.set_title(f"s1, layer {layer}, head {head}")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"\nsaved the attention map to {plot}")
+    return 0

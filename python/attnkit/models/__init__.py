@@ -21,8 +21,9 @@ from typing import Any
 from attnkit.models._bert import BertEncoder
 from attnkit.models._files import LoadError, read_json
 from attnkit.models._llama import LlamaConfig, LlamaDecoder
+from attnkit.models._ray import Embedder
 
-__all__ = ["BertEncoder", "LlamaConfig", "LlamaDecoder", "LoadError", "load"]
+__all__ = ["BertEncoder", "Embedder", "LlamaConfig", "LlamaDecoder", "LoadError", "load"]
 
 
 def load(path: str | os.PathLike[str]) -> BertEncoder | LlamaDecoder:

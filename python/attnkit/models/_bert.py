@@ -21,7 +21,15 @@ import numpy as np
 import numpy.typing as npt
 
 import attnkit
-from attnkit.models._files import LoadError, extra, read_json, read_safetensors, setting, tensor
+from attnkit.models._files import (
+    LoadError,
+    PicklesTokenizer,
+    read_json,
+    read_safetensors,
+    read_tokenizer,
+    setting,
+    tensor,
+)
 
 F32 = npt.NDArray[np.float32]
 
@@ -84,7 +92,7 @@ class _Layer:
     ln2: tuple[F32, F32]
 
 
-class BertEncoder:
+class BertEncoder(PicklesTokenizer):
     """A BERT-family encoder with its tokenizer, pooling and normalization.
 
     Made by :func:`attnkit.models.load`. :meth:`encode` turns sentences into vectors;
@@ -170,29 +178,14 @@ class BertEncoder:
             "ln0": norm("embeddings.LayerNorm"),
             "layers": layers,
         }
-        tokenizers = extra("tokenizers")
-        tok_path = folder / "tokenizer.json"
-        if not tok_path.is_file():
-            raise LoadError(f"{tok_path}: missing")
-        try:
-            tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
-        except Exception as e:  # tokenizers raises its own exception type
-            raise LoadError(f"{tok_path}: not a readable tokenizer ({e})") from e
+        tokenizer = read_tokenizer(folder / "tokenizer.json")
         pooling, normalize, max_len = _sentence_transformers_modules(folder)
         return cls(config, weights, tokenizer, pooling=pooling, normalize=normalize, max_seq_length=max_len)
 
-    # -- pickling ----------------------------------------------------------------------------
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["tokenizer"] = self.tokenizer.to_str()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        tokenizers = extra("tokenizers")
-        state = dict(state)
-        state["tokenizer"] = tokenizers.Tokenizer.from_str(state["tokenizer"])
-        self.__dict__.update(state)
+    def static_embedding(self, token_id: int) -> F32:
+        """Row ``token_id`` of the input embedding table: the token's vector before any context."""
+        row: F32 = np.array(self._word[token_id], np.float32)
+        return row
 
     @property
     def projection_parameters(self) -> int:
@@ -213,10 +206,15 @@ class BertEncoder:
         input_ids: npt.ArrayLike,
         attention_mask: npt.ArrayLike | None = None,
         token_type_ids: npt.ArrayLike | None = None,
-    ) -> F32:
+        *,
+        output_attentions: bool = False,
+    ) -> Any:
         """The last layer's contextual embeddings, ``(batch, seq, hidden)`` float32, of right- or
         left-padded token ids ``(batch, seq)`` (``attention_mask`` nonzero = a real token).
-        Positions count from 0 at the first column, as in BERT."""
+        Positions count from 0 at the first column, as in BERT.
+
+        With ``output_attentions=True``, returns ``(embeddings, weights)``: ``weights[n]`` is layer
+        ``n``'s attention weights, ``(batch, heads, seq, seq)`` (padded keys get 0)."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids: expected a 2-d array (batch, seq), got shape {ids.shape}")
@@ -236,16 +234,25 @@ class BertEncoder:
         # Rows of tokens: every matrix product is one (batch * seq, ...) GEMM.
         h = attnkit.layer_norm(x.reshape(b * s, c.hidden), c.hidden, *self._ln0, c.eps)
         d = c.hidden // c.heads
+        weights = []
         for layer in self._layers:
             qkv = (h @ layer.w_qkv + layer.b_qkv).reshape(b, s, 3, c.heads, d)
-            a = attnkit.scaled_dot_product_attention(
-                qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd"
+            result = attnkit.scaled_dot_product_attention(
+                qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd",
+                return_weights=output_attentions,
             )
+            if isinstance(result, tuple):
+                a, w = result
+                weights.append(w)
+            else:
+                a = result
             h = attnkit.layer_norm(a.reshape(b * s, c.hidden) @ layer.w_o + layer.b_o, c.hidden, *layer.ln1, c.eps,
                                    residual=h)[0]
             f = attnkit.gelu(h @ layer.w_i + layer.b_i, c.gelu) @ layer.w_f + layer.b_f
             h = attnkit.layer_norm(f, c.hidden, *layer.ln2, c.eps, residual=h)[0]
         h = h.reshape(b, s, c.hidden)
+        if output_attentions:
+            return h, weights
         return h
 
     def pool(self, hidden: F32, attention_mask: npt.ArrayLike) -> F32:

@@ -73,3 +73,28 @@ def tensor(weights: dict[str, npt.NDArray[Any]], key: str, shape: tuple[int, ...
     if arr.shape != shape:
         raise LoadError(f"{path}: tensor {key} has shape {arr.shape}, expected {shape} from the config")
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_tokenizer(path: Path) -> Any:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json``."""
+    tokenizers = extra("tokenizers")
+    if not path.is_file():
+        raise LoadError(f"{path}: missing")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type
+        raise LoadError(f"{path}: not a readable tokenizer ({e})") from e
+
+
+class PicklesTokenizer:
+    """Pickling for a model that holds a ``tokenizers.Tokenizer`` as ``self.tokenizer``: the
+    tokenizer travels as its JSON; the weights as arrays."""
+
+    tokenizer: Any
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tokenizer": self.tokenizer.to_str()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        tokenizers = extra("tokenizers")
+        self.__dict__.update({**state, "tokenizer": tokenizers.Tokenizer.from_str(state["tokenizer"])})

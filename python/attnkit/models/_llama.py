@@ -22,7 +22,15 @@ import numpy as np
 import numpy.typing as npt
 
 import attnkit
-from attnkit.models._files import LoadError, extra, read_json, read_safetensors, setting, tensor
+from attnkit.models._files import (
+    LoadError,
+    PicklesTokenizer,
+    read_json,
+    read_safetensors,
+    read_tokenizer,
+    setting,
+    tensor,
+)
 
 F32 = npt.NDArray[np.float32]
 
@@ -110,7 +118,7 @@ class _Weights:
     lm_head: F32  # (hidden, vocab)
 
 
-class LlamaDecoder:
+class LlamaDecoder(PicklesTokenizer):
     """A LLaMA-family decoder with its tokenizer.
 
     Made by :func:`attnkit.models.load`. :meth:`forward` gives next-token logits of (left- or
@@ -165,16 +173,7 @@ class LlamaDecoder:
         tied = bool(config_dict.get("tie_word_embeddings", False))
         lm_head = embed.T if tied else np.ascontiguousarray(get("lm_head.weight", c.vocab, c.hidden).T)
         weights = _Weights(embed=embed, layers=layers, norm=get("model.norm.weight", c.hidden), lm_head=lm_head)
-        return cls(config, weights, _tokenizer(folder / "tokenizer.json"))
-
-    # -- pickling ----------------------------------------------------------------------------
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "tokenizer": self.tokenizer.to_str()}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        tokenizers = extra("tokenizers")
-        self.__dict__.update({**state, "tokenizer": tokenizers.Tokenizer.from_str(state["tokenizer"])})
+        return cls(config, weights, read_tokenizer(folder / "tokenizer.json"))
 
     def __repr__(self) -> str:
         c = self.config
@@ -339,13 +338,3 @@ def _pick(logits: F32, temperature: float, rng: np.random.Generator) -> npt.NDAr
     p = np.exp(z - z.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(len(row), p=row) for row in p], np.int64)
-
-
-def _tokenizer(path: Path) -> Any:
-    tokenizers = extra("tokenizers")
-    if not path.is_file():
-        raise LoadError(f"{path}: missing")
-    try:
-        return tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises its own exception type
-        raise LoadError(f"{path}: not a readable tokenizer ({e})") from e
