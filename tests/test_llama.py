@@ -157,6 +157,8 @@ def test_bad_arguments(checkpoint):
         decoder.generate([1], max_new_tokens=1)
     with pytest.raises(ValueError, match="at least one token"):
         decoder.generate_ids([[]], max_new_tokens=1)
+    with pytest.raises(TypeError, match="temperature"):
+        decoder.stream_ids([[1]], max_new_tokens=1, temperature="hot")  # at the call, not at the first step
     with pytest.raises(ValueError, match="input_ids"):
         decoder.forward(np.zeros(3, np.int64))
 

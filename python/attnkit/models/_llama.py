@@ -287,17 +287,23 @@ class LlamaDecoder(PicklesTokenizer):
         seed: int | None = None,
     ) -> Iterator[list[int]]:
         """:meth:`generate_ids` one step at a time: yields the new token of each prompt, or -1 for a
-        prompt that has ended, until every prompt has ended or ``max_new_tokens`` steps."""
+        prompt that has ended, until every prompt has ended or ``max_new_tokens`` steps. The
+        arguments are checked at the call, before the first step."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        temperature = float(temperature)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
         if not temperature >= 0:
             raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        if len(prompts) and lengths.min() == 0:
+            raise ValueError("prompts: every prompt needs at least one token")
+        return self._steps(prompts, lengths, max_new_tokens, float(temperature), seed)
+
+    def _steps(self, prompts: Sequence[Sequence[int]], lengths: npt.NDArray[np.int64], max_new_tokens: int,
+               temperature: float, seed: int | None) -> Iterator[list[int]]:
         c = self.config
         b = len(prompts)
-        lengths = np.array([len(p) for p in prompts], np.int64)
-        if b and lengths.min() == 0:
-            raise ValueError("prompts: every prompt needs at least one token")
         if b == 0 or max_new_tokens == 0:
             return
         rng = np.random.default_rng(seed)
