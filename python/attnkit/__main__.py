@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from attnkit import _demo
 
         if args.model:
-            try:
-                return _demo.run_model(args.model, args.sentence, args.word, args.plot, args.layer, args.head)
-            except (ValueError, ImportError) as e:
-                print(f"demo: {e}", file=sys.stderr)
+            encoder = _load("demo", args.model, "encoder")
+            if encoder is None:
                 return 2
+            return _demo.run_model(encoder, args.sentence, args.word, args.plot, args.layer, args.head)
         return _demo.run(args.sentence, args.plot)
 
     if args.command == "bench":
@@ -76,25 +76,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load(command: str, path: str, kind: str) -> Any:
+    """The checkpoint at ``path`` if it holds a model of ``kind`` ("encoder": BERT family,
+    "decoder": LLaMA family); else None, after saying why on standard error."""
+    from attnkit import models
+
+    try:
+        model = models.load(path)
+    except (ValueError, ImportError) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return None
+    want, needs = ((models.BertEncoder, "an encoder (BERT family)") if kind == "encoder"
+                   else (models.LlamaDecoder, "a decoder (LLaMA family)"))
+    if not isinstance(model, want):
+        print(f"{command}: {path} holds a {type(model).__name__}; {command} needs {needs}", file=sys.stderr)
+        return None
+    return model
+
+
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import time
 
-    try:
-        from attnkit import models
-    except ImportError as e:
-        parser.error(str(e))
     if args.max_new_tokens < 0:
         parser.error("--max-new-tokens: must be at least 0")
     if not args.temperature >= 0:
         parser.error("--temperature: must be at least 0")
-    try:
-        decoder = models.load(args.model)
-    except (ValueError, ImportError) as e:
-        print(f"generate: {e}", file=sys.stderr)
-        return 2
-    if not isinstance(decoder, models.LlamaDecoder):
-        print(f"generate: {args.model} holds a {type(decoder).__name__}; generate needs a decoder (LLaMA family)",
-              file=sys.stderr)
+    decoder = _load("generate", args.model, "decoder")
+    if decoder is None:
         return 2
     prompt = decoder.tokenizer.encode(args.prompt).ids
     if not prompt:
@@ -124,20 +132,10 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _embed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import numpy as np
 
-    try:
-        from attnkit import models
-    except ImportError as e:
-        parser.error(str(e))
     if args.batch_size < 1:
         parser.error("--batch-size: must be at least 1")
-    try:
-        encoder = models.load(args.model)
-    except (ValueError, ImportError) as e:
-        print(f"embed: {e}", file=sys.stderr)
-        return 2
-    if not isinstance(encoder, models.BertEncoder):
-        print(f"embed: {args.model} holds a {type(encoder).__name__}; embed needs an encoder (BERT family)",
-              file=sys.stderr)
+    encoder = _load("embed", args.model, "encoder")
+    if encoder is None:
         return 2
     if args.file is None:
         text = sys.stdin.read()

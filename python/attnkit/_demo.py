@@ -11,6 +11,7 @@ one leans to money, the other to the river.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
@@ -75,24 +76,31 @@ def run(sentence: str | None = None, plot: str | None = None) -> int:
         if word in LEXICON and sum(v > 0.25 for v in LEXICON[word].values()) > 1:
             print(f"  {word:<{width}} (position {i}): {describe(static[i])}  ->  {describe(contextual[i])}")
     if plot:
-        try:
-            import matplotlib
+        return save_map(weights, words, "word", "self-attention weights", plot)
+    return 0
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("\n--plot needs matplotlib, which is not installed (pip install matplotlib)")
-            return 2
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(words), 1 + 0.6 * len(words)))
-        ax.imshow(weights, cmap="viridis")
-        ax.set_xticks(range(len(words)), words, rotation=60, ha="right")
-        ax.set_yticks(range(len(words)), words)
-        ax.set_xlabel("attends to (key)")
-        ax.set_ylabel("word (query)")
-        ax.set_title("self-attention weights")
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
-        print(f"\nsaved the attention map to {plot}")
+
+def save_map(weights: np.ndarray, labels: list[str], kind: str, title: str, path: str) -> int:
+    """Saves an attention map (queries down, keys across) as an image; 2 without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("\n--plot needs matplotlib, which is not installed (pip install matplotlib)")
+        return 2
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.6 * n))
+    ax.imshow(weights, cmap="viridis")
+    ax.set_xticks(range(n), labels, rotation=60, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("attends to (key)")
+    ax.set_ylabel(f"{kind} (query)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nsaved the attention map to {path}")
     return 0
 
 
@@ -105,17 +113,12 @@ MODEL_SENTENCES = (
 )
 
 
-def run_model(path: str, sentence: str | None = None, word: str = "bank", plot: str | None = None,
+def run_model(encoder: Any, sentence: str | None = None, word: str = "bank", plot: str | None = None,
               layer: int | None = None, head: int = 0) -> int:
-    """The lecture notes' story with a real encoder: ``word``'s static embedding (its row of the
-    input table) is the same in every sentence; its contextual embeddings (the last layer's output
-    at its position) are not: sentences of one meaning resemble each other."""
-    from attnkit import models
-
-    encoder = models.load(path)
-    if not isinstance(encoder, models.BertEncoder):
-        print(f"demo: {path} holds a {type(encoder).__name__}; the demo needs an encoder (BERT family)")
-        return 2
+    """The lecture notes' story with a real encoder (an ``attnkit.models.BertEncoder``): ``word``'s
+    static embedding (its row of the input table) is the same in every sentence; its contextual
+    embeddings (the last layer's output at its position) are not: sentences of one meaning
+    resemble each other."""
     sentences = [*MODEL_SENTENCES, sentence] if sentence else list(MODEL_SENTENCES)
     tok = encoder.tokenizer
     word_id = tok.token_to_id(word.lower())
@@ -160,23 +163,6 @@ def run_model(path: str, sentence: str | None = None, word: str = "bank", plot: 
     print(f"\nlayer {layer}, head {head}: in s1, {word!r} attends most to "
           + ", ".join(f"{tokens[j]} {w[j]:.2f}" for j in top))
     if plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("\n--plot needs matplotlib, which is not installed (pip install matplotlib)")
-            return 2
         n = int(mask[0].sum())
-        fig, ax = plt.subplots(figsize=(1 + 0.5 * n, 1 + 0.5 * n))
-        ax.imshow(weights[layer][0, head, :n, :n], cmap="viridis")
-        ax.set_xticks(range(n), tokens[:n], rotation=60, ha="right")
-        ax.set_yticks(range(n), tokens[:n])
-        ax.set_xlabel("attends to (key)")
-        ax.set_ylabel("token (query)")
-        ax.set_title(f"s1, layer {layer}, head {head}")
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
-        print(f"\nsaved the attention map to {plot}")
+        return save_map(weights[layer][0, head, :n, :n], tokens[:n], "token", f"s1, layer {layer}, head {head}", plot)
     return 0

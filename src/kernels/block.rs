@@ -32,7 +32,9 @@ use std::mem::MaybeUninit;
 
 use crate::error::{expect_len, product, KernelError};
 use crate::kernels::storage::Storage;
-use crate::kernels::{for_each_row_block_pair, for_each_row_block_wide, Rows, RowsPair};
+use crate::kernels::{
+    for_each_row_block, for_each_row_block_pair, for_each_row_block_wide, Float, Rows, RowsPair,
+};
 use crate::pool::Par;
 
 /// Which normalization a [`norm`] call applies.
@@ -107,7 +109,7 @@ pub fn norm<X: Storage>(
             expect_len("summed", summed.len(), Some(out.len()))?;
             for_each_row_block_pair(out, summed, spec.n, par, &kernel);
         }
-        None => for_each_row_block_wide(out, spec.n, par, &kernel),
+        None => for_each_row_block(out, spec.n, par, &kernel),
     }
     Ok(())
 }
@@ -263,7 +265,8 @@ fn reduce(mut acc: [f64; SUMS]) -> f64 {
 #[inline(always)]
 pub fn round<X: Storage>(x: f64) -> X {
     if std::mem::size_of::<X>() == 2 {
-        X::narrow(to_f32_odd(x).into_compute())
+        // The compute type of a 16-bit type is float32: the value converts to it exactly.
+        X::narrow(X::Compute::from_f64(to_f32_odd(x) as f64))
     } else {
         X::round_from_f64(x)
     }
@@ -281,18 +284,6 @@ fn to_f32_odd(x: f64) -> f32 {
         f32::from_bits(bits | 1)
     } else {
         t
-    }
-}
-
-/// Converts a float32 value to a storage type's compute type (float32 for the 16-bit types).
-trait IntoCompute<C> {
-    fn into_compute(self) -> C;
-}
-
-impl<C: crate::kernels::Float> IntoCompute<C> for f32 {
-    #[inline(always)]
-    fn into_compute(self) -> C {
-        C::from_f64(self as f64) // exact: float32 widens to float32 or float64 exactly
     }
 }
 
@@ -446,8 +437,8 @@ pub fn gelu<X: Storage>(
 ) -> Result<(), KernelError> {
     expect_len("out", out.len(), Some(x.len()))?;
     match form {
-        Gelu::Erf => for_each_row_block_wide(out, 1, par, &Map { x, f: GeluErf }),
-        Gelu::Tanh => for_each_row_block_wide(out, 1, par, &Map { x, f: GeluTanh }),
+        Gelu::Erf => for_each_row_block_wide(out, 1, par, &Elementwise(Map { x, f: GeluErf })),
+        Gelu::Tanh => for_each_row_block_wide(out, 1, par, &Elementwise(Map { x, f: GeluTanh })),
     }
     Ok(())
 }
@@ -461,7 +452,7 @@ pub fn silu_mul_into<X: Storage>(
 ) -> Result<(), KernelError> {
     expect_len("up", up.len(), Some(gate.len()))?;
     expect_len("out", out.len(), Some(gate.len()))?;
-    for_each_row_block_wide(out, 1, par, &SiluMul { gate, up });
+    for_each_row_block_wide(out, 1, par, &Elementwise(SiluMul { gate, up }));
     Ok(())
 }
 
@@ -496,18 +487,26 @@ struct Map<'a, X, F> {
     f: F,
 }
 
-impl<X: Storage, F: Unary> Rows<MaybeUninit<X>> for Map<'_, X, F> {
+/// An elementwise kernel's blocks, computed with the polynomials its output type needs.
+trait Lanewise<X>: Sync {
+    fn run<const FULL: bool>(&self, first: usize, block: &mut [MaybeUninit<X>]);
+}
+
+/// A [`Lanewise`] kernel as [`Rows`]: the choice of polynomials (see [`full`]) made in one place.
+struct Elementwise<K>(K);
+
+impl<X: Storage, K: Lanewise<X>> Rows<MaybeUninit<X>> for Elementwise<K> {
     #[inline(always)]
     fn rows(&self, first: usize, block: &mut [MaybeUninit<X>]) {
         if full::<X>() {
-            self.run::<true>(first, block)
+            self.0.run::<true>(first, block)
         } else {
-            self.run::<false>(first, block)
+            self.0.run::<false>(first, block)
         }
     }
 }
 
-impl<X: Storage, F: Unary> Map<'_, X, F> {
+impl<X: Storage, F: Unary> Lanewise<X> for Map<'_, X, F> {
     #[inline(always)]
     fn run<const FULL: bool>(&self, first: usize, block: &mut [MaybeUninit<X>]) {
         let x = &self.x[first..first + block.len()];
@@ -525,18 +524,7 @@ struct SiluMul<'a, X> {
     up: &'a [X],
 }
 
-impl<X: Storage> Rows<MaybeUninit<X>> for SiluMul<'_, X> {
-    #[inline(always)]
-    fn rows(&self, first: usize, block: &mut [MaybeUninit<X>]) {
-        if full::<X>() {
-            self.run::<true>(first, block)
-        } else {
-            self.run::<false>(first, block)
-        }
-    }
-}
-
-impl<X: Storage> SiluMul<'_, X> {
+impl<X: Storage> Lanewise<X> for SiluMul<'_, X> {
     #[inline(always)]
     fn run<const FULL: bool>(&self, first: usize, block: &mut [MaybeUninit<X>]) {
         let range = first..first + block.len();

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 import attnkit
 from attnkit.models._files import (
+    F32,
     LoadError,
     PicklesTokenizer,
     read_json,
@@ -31,7 +32,6 @@ from attnkit.models._files import (
     tensor,
 )
 
-F32 = npt.NDArray[np.float32]
 
 _ACTIVATIONS: dict[str, Literal["none", "tanh"]] = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 _POOLING = {

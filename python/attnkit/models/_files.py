@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+F32 = npt.NDArray[np.float32]
+
 
 class LoadError(ValueError):
     """A checkpoint that cannot be loaded: a missing file, an unknown architecture, or a tensor or

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from attnkit.models._files import LoadError, extra
-from attnkit.models._llama import F32, LlamaConfig, LlamaDecoder, _Layer, _Weights
+from attnkit.models._files import F32, LoadError, extra
+from attnkit.models._llama import GGUF_NAMES, LlamaConfig, LlamaDecoder, read_weights
 
 # GGUF token types (llama.cpp's llama_token_type): control tokens are the special ones.
 _CONTROL = 3
@@ -73,8 +73,6 @@ def load_gguf(path: Path) -> LlamaDecoder:
         rope_style="interleaved",
         eos_ids=() if eos < 0 else (int(eos),),
     )
-    c = config
-
     def get(name: str, *shape: int) -> F32:
         t = tensors.get(name)
         if t is None:
@@ -91,24 +89,7 @@ def load_gguf(path: Path) -> LlamaDecoder:
             raise LoadError(f"{path}: tensor {name}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
         return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
 
-    q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
-    layers = []
-    for n in range(c.layers):
-        p = f"blk.{n}"
-        layers.append(_Layer.of(
-            attn_norm=get(f"{p}.attn_norm.weight", c.hidden),
-            q=get(f"{p}.attn_q.weight", q_dim, c.hidden),
-            k=get(f"{p}.attn_k.weight", kv_dim, c.hidden),
-            v=get(f"{p}.attn_v.weight", kv_dim, c.hidden),
-            o=get(f"{p}.attn_output.weight", c.hidden, q_dim),
-            ffn_norm=get(f"{p}.ffn_norm.weight", c.hidden),
-            gate=get(f"{p}.ffn_gate.weight", c.intermediate, c.hidden),
-            up=get(f"{p}.ffn_up.weight", c.intermediate, c.hidden),
-            down=get(f"{p}.ffn_down.weight", c.hidden, c.intermediate),
-        ))
-    embed = get("token_embd.weight", c.vocab, c.hidden)
-    lm_head = np.ascontiguousarray(get("output.weight", c.vocab, c.hidden).T) if "output.weight" in tensors else embed.T
-    weights = _Weights(embed=embed, layers=layers, norm=get("output_norm.weight", c.hidden), lm_head=lm_head)
+    weights = read_weights(config, get, GGUF_NAMES, tied="output.weight" not in tensors)
     return LlamaDecoder(config, weights, _tokenizer(path, field, tokens))
 
 

@@ -13,7 +13,7 @@ One layer (pre-norm)::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 import attnkit
 from attnkit.models._files import (
+    F32,
     LoadError,
     PicklesTokenizer,
     read_json,
@@ -32,7 +33,6 @@ from attnkit.models._files import (
     tensor,
 )
 
-F32 = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,6 @@ class LlamaConfig:
             raise LoadError(f"{path}: hidden_act {act!r}: LLaMA-family models use 'silu'")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise LoadError(f"{path}: attention_bias / mlp_bias: biases are not supported")
-        eos = config.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             hidden=hidden,
             heads=heads,
@@ -83,8 +81,15 @@ class LlamaConfig:
             rope_theta=float(setting(config, "rope_theta", path, float, 10000.0)),
             rope_scaling=config.get("rope_scaling"),
             max_positions=setting(config, "max_position_embeddings", path, int, 2048),
-            eos_ids=eos_ids,
+            eos_ids=_eos_ids(config.get("eos_token_id")),
         )
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    """A config's ``eos_token_id``: one id, a list of them, or none."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,53 @@ class _Weights:
     lm_head: F32  # (hidden, vocab)
 
 
+# Where each checkpoint format keeps a decoder's tensors ({n}: the layer).
+HF_NAMES = {
+    "attn_norm": "model.layers.{n}.input_layernorm.weight",
+    "q": "model.layers.{n}.self_attn.q_proj.weight",
+    "k": "model.layers.{n}.self_attn.k_proj.weight",
+    "v": "model.layers.{n}.self_attn.v_proj.weight",
+    "o": "model.layers.{n}.self_attn.o_proj.weight",
+    "ffn_norm": "model.layers.{n}.post_attention_layernorm.weight",
+    "gate": "model.layers.{n}.mlp.gate_proj.weight",
+    "up": "model.layers.{n}.mlp.up_proj.weight",
+    "down": "model.layers.{n}.mlp.down_proj.weight",
+    "embed": "model.embed_tokens.weight",
+    "norm": "model.norm.weight",
+    "head": "lm_head.weight",
+}
+GGUF_NAMES = {
+    "attn_norm": "blk.{n}.attn_norm.weight",
+    "q": "blk.{n}.attn_q.weight",
+    "k": "blk.{n}.attn_k.weight",
+    "v": "blk.{n}.attn_v.weight",
+    "o": "blk.{n}.attn_output.weight",
+    "ffn_norm": "blk.{n}.ffn_norm.weight",
+    "gate": "blk.{n}.ffn_gate.weight",
+    "up": "blk.{n}.ffn_up.weight",
+    "down": "blk.{n}.ffn_down.weight",
+    "embed": "token_embd.weight",
+    "norm": "output_norm.weight",
+    "head": "output.weight",
+}
+
+
+def read_weights(c: LlamaConfig, get: Callable[..., F32], names: dict[str, str], *, tied: bool) -> _Weights:
+    """A decoder's weights through ``get(name, *shape)`` (which checks the shape), by ``names``;
+    ``tied``: the output matrix is the embedding table."""
+    q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
+    shapes = {
+        "attn_norm": (c.hidden,), "q": (q_dim, c.hidden), "k": (kv_dim, c.hidden), "v": (kv_dim, c.hidden),
+        "o": (c.hidden, q_dim), "ffn_norm": (c.hidden,), "gate": (c.intermediate, c.hidden),
+        "up": (c.intermediate, c.hidden), "down": (c.hidden, c.intermediate),
+    }
+    layers = [_Layer.of(**{part: get(names[part].format(n=n), *shape) for part, shape in shapes.items()})
+              for n in range(c.layers)]
+    embed = get(names["embed"], c.vocab, c.hidden)
+    lm_head = embed.T if tied else np.ascontiguousarray(get(names["head"], c.vocab, c.hidden).T)
+    return _Weights(embed=embed, layers=layers, norm=get(names["norm"], c.hidden), lm_head=lm_head)
+
+
 class LlamaDecoder(PicklesTokenizer):
     """A LLaMA-family decoder with its tokenizer.
 
@@ -142,37 +194,17 @@ class LlamaDecoder(PicklesTokenizer):
         """A Hugging Face folder: config.json, model.safetensors, tokenizer.json."""
         config = LlamaConfig.from_dict(config_dict, folder / "config.json")
         if not config.eos_ids and (folder / "generation_config.json").is_file():
-            eos = read_json(folder / "generation_config.json").get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            eos_ids = _eos_ids(read_json(folder / "generation_config.json").get("eos_token_id"))
             config = LlamaConfig(**{**config.__dict__, "eos_ids": eos_ids})
         path = folder / "model.safetensors"
         raw = read_safetensors(path)
-        c = config
-        q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
 
         def get(key: str, *shape: int) -> F32:
             return tensor(raw, key, shape, path)
 
-        layers = []
-        for n in range(c.layers):
-            p = f"model.layers.{n}"
-            layers.append(_Layer.of(
-                attn_norm=get(f"{p}.input_layernorm.weight", c.hidden),
-                q=get(f"{p}.self_attn.q_proj.weight", q_dim, c.hidden),
-                k=get(f"{p}.self_attn.k_proj.weight", kv_dim, c.hidden),
-                v=get(f"{p}.self_attn.v_proj.weight", kv_dim, c.hidden),
-                o=get(f"{p}.self_attn.o_proj.weight", c.hidden, q_dim),
-                ffn_norm=get(f"{p}.post_attention_layernorm.weight", c.hidden),
-                gate=get(f"{p}.mlp.gate_proj.weight", c.intermediate, c.hidden),
-                up=get(f"{p}.mlp.up_proj.weight", c.intermediate, c.hidden),
-                down=get(f"{p}.mlp.down_proj.weight", c.hidden, c.intermediate),
-            ))
-        embed = get("model.embed_tokens.weight", c.vocab, c.hidden)
         # Tied as the config says (transformers' default for LLaMA: not tied, so lm_head.weight
         # must be there).
-        tied = bool(config_dict.get("tie_word_embeddings", False))
-        lm_head = embed.T if tied else np.ascontiguousarray(get("lm_head.weight", c.vocab, c.hidden).T)
-        weights = _Weights(embed=embed, layers=layers, norm=get("model.norm.weight", c.hidden), lm_head=lm_head)
+        weights = read_weights(config, get, HF_NAMES, tied=bool(config_dict.get("tie_word_embeddings", False)))
         return cls(config, weights, read_tokenizer(folder / "tokenizer.json"))
 
     def __repr__(self) -> str:
