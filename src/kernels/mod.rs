@@ -9,6 +9,7 @@ pub mod attention;
 pub mod block;
 pub mod embedding;
 pub mod exp;
+pub mod linear;
 pub mod output;
 pub mod peak;
 pub mod positional;

@@ -7,6 +7,7 @@ mod block;
 mod embedding;
 mod errors;
 mod half;
+mod linear;
 mod positional;
 mod rope;
 
@@ -96,5 +97,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block::norm, m)?)?;
     m.add_function(wrap_pyfunction!(block::gelu, m)?)?;
     m.add_function(wrap_pyfunction!(block::silu_mul, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::pack_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_bf16, m)?)?;
     Ok(())
 }

@@ -76,7 +76,7 @@ fn fma_ftz(a: f32, b: f32, c: f32) -> f32 {
 /// One float32 lane of `vdpbf16ps`: `acc` plus the products of the bfloat16 pairs `a` and `b`
 /// (each two values in a 32-bit word, the even one in the low half), odd first.
 #[inline(always)]
-pub(super) fn step(acc: f32, a: u32, b: u32) -> f32 {
+pub(crate) fn step(acc: f32, a: u32, b: u32) -> f32 {
     let odd = fma_ftz(wide(a >> 16), wide(b >> 16), flush(acc));
     fma_ftz(wide(a & 0xffff), wide(b & 0xffff), odd)
 }
@@ -87,7 +87,7 @@ pub(super) fn step(acc: f32, a: u32, b: u32) -> f32 {
 /// is ±2^-126 itself, where x86's tininess after rounding needs the exact sum: then this returns
 /// true, and the caller recomputes with `step`.
 #[inline(always)]
-fn steps(acc: &mut [f32; NR], a: u32, b: &[u32]) -> bool {
+pub(crate) fn steps(acc: &mut [f32; NR], a: u32, b: &[u32]) -> bool {
     let (odd, even) = (f32::from_bits(a & 0xffff_0000), f32::from_bits(a << 16));
     let ftz = |r: f32| if r.abs() < f32::MIN_POSITIVE { 0.0f32.copysign(r) } else { r };
     let mut edge = false;
@@ -118,7 +118,7 @@ pub(super) fn pairs(e: usize) -> usize {
 /// its inputs. The packing applies it, so that [`steps`] need not (the instruction's result is
 /// the same either way).
 #[inline(always)]
-fn daz(b: Bf16) -> u32 {
+pub(crate) fn daz(b: Bf16) -> u32 {
     let b = b.0 as u32;
     if b & 0x7f80 == 0 {
         b & 0x8000

@@ -40,7 +40,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 mod decode;
-mod dot16;
+pub(crate) mod dot16;
 mod fast;
 mod generic;
 #[cfg(target_arch = "x86_64")]

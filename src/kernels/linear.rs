@@ -1,0 +1,480 @@
+//! The matrix product of a linear layer with bfloat16 weights: `out = x · Wᵀ + bias`, in the
+//! arithmetic of `vdpbf16ps` (see `attention/dot16.rs`), which does twice the float32
+//! multiply-adds of an FMA per instruction.
+//!
+//! The weight `W` (`n` rows of `k`, PyTorch's `(out_features, in_features)`) is rounded once to
+//! bfloat16 and packed once ([`pack_weight`]): strip `s` of sixteen output columns holds, for each
+//! pair `i` of input dimensions `(2i, 2i + 1)`, sixteen 32-bit words (dimension `2i` in the low
+//! half), `packed[(s · pairs + i) · NR + c]`, zeros past the last column and in an odd last
+//! dimension's high half. Each call rounds the rows of `x` to bfloat16 pairs the same way (to
+//! nearest even; subnormals read as zero, as the instruction reads them), then computes every
+//! output as one float32 accumulator from zero, the pairs `i = 0, 1, …` in order, each a step of
+//! `vdpbf16ps` (`dot16::step`), then plus the float32 bias, rounded once to the output's dtype.
+//!
+//! The x86 tiles (`x86` below, on CPUs with AVX512_BF16) and the portable ones compute those
+//! exact steps, so every path and every thread count gives the same bits. Rows are split into
+//! blocks of [`MB`] (or, for fewer rows than threads can share, columns into blocks of
+//! [`NB`]); each output is computed by one tile whatever the split.
+
+use std::mem::MaybeUninit;
+
+use crate::error::KernelError;
+use crate::kernels::attention::dot16::{daz, step, steps};
+use crate::kernels::simd::{self, Task};
+use crate::kernels::storage::{Bf16, Storage};
+use crate::pool::Par;
+
+/// Output columns per strip: one 512-bit vector of float32 lanes.
+pub const NR: usize = 16;
+/// A tile's rows and strips: 6 × 4 accumulators of sixteen lanes (24 of the 32 registers).
+const MR: usize = 6;
+const SR: usize = 4;
+/// Rows per task when rows are split: 8 tiles' worth, whose packed pairs stay in L2 while the
+/// task runs through every strip of the weight.
+const MB: usize = 8 * MR;
+/// Columns per task when columns are split (few rows: decoding).
+const NB: usize = 4 * SR * NR;
+
+/// The number of pair words of a row of `k` values.
+#[inline(always)]
+pub fn pairs(k: usize) -> usize {
+    k.div_ceil(2)
+}
+
+/// The number of `u32` words of `n × k` packed weights.
+pub fn packed_len(n: usize, k: usize) -> Option<usize> {
+    n.div_ceil(NR).checked_mul(pairs(k))?.checked_mul(NR)
+}
+
+/// A float32 value rounded to bfloat16 as `vcvtne2ps2bf16` rounds it, without a branch (so that
+/// loops of it vectorise): a subnormal read as zero of its sign, then to nearest even; NaN quiet.
+#[inline(always)]
+fn to_bf16_lanes(x: f32) -> u32 {
+    let bits = x.to_bits();
+    let bits = if bits & 0x7f80_0000 == 0 { bits & 0x8000_0000 } else { bits };
+    let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    if nan {
+        (bits >> 16) | 0x0040
+    } else {
+        rounded
+    }
+}
+
+/// Something a row of activations can be read from: float32 (rounded to bfloat16 here) or
+/// bfloat16 (read as it is).
+pub trait Activation: Storage {
+    /// Row `x` (`k` values) as pair words into `out` (`pairs(k)` long).
+    fn pair_words(x: &[Self], out: &mut [u32]);
+    /// A float32 result rounded once to this type, to nearest even.
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Activation for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    fn pair_words(x: &[f32], out: &mut [u32]) {
+        let (two, last) = x.as_chunks::<2>();
+        for (w, &[lo, hi]) in out.iter_mut().zip(two) {
+            *w = to_bf16_lanes(lo) | to_bf16_lanes(hi) << 16;
+        }
+        if let (Some(w), [lo]) = (out.get_mut(two.len()), last) {
+            *w = to_bf16_lanes(*lo);
+        }
+    }
+}
+
+impl Activation for Bf16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Bf16 {
+        Bf16::narrow(x)
+    }
+    #[inline(always)]
+    fn pair_words(x: &[Bf16], out: &mut [u32]) {
+        let (two, last) = x.as_chunks::<2>();
+        for (w, &[lo, hi]) in out.iter_mut().zip(two) {
+            *w = daz(lo) | daz(hi) << 16;
+        }
+        if let (Some(w), [lo]) = (out.get_mut(two.len()), last) {
+            *w = daz(*lo);
+        }
+    }
+}
+
+/// Rounds the weight `w` (`n` rows of `k`, any float dtype) once to bfloat16 and packs it into
+/// `packed` (`packed_len(n, k)` words, every one written; see the module notes).
+pub fn pack_weight<X: Storage>(
+    w: &[X],
+    n: usize,
+    k: usize,
+    packed: &mut [MaybeUninit<u32>],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    let p = pairs(k);
+    if Some(w.len()) != n.checked_mul(k) {
+        return Err(KernelError::invalid("weight", format!("expected {n} x {k} values, got {}", w.len())));
+    }
+    if Some(packed.len()) != packed_len(n, k) {
+        return Err(KernelError::invalid("packed", "length does not match the weight's shape"));
+    }
+    if p == 0 {
+        return Ok(());
+    }
+    let mut strips: Vec<(usize, &mut [MaybeUninit<u32>])> = packed.chunks_mut(p * NR).enumerate().collect();
+    par.for_each(&mut strips, |(s, out)| {
+        out.fill(MaybeUninit::new(0));
+        let mut row = vec![Bf16::default(); 2 * p];
+        let mut words = vec![0u32; p];
+        for c in 0..NR.min(n - *s * NR) {
+            let j = *s * NR + c;
+            for (b, &x) in row.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                *b = Bf16::round_from_f64(x.widen_f64());
+            }
+            Bf16::pair_words(&row[..k], &mut words);
+            for (i, &word) in words.iter().enumerate() {
+                out[i * NR + c] = MaybeUninit::new(word);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The shapes of one product: `m` rows of `k` in, `n` columns out.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// `out = x · Wᵀ + bias` (see the module notes): `x` has `m` rows of `k`, `packed` is
+/// [`pack_weight`]'s `n × k` weight, `bias` has `n` float32 values, `out` `m` rows of `n`.
+pub fn linear<X: Activation>(
+    x: &[X],
+    packed: &[u32],
+    bias: Option<&[f32]>,
+    shape: Shape,
+    out: &mut [MaybeUninit<X>],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    let Shape { m, k, n } = shape;
+    if Some(x.len()) != m.checked_mul(k) {
+        return Err(KernelError::invalid("x", format!("expected {m} x {k} values, got {}", x.len())));
+    }
+    if Some(packed.len()) != packed_len(n, k) {
+        return Err(KernelError::invalid(
+            "packed",
+            format!("expected {:?} words for {n} x {k}", packed_len(n, k)),
+        ));
+    }
+    if bias.is_some_and(|b| b.len() != n) {
+        return Err(KernelError::invalid("bias", format!("expected {n} values")));
+    }
+    if Some(out.len()) != m.checked_mul(n) {
+        return Err(KernelError::invalid("out", format!("expected {m} x {n} values")));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let product = Product { x, packed, bias, p: pairs(k), k, n };
+    let threads = par.threads();
+    if m >= 2 * MB * threads || m > MB {
+        // Rows split: each task writes its own rows of `out`.
+        let mut tasks: Vec<(usize, &mut [MaybeUninit<X>])> = out.chunks_mut(MB * n).enumerate().collect();
+        par.for_each(&mut tasks, |(b, rows)| {
+            let r0 = *b * MB;
+            let rows_here = rows.len() / n;
+            simd::task(&mut Block {
+                product: &product,
+                rows: (r0, rows_here),
+                cols: (0, n),
+                out: Out::Rows(rows),
+            });
+        });
+    } else {
+        // Few rows: columns split, each task into its own buffer, copied out after.
+        let mut tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(NB)).map(|b| (b, Vec::new())).collect();
+        par.for_each(&mut tasks, |(b, buf)| {
+            let cols = (*b * NB, NB.min(n - *b * NB));
+            buf.resize(m * cols.1, 0.0);
+            simd::task(&mut Block { product: &product, rows: (0, m), cols, out: Out::Buffer(buf) });
+        });
+        if par.stopped() {
+            return Ok(());
+        }
+        for (b, buf) in &tasks {
+            let c0 = b * NB;
+            let cols = NB.min(n - c0);
+            for (r, row) in buf.chunks_exact(cols).enumerate() {
+                for (o, &v) in out[r * n + c0..][..cols].iter_mut().zip(row) {
+                    *o = MaybeUninit::new(X::from_f32(v));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What every task of one call reads.
+struct Product<'a, X> {
+    x: &'a [X],
+    packed: &'a [u32],
+    bias: Option<&'a [f32]>,
+    p: usize,
+    k: usize,
+    n: usize,
+}
+
+/// Where a task's outputs go: its rows of `out` (all `n` columns), rounded to the output's
+/// dtype; or a float32 buffer of its columns (`rows × cols`), with the bias added.
+enum Out<'a, X> {
+    Rows(&'a mut [MaybeUninit<X>]),
+    Buffer(&'a mut [f32]),
+}
+
+/// One task: rows `rows.0..rows.0 + rows.1` by columns `cols.0..cols.0 + cols.1` (`cols.0` a
+/// multiple of NR).
+struct Block<'a, 'b, X> {
+    product: &'b Product<'a, X>,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    out: Out<'b, X>,
+}
+
+impl<X: Activation> Task for Block<'_, '_, X> {
+    #[inline(always)]
+    fn run(&mut self) {
+        let Product { x, packed, bias, p, k, n } = *self.product;
+        let (r0, m) = self.rows;
+        let (c0, cols) = self.cols;
+        let mut a = vec![0u32; m * p];
+        for (r, words) in a.chunks_exact_mut(p.max(1)).enumerate() {
+            X::pair_words(&x[(r0 + r) * k..][..k], words);
+        }
+        #[cfg(target_arch = "x86_64")]
+        let fast = x86::Bf16Tiles::detect();
+        let mut tile = [[[0.0f32; NR]; SR]; MR];
+        let s_end = (c0 + cols).div_ceil(NR);
+        let mut s = c0 / NR;
+        while s < s_end {
+            let strips = SR.min(s_end - s);
+            let b = &packed[s * p * NR..(s + strips) * p * NR];
+            let mut t = 0;
+            while t < m {
+                let rows = MR.min(m - t);
+                let a = &a[t * p..(t + rows) * p];
+                #[cfg(target_arch = "x86_64")]
+                if let Some(fast) = fast {
+                    fast.tile(a, rows, b, strips, p, &mut tile);
+                } else {
+                    portable_tile(a, rows, b, strips, p, &mut tile);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                portable_tile(a, rows, b, strips, p, &mut tile);
+                // The tile's valid columns, with the bias, into the task's output.
+                for (r, tile_row) in tile.iter().enumerate().take(rows) {
+                    for (st, lanes) in tile_row.iter().enumerate().take(strips) {
+                        let j0 = (s + st) * NR;
+                        let valid = NR.min(c0 + cols - j0.min(c0 + cols));
+                        for (c, &acc) in lanes.iter().enumerate().take(valid) {
+                            let v = bias.map_or(acc, |b| acc + b[j0 + c]);
+                            match &mut self.out {
+                                Out::Rows(o) => o[(t + r) * n + j0 + c] = MaybeUninit::new(X::from_f32(v)),
+                                Out::Buffer(o) => o[(t + r) * cols + j0 - c0 + c] = v,
+                            }
+                        }
+                    }
+                }
+                t += rows;
+            }
+            s += strips;
+        }
+    }
+}
+
+/// The portable tile: `rows` rows of pair words `a` by `strips` strips of `b`, over all `p`
+/// pairs, into `tile`; exactly the steps of `vdpbf16ps` (`dot16::steps`, and `dot16::step` where
+/// a result lands on ±2^-126).
+#[inline(always)]
+fn portable_tile(
+    a: &[u32],
+    rows: usize,
+    b: &[u32],
+    strips: usize,
+    p: usize,
+    tile: &mut [[[f32; NR]; SR]; MR],
+) {
+    for (r, tile_row) in tile.iter_mut().enumerate().take(rows) {
+        let a = &a[r * p..(r + 1) * p];
+        for (st, acc) in tile_row.iter_mut().enumerate().take(strips) {
+            let b = &b[st * p * NR..(st + 1) * p * NR];
+            *acc = [0.0; NR];
+            let mut edge = false;
+            for (&w, k) in a.iter().zip(b.chunks_exact(NR)) {
+                edge |= steps(acc, w, k);
+            }
+            if edge {
+                *acc = [0.0; NR];
+                for (&w, k) in a.iter().zip(b.chunks_exact(NR)) {
+                    for (x, &kw) in acc.iter_mut().zip(k) {
+                        *x = step(*x, w, kw);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The tile with `vdpbf16ps`. `unsafe` appears where vectors are loaded and stored (inside
+    //! slices whose lengths are checked first) and where [`Bf16Tiles`] enters the kernel, whose
+    //! existence proves the CPU has the instructions.
+
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR, SR};
+    use crate::kernels::simd;
+
+    /// Proof that this CPU runs AVX-512F and AVX512_BF16 and that the AVX-512 path is enabled.
+    #[derive(Clone, Copy)]
+    pub struct Bf16Tiles(());
+
+    impl Bf16Tiles {
+        #[inline(always)]
+        pub fn detect() -> Option<Self> {
+            (simd::avx512() && std::arch::is_x86_feature_detected!("avx512bf16")).then_some(Self(()))
+        }
+
+        /// See `portable_tile`.
+        #[inline(always)]
+        pub fn tile(
+            self,
+            a: &[u32],
+            rows: usize,
+            b: &[u32],
+            strips: usize,
+            p: usize,
+            tile: &mut [[[f32; NR]; SR]; MR],
+        ) {
+            assert!(
+                (1..=MR).contains(&rows)
+                    && (1..=SR).contains(&strips)
+                    && a.len() >= rows * p
+                    && b.len() >= strips * p * NR
+            );
+            macro_rules! shapes {
+                ($($r:literal),*) => {
+                    match (rows, strips) {
+                        $(
+                            ($r, 4) => tile_rs::<$r, 4>(a, b, p, tile),
+                            ($r, 3) => tile_rs::<$r, 3>(a, b, p, tile),
+                            ($r, 2) => tile_rs::<$r, 2>(a, b, p, tile),
+                            ($r, 1) => tile_rs::<$r, 1>(a, b, p, tile),
+                        )*
+                        _ => {}
+                    }
+                };
+            }
+            // SAFETY: `self` exists only on a CPU with these instructions.
+            unsafe { shapes!(1, 2, 3, 4, 5, 6) }
+        }
+    }
+
+    /// `R` rows of `a` by `S` strips of `b` (consecutive, `p · NR` words each), all `p` pairs.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn tile_rs<const R: usize, const S: usize>(
+        a: &[u32],
+        b: &[u32],
+        p: usize,
+        tile: &mut [[[f32; NR]; SR]; MR],
+    ) {
+        let strips: [&[[u32; NR]]; S] = simd::array(|s| &b[s * p * NR..][..p * NR].as_chunks::<NR>().0[..p]);
+        let rows: [&[u32]; R] = simd::array(|r| &a[r * p..][..p]);
+        let mut acc = [[_mm512_setzero_ps(); S]; R];
+        for i in 0..p {
+            // SAFETY: reads the sixteen words of a strip's pair; a vector of 32-bit words and
+            // one of bfloat16 pairs are the same 64 bytes.
+            let k: [__m512bh; S] = simd::array(|s| unsafe {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(strips[s][i].as_ptr().cast()))
+            });
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                // SAFETY: as above, for one word in every lane.
+                let a = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(row[i] as i32)) };
+                for (x, &k) in acc.iter_mut().zip(&k) {
+                    *x = _mm512_dpbf16_ps(*x, a, k);
+                }
+            }
+        }
+        for (acc, out) in acc.iter().zip(tile.iter_mut()) {
+            for (&x, out) in acc.iter().zip(out.iter_mut()) {
+                // SAFETY: writes the sixteen floats of `out`.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), x) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::simd;
+
+    fn rnd(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+    }
+
+    /// The module's definition, one output at a time.
+    fn reference(x: &[f32], w: &[f32], bias: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+        let bf = |v: f32| to_bf16_lanes(v);
+        let mut out = vec![0.0; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f32;
+                for i in 0..pairs(k) {
+                    let word = |row: &[f32]| bf(row[2 * i]) | row.get(2 * i + 1).map_or(0, |&v| bf(v)) << 16;
+                    let wb = |v: f32| Bf16::round_from_f64(v as f64).0 as u32;
+                    let wrow = &w[j * k..(j + 1) * k];
+                    let ww = wb(wrow[2 * i]) | wrow.get(2 * i + 1).map_or(0, |&v| wb(v)) << 16;
+                    acc = step(acc, word(&x[r * k..(r + 1) * k]), ww);
+                }
+                out[r * n + j] = acc + bias[j];
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_path_and_split_gives_the_definition() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let mut seed = 7;
+        for &(m, k, n) in &[(1, 1, 1), (3, 7, 17), (7, 33, 70), (50, 64, 129), (100, 130, 40), (13, 384, 200)]
+        {
+            let x: Vec<f32> = (0..m * k).map(|_| rnd(&mut seed)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rnd(&mut seed)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rnd(&mut seed)).collect();
+            let want = reference(&x, &w, &bias, (m, k, n));
+            let mut packed = vec![MaybeUninit::uninit(); packed_len(n, k).unwrap()];
+            pack_weight(&w, n, k, &mut packed, Par::SEQ).unwrap();
+            let packed: Vec<u32> = packed.iter().map(|w| unsafe { w.assume_init() }).collect();
+            for (accelerated, wide) in [(true, true), (true, false), (false, false)] {
+                simd::set_enabled(accelerated);
+                simd::set_avx512_enabled(wide);
+                for par in [Par::SEQ, Par::on(&pool)] {
+                    let mut out = vec![MaybeUninit::<f32>::uninit(); m * n];
+                    linear(&x, &packed, Some(&bias), Shape { m, k, n }, &mut out, par).unwrap();
+                    let got: Vec<u32> = out.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect();
+                    let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "m {m} k {k} n {n} accelerated {accelerated} wide {wide}");
+                }
+            }
+            simd::set_enabled(true);
+            simd::set_avx512_enabled(true);
+        }
+    }
+}

@@ -1,0 +1,194 @@
+"""Bf16Linear: the bfloat16 matrix product against a float64 reference of its definition (the
+inputs rounded to bfloat16, then float32 sums), the same bits for any thread count and code path,
+bfloat16 inputs and outputs, pickling, and clear errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import attnkit
+from attnkit import _core
+from conftest import layouts
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # bfloat16 input cases skip
+    ml_dtypes = None
+    BF16 = None
+
+needs_bf16 = pytest.mark.skipif(BF16 is None, reason="needs ml_dtypes")
+
+
+def to_bf16(x):
+    """float32 ``x`` rounded to bfloat16 (nearest even; subnormals to zero, as the instruction
+    reads them), as float32 values: the reference's own rounding, in NumPy."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = np.where(bits & 0x7F800000 == 0, bits & 0x80000000, bits)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def reference(x, w, b):
+    """The definition in float64, and a bound on float32 summation's error: one rounding per
+    product added (2 per pair) and one for the bias, each at most 2^-24 of the running sum."""
+    xb, wb = to_bf16(x).astype(np.float64), to_bf16(w).astype(np.float64)
+    exact = xb @ wb.T + (0.0 if b is None else b.astype(np.float32).astype(np.float64))
+    k = x.shape[-1]
+    bound = (k + 2) * 2.0**-24 * (np.abs(xb) @ np.abs(wb).T + np.abs(exact)) + 1e-30
+    return exact, bound
+
+
+def sample(shape, seed, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 7, 17), (7, 33, 70), (50, 64, 129), (130, 384, 200),
+                                   (1, 576, 960), (2, 1, 300)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_the_definition(m, k, n, bias):
+    x, w = sample((m, k), 1), sample((n, k), 2)
+    b = sample(n, 3) if bias else None
+    layer = attnkit.Bf16Linear(w, b)
+    out = layer(x)
+    assert out.dtype == np.float32 and out.shape == (m, n)
+    exact, bound = reference(x, w, b)
+    assert (np.abs(out - exact) <= bound).all()
+    np.testing.assert_array_equal(layer.weight, to_bf16(w))
+
+
+def test_error_against_float32_inputs_is_bfloat16s():
+    """What rounding the inputs costs: within a few 2^-9 of the row's scale, far beyond float32."""
+    x, w = sample((64, 384), 4), sample((96, 384), 5)
+    out = attnkit.Bf16Linear(w)(x)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    rel = np.abs(out - exact) / scale
+    assert rel.max() < 2.0**-7 and rel.max() > 2.0**-20
+
+
+def test_leading_axes_and_empty_shapes():
+    w = sample((20, 6), 6)
+    layer = attnkit.Bf16Linear(w)
+    x = sample((2, 3, 6), 7)
+    np.testing.assert_array_equal(layer(x), layer(x.reshape(6, 6)).reshape(2, 3, 20))
+    np.testing.assert_array_equal(layer(x[0, 0]), layer(x[:1, :1])[0, 0])
+    assert layer(np.zeros((0, 6), np.float32)).shape == (0, 20)
+    assert attnkit.Bf16Linear(np.zeros((0, 6)))(x).shape == (2, 3, 0)
+    zero_k = attnkit.Bf16Linear(np.zeros((4, 0)), np.arange(4.0))
+    np.testing.assert_array_equal(zero_k(np.zeros((2, 0), np.float32)), np.tile(np.arange(4.0), (2, 1)))
+
+
+def test_same_bits_for_any_thread_count_and_code_path(threads):
+    cases = [(sample((300, 200), 8), sample((70, 200), 9)),  # rows split
+             (sample((2, 200), 10), sample((1000, 200), 11))]  # columns split
+    for x, w in cases:
+        layer = attnkit.Bf16Linear(w, sample(w.shape[0], 12))
+        threads(1)
+        want = layer(x).view(np.uint32)
+        threads(2)
+        np.testing.assert_array_equal(layer(x).view(np.uint32), want)
+        threads(1)
+        try:
+            _core._set_simd_enabled(True, avx512=False)
+            np.testing.assert_array_equal(layer(x).view(np.uint32), want, err_msg="without AVX-512")
+            _core._set_simd_enabled(False)
+            np.testing.assert_array_equal(layer(x).view(np.uint32), want, err_msg="portable")
+        finally:
+            _core._set_simd_enabled(True)
+
+
+def test_subnormal_and_tiny_sums_follow_the_instruction():
+    """Subnormal inputs read as zero; sums below float32's smallest normal flush to zero, on every
+    path alike."""
+    tiny = np.float32(2.0**-130)
+    x = np.array([[tiny, 1.0, 2.0**-70, 2.0**-60]], np.float32)
+    w = np.array([[1.0, 0.0, 2.0**-60, 0.0], [1.0, 2.0**-127, 0.0, 2.0**-66]], np.float32)
+    layer = attnkit.Bf16Linear(w)
+    out = layer(x)
+    try:
+        _core._set_simd_enabled(False)
+        np.testing.assert_array_equal(layer(x).view(np.uint32), out.view(np.uint32))
+    finally:
+        _core._set_simd_enabled(True)
+    # 2^-130 reads as 0; 2^-130 (the product) flushes; 2^-126 is the smallest normal and stays.
+    np.testing.assert_array_equal(out, [[0.0, 2.0**-126]])
+
+
+def test_non_finite_values_propagate():
+    w = sample((5, 4), 13)
+    x = np.ones((3, 4), np.float32)
+    x[0, 1], x[1, 2] = np.nan, np.inf
+    out = attnkit.Bf16Linear(w)(x)
+    assert np.isnan(out[0]).all()
+    assert not np.isfinite(out[1]).any()
+    assert np.isfinite(out[2]).all()
+
+
+@needs_bf16
+def test_bfloat16_input_gives_the_float32_result_rounded():
+    x, w, b = sample((9, 40), 14), sample((33, 40), 15), sample(33, 16)
+    layer = attnkit.Bf16Linear(w, b)
+    xb = x.astype(BF16)
+    out = layer(xb)
+    assert out.dtype == BF16
+    np.testing.assert_array_equal(out, layer(xb.astype(np.float32)).astype(BF16))
+    # And float32 x is read as its bfloat16 rounding.
+    np.testing.assert_array_equal(layer(x), layer(xb.astype(np.float32)))
+    # A bfloat16 weight is held as it is.
+    np.testing.assert_array_equal(attnkit.Bf16Linear(w.astype(BF16)).weight, w.astype(BF16).astype(np.float32))
+
+
+def test_any_weight_dtype_is_rounded_once():
+    # 1 + 2^-8 + 2^-30 is above the midpoint between bfloat16's 1 and 1 + 2^-7: float64 rounds it
+    # up, and so must the layer (rounding through float32 first would give 1 + 2^-8, a tie, to 1).
+    w = np.array([[1.0 + 2.0**-8 + 2.0**-30]])
+    assert attnkit.Bf16Linear(w).weight[0, 0] == 1.0 + 2.0**-7
+    assert attnkit.Bf16Linear(w.astype(np.float16)).weight[0, 0] == 1.0
+
+
+def test_any_memory_layout_gives_the_contiguous_result():
+    x, w = sample((6, 10), 17), sample((12, 10), 18)
+    layer = attnkit.Bf16Linear(w)
+    want = layer(x)
+    for name, variant in layouts(x):
+        np.testing.assert_array_equal(layer(variant), want, err_msg=name)
+    for name, variant in layouts(w):
+        np.testing.assert_array_equal(attnkit.Bf16Linear(variant)(x), want, err_msg=name)
+
+
+def test_pickles():
+    layer = attnkit.Bf16Linear(sample((30, 8), 19), sample(30, 20))
+    x = sample((4, 8), 21)
+    again = pickle.loads(pickle.dumps(layer))
+    np.testing.assert_array_equal(again(x), layer(x))
+    assert repr(again) == "Bf16Linear(in_features=8, out_features=30, bias=True)"
+
+
+def test_errors_name_the_argument():
+    w = sample((5, 4), 22)
+    with pytest.raises(ValueError, match="weight: expected 2 dimensions"):
+        attnkit.Bf16Linear(w[0])
+    with pytest.raises(TypeError, match="weight"):
+        attnkit.Bf16Linear(np.ones((5, 4), np.int64))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(5,\)"):
+        attnkit.Bf16Linear(w, np.ones(4))
+    layer = attnkit.Bf16Linear(w)
+    with pytest.raises(ValueError, match="x: expected a last axis of 4"):
+        layer(np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match="x: expected a last axis of 4"):
+        layer(np.float32(1.0))
+    with pytest.raises(TypeError, match="x: expected a float32 or bfloat16 array, got dtype float64"):
+        layer(np.ones((2, 4)))
+    with pytest.raises(TypeError, match="x"):
+        layer(np.ones((2, 4), np.int32))
+    with pytest.raises(TypeError, match="packed: expected a uint32"):
+        _core.linear_bf16(np.ones((2, 4), np.float32), np.ones(64, np.int32), None, 5, 4)
+    with pytest.raises(ValueError, match="packed"):
+        _core.linear_bf16(np.ones((2, 4), np.float32), np.ones(10, np.uint32), None, 5, 4)
+    with pytest.raises(ValueError, match="bias"):
+        _core.linear_bf16(np.ones((2, 4), np.float32), layer._packed, np.ones(3, np.float32), 5, 4)
