@@ -192,3 +192,65 @@ def test_errors_name_the_argument():
         _core.linear_bf16(np.ones((2, 4), np.float32), np.ones(10, np.uint32), None, 5, 4)
     with pytest.raises(ValueError, match="bias"):
         _core.linear_bf16(np.ones((2, 4), np.float32), layer._packed, np.ones(3, np.float32), 5, 4)
+
+
+def test_gelu_epilogue_is_within_1e_6_of_the_exact_gelu():
+    """The fused GELU, on inputs a 1 x 1 identity weight passes exactly (bfloat16 values), against
+    x·Φ(x) in float64 (math.erfc), over [-14, 14] and powers of two down to the smallest normal."""
+    import math
+
+    grid = to_bf16(np.linspace(-14, 14, 40001, dtype=np.float32))
+    powers = np.float32(2.0) ** np.arange(-126, 4, dtype=np.float32)
+    x = np.unique(np.concatenate([grid, powers, -powers]))
+    out = attnkit.Bf16Linear(np.ones((1, 1)))(x[:, None], activation="gelu")[:, 0]
+    want = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x.astype(np.float64)])
+    normal = np.abs(want) >= 2.0**-126
+    rel = np.abs(out[normal] - want[normal]) / np.abs(want[normal])
+    assert rel.max() <= 1e-6
+    assert (np.abs(out[~normal] - want[~normal]) <= 2.0**-126).all()  # below the normal range: absolute
+    special = attnkit.Bf16Linear(np.ones((1, 1)))(np.array([[np.nan], [np.inf], [-np.inf]], np.float32),
+                                                  activation="gelu")
+    assert np.isnan(special[0, 0]) and special[1, 0] == np.inf and np.isnan(special[2, 0])
+
+
+def test_gelu_epilogue_applies_after_the_bias_on_every_path(threads):
+    x, w, b = sample((120, 64), 23), sample((90, 64), 24), sample(90, 25)
+    layer = attnkit.Bf16Linear(w, b)
+    plain = layer(x)
+    fused = layer(x, activation="gelu")
+    import math
+
+    want = np.vectorize(lambda v: v * 0.5 * math.erfc(-v / math.sqrt(2.0)))(plain.astype(np.float64))
+    assert (np.abs(fused - want) <= 1e-6 * np.abs(want) + 1e-37).all()
+    threads(2)
+    np.testing.assert_array_equal(layer(x, activation="gelu").view(np.uint32), fused.view(np.uint32))
+    np.testing.assert_array_equal(layer(x[:2], activation="gelu"), fused[:2])  # columns split
+    threads(1)
+    try:
+        _core._set_simd_enabled(False)
+        np.testing.assert_array_equal(layer(x, activation="gelu").view(np.uint32), fused.view(np.uint32))
+    finally:
+        _core._set_simd_enabled(True)
+
+
+@needs_bf16
+def test_out_dtype_is_chosen_apart_from_the_input():
+    x, w, b = sample((7, 20), 26), sample((18, 20), 27), sample(18, 28)
+    layer = attnkit.Bf16Linear(w, b)
+    full = layer(x)
+    np.testing.assert_array_equal(layer(x, out_dtype=BF16), full.astype(BF16))
+    np.testing.assert_array_equal(layer(x.astype(BF16), out_dtype=np.float32), full)
+    np.testing.assert_array_equal(layer(x, out_dtype="float32"), full)
+    np.testing.assert_array_equal(layer(x, activation="gelu", out_dtype=BF16),
+                                  layer(x, activation="gelu").astype(BF16))
+
+
+def test_epilogue_and_out_dtype_errors():
+    layer = attnkit.Bf16Linear(sample((5, 4), 29))
+    x = sample((2, 4), 30)
+    with pytest.raises(ValueError, match="activation: expected one of 'gelu'"):
+        layer(x, activation="relu")
+    with pytest.raises(TypeError, match="out_dtype: expected float32 or bfloat16"):
+        layer(x, out_dtype=np.float64)
+    with pytest.raises(TypeError, match="out_dtype"):
+        layer(x, out_dtype="nonsense")

@@ -48,7 +48,13 @@ def gelu(x: npt.NDArray[Any], approximate: str) -> npt.NDArray[Any]: ...
 def silu_mul(gate: npt.NDArray[Any], up: npt.NDArray[Any]) -> npt.NDArray[Any]: ...
 def pack_bf16(weight: npt.NDArray[Any]) -> npt.NDArray[np.uint32]: ...
 def linear_bf16(
-    x: npt.NDArray[Any], packed: npt.NDArray[np.uint32], bias: npt.NDArray[np.float32] | None, n: int, k: int
+    x: npt.NDArray[Any],
+    packed: npt.NDArray[np.uint32],
+    bias: npt.NDArray[np.float32] | None,
+    n: int,
+    k: int,
+    activation: str = "none",
+    out_dtype: str | None = None,
 ) -> npt.NDArray[Any]: ...
 def attention(
     query: npt.NDArray[Any],

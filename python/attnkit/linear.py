@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import _contiguous, bfloat16, float_array
+from attnkit._validate import _contiguous, bfloat16, choice, float_array
 
 __all__ = ["Bf16Linear"]
 
@@ -64,7 +64,31 @@ class Bf16Linear:
         halves = np.stack([words << 16, words & 0xFFFF0000], axis=-1).reshape(n, 2 * pairs)[:, :k]
         return np.ascontiguousarray(halves).view(np.float32)
 
-    def __call__(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
+    def __call__(self, x: npt.ArrayLike, *, activation: str | None = None,
+                 out_dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
+        """``activation(x @ weight.T + bias)`` in ``out_dtype`` (float32 or bfloat16; None:
+        ``x``'s dtype).
+
+        ``activation``: None, or ``"gelu"``: the erf form of GELU, ``v · Φ(v)``, applied to each
+        float32 ``v`` before the rounding to ``out_dtype``, computed in float32 (within 1e-6
+        relative of the exact value wherever that is a normal float32, within 2^-126 absolute
+        below; NaN for NaN and −inf, as PyTorch). Fused: the product's output makes one trip
+        through memory. :func:`attnkit.gelu` is the correctly rounded one.
+        """
+        act = "none" if activation is None else choice(activation, "activation", ("gelu",))
+        dtype = None
+        if out_dtype is not None:
+            bf16 = bfloat16()
+            try:
+                d = np.dtype(out_dtype)
+            except TypeError:
+                d = None
+            if d == np.float32:
+                dtype = "float32"
+            elif bf16 is not None and d == bf16:
+                dtype = "bfloat16"
+            else:
+                raise TypeError(f"out_dtype: expected float32 or bfloat16 (ml_dtypes), got {out_dtype!r}")
         arr = float_array(x, "x")
         bf16 = bfloat16()
         if arr.dtype != np.float32 and (bf16 is None or arr.dtype != bf16):
@@ -72,5 +96,6 @@ class Bf16Linear:
         if arr.ndim == 0 or arr.shape[-1] != self.in_features:
             raise ValueError(f"x: expected a last axis of {self.in_features} (in_features), got shape {arr.shape}")
         arr = _contiguous(arr, arr.dtype, "x")
-        out: npt.NDArray[Any] = _core.linear_bf16(arr, self._packed, self.bias, self.out_features, self.in_features)
+        out: npt.NDArray[Any] = _core.linear_bf16(arr, self._packed, self.bias, self.out_features, self.in_features,
+                                                  act, dtype)
         return out

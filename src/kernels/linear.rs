@@ -9,7 +9,9 @@
 //! dimension's high half. Each call rounds the rows of `x` to bfloat16 pairs the same way (to
 //! nearest even; subnormals read as zero, as the instruction reads them), then computes every
 //! output as one float32 accumulator from zero, the pairs `i = 0, 1, …` in order, each a step of
-//! `vdpbf16ps` (`dot16::step`), then plus the float32 bias, rounded once to the output's dtype.
+//! `vdpbf16ps` (`dot16::step`), then plus the float32 bias, then (optionally) the erf-GELU of
+//! [`gelu_f32`], rounded once to the output's dtype (float32 or bfloat16, chosen apart from the
+//! input's).
 //!
 //! The x86 tiles (`x86` below, on CPUs with AVX512_BF16) and the portable ones compute those
 //! exact steps, so every path and every thread count gives the same bits. Rows are split into
@@ -61,16 +63,16 @@ fn to_bf16_lanes(x: f32) -> u32 {
     }
 }
 
-/// Something a row of activations can be read from: float32 (rounded to bfloat16 here) or
+/// The dtypes a product reads and writes: float32 (rounded to bfloat16 pairs when read) or
 /// bfloat16 (read as it is).
-pub trait Activation: Storage {
+pub trait Operand: Storage {
     /// Row `x` (`k` values) as pair words into `out` (`pairs(k)` long).
     fn pair_words(x: &[Self], out: &mut [u32]);
     /// A float32 result rounded once to this type, to nearest even.
     fn from_f32(x: f32) -> Self;
 }
 
-impl Activation for f32 {
+impl Operand for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> f32 {
         x
@@ -87,7 +89,7 @@ impl Activation for f32 {
     }
 }
 
-impl Activation for Bf16 {
+impl Operand for Bf16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Bf16 {
         Bf16::narrow(x)
@@ -142,6 +144,80 @@ pub fn pack_weight<X: Storage>(
     Ok(())
 }
 
+/// What is applied to each `acc + bias` before the rounding to the output's dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    /// [`gelu_f32`].
+    Gelu,
+}
+
+/// `Q(s)` with `erfc(z) = exp(−z²) · t · Q(2t − 1)`, `t = 3 / (3 + z)`, for `z` in [0, 10]
+/// (`s` in [−0.54, 1]): float32 coefficients, highest degree first, within 1.2e-7 relative
+/// evaluated in float32 by Horner's rule (the float64 fit: 1.9e-9).
+const ERFC_Q: [f32; 10] = [
+    0.000_108_860_02,
+    -0.000_161_861_8,
+    -0.001_026_597_2,
+    -0.000_408_402_96,
+    0.008_946_449,
+    0.039_842_956,
+    0.103_488_69,
+    0.196_742_77,
+    0.294_464_83,
+    0.358_002_3,
+];
+
+/// `e^−w` for `w >= 0`, in float32: `w = n ln 2 − r` (Cody–Waite, `r` exact), `e^−r` by its
+/// Taylor polynomial of degree 7 (truncation below 5.2e-9), times `2^−n`; +0 past `e^−87`
+/// (below float32's normal range). Within about 2 ulp.
+#[inline(always)]
+fn exp_neg_f32(w: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUNDER: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_145_75; // 16 bits: n · LN2_HI is exact for |n| < 2^8
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let y = -w.min(87.5);
+    let shifted = y.mul_add(LOG2E, ROUNDER);
+    let n = shifted - ROUNDER;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, y));
+    let mut p: f32 = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // n in [−126, 0] (w <= 87.5): 2^n is normal; the rounder's bits hold n in their low bits.
+    let n_int = shifted.to_bits() as i32 - ROUNDER.to_bits() as i32;
+    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
+    if w > 87.0 {
+        0.0
+    } else {
+        p * two_n
+    }
+}
+
+/// The erf form of GELU, `x · Φ(x)`, in float32 arithmetic for the product's epilogue: within
+/// 1e-6 relative of the exact value where that is a normal float32 (measured by the tests), and
+/// within 2^-126 absolute below (a tail past `e^−87` is flushed to zero); NaN for NaN and −inf,
+/// as PyTorch. `Φ(−a) = erfc(a/√2)/2`
+/// by [`ERFC_Q`], with `e^(−a²/2)` from `a²` split exactly into `sq + sq_err` (so the
+/// exponent's rounding costs nothing).
+#[inline(always)]
+pub fn gelu_f32(x: f32) -> f32 {
+    let a = x.abs().min(14.0); // Φ(−14) is below float32's normal range; NaN reads 14 (x stays NaN)
+    let sq = a * a;
+    let sq_err = a.mul_add(a, -sq);
+    let z = (a * std::f32::consts::FRAC_1_SQRT_2).min(10.0);
+    let t = 3.0 / (3.0 + z);
+    let s = t.mul_add(2.0, -1.0);
+    let mut q = ERFC_Q[0];
+    for &c in &ERFC_Q[1..] {
+        q = q.mul_add(s, c);
+    }
+    let e = exp_neg_f32(0.5 * sq) * (-0.5f32).mul_add(sq_err, 1.0);
+    let tail = 0.5 * e * (t * q); // Φ(−a)
+    x * if x < 0.0 { tail } else { 1.0 - tail }
+}
+
 /// The shapes of one product: `m` rows of `k` in, `n` columns out.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
@@ -150,14 +226,16 @@ pub struct Shape {
     pub n: usize,
 }
 
-/// `out = x · Wᵀ + bias` (see the module notes): `x` has `m` rows of `k`, `packed` is
+/// `out = epilogue(x · Wᵀ + bias)` (see the module notes): `x` has `m` rows of `k`, `packed` is
 /// [`pack_weight`]'s `n × k` weight, `bias` has `n` float32 values, `out` `m` rows of `n`.
-pub fn linear<X: Activation>(
+#[allow(clippy::too_many_arguments)]
+pub fn linear<X: Operand, Y: Operand>(
     x: &[X],
     packed: &[u32],
     bias: Option<&[f32]>,
+    epilogue: Epilogue,
     shape: Shape,
-    out: &mut [MaybeUninit<X>],
+    out: &mut [MaybeUninit<Y>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     let Shape { m, k, n } = shape;
@@ -179,15 +257,15 @@ pub fn linear<X: Activation>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let product = Product { x, packed, bias, p: pairs(k), k, n };
+    let product = Product { x, packed, bias, epilogue, p: pairs(k), k, n };
     let threads = par.threads();
     if m >= 2 * MB * threads || m > MB {
         // Rows split: each task writes its own rows of `out`.
-        let mut tasks: Vec<(usize, &mut [MaybeUninit<X>])> = out.chunks_mut(MB * n).enumerate().collect();
+        let mut tasks: Vec<(usize, &mut [MaybeUninit<Y>])> = out.chunks_mut(MB * n).enumerate().collect();
         par.for_each(&mut tasks, |(b, rows)| {
             let r0 = *b * MB;
             let rows_here = rows.len() / n;
-            simd::task(&mut Block {
+            simd::task_wide(&mut Block {
                 product: &product,
                 rows: (r0, rows_here),
                 cols: (0, n),
@@ -200,7 +278,7 @@ pub fn linear<X: Activation>(
         par.for_each(&mut tasks, |(b, buf)| {
             let cols = (*b * NB, NB.min(n - *b * NB));
             buf.resize(m * cols.1, 0.0);
-            simd::task(&mut Block { product: &product, rows: (0, m), cols, out: Out::Buffer(buf) });
+            simd::task_wide(&mut Block { product: &product, rows: (0, m), cols, out: Out::<Y>::Buffer(buf) });
         });
         if par.stopped() {
             return Ok(());
@@ -210,7 +288,7 @@ pub fn linear<X: Activation>(
             let cols = NB.min(n - c0);
             for (r, row) in buf.chunks_exact(cols).enumerate() {
                 for (o, &v) in out[r * n + c0..][..cols].iter_mut().zip(row) {
-                    *o = MaybeUninit::new(X::from_f32(v));
+                    *o = MaybeUninit::new(Y::from_f32(v));
                 }
             }
         }
@@ -223,31 +301,32 @@ struct Product<'a, X> {
     x: &'a [X],
     packed: &'a [u32],
     bias: Option<&'a [f32]>,
+    epilogue: Epilogue,
     p: usize,
     k: usize,
     n: usize,
 }
 
 /// Where a task's outputs go: its rows of `out` (all `n` columns), rounded to the output's
-/// dtype; or a float32 buffer of its columns (`rows × cols`), with the bias added.
-enum Out<'a, X> {
-    Rows(&'a mut [MaybeUninit<X>]),
+/// dtype; or a float32 buffer of its columns (`rows × cols`), bias and epilogue applied.
+enum Out<'a, Y> {
+    Rows(&'a mut [MaybeUninit<Y>]),
     Buffer(&'a mut [f32]),
 }
 
 /// One task: rows `rows.0..rows.0 + rows.1` by columns `cols.0..cols.0 + cols.1` (`cols.0` a
 /// multiple of NR).
-struct Block<'a, 'b, X> {
+struct Block<'a, 'b, X, Y> {
     product: &'b Product<'a, X>,
     rows: (usize, usize),
     cols: (usize, usize),
-    out: Out<'b, X>,
+    out: Out<'b, Y>,
 }
 
-impl<X: Activation> Task for Block<'_, '_, X> {
+impl<X: Operand, Y: Operand> Task for Block<'_, '_, X, Y> {
     #[inline(always)]
     fn run(&mut self) {
-        let Product { x, packed, bias, p, k, n } = *self.product;
+        let Product { x, packed, bias, epilogue, p, k, n } = *self.product;
         let (r0, m) = self.rows;
         let (c0, cols) = self.cols;
         let mut a = vec![0u32; m * p];
@@ -278,12 +357,24 @@ impl<X: Activation> Task for Block<'_, '_, X> {
                 for (r, tile_row) in tile.iter().enumerate().take(rows) {
                     for (st, lanes) in tile_row.iter().enumerate().take(strips) {
                         let j0 = (s + st) * NR;
-                        let valid = NR.min(c0 + cols - j0.min(c0 + cols));
-                        for (c, &acc) in lanes.iter().enumerate().take(valid) {
-                            let v = bias.map_or(acc, |b| acc + b[j0 + c]);
-                            match &mut self.out {
-                                Out::Rows(o) => o[(t + r) * n + j0 + c] = MaybeUninit::new(X::from_f32(v)),
-                                Out::Buffer(o) => o[(t + r) * cols + j0 - c0 + c] = v,
+                        let valid = NR.min(c0 + cols - j0);
+                        let (lanes, bias) = (&lanes[..valid], bias.map(|b| &b[j0..j0 + valid]));
+                        match (&mut self.out, epilogue) {
+                            (Out::Rows(o), Epilogue::None) => {
+                                finish(lanes, bias, &mut o[(t + r) * n + j0..][..valid], |v| {
+                                    MaybeUninit::new(Y::from_f32(v))
+                                })
+                            }
+                            (Out::Rows(o), Epilogue::Gelu) => {
+                                finish(lanes, bias, &mut o[(t + r) * n + j0..][..valid], |v| {
+                                    MaybeUninit::new(Y::from_f32(gelu_f32(v)))
+                                })
+                            }
+                            (Out::Buffer(o), Epilogue::None) => {
+                                finish(lanes, bias, &mut o[(t + r) * cols + j0 - c0..][..valid], |v| v)
+                            }
+                            (Out::Buffer(o), Epilogue::Gelu) => {
+                                finish(lanes, bias, &mut o[(t + r) * cols + j0 - c0..][..valid], gelu_f32)
                             }
                         }
                     }
@@ -291,6 +382,23 @@ impl<X: Activation> Task for Block<'_, '_, X> {
                 t += rows;
             }
             s += strips;
+        }
+    }
+}
+
+/// `out[c] = put(acc[c] + bias[c])` (no bias: `put(acc[c])`), in a loop that vectorises.
+#[inline(always)]
+fn finish<T>(acc: &[f32], bias: Option<&[f32]>, out: &mut [T], put: impl Fn(f32) -> T) {
+    match bias {
+        Some(bias) => {
+            for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {
+                *o = put(a + b);
+            }
+        }
+        None => {
+            for (o, &a) in out.iter_mut().zip(acc) {
+                *o = put(a);
+            }
         }
     }
 }
@@ -467,7 +575,8 @@ mod tests {
                 simd::set_avx512_enabled(wide);
                 for par in [Par::SEQ, Par::on(&pool)] {
                     let mut out = vec![MaybeUninit::<f32>::uninit(); m * n];
-                    linear(&x, &packed, Some(&bias), Shape { m, k, n }, &mut out, par).unwrap();
+                    linear(&x, &packed, Some(&bias), Epilogue::None, Shape { m, k, n }, &mut out, par)
+                        .unwrap();
                     let got: Vec<u32> = out.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect();
                     let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
                     assert_eq!(got, want, "m {m} k {k} n {n} accelerated {accelerated} wide {wide}");

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.models._bert import BertEncoder
-from attnkit.models._files import LoadError, read_json
+from attnkit.models._files import DTYPES, LoadError, read_json
 from attnkit.models._llama import LlamaConfig, LlamaDecoder
 from attnkit.models._ray import Embedder
 
 __all__ = ["BertEncoder", "Embedder", "LlamaConfig", "LlamaDecoder", "LoadError", "load"]
 
 
-def load(path: str | os.PathLike[str]) -> BertEncoder | LlamaDecoder:
+def load(path: str | os.PathLike[str], *, dtype: str = "float32") -> BertEncoder | LlamaDecoder:
     """Loads a checkpoint from a local folder.
 
     A BERT-family folder holds ``config.json`` (``model_type`` ``"bert"``), ``model.safetensors``
@@ -42,6 +42,11 @@ def load(path: str | os.PathLike[str]) -> BertEncoder | LlamaDecoder:
 
     Args:
         path: the checkpoint's folder, or a ``.gguf`` file.
+        dtype: the layers' matrix products: ``"float32"`` (NumPy's BLAS) or ``"bfloat16"``
+            (:class:`attnkit.Bf16Linear`: weights rounded once to bfloat16, each product's input
+            rounded to it, float32 sums; on CPUs with AVX512_BF16, twice float32's multiply-add
+            rate and half its weight bytes). Everything else (embeddings, norms, activations,
+            attention, the residual stream) stays float32.
 
     Returns:
         A :class:`BertEncoder` or a :class:`LlamaDecoder`.
@@ -50,19 +55,21 @@ def load(path: str | os.PathLike[str]) -> BertEncoder | LlamaDecoder:
         ValueError (:class:`LoadError`): a missing file, an unknown architecture, or a tensor or
             setting that does not match the config, named with the file and key.
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
     folder = Path(path)
     if folder.is_file() and folder.suffix == ".gguf":
         from attnkit.models._gguf import load_gguf
 
-        return load_gguf(folder)
+        return load_gguf(folder, dtype)
     if not folder.is_dir():
         raise LoadError(f"{folder}: expected a checkpoint folder (config.json, model.safetensors, tokenizer.json)")
     config: dict[str, Any] = read_json(folder / "config.json")
     model_type = config.get("model_type")
     if model_type == "bert":
-        return BertEncoder.from_folder(folder, config)
+        return BertEncoder.from_folder(folder, config, dtype)
     if model_type == "llama":
-        return LlamaDecoder.from_folder(folder, config)
+        return LlamaDecoder.from_folder(folder, config, dtype)
     raise LoadError(
         f"{folder / 'config.json'}: model_type {json.dumps(model_type)} is not one attnkit.models loads "
         '("bert", "llama")'

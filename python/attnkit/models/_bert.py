@@ -1,13 +1,13 @@
 """BERT-family encoders (BERT, MiniLM, sentence-transformers' models on them): token ids to
-contextual embeddings to pooled sentence vectors, in float32, with NumPy's matrix products and
-attnkit's kernels.
+contextual embeddings to pooled sentence vectors, in float32, with attnkit's kernels and the
+matrix products of NumPy's BLAS (float32) or of :class:`attnkit.Bf16Linear` (``dtype="bfloat16"``).
 
 One layer (post-norm, as BERT)::
 
-    q, k, v = split(h @ W_qkv + b_qkv)                       # one product for the three
+    q, k, v = split(h @ W_qkv.T + b_qkv)                     # one product for the three
     a = scaled_dot_product_attention(q, k, v, key_mask=attention_mask, layout="bshd")
-    h = layer_norm(a @ W_o + b_o, residual=h)                 # the add fused with the norm
-    h = layer_norm(gelu(h @ W_i + b_i) @ W_f + b_f, residual=h)
+    h = layer_norm(a @ W_o.T + b_o, residual=h)               # the add fused with the norm
+    h = layer_norm(gelu(h @ W_i.T + b_i) @ W_f.T + b_f, residual=h)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from attnkit.models._files import (
     F32,
     LoadError,
     PicklesTokenizer,
+    Projection,
     read_json,
     read_safetensors,
     read_tokenizer,
@@ -80,15 +81,11 @@ class BertConfig:
 
 @dataclass(frozen=True)
 class _Layer:
-    w_qkv: F32  # (hidden, 3 hidden): the query, key and value projections side by side
-    b_qkv: F32
-    w_o: F32  # (hidden, hidden)
-    b_o: F32
+    qkv: Projection  # hidden -> 3 hidden: the query, key and value projections side by side
+    o: Projection  # hidden -> hidden
     ln1: tuple[F32, F32]
-    w_i: F32  # (hidden, intermediate)
-    b_i: F32
-    w_f: F32  # (intermediate, hidden)
-    b_f: F32
+    i: Projection  # hidden -> intermediate
+    f: Projection  # intermediate -> hidden
     ln2: tuple[F32, F32]
 
 
@@ -106,6 +103,7 @@ class BertEncoder(PicklesTokenizer):
         pooling: ``"mean"``, ``"cls"`` or ``"max"``.
         normalize: whether :meth:`encode` scales vectors to unit length by default.
         max_seq_length: the longest input in tokens (longer ones are truncated).
+        dtype: the matrix products' dtype, ``"float32"`` or ``"bfloat16"`` (``load``'s).
     """
 
     def __init__(
@@ -125,6 +123,7 @@ class BertEncoder(PicklesTokenizer):
         self._word, self._position, self._type = weights["word"], weights["position"], weights["type"]
         self._ln0: tuple[F32, F32] = weights["ln0"]
         self._layers: list[_Layer] = weights["layers"]
+        self.dtype = self._layers[0].qkv.dtype if self._layers else "float32"
         self.tokenizer = tokenizer
         self._configure_tokenizer()
 
@@ -136,7 +135,7 @@ class BertEncoder(PicklesTokenizer):
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
-    def from_folder(cls, folder: Path, config_dict: dict[str, Any]) -> BertEncoder:
+    def from_folder(cls, folder: Path, config_dict: dict[str, Any], dtype: str = "float32") -> BertEncoder:
         config = BertConfig.from_dict(config_dict, folder / "config.json")
         path = folder / "model.safetensors"
         raw = read_safetensors(path)
@@ -160,15 +159,13 @@ class BertEncoder(PicklesTokenizer):
             qkv = [get(f"{p}.attention.self.{name}.weight", h, h) for name in ("query", "key", "value")]
             qkv_b = [get(f"{p}.attention.self.{name}.bias", h) for name in ("query", "key", "value")]
             layers.append(_Layer(
-                w_qkv=np.ascontiguousarray(np.concatenate(qkv).T),
-                b_qkv=np.concatenate(qkv_b),
-                w_o=np.ascontiguousarray(get(f"{p}.attention.output.dense.weight", h, h).T),
-                b_o=get(f"{p}.attention.output.dense.bias", h),
+                qkv=Projection(np.concatenate(qkv), np.concatenate(qkv_b), dtype=dtype),
+                o=Projection(get(f"{p}.attention.output.dense.weight", h, h), get(f"{p}.attention.output.dense.bias", h),
+                             dtype=dtype),
                 ln1=norm(f"{p}.attention.output.LayerNorm"),
-                w_i=np.ascontiguousarray(get(f"{p}.intermediate.dense.weight", i, h).T),
-                b_i=get(f"{p}.intermediate.dense.bias", i),
-                w_f=np.ascontiguousarray(get(f"{p}.output.dense.weight", h, i).T),
-                b_f=get(f"{p}.output.dense.bias", h),
+                i=Projection(get(f"{p}.intermediate.dense.weight", i, h), get(f"{p}.intermediate.dense.bias", i),
+                             dtype=dtype),
+                f=Projection(get(f"{p}.output.dense.weight", h, i), get(f"{p}.output.dense.bias", h), dtype=dtype),
                 ln2=norm(f"{p}.output.LayerNorm"),
             ))
         weights = {
@@ -190,13 +187,14 @@ class BertEncoder(PicklesTokenizer):
     @property
     def projection_parameters(self) -> int:
         """The weights of the layers' matrix products: one token costs twice as many FLOPs there."""
-        return sum(w.size for layer in self._layers for w in (layer.w_qkv, layer.w_o, layer.w_i, layer.w_f))
+        return sum(p.shape[0] * p.shape[1] for layer in self._layers for p in (layer.qkv, layer.o, layer.i, layer.f))
 
     def __repr__(self) -> str:
         c = self.config
         return (
             f"BertEncoder(layers={c.layers}, hidden={c.hidden}, heads={c.heads}, vocab={c.vocab}, "
-            f"pooling={self.pooling!r}, normalize={self.normalize}, max_seq_length={self.max_seq_length})"
+            f"pooling={self.pooling!r}, normalize={self.normalize}, max_seq_length={self.max_seq_length}, "
+            f"dtype={self.dtype!r})"
         )
 
     # -- running -----------------------------------------------------------------------------
@@ -236,7 +234,7 @@ class BertEncoder(PicklesTokenizer):
         d = c.hidden // c.heads
         weights = []
         for layer in self._layers:
-            qkv = (h @ layer.w_qkv + layer.b_qkv).reshape(b, s, 3, c.heads, d)
+            qkv = layer.qkv(h).reshape(b, s, 3, c.heads, d)
             result = attnkit.scaled_dot_product_attention(
                 qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd",
                 return_weights=output_attentions,
@@ -246,9 +244,8 @@ class BertEncoder(PicklesTokenizer):
                 weights.append(w)
             else:
                 a = result
-            h = attnkit.layer_norm(a.reshape(b * s, c.hidden) @ layer.w_o + layer.b_o, c.hidden, *layer.ln1, c.eps,
-                                   residual=h)[0]
-            f = attnkit.gelu(h @ layer.w_i + layer.b_i, c.gelu) @ layer.w_f + layer.b_f
+            h = attnkit.layer_norm(layer.o(a.reshape(b * s, c.hidden)), c.hidden, *layer.ln1, c.eps, residual=h)[0]
+            f = layer.f(layer.i(h, gelu=c.gelu))
             h = attnkit.layer_norm(f, c.hidden, *layer.ln2, c.eps, residual=h)[0]
         h = h.reshape(b, s, c.hidden)
         if output_attentions:

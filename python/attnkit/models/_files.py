@@ -5,12 +5,17 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+import attnkit
+
 F32 = npt.NDArray[np.float32]
+
+# The dtypes a model's matrix products can run in (``load``'s ``dtype``).
+DTYPES = ("float32", "bfloat16")
 
 
 class LoadError(ValueError):
@@ -100,3 +105,34 @@ class PicklesTokenizer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         tokenizers = extra("tokenizers")
         self.__dict__.update({**state, "tokenizer": tokenizers.Tokenizer.from_str(state["tokenizer"])})
+
+
+class Projection:
+    """``x @ weight.T + bias`` of a checkpoint's ``(out, in)`` matrix, in the model's dtype:
+    ``"float32"`` (NumPy's BLAS) or ``"bfloat16"`` (:class:`attnkit.Bf16Linear`: the weight held
+    in bfloat16, the inputs rounded to it, float32 sums). Float32 in and out either way.
+
+    ``copy=False`` keeps a float32 weight as a transposed view (a tied output matrix shares the
+    embedding table's memory)."""
+
+    def __init__(self, weight: F32, bias: F32 | None = None, *, dtype: str = "float32", copy: bool = True) -> None:
+        self.dtype = dtype
+        self.shape = (int(weight.shape[0]), int(weight.shape[1]))
+        self._bf16 = attnkit.Bf16Linear(weight, bias) if dtype == "bfloat16" else None
+        # float32: the (in, out) matrix NumPy's product takes (unused, and empty, in bfloat16).
+        self._wt: F32 = np.empty((0, 0), np.float32) if self._bf16 is not None else (
+            np.ascontiguousarray(weight.T) if copy else weight.T)
+        self._bias = bias
+
+    def __call__(self, x: F32, *, gelu: Literal["none", "tanh"] | None = None) -> F32:
+        """The product, then (``gelu``) :func:`attnkit.gelu` of that form; the bfloat16 product
+        applies the erf form in its epilogue (float32 arithmetic: see
+        :meth:`attnkit.Bf16Linear.__call__`), as bfloat16 models compute it."""
+        if self._bf16 is not None:
+            fused = gelu == "none"
+            out: F32 = self._bf16(x, activation="gelu" if fused else None)
+            return attnkit.gelu(out, gelu) if gelu is not None and not fused else out
+        y: F32 = x @ self._wt
+        if self._bias is not None:
+            y += self._bias
+        return y if gelu is None else attnkit.gelu(y, gelu)

@@ -21,7 +21,7 @@ from attnkit.models._llama import GGUF_NAMES, LlamaConfig, LlamaDecoder, read_we
 _CONTROL = 3
 
 
-def load_gguf(path: Path) -> LlamaDecoder:
+def load_gguf(path: Path, dtype: str = "float32") -> LlamaDecoder:
     gguf = extra("gguf")
     try:
         reader = gguf.GGUFReader(str(path))
@@ -89,7 +89,7 @@ def load_gguf(path: Path) -> LlamaDecoder:
             raise LoadError(f"{path}: tensor {name}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
         return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
 
-    weights = read_weights(config, get, GGUF_NAMES, tied="output.weight" not in tensors)
+    weights = read_weights(config, get, GGUF_NAMES, tied="output.weight" not in tensors, dtype=dtype)
     return LlamaDecoder(config, weights, _tokenizer(path, field, tokens))
 
 

@@ -1,6 +1,7 @@
 """LLaMA-family decoders (LLaMA, SmolLM2, TinyLlama, Mistral without its window): token ids to
-next-token logits, and text generation through attnkit's ``KVCache``, in float32, with NumPy's
-matrix products and attnkit's kernels.
+next-token logits, and text generation through attnkit's ``KVCache``, in float32, with attnkit's
+kernels and the matrix products of NumPy's BLAS (float32) or of :class:`attnkit.Bf16Linear`
+(``dtype="bfloat16"``).
 
 One layer (pre-norm)::
 
@@ -26,6 +27,7 @@ from attnkit.models._files import (
     F32,
     LoadError,
     PicklesTokenizer,
+    Projection,
     read_json,
     read_safetensors,
     read_tokenizer,
@@ -95,23 +97,23 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class _Layer:
     attn_norm: F32
-    w_qkv: F32  # (hidden, (heads + 2 kv_heads) head_dim): the three projections, one product
-    w_o: F32  # (heads head_dim, hidden)
+    qkv: Projection  # hidden -> (heads + 2 kv_heads) head_dim: the three projections, one product
+    o: Projection  # heads head_dim -> hidden
     ffn_norm: F32
-    w_gate_up: F32  # (hidden, 2 intermediate): the gate and up projections side by side
-    w_down: F32  # (intermediate, hidden)
+    gate_up: Projection  # hidden -> 2 intermediate: the gate and up projections side by side
+    down: Projection  # intermediate -> hidden
 
     @classmethod
     def of(cls, attn_norm: F32, q: F32, k: F32, v: F32, o: F32, ffn_norm: F32, gate: F32, up: F32,
-           down: F32) -> _Layer:
+           down: F32, *, dtype: str) -> _Layer:
         """A layer from its matrices as checkpoints store them, (out, in)."""
         return cls(
             attn_norm=attn_norm,
-            w_qkv=np.ascontiguousarray(np.concatenate([q, k, v]).T),
-            w_o=np.ascontiguousarray(o.T),
+            qkv=Projection(np.concatenate([q, k, v]), dtype=dtype),
+            o=Projection(o, dtype=dtype),
             ffn_norm=ffn_norm,
-            w_gate_up=np.ascontiguousarray(np.concatenate([gate, up]).T),
-            w_down=np.ascontiguousarray(down.T),
+            gate_up=Projection(np.concatenate([gate, up]), dtype=dtype),
+            down=Projection(down, dtype=dtype),
         )
 
 
@@ -120,7 +122,7 @@ class _Weights:
     embed: F32  # (vocab, hidden)
     layers: list[_Layer]
     norm: F32
-    lm_head: F32  # (hidden, vocab)
+    lm_head: Projection  # hidden -> vocab
 
 
 # Where each checkpoint format keeps a decoder's tensors ({n}: the layer).
@@ -154,19 +156,22 @@ GGUF_NAMES = {
 }
 
 
-def read_weights(c: LlamaConfig, get: Callable[..., F32], names: dict[str, str], *, tied: bool) -> _Weights:
+def read_weights(c: LlamaConfig, get: Callable[..., F32], names: dict[str, str], *, tied: bool,
+                 dtype: str) -> _Weights:
     """A decoder's weights through ``get(name, *shape)`` (which checks the shape), by ``names``;
-    ``tied``: the output matrix is the embedding table."""
+    ``tied``: the output matrix is the embedding table; ``dtype``: the matrix products'."""
     q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
     shapes = {
         "attn_norm": (c.hidden,), "q": (q_dim, c.hidden), "k": (kv_dim, c.hidden), "v": (kv_dim, c.hidden),
         "o": (c.hidden, q_dim), "ffn_norm": (c.hidden,), "gate": (c.intermediate, c.hidden),
         "up": (c.intermediate, c.hidden), "down": (c.hidden, c.intermediate),
     }
-    layers = [_Layer.of(**{part: get(names[part].format(n=n), *shape) for part, shape in shapes.items()})
+    layers = [_Layer.of(**{part: get(names[part].format(n=n), *shape) for part, shape in shapes.items()},
+                        dtype=dtype)
               for n in range(c.layers)]
     embed = get(names["embed"], c.vocab, c.hidden)
-    lm_head = embed.T if tied else np.ascontiguousarray(get(names["head"], c.vocab, c.hidden).T)
+    lm_head = Projection(embed, dtype=dtype, copy=False) if tied else Projection(
+        get(names["head"], c.vocab, c.hidden), dtype=dtype)
     return _Weights(embed=embed, layers=layers, norm=get(names["norm"], c.hidden), lm_head=lm_head)
 
 
@@ -180,17 +185,19 @@ class LlamaDecoder(PicklesTokenizer):
     Attributes:
         tokenizer: the checkpoint's ``tokenizers.Tokenizer``.
         config: the architecture (:class:`LlamaConfig`).
+        dtype: the matrix products' dtype, ``"float32"`` or ``"bfloat16"`` (``load``'s).
     """
 
     def __init__(self, config: LlamaConfig, weights: _Weights, tokenizer: Any) -> None:
         self.config = config
         self._w = weights
+        self.dtype = weights.lm_head.dtype
         self.tokenizer = tokenizer
 
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
-    def from_folder(cls, folder: Path, config_dict: dict[str, Any]) -> LlamaDecoder:
+    def from_folder(cls, folder: Path, config_dict: dict[str, Any], dtype: str = "float32") -> LlamaDecoder:
         """A Hugging Face folder: config.json, model.safetensors, tokenizer.json."""
         config = LlamaConfig.from_dict(config_dict, folder / "config.json")
         if not config.eos_ids and (folder / "generation_config.json").is_file():
@@ -204,13 +211,14 @@ class LlamaDecoder(PicklesTokenizer):
 
         # Tied as the config says (transformers' default for LLaMA: not tied, so lm_head.weight
         # must be there).
-        weights = read_weights(config, get, HF_NAMES, tied=bool(config_dict.get("tie_word_embeddings", False)))
+        weights = read_weights(config, get, HF_NAMES, tied=bool(config_dict.get("tie_word_embeddings", False)),
+                               dtype=dtype)
         return cls(config, weights, read_tokenizer(folder / "tokenizer.json"))
 
     def __repr__(self) -> str:
         c = self.config
         return (f"LlamaDecoder(layers={c.layers}, hidden={c.hidden}, heads={c.heads}/{c.kv_heads}, "
-                f"head_dim={c.head_dim}, vocab={c.vocab}, rope_theta={c.rope_theta:g})")
+                f"head_dim={c.head_dim}, vocab={c.vocab}, rope_theta={c.rope_theta:g}, dtype={self.dtype!r})")
 
     # -- running -----------------------------------------------------------------------------
 
@@ -227,16 +235,16 @@ class LlamaDecoder(PicklesTokenizer):
         x = attnkit.rms_norm(h, c.hidden, layers[0].attn_norm, c.eps)
         q_dim, kv_dim = c.heads * c.head_dim, c.kv_heads * c.head_dim
         for n, layer in enumerate(layers):
-            qkv = x @ layer.w_qkv
+            qkv = layer.qkv(x)
             q = attnkit.apply_rope(qkv[..., :q_dim].reshape(b, s, c.heads, c.head_dim), cos, sin,
                                    style=c.rope_style, layout="bshd")
             k = attnkit.apply_rope(qkv[..., q_dim:q_dim + kv_dim].reshape(b, s, c.kv_heads, c.head_dim), cos, sin,
                                    style=c.rope_style, layout="bshd")
             v = qkv[..., q_dim + kv_dim:].reshape(b, s, c.kv_heads, c.head_dim)
             a = attend(n, q, k, v).reshape(b, s, q_dim)
-            y, h = attnkit.rms_norm(a @ layer.w_o, c.hidden, layer.ffn_norm, c.eps, residual=h)
-            gate_up = y @ layer.w_gate_up
-            mlp = attnkit.silu_mul(gate_up[..., :c.intermediate], gate_up[..., c.intermediate:]) @ layer.w_down
+            y, h = attnkit.rms_norm(layer.o(a), c.hidden, layer.ffn_norm, c.eps, residual=h)
+            gate_up = layer.gate_up(y)
+            mlp = layer.down(attnkit.silu_mul(gate_up[..., :c.intermediate], gate_up[..., c.intermediate:]))
             following = layers[n + 1].attn_norm if n + 1 < len(layers) else self._w.norm
             x, h = attnkit.rms_norm(mlp, c.hidden, following, c.eps, residual=h)
         return x
@@ -258,7 +266,7 @@ class LlamaDecoder(PicklesTokenizer):
             return attnkit.scaled_dot_product_attention(q, k, v, is_causal=True, key_mask=mask, enable_gqa=True,
                                                         layout="bshd")
 
-        return self._layers(h, cos, sin, attend) @ self._w.lm_head
+        return self._w.lm_head(self._layers(h, cos, sin, attend))
 
     def generate(
         self,
@@ -358,7 +366,7 @@ class LlamaDecoder(PicklesTokenizer):
 
             x = self._layers(h, cos, sin, attend)
             last = x[np.arange(b), steps - 1]  # each sequence's last real row
-            token = _pick(last @ self._w.lm_head, temperature, rng)
+            token = _pick(self._w.lm_head(last), temperature, rng)
             yield [-1 if done[i] else int(token[i]) for i in range(b)]
             done |= np.isin(token, c.eos_ids)
             if done.all():
