@@ -425,7 +425,7 @@ def decoder_cases(quick: bool, torch: Any) -> list[Case]:
     fast = _load_or_none(path, "bfloat16")
     case = Case("SmolLM2 decode", f"{n} tokens, f32 from Q4_1", 0,
                 lambda: decoder.generate_ids([ids], max_new_tokens=n), repeats=3)
-    case16 = Case("SmolLM2 decode bf16", f"{n} tokens, bf16 from Q4_1", 0,
+    case16 = Case("SmolLM2 decode bf16", f"{n} tokens, bf16 of Q4_1", 0,
                   lambda: fast.generate_ids([ids], max_new_tokens=n), repeats=3)
     if torch is not None and importlib.util.find_spec("transformers") is not None:
         theirs = transformers_llama_from_gguf(path)

@@ -36,6 +36,16 @@ class Bf16Linear:
     Calling it on ``x`` of shape ``(..., in_features)``, float32 or bfloat16, returns
     ``(..., out_features)`` in ``x``'s dtype. The layer pickles (its packed weight is a NumPy
     array).
+
+    Example:
+        >>> import numpy as np, attnkit
+        >>> layer = attnkit.Bf16Linear(np.array([[1.0, 2.0], [0.5, -1.0], [3.0, 0.1]]), np.array([0.0, 1.0, -1.0]))
+        >>> layer.weight[2]  # 0.1 held as bfloat16
+        array([3.        , 0.10009766], dtype=float32)
+        >>> layer(np.array([[1.0, 0.5]], np.float32))
+        array([[2.       , 1.       , 2.0500488]], dtype=float32)
+        >>> layer(np.array([[1.0, 0.5]], np.float32), activation="gelu")
+        array([[1.9544997, 0.8413447, 2.0086792]], dtype=float32)
     """
 
     def __init__(self, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None) -> None:
