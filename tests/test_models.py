@@ -87,6 +87,11 @@ def test_batches_and_order_do_not_change_the_vectors(folder):
     np.testing.assert_allclose(encoder.encode(SENTENCES, batch_size=1), whole, atol=1e-6)
     np.testing.assert_allclose(encoder.encode(SENTENCES[::-1], batch_size=2)[::-1], whole, atol=1e-6)
     assert encoder.encode([]).shape == (0, 32)
+    # attnkit's own products and kernels do not depend on the rows beside a row: the same bits.
+    fast = models.load(folder, dtype="bfloat16")
+    whole = fast.encode(SENTENCES, batch_size=32)
+    np.testing.assert_array_equal(fast.encode(SENTENCES, batch_size=1), whole)
+    np.testing.assert_array_equal(fast.encode(SENTENCES[::-1], batch_size=3)[::-1], whole)
 
 
 def test_long_inputs_are_truncated_to_max_seq_length(tmp_path):
