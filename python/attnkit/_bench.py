@@ -282,7 +282,7 @@ def linear_cases(torch: Any) -> list[Case]:
     layer, wt = attnkit.Bf16Linear(w, b), np.ascontiguousarray(w.T)
     flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
     nbytes = x.nbytes + w.size * 2 + 4 * x.shape[0] * w.shape[0]
-    plain = Case("Bf16Linear", "(736, 384) -> 1536", nbytes, lambda: layer(x), {"numpy f32": lambda: x @ wt + b},
+    plain = Case("Bf16Linear", "(736, 384) -> 1536", nbytes, lambda: layer(x), {"numpy": lambda: x @ wt + b},
                  flops=flops, bf16_peak=True)
     fused = Case("Bf16Linear + gelu", "(736, 384) -> 1536", nbytes, lambda: layer(x, activation="gelu"),
                  flops=flops, bf16_peak=True)
@@ -344,7 +344,7 @@ def model_cases(quick: bool) -> list[Case]:
     case = Case("MiniLM encode", f"{n} sentences, batch 32", 0, lambda: encoder.encode(sentences), repeats=3,
                 flops=flops)
     case16 = Case("MiniLM encode bf16", f"{n} sentences, batch 32", 0, lambda: fast.encode(sentences), repeats=3,
-                  flops=flops)
+                  flops=flops, bf16_peak=True)
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
 
@@ -829,7 +829,7 @@ def _format(row: Row) -> str:
     # whole model, or attnkit against itself on the A/A row.
     torch_ratio = (row.ratio("torch") or row.ratio("sentence-transformers") or row.ratio("transformers")
                    or row.ratio("attnkit again"))
-    rate = f"{row.rate:.1f} {row.unit.split()[0]}"
+    rate = "-" if row.rate == 0 else f"{row.rate:.1f} {row.unit.split()[0]}"  # 0: a whole model's row
     fraction = "-" if row.calibration is None else f"{100 * row.calibration:.0f}%"
     if row.of_bf16_peak is not None:
         fraction = f"{100 * row.of_bf16_peak:.0f}%*"
