@@ -15,8 +15,8 @@
 //!
 //! The x86 tiles (`x86` below, on CPUs with AVX512_BF16) and the portable ones compute those
 //! exact steps, so every path and every thread count gives the same bits. Rows are split into
-//! blocks of [`MB`] (or, for fewer rows than threads can share, columns into blocks of
-//! [`NB`]); each output is computed by one tile whatever the split.
+//! blocks of [`MB`] (or, for at most `MB` rows, as in decoding, columns into blocks of [`NB`]);
+//! each output is computed by one tile whatever the split.
 
 use std::mem::MaybeUninit;
 
@@ -31,7 +31,7 @@ pub const NR: usize = 16;
 /// A tile's rows and strips: 6 × 4 accumulators of sixteen lanes (24 of the 32 registers).
 const MR: usize = 6;
 const SR: usize = 4;
-/// Rows per task when rows are split: 8 tiles' worth, whose packed pairs stay in L2 while the
+/// Rows per task when rows are split: 8 tiles' rows, whose packed pairs stay in L2 while the
 /// task runs through every strip of the weight.
 const MB: usize = 8 * MR;
 /// Columns per task when columns are split (few rows: decoding).
@@ -258,8 +258,7 @@ pub fn linear<X: Operand, Y: Operand>(
         return Ok(());
     }
     let product = Product { x, packed, bias, epilogue, p: pairs(k), k, n };
-    let threads = par.threads();
-    if m >= 2 * MB * threads || m > MB {
+    if m > MB {
         // Rows split: each task writes its own rows of `out`.
         let mut tasks: Vec<(usize, &mut [MaybeUninit<Y>])> = out.chunks_mut(MB * n).enumerate().collect();
         par.for_each(&mut tasks, |(b, rows)| {
