@@ -15,7 +15,7 @@
 //!
 //! The x86 tiles (`x86` below, on CPUs with AVX512_BF16) and the portable ones compute those
 //! exact steps, so every path and every thread count gives the same bits. Rows are split into
-//! blocks of [`MB`] (or, for at most `MB` rows, as in decoding, columns into blocks of [`NB`]);
+//! blocks of `MB` (or, for at most `MB` rows, as in decoding, columns into blocks of `NB`);
 //! each output is computed by one tile whatever the split.
 
 use std::mem::MaybeUninit;
@@ -199,7 +199,7 @@ fn exp_neg_f32(w: f32) -> f32 {
 /// 1e-6 relative of the exact value where that is a normal float32 (measured by the tests), and
 /// within 2^-126 absolute below (a tail past `e^−87` is flushed to zero); NaN for NaN and −inf,
 /// as PyTorch. `Φ(−a) = erfc(a/√2)/2`
-/// by [`ERFC_Q`], with `e^(−a²/2)` from `a²` split exactly into `sq + sq_err` (so the
+/// by `ERFC_Q`, with `e^(−a²/2)` from `a²` split exactly into `sq + sq_err` (so the
 /// exponent's rounding costs nothing).
 #[inline(always)]
 pub fn gelu_f32(x: f32) -> f32 {
