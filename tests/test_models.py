@@ -134,6 +134,19 @@ def test_bfloat16_products_stay_within_bfloat16s_rounding(folder, threads):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(encoder)).encode(SENTENCES), got)
 
 
+def test_bfloat16_without_the_instruction_warns_that_it_is_slow(folder):
+    from attnkit import _core
+
+    try:
+        _core._set_simd_enabled(True, avx512=False)  # as on a CPU without AVX512_BF16
+        assert not _core._simd_bf16()
+        with pytest.warns(RuntimeWarning, match="lacks AVX512_BF16"):
+            slow = models.load(folder, dtype="bfloat16")
+    finally:
+        _core._set_simd_enabled(True)
+    np.testing.assert_array_equal(slow.encode(SENTENCES), models.load(folder, dtype="bfloat16").encode(SENTENCES))
+
+
 def test_matches_transformers_bert_model(folder):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -37,6 +37,19 @@ const MB: usize = 8 * MR;
 /// Columns per task when columns are split (few rows: decoding).
 const NB: usize = 4 * SR * NR;
 
+/// Whether the products run the `vdpbf16ps` tiles (else the portable emulation: the same bits,
+/// much slower).
+pub fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::Bf16Tiles::detect().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The number of pair words of a row of `k` values.
 #[inline(always)]
 pub fn pairs(k: usize) -> usize {

@@ -64,6 +64,13 @@ fn _simd_avx512() -> bool {
     crate::kernels::simd::avx512()
 }
 
+/// Whether `Bf16Linear`'s products run the `vdpbf16ps` tiles on this CPU (else the portable
+/// emulation of the instruction: the same bits, about ten times slower than float32 BLAS).
+#[pyfunction]
+fn _simd_bf16() -> bool {
+    crate::kernels::linear::native()
+}
+
 /// One core's peak GFLOP/s of float32 multiply-adds or (`bf16`) of `vdpbf16ps`, measured by a
 /// loop in registers; `None` where the CPU lacks the instruction. For the benchmark.
 #[pyfunction]
@@ -85,6 +92,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_simd_accelerated, m)?)?;
     m.add_function(wrap_pyfunction!(_simd_avx512, m)?)?;
+    m.add_function(wrap_pyfunction!(_simd_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(_peak_gflops, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::_set_main_thread, m)?)?;
     m.add_function(wrap_pyfunction!(attention::merge_attention, m)?)?;

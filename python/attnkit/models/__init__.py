@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
+from attnkit import _core
 from attnkit.models._bert import BertEncoder
 from attnkit.models._files import DTYPES, LoadError, read_json
 from attnkit.models._llama import LlamaConfig, LlamaDecoder
@@ -45,8 +47,9 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32") -> BertEncoder
         dtype: the layers' matrix products: ``"float32"`` (NumPy's BLAS) or ``"bfloat16"``
             (:class:`attnkit.Bf16Linear`: weights rounded once to bfloat16, each product's input
             rounded to it, float32 sums; on CPUs with AVX512_BF16, twice float32's multiply-add
-            rate and half its weight bytes). Everything else (embeddings, norms, activations,
-            attention, the residual stream) stays float32.
+            rate and half its weight bytes; elsewhere the same results come from portable code,
+            about ten times slower than float32, and a ``RuntimeWarning`` says so). Everything
+            else (embeddings, norms, activations, attention, the residual stream) stays float32.
 
     Returns:
         A :class:`BertEncoder` or a :class:`LlamaDecoder`.
@@ -57,6 +60,10 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32") -> BertEncoder
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
+    if dtype == "bfloat16" and not _core._simd_bf16():
+        warnings.warn("dtype='bfloat16': this CPU lacks AVX512_BF16, so the bfloat16 products run in portable "
+                      "code (the same results, about ten times slower than float32); keep dtype='float32' here",
+                      RuntimeWarning, stacklevel=2)
     folder = Path(path)
     if folder.is_file() and folder.suffix == ".gguf":
         from attnkit.models._gguf import load_gguf
