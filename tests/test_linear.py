@@ -79,7 +79,9 @@ def test_leading_axes_and_empty_shapes():
     np.testing.assert_array_equal(layer(x[0, 0]), layer(x[:1, :1])[0, 0])
     assert layer(np.zeros((0, 6), np.float32)).shape == (0, 20)
     assert attnkit.Bf16Linear(np.zeros((0, 6)))(x).shape == (2, 3, 0)
+    assert attnkit.Bf16Linear(np.zeros((0, 6))).weight.shape == (0, 6)
     zero_k = attnkit.Bf16Linear(np.zeros((4, 0)), np.arange(4.0))
+    assert zero_k.weight.shape == (4, 0)
     np.testing.assert_array_equal(zero_k(np.zeros((2, 0), np.float32)), np.tile(np.arange(4.0), (2, 1)))
 
 

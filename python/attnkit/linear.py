@@ -71,6 +71,8 @@ class Bf16Linear:
         """The held weight, ``(out_features, in_features)``, as float32 (exactly its bfloat16 values)."""
         n, k = self.out_features, self.in_features
         pairs = (k + 1) // 2
+        if n == 0 or pairs == 0:
+            return np.zeros((n, k), np.float32)
         words = self._packed.reshape(-1, pairs, 16).transpose(0, 2, 1).reshape(-1, pairs)[:n]
         halves = np.stack([words << 16, words & 0xFFFF0000], axis=-1).reshape(n, 2 * pairs)[:, :k]
         return np.ascontiguousarray(halves).view(np.float32)
