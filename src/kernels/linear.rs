@@ -21,7 +21,7 @@
 use std::mem::MaybeUninit;
 
 use crate::error::KernelError;
-use crate::kernels::attention::dot16::{daz, step, steps};
+use crate::kernels::attention::dot16::{daz, pair_words_by, step, steps};
 use crate::kernels::simd::{self, Task};
 use crate::kernels::storage::{Bf16, Storage};
 use crate::pool::Par;
@@ -92,13 +92,7 @@ impl Operand for f32 {
     }
     #[inline(always)]
     fn pair_words(x: &[f32], out: &mut [u32]) {
-        let (two, last) = x.as_chunks::<2>();
-        for (w, &[lo, hi]) in out.iter_mut().zip(two) {
-            *w = to_bf16_lanes(lo) | to_bf16_lanes(hi) << 16;
-        }
-        if let (Some(w), [lo]) = (out.get_mut(two.len()), last) {
-            *w = to_bf16_lanes(*lo);
-        }
+        pair_words_by(x, out, to_bf16_lanes);
     }
 }
 
@@ -109,13 +103,7 @@ impl Operand for Bf16 {
     }
     #[inline(always)]
     fn pair_words(x: &[Bf16], out: &mut [u32]) {
-        let (two, last) = x.as_chunks::<2>();
-        for (w, &[lo, hi]) in out.iter_mut().zip(two) {
-            *w = daz(lo) | daz(hi) << 16;
-        }
-        if let (Some(w), [lo]) = (out.get_mut(two.len()), last) {
-            *w = daz(*lo);
-        }
+        pair_words_by(x, out, daz);
     }
 }
 
@@ -280,17 +268,27 @@ pub fn linear<X: Operand, Y: Operand>(
             simd::task_wide(&mut Block {
                 product: &product,
                 rows: (r0, rows_here),
+                a: None,
                 cols: (0, n),
                 out: Out::Rows(rows),
             });
         });
     } else {
         // Few rows: columns split, each task into its own buffer, copied out after.
+        // The rows' pair words once, shared by every task.
+        let mut a = vec![0u32; m * product.p];
+        simd::task_wide(&mut PackRows { x, k, first: 0, out: &mut a });
         let mut tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(NB)).map(|b| (b, Vec::new())).collect();
         par.for_each(&mut tasks, |(b, buf)| {
             let cols = (*b * NB, NB.min(n - *b * NB));
             buf.resize(m * cols.1, 0.0);
-            simd::task_wide(&mut Block { product: &product, rows: (0, m), cols, out: Out::<Y>::Buffer(buf) });
+            simd::task_wide(&mut Block {
+                product: &product,
+                rows: (0, m),
+                a: Some(&a),
+                cols,
+                out: Out::<Y>::Buffer(buf),
+            });
         });
         if par.stopped() {
             return Ok(());
@@ -326,11 +324,31 @@ enum Out<'a, Y> {
     Buffer(&'a mut [f32]),
 }
 
+/// Rows `first..` of `x` (rows of `k`) as pair words into `out` (whole rows of `pairs(k)`).
+struct PackRows<'a, 'b, X> {
+    x: &'a [X],
+    k: usize,
+    first: usize,
+    out: &'b mut [u32],
+}
+
+impl<X: Operand> Task for PackRows<'_, '_, X> {
+    #[inline(always)]
+    fn run(&mut self) {
+        let (k, first) = (self.k, self.first);
+        for (r, words) in self.out.chunks_exact_mut(pairs(k).max(1)).enumerate() {
+            X::pair_words(&self.x[(first + r) * k..][..k], words);
+        }
+    }
+}
+
 /// One task: rows `rows.0..rows.0 + rows.1` by columns `cols.0..cols.0 + cols.1` (`cols.0` a
-/// multiple of NR).
+/// multiple of NR); `a`: those rows' pair words, when packed before the tasks (else the task
+/// packs its rows).
 struct Block<'a, 'b, X, Y> {
     product: &'b Product<'a, X>,
     rows: (usize, usize),
+    a: Option<&'b [u32]>,
     cols: (usize, usize),
     out: Out<'b, Y>,
 }
@@ -341,10 +359,16 @@ impl<X: Operand, Y: Operand> Task for Block<'_, '_, X, Y> {
         let Product { x, packed, bias, epilogue, p, k, n } = *self.product;
         let (r0, m) = self.rows;
         let (c0, cols) = self.cols;
-        let mut a = vec![0u32; m * p];
-        for (r, words) in a.chunks_exact_mut(p.max(1)).enumerate() {
-            X::pair_words(&x[(r0 + r) * k..][..k], words);
-        }
+        let own;
+        let a = match self.a {
+            Some(a) => a,
+            None => {
+                let mut words = vec![0u32; m * p];
+                PackRows { x, k, first: r0, out: &mut words }.run();
+                own = words;
+                &own
+            }
+        };
         #[cfg(target_arch = "x86_64")]
         let fast = x86::Bf16Tiles::detect();
         let mut tile = [[[0.0f32; NR]; SR]; MR];

@@ -98,14 +98,16 @@ impl Call<'_> {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (n, k) = (self.n, self.k);
         let shape = x.shape();
-        if shape.last() != Some(&k) {
-            return Err(PyValueError::new_err(format!(
-                "x: expected a last axis of {k}, got shape {shape:?}"
-            )));
-        }
-        let m = shape[..shape.len() - 1].iter().product();
-        let mut out_shape = shape.to_vec();
-        *out_shape.last_mut().expect("checked above") = n;
+        let leading = match shape.split_last() {
+            Some((&last, leading)) if last == k => leading,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "x: expected a last axis of {k}, got shape {shape:?}"
+                )))
+            }
+        };
+        let m = leading.iter().product();
+        let out_shape: Vec<usize> = leading.iter().copied().chain([n]).collect();
         let xs = slice(x, "x")?;
         fill_new::<Y>(py, &out_shape, "out", &[], |out, par| {
             kernel::linear(xs, self.words, self.bias, self.epilogue, Shape { m, k, n }, out, par)

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from attnkit import _core
+import attnkit
 from attnkit.models._bert import BertEncoder
 from attnkit.models._files import DTYPES, LoadError, read_json
 from attnkit.models._llama import LlamaConfig, LlamaDecoder
@@ -60,7 +60,7 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32") -> BertEncoder
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
-    if dtype == "bfloat16" and not _core._simd_bf16():
+    if dtype == "bfloat16" and not attnkit.Bf16Linear.native():
         warnings.warn("dtype='bfloat16': this CPU lacks AVX512_BF16, so the bfloat16 products run in portable "
                       "code (the same results, about ten times slower than float32); keep dtype='float32' here",
                       RuntimeWarning, stacklevel=2)

@@ -138,12 +138,19 @@ fn daz_lanes(b: Bf16) -> u32 {
 /// last one paired with zero; subnormal values read as zero.
 #[inline(always)]
 pub(super) fn pair_words(row: &[Bf16], out: &mut [u32]) {
+    pair_words_by(row, out, daz);
+}
+
+/// `row` as pairs of 16-bit words `word(x)` in 32-bit words, the even element in the low half, an
+/// odd last one paired with zero.
+#[inline(always)]
+pub(crate) fn pair_words_by<T: Copy>(row: &[T], out: &mut [u32], word: impl Fn(T) -> u32) {
     let (pairs, last) = row.as_chunks::<2>();
     for (w, &[lo, hi]) in out.iter_mut().zip(pairs) {
-        *w = daz(lo) | daz(hi) << 16;
+        *w = word(lo) | word(hi) << 16;
     }
     if let (Some(w), [lo]) = (out.get_mut(pairs.len()), last) {
-        *w = daz(*lo);
+        *w = word(*lo);
     }
 }
 
