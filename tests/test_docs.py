@@ -14,7 +14,8 @@ import pytest
 
 import attnkit
 
-MODULES = ["attnkit.attention", "attnkit.cache", "attnkit.embedding", "attnkit.layers", "attnkit.positional", "attnkit.rope", "attnkit.threads"]
+MODULES = ["attnkit.attention", "attnkit.block", "attnkit.cache", "attnkit.embedding", "attnkit.layers", "attnkit.linear", "attnkit.positional",
+           "attnkit.rope", "attnkit.threads"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,6 +1,7 @@
-"""Bf16Linear: the bfloat16 matrix product against a float64 reference of its definition (the
-inputs rounded to bfloat16, then float32 sums), the same bits for any thread count and code path,
-bfloat16 inputs and outputs, pickling, and clear errors."""
+"""Bf16Linear and F32Linear: attnkit's matrix products against float64 references of their
+definitions (bfloat16: the inputs rounded to bfloat16, then float32 sums; float32: blocked sums of
+fused multiply-adds), the same bits for any thread count, code path and set of rows, bfloat16
+inputs and outputs, pickling, and clear errors."""
 
 from __future__ import annotations
 
@@ -256,3 +257,133 @@ def test_epilogue_and_out_dtype_errors():
         layer(x, out_dtype=np.float64)
     with pytest.raises(TypeError, match="out_dtype"):
         layer(x, out_dtype="nonsense")
+
+
+# F32Linear: float32 weights, each output a sum of blocks of 64 fused multiply-adds.
+
+def reference_f32(x, w, b):
+    """The exact result in float64, and a bound on the blocked float32 sum's error: at most one
+    rounding per product within a block of 64, one per block added to the total and one for the
+    bias, each at most 2^-24 of the sums involved."""
+    xd, wd = x.astype(np.float64), w.astype(np.float32).astype(np.float64)
+    exact = xd @ wd.T + (0.0 if b is None else b.astype(np.float32).astype(np.float64))
+    k = x.shape[-1]
+    steps = min(k, 64) + -(-k // 64) + 1
+    bound = steps * 2.0**-24 * (np.abs(xd) @ np.abs(wd).T + np.abs(exact)) + 1e-30
+    return exact, bound
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 7, 17), (7, 33, 70), (50, 64, 129), (130, 384, 200),
+                                   (1, 576, 960), (4, 1536, 96), (2, 1, 300)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_f32_matches_the_definition(m, k, n, bias):
+    x, w = sample((m, k), 31), np.random.default_rng(32).standard_normal((n, k))  # a float64 weight
+    b = sample(n, 33) if bias else None
+    layer = attnkit.F32Linear(w, b)
+    out = layer(x)
+    assert out.dtype == np.float32 and out.shape == (m, n)
+    exact, bound = reference_f32(x, w, b)
+    assert (np.abs(out - exact) <= bound).all()
+    np.testing.assert_array_equal(layer.weight, w.astype(np.float32))  # rounded once to float32
+
+
+def test_f32_blocked_sums_keep_long_rows_accurate():
+    """k = 4096 of one sign, where a single running sum's error grows with k: the blocks keep it
+    near float32's resolution of the result."""
+    x, w = np.abs(sample((3, 4096), 34)), np.abs(sample((40, 4096), 35))
+    out = attnkit.F32Linear(w)(x)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert (np.abs(out - exact) / exact).max() < 1e-6  # one running sum: 2.3e-6 here; the blocks: 4e-7
+
+
+def test_f32_same_bits_for_any_thread_count_code_path_and_rows(threads):
+    cases = [(sample((300, 200), 36), sample((70, 200), 37)),  # rows split
+             (sample((2, 200), 38), sample((1000, 200), 39))]  # columns split
+    for x, w in cases:
+        layer = attnkit.F32Linear(w, sample(w.shape[0], 40))
+        threads(1)
+        want = layer(x).view(np.uint32)
+        np.testing.assert_array_equal(layer(x[1:2]).view(np.uint32), want[1:2], err_msg="one row alone")
+        threads(2)
+        np.testing.assert_array_equal(layer(x).view(np.uint32), want)
+        threads(1)
+        try:
+            _core._set_simd_enabled(True, avx512=False)
+            np.testing.assert_array_equal(layer(x).view(np.uint32), want, err_msg="without AVX-512")
+            _core._set_simd_enabled(False)
+            np.testing.assert_array_equal(layer(x).view(np.uint32), want, err_msg="portable")
+        finally:
+            _core._set_simd_enabled(True)
+
+
+def test_f32_gelu_epilogue_is_the_bfloat16_layers_and_within_1e_6():
+    """The same float32 GELU as Bf16Linear's (checked against x·Φ(x) above), on values both pass
+    exactly; and within 1e-6 of x·Φ(x) on float32 values that are not bfloat16 ones."""
+    import math
+
+    on_bf16 = to_bf16(np.linspace(-14, 14, 4001, dtype=np.float32))[:, None]
+    f32 = attnkit.F32Linear(np.ones((1, 1)))
+    np.testing.assert_array_equal(f32(on_bf16, activation="gelu").view(np.uint32),
+                                  attnkit.Bf16Linear(np.ones((1, 1)))(on_bf16, activation="gelu").view(np.uint32))
+    x = np.linspace(-9, 9, 20001, dtype=np.float32) + np.float32(1e-3)
+    out = f32(x[:, None], activation="gelu")[:, 0]
+    want = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x.astype(np.float64)])
+    assert (np.abs(out - want) <= 1e-6 * np.abs(want)).all()
+
+
+def test_f32_leading_axes_empty_shapes_and_non_finite_values():
+    w = sample((20, 6), 41)
+    layer = attnkit.F32Linear(w)
+    x = sample((2, 3, 6), 42)
+    np.testing.assert_array_equal(layer(x), layer(x.reshape(6, 6)).reshape(2, 3, 20))
+    assert layer(np.zeros((0, 6), np.float32)).shape == (0, 20)
+    assert attnkit.F32Linear(np.zeros((0, 6)))(x).shape == (2, 3, 0)
+    zero_k = attnkit.F32Linear(np.zeros((4, 0)), np.arange(4.0))
+    assert zero_k.weight.shape == (4, 0)
+    np.testing.assert_array_equal(zero_k(np.zeros((2, 0), np.float32)), np.tile(np.arange(4.0), (2, 1)))
+    bad = np.ones((3, 6), np.float32)
+    bad[0, 1], bad[1, 2] = np.nan, np.inf
+    out = layer(bad)
+    assert np.isnan(out[0]).all() and not np.isfinite(out[1]).any() and np.isfinite(out[2]).all()
+    for name, variant in layouts(x[0]):
+        np.testing.assert_array_equal(layer(variant), layer(x[0]), err_msg=name)
+
+
+def test_f32_pickles_and_refuses_another_layout():
+    layer = attnkit.F32Linear(sample((30, 8), 43), sample(30, 44))
+    x = sample((4, 8), 45)
+    again = pickle.loads(pickle.dumps(layer))
+    np.testing.assert_array_equal(again(x), layer(x))
+    assert repr(again) == "F32Linear(in_features=8, out_features=30, bias=True)"
+    state = dict(layer.__dict__, _layout=99)
+    with pytest.raises(ValueError, match="layout 99"):
+        attnkit.F32Linear.__new__(attnkit.F32Linear).__setstate__(state)
+    # A Bf16Linear pickled before layouts were recorded has layout 1.
+    bf = attnkit.Bf16Linear(sample((30, 8), 43))
+    old = {k: v for k, v in bf.__dict__.items() if k != "_layout"}
+    revived = attnkit.Bf16Linear.__new__(attnkit.Bf16Linear)
+    revived.__setstate__(old)
+    np.testing.assert_array_equal(revived(x), bf(x))
+
+
+def test_f32_errors_name_the_argument():
+    w = sample((5, 4), 46)
+    with pytest.raises(ValueError, match="weight: expected 2 dimensions"):
+        attnkit.F32Linear(w[0])
+    with pytest.raises(TypeError, match="weight"):
+        attnkit.F32Linear(np.ones((5, 4), np.int64))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(5,\)"):
+        attnkit.F32Linear(w, np.ones(4))
+    layer = attnkit.F32Linear(w)
+    with pytest.raises(ValueError, match="x: expected a last axis of 4"):
+        layer(np.ones((2, 5), np.float32))
+    with pytest.raises(TypeError, match="x: expected a float32 array, got dtype float64"):
+        layer(np.ones((2, 4)))
+    with pytest.raises(ValueError, match="activation: expected one of 'gelu'"):
+        layer(np.ones((2, 4), np.float32), activation="relu")
+    with pytest.raises(TypeError, match="packed: expected a float32"):
+        _core.linear_f32(np.ones((2, 4), np.float32), np.ones(64, np.uint32), None, 5, 4)
+    with pytest.raises(ValueError, match="packed"):
+        _core.linear_f32(np.ones((2, 4), np.float32), np.ones(10, np.float32), None, 5, 4)
+    with pytest.raises(TypeError, match="x: expected a float32"):
+        _core.linear_f32(np.ones((2, 4)), layer._packed, None, 5, 4)

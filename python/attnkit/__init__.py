@@ -16,7 +16,7 @@ from attnkit.block import gelu, layer_norm, rms_norm, silu_mul
 from attnkit.cache import KVCache
 from attnkit.embedding import embedding, embedding_bag
 from attnkit.layers import MultiheadAttention
-from attnkit.linear import Bf16Linear
+from attnkit.linear import Bf16Linear, F32Linear
 from attnkit.positional import (
     alibi_slopes,
     position_ids,
@@ -30,6 +30,7 @@ from attnkit.threads import MAX_THREADS, _configure_from_env, _register_with_thr
 __all__ = [
     "MAX_THREADS",
     "Bf16Linear",
+    "F32Linear",
     "InternalError",
     "KVCache",
     "MultiheadAttention",

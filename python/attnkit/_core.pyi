@@ -57,6 +57,15 @@ def linear_bf16(
     activation: str = "none",
     out_dtype: str | None = None,
 ) -> npt.NDArray[Any]: ...
+def pack_f32(weight: npt.NDArray[Any]) -> npt.NDArray[np.float32]: ...
+def linear_f32(
+    x: npt.NDArray[np.float32],
+    packed: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None,
+    n: int,
+    k: int,
+    activation: str = "none",
+) -> npt.NDArray[np.float32]: ...
 def attention(
     query: npt.NDArray[Any],
     key: npt.NDArray[Any],

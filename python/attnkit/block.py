@@ -168,7 +168,7 @@ def rms_norm(
     Example:
         >>> import numpy as np, attnkit
         >>> attnkit.rms_norm(np.array([[3.0, 4.0]], np.float32), 2, eps=0.0)
-        array([[0.8485281, 1.1313709]], dtype=float32)
+        array([[0.84852815, 1.1313709 ]], dtype=float32)
     """
     xa = float_array(x, "x")
     shape, n = _normalized_size(xa, normalized_shape)

@@ -1,23 +1,34 @@
-//! The matrix product of a linear layer with bfloat16 weights: `out = x · Wᵀ + bias`, in the
-//! arithmetic of `vdpbf16ps` (see `attention/dot16.rs`), which does twice the float32
-//! multiply-adds of an FMA per instruction.
+//! The matrix product of a linear layer, `out = x · Wᵀ + bias`, with the weight packed once for
+//! attnkit's own tiles: bfloat16 weights in the arithmetic of `vdpbf16ps` (see
+//! `attention/dot16.rs`), which does twice the float32 multiply-adds of an FMA per instruction;
+//! or float32 weights, by fused multiply-adds.
 //!
-//! The weight `W` (`n` rows of `k`, PyTorch's `(out_features, in_features)`) is rounded once to
-//! bfloat16 and packed once ([`pack_weight`]): strip `s` of sixteen output columns holds, for each
-//! pair `i` of input dimensions `(2i, 2i + 1)`, sixteen 32-bit words (dimension `2i` in the low
-//! half), `packed[(s · pairs + i) · NR + c]`, zeros past the last column and in an odd last
-//! dimension's high half. Each call rounds the rows of `x` to bfloat16 pairs the same way (to
-//! nearest even; subnormals read as zero, as the instruction reads them), then computes every
-//! output as one float32 accumulator from zero, the pairs `i = 0, 1, …` in order, each a step of
-//! `vdpbf16ps` (`dot16::step`), then plus the float32 bias, then (optionally) the erf-GELU of
-//! [`gelu_f32`], rounded once to the output's dtype (float32 or bfloat16, chosen apart from the
-//! input's).
+//! The weight `W` (`n` rows of `k`, PyTorch's `(out_features, in_features)`) is packed once
+//! ([`pack_weight`]) in strips of sixteen output columns, each strip a run of `depth` words of
+//! sixteen lanes, `packed[(s · depth + i) · NR + c]`, zeros past the last column:
+//! - [`Bf16Weights`]: the weight rounded once to bfloat16; word `i` of a lane holds the pair of
+//!   input dimensions `(2i, 2i + 1)` (dimension `2i` in the low half, zero in an odd last
+//!   dimension's high half), so `depth = ⌈k / 2⌉`. Each call rounds the rows of `x` to bfloat16
+//!   pairs the same way (to nearest even; subnormals read as zero, as the instruction reads them)
+//!   and sums each pair as a step of `vdpbf16ps` (`dot16::step`).
+//! - [`F32Weights`]: the weight rounded once to float32, `depth = k`; the rows of `x` are read as
+//!   they are. The input dimensions run in blocks of `KB`: each block's sum is one float32
+//!   accumulator from zero, each dimension a fused multiply-add (one rounding), and the blocks'
+//!   sums are added in order to the output's total.
 //!
-//! The x86 tiles (`x86` below, on CPUs with AVX512_BF16) and the portable ones compute those
-//! exact steps, so every path and every thread count gives the same bits. Rows are split into
-//! blocks of `MB` (or, for at most `MB` rows, as in decoding, columns into blocks of `NB`);
-//! each output is computed by one tile whatever the split.
+//! Every output is one float32 accumulator from zero, the words `i = 0, 1, …` in order (in blocks
+//! for float32), then plus
+//! the float32 bias, then (optionally) the erf-GELU of [`gelu_f32`], rounded once to the output's
+//! dtype (float32 or bfloat16, chosen apart from the input's).
+//!
+//! The x86 tiles (`x86` below: AVX512_BF16 for bfloat16, AVX-512F for float32) and the portable
+//! ones compute those exact steps, so every path and every thread count gives the same bits, and
+//! a row's outputs do not depend on the other rows of the call. Rows are split into blocks of
+//! `MB` (or, for at most `MB` rows, as in decoding, columns into blocks of `NB`); each output is
+//! computed by one tile whatever the split. A strip is one sequential stream of the weight, so a
+//! call with few rows reads the weight at the memory's streaming rate.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use crate::error::KernelError;
@@ -31,23 +42,23 @@ pub const NR: usize = 16;
 /// A tile's rows and strips: 6 × 4 accumulators of sixteen lanes (24 of the 32 registers).
 const MR: usize = 6;
 const SR: usize = 4;
-/// Rows per task when rows are split: 8 tiles' rows, whose packed pairs stay in L2 while the
-/// task runs through every strip of the weight.
+/// Rows per task when rows are split: 8 tiles' rows, whose words stay in L2 while the task runs
+/// through every strip of the weight.
 const MB: usize = 8 * MR;
 /// Columns per task when columns are split (few rows: decoding).
 const NB: usize = 4 * SR * NR;
 
-/// Whether the products run the `vdpbf16ps` tiles (else the portable emulation: the same bits,
-/// much slower).
+/// Input dimensions per block of a float32 sum: each output sums each block in an accumulator of
+/// its own, then adds it to its total (rounding errors grow with √KB + √(k/KB), not √k).
+const KB: usize = 64;
+
+/// One tile's accumulators, as the tiles hand them back.
+type Tile = [[[f32; NR]; SR]; MR];
+
+/// Whether the bfloat16 products run the `vdpbf16ps` tiles (else the portable emulation: the same
+/// bits, much slower).
 pub fn native() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        x86::Bf16Tiles::detect().is_some()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Bf16Weights::detect().fast.is_some()
 }
 
 /// The number of pair words of a row of `k` values.
@@ -56,9 +67,103 @@ pub fn pairs(k: usize) -> usize {
     k.div_ceil(2)
 }
 
-/// The number of `u32` words of `n × k` packed weights.
-pub fn packed_len(n: usize, k: usize) -> Option<usize> {
-    n.div_ceil(NR).checked_mul(pairs(k))?.checked_mul(NR)
+/// One kind of packed weight: its words, how a row becomes words, and the tile that sums rows of
+/// words by strips (see the module notes).
+pub trait Weights: Copy + Send + Sync {
+    /// A word of a packed weight or of a row of `x`.
+    type Word: Copy + Default + Send + Sync;
+    /// The words of a row of `k` values.
+    fn depth(k: usize) -> usize;
+    /// The weights' tiles on this CPU.
+    fn detect() -> Self;
+    /// A row of the weight (`k` values, any float dtype) rounded once and as `depth(k)` words.
+    fn weight_words<X: Storage>(row: &[X], out: &mut [Self::Word]);
+    /// `rows` rows of words `a` (`depth` apart) by `strips` strips of `b`, over all `depth`
+    /// words, into `tile`.
+    fn tile(
+        self,
+        a: &[Self::Word],
+        rows: usize,
+        b: &[Self::Word],
+        strips: usize,
+        depth: usize,
+        tile: &mut Tile,
+    );
+}
+
+/// bfloat16 weights, summed by `vdpbf16ps` or its exact emulation.
+#[derive(Clone, Copy)]
+pub struct Bf16Weights {
+    #[cfg(target_arch = "x86_64")]
+    fast: Option<x86::Bf16Tiles>,
+    #[cfg(not(target_arch = "x86_64"))]
+    fast: Option<()>,
+}
+
+impl Weights for Bf16Weights {
+    type Word = u32;
+    #[inline(always)]
+    fn depth(k: usize) -> usize {
+        pairs(k)
+    }
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let fast = x86::Bf16Tiles::detect();
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast = None;
+        Self { fast }
+    }
+    fn weight_words<X: Storage>(row: &[X], out: &mut [u32]) {
+        let rounded: Vec<Bf16> = row.iter().map(|&x| Bf16::round_from_f64(x.widen_f64())).collect();
+        Bf16::pair_words(&rounded, out);
+    }
+    #[inline(always)]
+    fn tile(self, a: &[u32], rows: usize, b: &[u32], strips: usize, depth: usize, tile: &mut Tile) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(fast) = self.fast {
+            return fast.tile(a, rows, b, strips, depth, tile);
+        }
+        portable_bf16_tile(a, rows, b, strips, depth, tile)
+    }
+}
+
+/// float32 weights, summed by fused multiply-adds.
+#[derive(Clone, Copy)]
+pub struct F32Weights {
+    #[cfg(target_arch = "x86_64")]
+    fast: Option<x86::F32Tiles>,
+}
+
+impl Weights for F32Weights {
+    type Word = f32;
+    #[inline(always)]
+    fn depth(k: usize) -> usize {
+        k
+    }
+    fn detect() -> Self {
+        Self {
+            #[cfg(target_arch = "x86_64")]
+            fast: x86::F32Tiles::detect(),
+        }
+    }
+    fn weight_words<X: Storage>(row: &[X], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(row) {
+            *o = x.widen_f64() as f32;
+        }
+    }
+    #[inline(always)]
+    fn tile(self, a: &[f32], rows: usize, b: &[f32], strips: usize, depth: usize, tile: &mut Tile) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(fast) = self.fast {
+            return fast.tile(a, rows, b, strips, depth, tile);
+        }
+        portable_f32_tile(a, rows, b, strips, depth, tile)
+    }
+}
+
+/// The number of words of `n × k` packed weights.
+pub fn packed_len<W: Weights>(n: usize, k: usize) -> Option<usize> {
+    n.div_ceil(NR).checked_mul(W::depth(k))?.checked_mul(NR)
 }
 
 /// A float32 value rounded to bfloat16 as `vcvtne2ps2bf16` rounds it, without a branch (so that
@@ -76,8 +181,8 @@ fn to_bf16_lanes(x: f32) -> u32 {
     }
 }
 
-/// The dtypes a product reads and writes: float32 (rounded to bfloat16 pairs when read) or
-/// bfloat16 (read as it is).
+/// The dtypes a bfloat16 product reads and the dtypes products write: float32 (rounded to
+/// bfloat16 pairs when read) or bfloat16 (read as it is).
 pub trait Operand: Storage {
     /// Row `x` (`k` values) as pair words into `out` (`pairs(k)` long).
     fn pair_words(x: &[Self], out: &mut [u32]);
@@ -107,36 +212,33 @@ impl Operand for Bf16 {
     }
 }
 
-/// Rounds the weight `w` (`n` rows of `k`, any float dtype) once to bfloat16 and packs it into
-/// `packed` (`packed_len(n, k)` words, every one written; see the module notes).
-pub fn pack_weight<X: Storage>(
+/// Rounds the weight `w` (`n` rows of `k`, any float dtype) once to `W`'s words and packs it into
+/// `packed` (`packed_len::<W>(n, k)` words, every one written; see the module notes).
+pub fn pack_weight<W: Weights, X: Storage>(
     w: &[X],
     n: usize,
     k: usize,
-    packed: &mut [MaybeUninit<u32>],
+    packed: &mut [MaybeUninit<W::Word>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    let p = pairs(k);
+    let depth = W::depth(k);
     if Some(w.len()) != n.checked_mul(k) {
         return Err(KernelError::invalid("weight", format!("expected {n} x {k} values, got {}", w.len())));
     }
-    if Some(packed.len()) != packed_len(n, k) {
+    if Some(packed.len()) != packed_len::<W>(n, k) {
         return Err(KernelError::invalid("packed", "length does not match the weight's shape"));
     }
-    if p == 0 {
+    if depth == 0 {
         return Ok(());
     }
-    let mut strips: Vec<(usize, &mut [MaybeUninit<u32>])> = packed.chunks_mut(p * NR).enumerate().collect();
+    let mut strips: Vec<(usize, &mut [MaybeUninit<W::Word>])> =
+        packed.chunks_mut(depth * NR).enumerate().collect();
     par.for_each(&mut strips, |(s, out)| {
-        out.fill(MaybeUninit::new(0));
-        let mut row = vec![Bf16::default(); 2 * p];
-        let mut words = vec![0u32; p];
+        out.fill(MaybeUninit::new(W::Word::default()));
+        let mut words = vec![W::Word::default(); depth];
         for c in 0..NR.min(n - *s * NR) {
             let j = *s * NR + c;
-            for (b, &x) in row.iter_mut().zip(&w[j * k..(j + 1) * k]) {
-                *b = Bf16::round_from_f64(x.widen_f64());
-            }
-            Bf16::pair_words(&row[..k], &mut words);
+            W::weight_words(&w[j * k..(j + 1) * k], &mut words);
             for (i, &word) in words.iter().enumerate() {
                 out[i * NR + c] = MaybeUninit::new(word);
             }
@@ -227,71 +329,137 @@ pub struct Shape {
     pub n: usize,
 }
 
-/// `out = epilogue(x · Wᵀ + bias)` (see the module notes): `x` has `m` rows of `k`, `packed` is
-/// [`pack_weight`]'s `n × k` weight, `bias` has `n` float32 values, `out` `m` rows of `n`.
-#[allow(clippy::too_many_arguments)]
+/// What one call computes besides its input rows: the packed weight, the bias, the epilogue and
+/// the output's shape.
+#[derive(Clone, Copy)]
+pub struct Call<'a, W: Weights> {
+    pub packed: &'a [W::Word],
+    pub bias: Option<&'a [f32]>,
+    pub epilogue: Epilogue,
+    pub shape: Shape,
+}
+
+impl<W: Weights> Call<'_, W> {
+    /// The call's lengths against its shape; `x_len`: the values of `x`.
+    fn check<Y>(&self, x_len: usize, out: &[MaybeUninit<Y>]) -> Result<(), KernelError> {
+        let Shape { m, k, n } = self.shape;
+        if Some(x_len) != m.checked_mul(k) {
+            return Err(KernelError::invalid("x", format!("expected {m} x {k} values, got {x_len}")));
+        }
+        if Some(self.packed.len()) != packed_len::<W>(n, k) {
+            return Err(KernelError::invalid(
+                "packed",
+                format!("expected {:?} words for {n} x {k}", packed_len::<W>(n, k)),
+            ));
+        }
+        if self.bias.is_some_and(|b| b.len() != n) {
+            return Err(KernelError::invalid("bias", format!("expected {n} values")));
+        }
+        if Some(out.len()) != m.checked_mul(n) {
+            return Err(KernelError::invalid("out", format!("expected {m} x {n} values")));
+        }
+        Ok(())
+    }
+}
+
+/// `out = epilogue(x · Wᵀ + bias)` with bfloat16 weights (see the module notes): `x` has `m` rows
+/// of `k`, `call.packed` is [`pack_weight`]'s `n × k` weight, `bias` has `n` float32 values, `out`
+/// `m` rows of `n`.
 pub fn linear<X: Operand, Y: Operand>(
     x: &[X],
-    packed: &[u32],
-    bias: Option<&[f32]>,
-    epilogue: Epilogue,
-    shape: Shape,
+    call: Call<'_, Bf16Weights>,
     out: &mut [MaybeUninit<Y>],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    let Shape { m, k, n } = shape;
-    if Some(x.len()) != m.checked_mul(k) {
-        return Err(KernelError::invalid("x", format!("expected {m} x {k} values, got {}", x.len())));
+    call.check(x.len(), out)?;
+    let Shape { m, k, .. } = call.shape;
+    let pack = |first: usize, words: &mut [u32]| simd::task_wide(&mut PackRows { x, k, first, out: words });
+    if m > MB {
+        // Each task packs its own rows.
+        drive(Bf16Weights::detect(), call, Rows::Pack(&pack), out, par);
+    } else {
+        // Few rows: the rows' pair words once, shared by every task.
+        let mut words = vec![0u32; m * pairs(k)];
+        pack(0, &mut words);
+        drive(Bf16Weights::detect(), call, Rows::<u32, fn(usize, &mut [u32])>::Ready(&words), out, par);
     }
-    if Some(packed.len()) != packed_len(n, k) {
-        return Err(KernelError::invalid(
-            "packed",
-            format!("expected {:?} words for {n} x {k}", packed_len(n, k)),
-        ));
-    }
-    if bias.is_some_and(|b| b.len() != n) {
-        return Err(KernelError::invalid("bias", format!("expected {n} values")));
-    }
-    if Some(out.len()) != m.checked_mul(n) {
-        return Err(KernelError::invalid("out", format!("expected {m} x {n} values")));
-    }
+    Ok(())
+}
+
+/// `out = epilogue(x · Wᵀ + bias)` with float32 weights (see the module notes), as [`linear`].
+pub fn linear_f32<Y: Operand>(
+    x: &[f32],
+    call: Call<'_, F32Weights>,
+    out: &mut [MaybeUninit<Y>],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    call.check(x.len(), out)?;
+    drive(F32Weights::detect(), call, Rows::<f32, fn(usize, &mut [f32])>::Ready(x), out, par);
+    Ok(())
+}
+
+/// Where a task finds its rows' words: all the call's rows, ready; or packed by the task, from
+/// the first row and into a buffer of its rows.
+enum Rows<'a, Word, F> {
+    Ready(&'a [Word]),
+    Pack(&'a F),
+}
+
+/// Splits a checked call into tasks (see the module notes) and runs them.
+fn drive<W: Weights, Y: Operand, F: Fn(usize, &mut [W::Word]) + Sync>(
+    weights: W,
+    call: Call<'_, W>,
+    rows: Rows<'_, W::Word, F>,
+    out: &mut [MaybeUninit<Y>],
+    par: Par<'_>,
+) {
+    let Shape { m, k, n } = call.shape;
     if m == 0 || n == 0 {
-        return Ok(());
+        return;
     }
-    let product = Product { x, packed, bias, epilogue, p: pairs(k), k, n };
+    let product = Product { weights, call, depth: W::depth(k) };
     if m > MB {
         // Rows split: each task writes its own rows of `out`.
         let mut tasks: Vec<(usize, &mut [MaybeUninit<Y>])> = out.chunks_mut(MB * n).enumerate().collect();
-        par.for_each(&mut tasks, |(b, rows)| {
+        par.for_each(&mut tasks, |(b, rows_out)| {
             let r0 = *b * MB;
-            let rows_here = rows.len() / n;
+            let here = rows_out.len() / n;
+            let a: Cow<'_, [W::Word]> = match rows {
+                Rows::Ready(all) => Cow::Borrowed(&all[r0 * product.depth..(r0 + here) * product.depth]),
+                Rows::Pack(pack) => {
+                    let mut words = vec![W::Word::default(); here * product.depth];
+                    pack(r0, &mut words);
+                    Cow::Owned(words)
+                }
+            };
             simd::task_wide(&mut Block {
                 product: &product,
-                rows: (r0, rows_here),
-                a: None,
+                a: &a,
+                rows: here,
                 cols: (0, n),
-                out: Out::Rows(rows),
+                out: Out::Rows(rows_out),
             });
         });
     } else {
         // Few rows: columns split, each task into its own buffer, copied out after.
-        // The rows' pair words once, shared by every task.
-        let mut a = vec![0u32; m * product.p];
-        simd::task_wide(&mut PackRows { x, k, first: 0, out: &mut a });
+        let owned;
+        let a: &[W::Word] = match rows {
+            Rows::Ready(all) => all,
+            Rows::Pack(pack) => {
+                let mut words = vec![W::Word::default(); m * product.depth];
+                pack(0, &mut words);
+                owned = words;
+                &owned
+            }
+        };
         let mut tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(NB)).map(|b| (b, Vec::new())).collect();
         par.for_each(&mut tasks, |(b, buf)| {
             let cols = (*b * NB, NB.min(n - *b * NB));
             buf.resize(m * cols.1, 0.0);
-            simd::task_wide(&mut Block {
-                product: &product,
-                rows: (0, m),
-                a: Some(&a),
-                cols,
-                out: Out::<Y>::Buffer(buf),
-            });
+            simd::task_wide(&mut Block { product: &product, a, rows: m, cols, out: Out::<Y>::Buffer(buf) });
         });
         if par.stopped() {
-            return Ok(());
+            return;
         }
         for (b, buf) in &tasks {
             let c0 = b * NB;
@@ -303,18 +471,13 @@ pub fn linear<X: Operand, Y: Operand>(
             }
         }
     }
-    Ok(())
 }
 
 /// What every task of one call reads.
-struct Product<'a, X> {
-    x: &'a [X],
-    packed: &'a [u32],
-    bias: Option<&'a [f32]>,
-    epilogue: Epilogue,
-    p: usize,
-    k: usize,
-    n: usize,
+struct Product<'a, W: Weights> {
+    weights: W,
+    call: Call<'a, W>,
+    depth: usize,
 }
 
 /// Where a task's outputs go: its rows of `out` (all `n` columns), rounded to the output's
@@ -342,53 +505,34 @@ impl<X: Operand> Task for PackRows<'_, '_, X> {
     }
 }
 
-/// One task: rows `rows.0..rows.0 + rows.1` by columns `cols.0..cols.0 + cols.1` (`cols.0` a
-/// multiple of NR); `a`: those rows' pair words, when packed before the tasks (else the task
-/// packs its rows).
-struct Block<'a, 'b, X, Y> {
-    product: &'b Product<'a, X>,
-    rows: (usize, usize),
-    a: Option<&'b [u32]>,
+/// One task: the `rows` rows of words `a` by columns `cols.0..cols.0 + cols.1` (`cols.0` a
+/// multiple of NR).
+struct Block<'a, 'b, W: Weights, Y> {
+    product: &'b Product<'a, W>,
+    a: &'b [W::Word],
+    rows: usize,
     cols: (usize, usize),
     out: Out<'b, Y>,
 }
 
-impl<X: Operand, Y: Operand> Task for Block<'_, '_, X, Y> {
+impl<W: Weights, Y: Operand> Task for Block<'_, '_, W, Y> {
     #[inline(always)]
     fn run(&mut self) {
-        let Product { x, packed, bias, epilogue, p, k, n } = *self.product;
-        let (r0, m) = self.rows;
+        let Product { weights, call, depth } = *self.product;
+        let Call { packed, bias, epilogue, shape } = call;
+        let n = shape.n;
+        let (a, m) = (self.a, self.rows);
         let (c0, cols) = self.cols;
-        let own;
-        let a = match self.a {
-            Some(a) => a,
-            None => {
-                let mut words = vec![0u32; m * p];
-                PackRows { x, k, first: r0, out: &mut words }.run();
-                own = words;
-                &own
-            }
-        };
-        #[cfg(target_arch = "x86_64")]
-        let fast = x86::Bf16Tiles::detect();
-        let mut tile = [[[0.0f32; NR]; SR]; MR];
+        let mut tile: Tile = [[[0.0f32; NR]; SR]; MR];
         let s_end = (c0 + cols).div_ceil(NR);
         let mut s = c0 / NR;
         while s < s_end {
             let strips = SR.min(s_end - s);
-            let b = &packed[s * p * NR..(s + strips) * p * NR];
+            let b = &packed[s * depth * NR..(s + strips) * depth * NR];
             let mut t = 0;
             while t < m {
                 let rows = MR.min(m - t);
-                let a = &a[t * p..(t + rows) * p];
-                #[cfg(target_arch = "x86_64")]
-                if let Some(fast) = fast {
-                    fast.tile(a, rows, b, strips, p, &mut tile);
-                } else {
-                    portable_tile(a, rows, b, strips, p, &mut tile);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                portable_tile(a, rows, b, strips, p, &mut tile);
+                weights.tile(&a[t * depth..(t + rows) * depth], rows, b, strips, depth, &mut tile);
                 // The tile's valid columns, with the bias, into the task's output.
                 for (r, tile_row) in tile.iter().enumerate().take(rows) {
                     for (st, lanes) in tile_row.iter().enumerate().take(strips) {
@@ -452,18 +596,11 @@ fn finish<T>(acc: &[f32], bias: Option<&[f32]>, out: &mut [T], put: impl Fn(f32)
     }
 }
 
-/// The portable tile: `rows` rows of pair words `a` by `strips` strips of `b`, over all `p`
-/// pairs, into `tile`; exactly the steps of `vdpbf16ps` (`dot16::steps`, and `dot16::step` where
-/// a result lands on ±2^-126).
+/// The portable bfloat16 tile: `rows` rows of pair words `a` by `strips` strips of `b`, over all
+/// `p` pairs, into `tile`; exactly the steps of `vdpbf16ps` (`dot16::steps`, and `dot16::step`
+/// where a result lands on ±2^-126).
 #[inline(always)]
-fn portable_tile(
-    a: &[u32],
-    rows: usize,
-    b: &[u32],
-    strips: usize,
-    p: usize,
-    tile: &mut [[[f32; NR]; SR]; MR],
-) {
+fn portable_bf16_tile(a: &[u32], rows: usize, b: &[u32], strips: usize, p: usize, tile: &mut Tile) {
     for (r, tile_row) in tile.iter_mut().enumerate().take(rows) {
         let a = &a[r * p..(r + 1) * p];
         for (st, acc) in tile_row.iter_mut().enumerate().take(strips) {
@@ -485,20 +622,108 @@ fn portable_tile(
     }
 }
 
+/// The portable float32 tile: as [`portable_bf16_tile`], in blocks of `KB` input dimensions,
+/// each dimension one fused multiply-add (`f32::mul_add`: an FMA instruction where the
+/// accelerated path runs) into the block's accumulator, each block's sum then added to the total.
+/// Each strip is run for up to three rows at once, so that their accumulators stay in registers.
+#[inline(always)]
+fn portable_f32_tile(a: &[f32], rows: usize, b: &[f32], strips: usize, depth: usize, tile: &mut Tile) {
+    #[inline(always)]
+    fn rows_by_strip<const R: usize>(
+        a: &[f32],
+        b: &[f32],
+        depth: usize,
+        out: &mut [[[f32; NR]; SR]],
+        st: usize,
+    ) {
+        let rows: [&[f32]; R] = simd::array(|r| &a[r * depth..][..depth]);
+        let mut total = [[0.0f32; NR]; R];
+        for (blk, ws) in b[..depth * NR].chunks(KB * NR).enumerate() {
+            let mut acc = [[0.0f32; NR]; R];
+            for (i, w) in ws.chunks_exact(NR).enumerate() {
+                for (acc, row) in acc.iter_mut().zip(&rows) {
+                    let x = row[blk * KB + i];
+                    for (s, &w) in acc.iter_mut().zip(w) {
+                        *s = x.mul_add(w, *s);
+                    }
+                }
+            }
+            for (total, acc) in total.iter_mut().zip(&acc) {
+                for (t, &s) in total.iter_mut().zip(acc) {
+                    *t += s;
+                }
+            }
+        }
+        for (out, total) in out.iter_mut().zip(total) {
+            out[st] = total;
+        }
+    }
+    for st in 0..strips {
+        let b = &b[st * depth * NR..(st + 1) * depth * NR];
+        let mut r = 0;
+        while r < rows {
+            let here = 3.min(rows - r);
+            let (a, out) = (&a[r * depth..], &mut tile[r..r + here]);
+            match here {
+                3 => rows_by_strip::<3>(a, b, depth, out, st),
+                2 => rows_by_strip::<2>(a, b, depth, out, st),
+                _ => rows_by_strip::<1>(a, b, depth, out, st),
+            }
+            r += here;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The tile with `vdpbf16ps`. `unsafe` appears where vectors are loaded and stored (inside
-    //! slices whose lengths are checked first) and where [`Bf16Tiles`] enters the kernel, whose
-    //! existence proves the CPU has the instructions.
+    //! The tiles with `vdpbf16ps` and with AVX-512 FMAs. `unsafe` appears where vectors are
+    //! loaded and stored (inside slices whose lengths are checked first) and where [`Bf16Tiles`]
+    //! and [`F32Tiles`] enter the kernels, whose existence proves the CPU has the instructions.
 
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, SR};
+    use super::{Tile, KB, MR, NR, SR};
     use crate::kernels::simd;
 
     /// Proof that this CPU runs AVX-512F and AVX512_BF16 and that the AVX-512 path is enabled.
     #[derive(Clone, Copy)]
     pub struct Bf16Tiles(());
+
+    /// Proof that this CPU runs AVX-512F and that the AVX-512 path is enabled.
+    #[derive(Clone, Copy)]
+    pub struct F32Tiles(());
+
+    /// Calls `$tile::<R, S>($args)` for the tile's `rows` (1 to 6) and `strips` (1 to 4).
+    macro_rules! shapes {
+        ($tile:ident, $rows:expr, $strips:expr, ($($arg:expr),*)) => {
+            shapes!(@rows $tile, $rows, $strips, ($($arg),*), 1, 2, 3, 4, 5, 6)
+        };
+        (@rows $tile:ident, $rows:expr, $strips:expr, $args:tt, $($r:literal),*) => {
+            match ($rows, $strips) {
+                $(
+                    ($r, 4) => shapes!(@call $tile, $r, 4, $args),
+                    ($r, 3) => shapes!(@call $tile, $r, 3, $args),
+                    ($r, 2) => shapes!(@call $tile, $r, 2, $args),
+                    ($r, 1) => shapes!(@call $tile, $r, 1, $args),
+                )*
+                _ => {}
+            }
+        };
+        (@call $tile:ident, $r:literal, $s:literal, ($($arg:expr),*)) => {
+            $tile::<$r, $s>($($arg),*)
+        };
+    }
+
+    /// The tile's shape against its slices (the kernels read inside them).
+    #[inline(always)]
+    fn check<T>(a: &[T], rows: usize, b: &[T], strips: usize, depth: usize) {
+        assert!(
+            (1..=MR).contains(&rows)
+                && (1..=SR).contains(&strips)
+                && a.len() >= rows * depth
+                && b.len() >= strips * depth * NR
+        );
+    }
 
     impl Bf16Tiles {
         #[inline(always)]
@@ -506,50 +731,34 @@ mod x86 {
             (simd::avx512() && std::arch::is_x86_feature_detected!("avx512bf16")).then_some(Self(()))
         }
 
-        /// See `portable_tile`.
+        /// See `portable_bf16_tile`.
         #[inline(always)]
-        pub fn tile(
-            self,
-            a: &[u32],
-            rows: usize,
-            b: &[u32],
-            strips: usize,
-            p: usize,
-            tile: &mut [[[f32; NR]; SR]; MR],
-        ) {
-            assert!(
-                (1..=MR).contains(&rows)
-                    && (1..=SR).contains(&strips)
-                    && a.len() >= rows * p
-                    && b.len() >= strips * p * NR
-            );
-            macro_rules! shapes {
-                ($($r:literal),*) => {
-                    match (rows, strips) {
-                        $(
-                            ($r, 4) => tile_rs::<$r, 4>(a, b, p, tile),
-                            ($r, 3) => tile_rs::<$r, 3>(a, b, p, tile),
-                            ($r, 2) => tile_rs::<$r, 2>(a, b, p, tile),
-                            ($r, 1) => tile_rs::<$r, 1>(a, b, p, tile),
-                        )*
-                        _ => {}
-                    }
-                };
-            }
+        pub fn tile(self, a: &[u32], rows: usize, b: &[u32], strips: usize, p: usize, tile: &mut Tile) {
+            check(a, rows, b, strips, p);
             // SAFETY: `self` exists only on a CPU with these instructions.
-            unsafe { shapes!(1, 2, 3, 4, 5, 6) }
+            unsafe { shapes!(tile_bf16, rows, strips, (a, b, p, tile)) }
+        }
+    }
+
+    impl F32Tiles {
+        #[inline(always)]
+        pub fn detect() -> Option<Self> {
+            simd::avx512().then_some(Self(()))
+        }
+
+        /// See `portable_f32_tile`.
+        #[inline(always)]
+        pub fn tile(self, a: &[f32], rows: usize, b: &[f32], strips: usize, depth: usize, tile: &mut Tile) {
+            check(a, rows, b, strips, depth);
+            // SAFETY: `self` exists only on a CPU with these instructions.
+            unsafe { shapes!(tile_f32, rows, strips, (a, b, depth, tile)) }
         }
     }
 
     /// `R` rows of `a` by `S` strips of `b` (consecutive, `p · NR` words each), all `p` pairs.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    fn tile_rs<const R: usize, const S: usize>(
-        a: &[u32],
-        b: &[u32],
-        p: usize,
-        tile: &mut [[[f32; NR]; SR]; MR],
-    ) {
+    fn tile_bf16<const R: usize, const S: usize>(a: &[u32], b: &[u32], p: usize, tile: &mut Tile) {
         let strips: [&[[u32; NR]]; S] = simd::array(|s| &b[s * p * NR..][..p * NR].as_chunks::<NR>().0[..p]);
         let rows: [&[u32]; R] = simd::array(|r| &a[r * p..][..p]);
         let mut acc = [[_mm512_setzero_ps(); S]; R];
@@ -567,6 +776,45 @@ mod x86 {
                 }
             }
         }
+        store(&acc, tile);
+    }
+
+    /// `R` rows of `a` by `S` strips of `b` (consecutive, `depth · NR` floats each), all `depth`
+    /// input dimensions in blocks of `KB`, one FMA each (see `portable_f32_tile`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn tile_f32<const R: usize, const S: usize>(a: &[f32], b: &[f32], depth: usize, tile: &mut Tile) {
+        let strips: [&[[f32; NR]]; S] =
+            simd::array(|s| &b[s * depth * NR..][..depth * NR].as_chunks::<NR>().0[..depth]);
+        let rows: [&[f32]; R] = simd::array(|r| &a[r * depth..][..depth]);
+        let mut total = [[_mm512_setzero_ps(); S]; R];
+        let mut i0 = 0;
+        while i0 < depth {
+            let mut acc = [[_mm512_setzero_ps(); S]; R];
+            for i in i0..depth.min(i0 + KB) {
+                // SAFETY: reads the sixteen floats of a strip's input dimension.
+                let k: [__m512; S] = simd::array(|s| unsafe { _mm512_loadu_ps(strips[s][i].as_ptr()) });
+                for (acc, row) in acc.iter_mut().zip(&rows) {
+                    let a = _mm512_set1_ps(row[i]);
+                    for (x, &k) in acc.iter_mut().zip(&k) {
+                        *x = _mm512_fmadd_ps(a, k, *x);
+                    }
+                }
+            }
+            for (total, acc) in total.iter_mut().zip(&acc) {
+                for (t, &x) in total.iter_mut().zip(acc) {
+                    *t = _mm512_add_ps(*t, x);
+                }
+            }
+            i0 += KB;
+        }
+        store(&total, tile);
+    }
+
+    /// The accumulators into the first `R` rows and `S` strips of `tile`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store<const R: usize, const S: usize>(acc: &[[__m512; S]; R], tile: &mut Tile) {
         for (acc, out) in acc.iter().zip(tile.iter_mut()) {
             for (&x, out) in acc.iter().zip(out.iter_mut()) {
                 // SAFETY: writes the sixteen floats of `out`.
@@ -579,7 +827,6 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::simd;
 
     fn rnd(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -606,8 +853,31 @@ mod tests {
         out
     }
 
-    #[test]
-    fn every_path_and_split_gives_the_definition() {
+    /// float32 weights' definition, one output at a time.
+    fn reference_f32(x: &[f32], w: &[f32], bias: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let mut total = 0.0f32;
+                for i0 in (0..k).step_by(KB) {
+                    let mut acc = 0.0f32;
+                    for i in i0..k.min(i0 + KB) {
+                        acc = x[r * k + i].mul_add(w[j * k + i], acc);
+                    }
+                    total += acc;
+                }
+                out[r * n + j] = total + bias[j];
+            }
+        }
+        out
+    }
+
+    /// Runs `product` on every path (AVX-512, AVX2, portable) and split (one thread, three) of
+    /// each shape and asserts the bits of `reference`'s.
+    fn every_path<W: Weights>(
+        reference: fn(&[f32], &[f32], &[f32], (usize, usize, usize)) -> Vec<f32>,
+        product: fn(&[f32], Call<'_, W>, &mut [MaybeUninit<f32>], Par<'_>) -> Result<(), KernelError>,
+    ) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let mut seed = 7;
         for &(m, k, n) in &[(1, 1, 1), (3, 7, 17), (7, 33, 70), (50, 64, 129), (100, 130, 40), (13, 384, 200)]
@@ -615,24 +885,34 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rnd(&mut seed)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rnd(&mut seed)).collect();
             let bias: Vec<f32> = (0..n).map(|_| rnd(&mut seed)).collect();
-            let want = reference(&x, &w, &bias, (m, k, n));
-            let mut packed = vec![MaybeUninit::uninit(); packed_len(n, k).unwrap()];
-            pack_weight(&w, n, k, &mut packed, Par::SEQ).unwrap();
-            let packed: Vec<u32> = packed.iter().map(|w| unsafe { w.assume_init() }).collect();
+            let want: Vec<u32> = reference(&x, &w, &bias, (m, k, n)).iter().map(|v| v.to_bits()).collect();
+            let mut packed = vec![MaybeUninit::uninit(); packed_len::<W>(n, k).unwrap()];
+            pack_weight::<W, f32>(&w, n, k, &mut packed, Par::SEQ).unwrap();
+            let packed: Vec<W::Word> = packed.iter().map(|w| unsafe { w.assume_init() }).collect();
             for (accelerated, wide) in [(true, true), (true, false), (false, false)] {
                 simd::set_enabled(accelerated);
                 simd::set_avx512_enabled(wide);
                 for par in [Par::SEQ, Par::on(&pool)] {
                     let mut out = vec![MaybeUninit::<f32>::uninit(); m * n];
-                    linear(&x, &packed, Some(&bias), Epilogue::None, Shape { m, k, n }, &mut out, par)
-                        .unwrap();
+                    let call = Call {
+                        packed: &packed,
+                        bias: Some(&bias),
+                        epilogue: Epilogue::None,
+                        shape: Shape { m, k, n },
+                    };
+                    product(&x, call, &mut out, par).unwrap();
                     let got: Vec<u32> = out.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect();
-                    let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
                     assert_eq!(got, want, "m {m} k {k} n {n} accelerated {accelerated} wide {wide}");
                 }
             }
             simd::set_enabled(true);
             simd::set_avx512_enabled(true);
         }
+    }
+
+    #[test]
+    fn every_path_and_split_gives_the_definition() {
+        every_path::<Bf16Weights>(reference, linear::<f32, f32>);
+        every_path::<F32Weights>(reference_f32, linear_f32::<f32>);
     }
 }

@@ -1,40 +1,60 @@
-//! `_core.pack_bf16` and `_core.linear_bf16`: the matrix product of a linear layer with bfloat16
-//! weights (`kernels/linear.rs`).
+//! `_core.pack_bf16`, `_core.pack_f32`, `_core.linear_bf16` and `_core.linear_f32`: the matrix
+//! product of a linear layer with packed bfloat16 or float32 weights (`kernels/linear.rs`).
 
 use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::kernels::linear::{self as kernel, Epilogue, Operand, Shape};
+use crate::kernels::linear::{
+    self as kernel, Bf16Weights, Call, Epilogue, F32Weights, Operand, Shape, Weights,
+};
 use crate::kernels::storage::Bf16;
 use crate::kernels::storage::Storage;
 use crate::py::arrays::{choice, fill_new, floats, slice, typed, Floats};
 
-/// The weight `weight` (`n × k`, any float dtype) rounded once to bfloat16 and packed: a uint32
-/// array for [`linear_bf16`].
-#[pyfunction]
-pub fn pack_bf16<'py>(py: Python<'py>, weight: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    fn run<'py, X: Storage + Element>(
+/// The weight `weight` (`n × k`, any float dtype) rounded once to `W`'s words and packed.
+fn pack<'py, W: Weights>(py: Python<'py>, weight: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>
+where
+    W::Word: Element,
+{
+    fn run<'py, W: Weights, X: Storage + Element>(
         py: Python<'py>,
         w: &PyReadonlyArrayDyn<'py, X>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<Bound<'py, PyAny>>
+    where
+        W::Word: Element,
+    {
         let &[n, k] = w.shape() else {
             return Err(PyValueError::new_err(format!(
                 "weight: expected 2 dimensions, got shape {:?}",
                 w.shape()
             )));
         };
-        let len = kernel::packed_len(n, k)
+        let len = kernel::packed_len::<W>(n, k)
             .ok_or_else(|| PyValueError::new_err(format!("weight: shape ({n}, {k}) is too large")))?;
         let ws = slice(w, "weight")?;
-        fill_new(py, &[len], "packed weight", &[], |out, par| kernel::pack_weight(ws, n, k, out, par))
+        fill_new(py, &[len], "packed weight", &[], |out, par| kernel::pack_weight::<W, X>(ws, n, k, out, par))
     }
     match floats(weight, "weight")? {
-        Floats::F32(w) => run(py, &w),
-        Floats::F64(w) => run(py, &w),
-        Floats::F16(w) => run(py, &w),
-        Floats::Bf16(w) => run(py, &w),
+        Floats::F32(w) => run::<W, _>(py, &w),
+        Floats::F64(w) => run::<W, _>(py, &w),
+        Floats::F16(w) => run::<W, _>(py, &w),
+        Floats::Bf16(w) => run::<W, _>(py, &w),
     }
+}
+
+/// The weight `weight` (`n × k`, any float dtype) rounded once to bfloat16 and packed: a uint32
+/// array for [`linear_bf16`].
+#[pyfunction]
+pub fn pack_bf16<'py>(py: Python<'py>, weight: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    pack::<Bf16Weights>(py, weight)
+}
+
+/// The weight `weight` (`n × k`, any float dtype) rounded once to float32 and packed: a float32
+/// array for [`linear_f32`].
+#[pyfunction]
+pub fn pack_f32<'py>(py: Python<'py>, weight: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    pack::<F32Weights>(py, weight)
 }
 
 /// `activation(x · Wᵀ + bias)` for `x` of shape `(..., k)` (float32 or bfloat16), `packed` from
@@ -56,8 +76,8 @@ pub fn linear_bf16<'py>(
     let epilogue = choice("activation", activation, &[("none", Epilogue::None), ("gelu", Epilogue::Gelu)])?;
     let packed = typed::<u32>(packed, "packed", "uint32")?;
     let bias = bias.map(|b| typed::<f32>(b, "bias", "float32")).transpose()?;
-    let call = Call {
-        words: slice(&packed, "packed")?,
+    let call = Args::<Bf16Weights> {
+        packed: slice(&packed, "packed")?,
         bias: bias.as_ref().map(|b| slice(b, "bias")).transpose()?,
         epilogue,
         n,
@@ -73,28 +93,64 @@ pub fn linear_bf16<'py>(
         ));
     }
     match (floats(x, "x")?, out_bf16) {
-        (Floats::F32(x), None | Some(false)) => call.run::<f32, f32>(py, &x),
-        (Floats::F32(x), Some(true)) => call.run::<f32, Bf16>(py, &x),
-        (Floats::Bf16(x), Some(false)) => call.run::<Bf16, f32>(py, &x),
-        (Floats::Bf16(x), None | Some(true)) => call.run::<Bf16, Bf16>(py, &x),
+        (Floats::F32(x), None | Some(false)) => call.run::<f32, f32>(py, &x, kernel::linear),
+        (Floats::F32(x), Some(true)) => call.run::<f32, Bf16>(py, &x, kernel::linear),
+        (Floats::Bf16(x), Some(false)) => call.run::<Bf16, f32>(py, &x, kernel::linear),
+        (Floats::Bf16(x), None | Some(true)) => call.run::<Bf16, Bf16>(py, &x, kernel::linear),
         _ => Err(PyTypeError::new_err("x: expected a float32 or bfloat16 array")),
     }
 }
 
-/// One [`linear_bf16`] call's arguments besides `x`.
-struct Call<'a> {
-    words: &'a [u32],
+/// `activation(x · Wᵀ + bias)` for float32 `x` of shape `(..., k)`, `packed` from [`pack_f32`]
+/// of an `n × k` weight, `bias` float32 of `n`; `activation` "none" or "gelu"; the output is
+/// float32 of shape `(..., n)`.
+#[pyfunction]
+#[pyo3(signature = (x, packed, bias, n, k, activation="none"))]
+pub fn linear_f32<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    packed: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+    n: usize,
+    k: usize,
+    activation: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let epilogue = choice("activation", activation, &[("none", Epilogue::None), ("gelu", Epilogue::Gelu)])?;
+    let packed = typed::<f32>(packed, "packed", "float32")?;
+    let bias = bias.map(|b| typed::<f32>(b, "bias", "float32")).transpose()?;
+    let call = Args::<F32Weights> {
+        packed: slice(&packed, "packed")?,
+        bias: bias.as_ref().map(|b| slice(b, "bias")).transpose()?,
+        epilogue,
+        n,
+        k,
+    };
+    let x = typed::<f32>(x, "x", "float32")?;
+    call.run::<f32, f32>(py, &x, kernel::linear_f32)
+}
+
+/// One call's arguments besides `x`.
+struct Args<'a, W: Weights> {
+    packed: &'a [W::Word],
     bias: Option<&'a [f32]>,
     epilogue: Epilogue,
     n: usize,
     k: usize,
 }
 
-impl Call<'_> {
-    fn run<'py, X: Operand + Element, Y: Operand + Element>(
+impl<W: Weights> Args<'_, W> {
+    /// The product of `x` (`(..., k)`) by `kernel`, into a new `(..., n)` array of `Y`.
+    fn run<'py, X: Storage + Element, Y: Operand + Element>(
         &self,
         py: Python<'py>,
         x: &PyReadonlyArrayDyn<'py, X>,
+        kernel: impl Fn(
+                &[X],
+                Call<'_, W>,
+                &mut [std::mem::MaybeUninit<Y>],
+                crate::pool::Par<'_>,
+            ) -> Result<(), crate::error::KernelError>
+            + Sync,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (n, k) = (self.n, self.k);
         let shape = x.shape();
@@ -109,8 +165,8 @@ impl Call<'_> {
         let m = leading.iter().product();
         let out_shape: Vec<usize> = leading.iter().copied().chain([n]).collect();
         let xs = slice(x, "x")?;
-        fill_new::<Y>(py, &out_shape, "out", &[], |out, par| {
-            kernel::linear(xs, self.words, self.bias, self.epilogue, Shape { m, k, n }, out, par)
-        })
+        let call =
+            Call { packed: self.packed, bias: self.bias, epilogue: self.epilogue, shape: Shape { m, k, n } };
+        fill_new::<Y>(py, &out_shape, "out", &[], |out, par| kernel(xs, call, out, par))
     }
 }

@@ -107,5 +107,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block::silu_mul, m)?)?;
     m.add_function(wrap_pyfunction!(linear::pack_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::pack_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_f32, m)?)?;
     Ok(())
 }

@@ -108,31 +108,21 @@ class PicklesTokenizer:
 
 
 class Projection:
-    """``x @ weight.T + bias`` of a checkpoint's ``(out, in)`` matrix, in the model's dtype:
-    ``"float32"`` (NumPy's BLAS) or ``"bfloat16"`` (:class:`attnkit.Bf16Linear`: the weight held
-    in bfloat16, the inputs rounded to it, float32 sums). Float32 in and out either way.
+    """``x @ weight.T + bias`` of a checkpoint's ``(out, in)`` matrix, in the model's dtype, on
+    attnkit's own product: ``"float32"`` (:class:`attnkit.F32Linear`: the weight held in
+    float32, one FMA per input dimension) or ``"bfloat16"`` (:class:`attnkit.Bf16Linear`: the
+    weight held in bfloat16, the inputs rounded to it, float32 sums). Float32 in and out either
+    way; the weight is packed once (a copy: a tied output matrix is held twice)."""
 
-    ``copy=False`` keeps a float32 weight as a transposed view (a tied output matrix shares the
-    embedding table's memory)."""
-
-    def __init__(self, weight: F32, bias: F32 | None = None, *, dtype: str = "float32", copy: bool = True) -> None:
+    def __init__(self, weight: F32, bias: F32 | None = None, *, dtype: str = "float32") -> None:
         self.dtype = dtype
         self.shape = (int(weight.shape[0]), int(weight.shape[1]))
-        self._bf16 = attnkit.Bf16Linear(weight, bias) if dtype == "bfloat16" else None
-        # float32: the (in, out) matrix NumPy's product takes (unused, and empty, in bfloat16).
-        self._wt: F32 = np.empty((0, 0), np.float32) if self._bf16 is not None else (
-            np.ascontiguousarray(weight.T) if copy else weight.T)
-        self._bias = bias
+        self._layer = (attnkit.Bf16Linear if dtype == "bfloat16" else attnkit.F32Linear)(weight, bias)
 
     def __call__(self, x: F32, *, gelu: Literal["none", "tanh"] | None = None) -> F32:
-        """The product, then (``gelu``) :func:`attnkit.gelu` of that form; the bfloat16 product
-        applies the erf form in its epilogue (float32 arithmetic: see
-        :meth:`attnkit.Bf16Linear.__call__`), as bfloat16 models compute it."""
-        if self._bf16 is not None:
-            fused = gelu == "none"
-            out: F32 = self._bf16(x, activation="gelu" if fused else None)
-            return attnkit.gelu(out, gelu) if gelu is not None and not fused else out
-        y: F32 = x @ self._wt
-        if self._bias is not None:
-            y += self._bias
-        return y if gelu is None else attnkit.gelu(y, gelu)
+        """The product, then (``gelu``) :func:`attnkit.gelu` of that form; the erf form
+        (``"none"``) is fused into the product's epilogue (float32 arithmetic, within 1e-6
+        relative: see :mod:`attnkit.linear`), as PyTorch's CPU kernels compute it in float32."""
+        fused = gelu == "none"
+        out: F32 = self._layer(x, activation="gelu" if fused else None)
+        return attnkit.gelu(out, gelu) if gelu is not None and not fused else out

@@ -170,7 +170,7 @@ def read_weights(c: LlamaConfig, get: Callable[..., F32], names: dict[str, str],
                         dtype=dtype)
               for n in range(c.layers)]
     embed = get(names["embed"], c.vocab, c.hidden)
-    lm_head = Projection(embed, dtype=dtype, copy=False) if tied else Projection(
+    lm_head = Projection(embed, dtype=dtype) if tied else Projection(
         get(names["head"], c.vocab, c.hidden), dtype=dtype)
     return _Weights(embed=embed, layers=layers, norm=get(names["norm"], c.hidden), lm_head=lm_head)
 
