@@ -84,10 +84,12 @@ def test_without_sentence_transformers_configs_mean_pooling_unnormalized(tmp_pat
 def test_batches_and_order_do_not_change_the_vectors(folder):
     encoder = models.load(folder)
     whole = encoder.encode(SENTENCES, batch_size=32)
-    np.testing.assert_allclose(encoder.encode(SENTENCES, batch_size=1), whole, atol=1e-6)
-    np.testing.assert_allclose(encoder.encode(SENTENCES[::-1], batch_size=2)[::-1], whole, atol=1e-6)
+    # Attention over a short sentence alone and padded in a batch may take different kernels
+    # (rounded differently in the last bit); the products do not depend on the rows beside a row.
+    np.testing.assert_allclose(encoder.encode(SENTENCES, batch_size=1), whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(SENTENCES[::-1], batch_size=2)[::-1], whole, rtol=0, atol=1e-6)
     assert encoder.encode([]).shape == (0, 32)
-    # attnkit's own products and kernels do not depend on the rows beside a row: the same bits.
+    # bfloat16 products round their inputs to 8 bits, which absorbs those last bits here.
     fast = models.load(folder, dtype="bfloat16")
     whole = fast.encode(SENTENCES, batch_size=32)
     np.testing.assert_array_equal(fast.encode(SENTENCES, batch_size=1), whole)

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 
-DTYPE_HELP = ("the matrix products' dtype: float32 (default) or bfloat16 (attnkit.Bf16Linear: about twice as fast "
+DTYPE_HELP = ("the matrix products' dtype: float32 (default: attnkit.F32Linear) or bfloat16 (attnkit.Bf16Linear: about twice as fast "
               "on CPUs with AVX512_BF16, about ten times slower on others)")
 
 

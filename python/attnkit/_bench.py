@@ -273,25 +273,41 @@ def block_cases(torch: Any) -> list[Case]:
 
 
 def linear_cases(torch: Any) -> list[Case]:
-    """attnkit's own matrix product: Bf16Linear at MiniLM's intermediate projection over a batch
-    of 32 sentences of 23 tokens (736 rows, 384 -> 1536), plain and with the GELU fused, against
-    NumPy's float32 BLAS and PyTorch's bfloat16 ``linear`` (then ``gelu``) on the same values."""
+    """attnkit's own matrix products at MiniLM's intermediate projection over a batch of 32
+    sentences of 23 tokens (736 rows, 384 -> 1536), plain and with the GELU fused: Bf16Linear
+    against NumPy's float32 BLAS and PyTorch's bfloat16 ``linear`` (then ``gelu``) on the same
+    values; F32Linear against NumPy and PyTorch in float32. And one decoding step's output matrix
+    of SmolLM2 (1 row, 576 -> 49152: 113 MB of float32 weights), where the weight's bytes bound
+    the time."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((736, 384), dtype=np.float32)
     w, b = rng.standard_normal((1536, 384), dtype=np.float32) / 20, rng.standard_normal(1536, dtype=np.float32)
-    layer, wt = attnkit.Bf16Linear(w, b), np.ascontiguousarray(w.T)
+    layer, f32, wt = attnkit.Bf16Linear(w, b), attnkit.F32Linear(w, b), np.ascontiguousarray(w.T)
     flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
-    nbytes = x.nbytes + w.size * 2 + 4 * x.shape[0] * w.shape[0]
-    plain = Case("Bf16Linear", "(736, 384) -> 1536", nbytes, lambda: layer(x), {"numpy": lambda: x @ wt + b},
-                 flops=flops, bf16_peak=True)
-    fused = Case("Bf16Linear + gelu", "(736, 384) -> 1536", nbytes, lambda: layer(x, activation="gelu"),
-                 flops=flops, bf16_peak=True)
+    out_bytes = 4 * x.shape[0] * w.shape[0]
+    nbytes, nbytes32 = x.nbytes + w.size * 2 + out_bytes, x.nbytes + w.nbytes + out_bytes
+    shape = "(736, 384) -> 1536"
+    plain = Case("Bf16Linear", shape, nbytes, lambda: layer(x), {"numpy": lambda: x @ wt + b}, flops=flops,
+                 bf16_peak=True)
+    fused = Case("Bf16Linear + gelu", shape, nbytes, lambda: layer(x, activation="gelu"), flops=flops,
+                 bf16_peak=True)
+    plain32 = Case("F32Linear", shape, nbytes32, lambda: f32(x), {"numpy": lambda: x @ wt + b}, flops=flops)
+    fused32 = Case("F32Linear + gelu", shape, nbytes32, lambda: f32(x, activation="gelu"), flops=flops)
+    row = rng.standard_normal((1, 576), dtype=np.float32)
+    head_w = rng.standard_normal((49152, 576), dtype=np.float32) / 24
+    head, head_wt = attnkit.F32Linear(head_w), np.ascontiguousarray(head_w.T)
+    decode = Case("F32Linear", "(1, 576) -> 49152", head_w.nbytes + row.nbytes + 4 * 49152, lambda: head(row),
+                  {"numpy": lambda: row @ head_wt})
     if torch is not None:
         F = torch.nn.functional
         tx, tw, tb = (torch.from_numpy(a).to(torch.bfloat16) for a in (x, w, b))
         plain.peers["torch"] = lambda: F.linear(tx, tw, tb)
         fused.peers["torch"] = lambda: F.gelu(F.linear(tx, tw, tb))
-    return [plain, fused]
+        fx, fw, fb, frow, fhead = (torch.from_numpy(a) for a in (x, w, b, row, head_w))
+        plain32.peers["torch"] = lambda: F.linear(fx, fw, fb)
+        fused32.peers["torch"] = lambda: F.gelu(F.linear(fx, fw, fb))
+        decode.peers["torch"] = lambda: F.linear(frow, fhead)
+    return [plain, fused, plain32, fused32, decode]
 
 
 def _installed(package: str, name: str) -> str | None:

@@ -44,7 +44,7 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32") -> BertEncoder
 
     Args:
         path: the checkpoint's folder, or a ``.gguf`` file.
-        dtype: the layers' matrix products: ``"float32"`` (NumPy's BLAS) or ``"bfloat16"``
+        dtype: the layers' matrix products: ``"float32"`` (:class:`attnkit.F32Linear`) or ``"bfloat16"``
             (:class:`attnkit.Bf16Linear`: weights rounded once to bfloat16, each product's input
             rounded to it, float32 sums; on CPUs with AVX512_BF16, twice float32's multiply-add
             rate and half its weight bytes; elsewhere the same results come from portable code,

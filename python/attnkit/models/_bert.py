@@ -1,6 +1,7 @@
 """BERT-family encoders (BERT, MiniLM, sentence-transformers' models on them): token ids to
 contextual embeddings to pooled sentence vectors, in float32, with attnkit's kernels and the
-matrix products of NumPy's BLAS (float32) or of :class:`attnkit.Bf16Linear` (``dtype="bfloat16"``).
+matrix products of :class:`attnkit.F32Linear` (float32) or of :class:`attnkit.Bf16Linear`
+(``dtype="bfloat16"``).
 
 One layer (post-norm, as BERT)::
 
@@ -279,7 +280,8 @@ class BertEncoder(PicklesTokenizer):
         batch padded to its longest; the vectors come back in the input order. (sentence-
         transformers sorts by characters, which leaves more padding in a batch: 11% of the rows
         of 1000 sentences of 3 to 40 words. A sentence's vector does not depend on its batch, but
-        for the last bits of NumPy's float32 products: with bfloat16 products, not at all.)
+        for its last bits: attention over a short sentence alone and padded in a batch may take
+        kernels that round differently.)
 
         Args:
             sentences: a string or an iterable of strings.

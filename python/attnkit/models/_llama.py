@@ -1,6 +1,6 @@
 """LLaMA-family decoders (LLaMA, SmolLM2, TinyLlama, Mistral without its window): token ids to
 next-token logits, and text generation through attnkit's ``KVCache``, in float32, with attnkit's
-kernels and the matrix products of NumPy's BLAS (float32) or of :class:`attnkit.Bf16Linear`
+kernels and the matrix products of :class:`attnkit.F32Linear` (float32) or of :class:`attnkit.Bf16Linear`
 (``dtype="bfloat16"``).
 
 One layer (pre-norm)::
