@@ -17,9 +17,8 @@
 //!   sums are added in order to the output's total.
 //!
 //! Every output is one float32 accumulator from zero, the words `i = 0, 1, …` in order (in blocks
-//! for float32), then plus
-//! the float32 bias, then (optionally) the erf-GELU of [`gelu_f32`], rounded once to the output's
-//! dtype (float32 or bfloat16, chosen apart from the input's).
+//! for float32), then plus the float32 bias, then (optionally) the erf-GELU of [`gelu_f32`],
+//! rounded once to the output's dtype (float32 or bfloat16, chosen apart from the input's).
 //!
 //! The x86 tiles (`x86` below: AVX512_BF16 for bfloat16, AVX-512F for float32) and the portable
 //! ones compute those exact steps, so every path and every thread count gives the same bits, and

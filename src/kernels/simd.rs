@@ -16,11 +16,11 @@
 //!
 //! `unsafe` code lives here (calling the AVX2 functions, prefetch), in the attention kernels'
 //! files (`x86.rs` entering the kernels; `avx2.rs`, `avx512.rs`, `avx512bf16.rs` and `lanes.rs`
-//! with vector loads and stores), in `linear.rs`'s `x86` module (the `vdpbf16ps` tile of
-//! [`Bf16Linear`'s product](super::linear)), in `storage.rs` (the 16-bit conversions), in
-//! [`output`](super::output) (a buffer's length set after a kernel filled it) and in the binding's
-//! `arrays.rs` and `half.rs` (a fresh NumPy array's memory handed to a kernel; the 16-bit dtypes'
-//! descriptors), each block with a `SAFETY` note.
+//! with vector loads and stores), in `linear.rs`'s `x86` module (the `vdpbf16ps` and AVX-512 FMA
+//! tiles of [`Bf16Linear`'s and `F32Linear`'s products](super::linear)), in `storage.rs` (the
+//! 16-bit conversions), in [`output`](super::output) (a buffer's length set after a kernel filled
+//! it) and in the binding's `arrays.rs` and `half.rs` (a fresh NumPy array's memory handed to a
+//! kernel; the 16-bit dtypes' descriptors), each block with a `SAFETY` note.
 
 use crate::kernels::{Rows, RowsPair};
 use std::sync::atomic::{AtomicBool, Ordering};
