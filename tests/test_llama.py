@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
+import attnkit  # noqa: E402
 from attnkit import models  # noqa: E402
 from attnkit._bench import transformers_llama_from_gguf  # noqa: E402
 import tiny_models as tiny  # noqa: E402
@@ -36,6 +37,21 @@ def test_logits_match_a_float64_reference(checkpoint):
     got = decoder.forward(np.array([ids]))[0]
     assert got.dtype == np.float32 and got.shape == (len(ids), config["vocab_size"])
     np.testing.assert_allclose(got, tiny.llama_forward_f64(weights, config, ids), atol=1e-4)
+
+
+def test_float32_products_fall_back_to_numpy_without_the_vector_tiles(checkpoint, monkeypatch):
+    """Where F32Linear would run its slow portable code, the float32 products are NumPy's: the
+    same logits but for float32 rounding."""
+    folder, config, weights = checkpoint
+    decoder = models.load(folder)
+    ids = np.array([decoder.tokenizer.encode(PROMPTS[1]).ids])
+    assert isinstance(decoder._w.layers[0].qkv._layer, attnkit.F32Linear) == attnkit.F32Linear.native()
+    monkeypatch.setattr(attnkit.F32Linear, "native", staticmethod(lambda: False))
+    fallback = models.load(folder)
+    assert fallback._w.layers[0].qkv._layer is None and fallback._w.lm_head._layer is None  # NumPy's
+    np.testing.assert_allclose(fallback.forward(ids), decoder.forward(ids), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fallback.forward(ids)[0], tiny.llama_forward_f64(weights, config, ids[0].tolist()),
+                               atol=1e-4)
 
 
 def test_bfloat16_products_stay_within_bfloat16s_rounding(checkpoint, threads):

@@ -96,6 +96,16 @@ def test_batches_and_order_do_not_change_the_vectors(folder):
     np.testing.assert_array_equal(fast.encode(SENTENCES[::-1], batch_size=3)[::-1], whole)
 
 
+def test_float32_products_fall_back_to_numpy_without_the_vector_tiles(folder, monkeypatch):
+    """Where F32Linear would run its slow portable code, the float32 products (and the GELU) are
+    NumPy's and attnkit.gelu's: the same vectors but for float32 rounding."""
+    want = models.load(folder).encode(SENTENCES)
+    monkeypatch.setattr(attnkit.F32Linear, "native", staticmethod(lambda: False))
+    fallback = models.load(folder)
+    assert fallback._layers[0].qkv._layer is None  # NumPy's product
+    np.testing.assert_allclose(fallback.encode(SENTENCES), want, rtol=0, atol=1e-6)
+
+
 def test_long_inputs_are_truncated_to_max_seq_length(tmp_path):
     encoder = models.load(tiny.write_bert(tmp_path, max_seq_length=8))
     long = " ".join(["the"] * 100)

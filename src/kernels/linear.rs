@@ -624,7 +624,7 @@ fn portable_bf16_tile(a: &[u32], rows: usize, b: &[u32], strips: usize, p: usize
 /// The portable float32 tile: as [`portable_bf16_tile`], in blocks of `KB` input dimensions,
 /// each dimension one fused multiply-add (`f32::mul_add`: an FMA instruction where the
 /// accelerated path runs) into the block's accumulator, each block's sum then added to the total.
-/// Each strip is run for up to three rows at once, so that their accumulators stay in registers.
+/// Each strip is run for a tile's rows at once (up to 6: twelve 256-bit accumulators with AVX2).
 #[inline(always)]
 fn portable_f32_tile(a: &[f32], rows: usize, b: &[f32], strips: usize, depth: usize, tile: &mut Tile) {
     #[inline(always)]
@@ -661,9 +661,12 @@ fn portable_f32_tile(a: &[f32], rows: usize, b: &[f32], strips: usize, depth: us
         let b = &b[st * depth * NR..(st + 1) * depth * NR];
         let mut r = 0;
         while r < rows {
-            let here = 3.min(rows - r);
+            let here = MR.min(rows - r);
             let (a, out) = (&a[r * depth..], &mut tile[r..r + here]);
             match here {
+                6 => rows_by_strip::<6>(a, b, depth, out, st),
+                5 => rows_by_strip::<5>(a, b, depth, out, st),
+                4 => rows_by_strip::<4>(a, b, depth, out, st),
                 3 => rows_by_strip::<3>(a, b, depth, out, st),
                 2 => rows_by_strip::<2>(a, b, depth, out, st),
                 _ => rows_by_strip::<1>(a, b, depth, out, st),

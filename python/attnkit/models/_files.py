@@ -108,21 +108,33 @@ class PicklesTokenizer:
 
 
 class Projection:
-    """``x @ weight.T + bias`` of a checkpoint's ``(out, in)`` matrix, in the model's dtype, on
-    attnkit's own product: ``"float32"`` (:class:`attnkit.F32Linear`: the weight held in
-    float32, one FMA per input dimension) or ``"bfloat16"`` (:class:`attnkit.Bf16Linear`: the
-    weight held in bfloat16, the inputs rounded to it, float32 sums). Float32 in and out either
-    way; the weight is packed once (a copy: a tied output matrix is held twice)."""
+    """``x @ weight.T + bias`` of a checkpoint's ``(out, in)`` matrix, in the model's dtype:
+    ``"float32"`` (:class:`attnkit.F32Linear`, attnkit's own product, on CPUs where its vector
+    tiles run; NumPy's BLAS elsewhere) or ``"bfloat16"`` (:class:`attnkit.Bf16Linear`: the weight
+    held in bfloat16, the inputs rounded to it, float32 sums). Float32 in and out either way; the
+    weight is packed once (a copy: a tied output matrix is held twice)."""
 
     def __init__(self, weight: F32, bias: F32 | None = None, *, dtype: str = "float32") -> None:
         self.dtype = dtype
         self.shape = (int(weight.shape[0]), int(weight.shape[1]))
-        self._layer = (attnkit.Bf16Linear if dtype == "bfloat16" else attnkit.F32Linear)(weight, bias)
+        self._layer: attnkit.F32Linear | attnkit.Bf16Linear | None = None
+        if dtype == "bfloat16":
+            self._layer = attnkit.Bf16Linear(weight, bias)
+        elif attnkit.F32Linear.native():
+            self._layer = attnkit.F32Linear(weight, bias)
+        # Without the vector tiles: NumPy's product of the (in, out) matrix (unused, and empty, else).
+        self._wt: F32 = np.ascontiguousarray(weight.T) if self._layer is None else np.empty((0, 0), np.float32)
+        self._bias = bias if self._layer is None else None
 
     def __call__(self, x: F32, *, gelu: Literal["none", "tanh"] | None = None) -> F32:
-        """The product, then (``gelu``) :func:`attnkit.gelu` of that form; the erf form
-        (``"none"``) is fused into the product's epilogue (float32 arithmetic, within 1e-6
-        relative: see :mod:`attnkit.linear`), as PyTorch's CPU kernels compute it in float32."""
+        """The product, then (``gelu``) :func:`attnkit.gelu` of that form; attnkit's products fuse
+        the erf form (``"none"``) into their epilogue (float32 arithmetic, within 1e-6 relative:
+        see :mod:`attnkit.linear`), as PyTorch's CPU kernels compute it in float32."""
+        if self._layer is None:
+            y: F32 = x @ self._wt
+            if self._bias is not None:
+                y += self._bias
+            return y if gelu is None else attnkit.gelu(y, gelu)
         fused = gelu == "none"
         out: F32 = self._layer(x, activation="gelu" if fused else None)
         return attnkit.gelu(out, gelu) if gelu is not None and not fused else out
