@@ -86,13 +86,17 @@ def test_leading_axes_and_empty_shapes():
     np.testing.assert_array_equal(zero_k(np.zeros((2, 0), np.float32)), np.tile(np.arange(4.0), (2, 1)))
 
 
-def test_same_bits_for_any_thread_count_and_code_path(threads):
-    cases = [(sample((300, 200), 8), sample((70, 200), 9)),  # rows split
-             (sample((2, 200), 10), sample((1000, 200), 11))]  # columns split
+def assert_same_bits_everywhere(layer_type, seed, threads, *, one_row=False):
+    """``layer_type``'s outputs, rows split and columns split, at 2 threads and on the AVX2 and
+    portable paths against 1 thread's bits (and, ``one_row``, a row computed alone)."""
+    cases = [(sample((300, 200), seed), sample((70, 200), seed + 1)),  # rows split
+             (sample((2, 200), seed + 2), sample((1000, 200), seed + 3))]  # columns split
     for x, w in cases:
-        layer = attnkit.Bf16Linear(w, sample(w.shape[0], 12))
+        layer = layer_type(w, sample(w.shape[0], seed + 4))
         threads(1)
         want = layer(x).view(np.uint32)
+        if one_row:
+            np.testing.assert_array_equal(layer(x[1:2]).view(np.uint32), want[1:2], err_msg="one row alone")
         threads(2)
         np.testing.assert_array_equal(layer(x).view(np.uint32), want)
         threads(1)
@@ -103,6 +107,10 @@ def test_same_bits_for_any_thread_count_and_code_path(threads):
             np.testing.assert_array_equal(layer(x).view(np.uint32), want, err_msg="portable")
         finally:
             _core._set_simd_enabled(True)
+
+
+def test_same_bits_for_any_thread_count_and_code_path(threads):
+    assert_same_bits_everywhere(attnkit.Bf16Linear, 8, threads)
 
 
 def test_subnormal_and_tiny_sums_follow_the_instruction():
@@ -297,23 +305,7 @@ def test_f32_blocked_sums_keep_long_rows_accurate():
 
 
 def test_f32_same_bits_for_any_thread_count_code_path_and_rows(threads):
-    cases = [(sample((300, 200), 36), sample((70, 200), 37)),  # rows split
-             (sample((2, 200), 38), sample((1000, 200), 39))]  # columns split
-    for x, w in cases:
-        layer = attnkit.F32Linear(w, sample(w.shape[0], 40))
-        threads(1)
-        want = layer(x).view(np.uint32)
-        np.testing.assert_array_equal(layer(x[1:2]).view(np.uint32), want[1:2], err_msg="one row alone")
-        threads(2)
-        np.testing.assert_array_equal(layer(x).view(np.uint32), want)
-        threads(1)
-        try:
-            _core._set_simd_enabled(True, avx512=False)
-            np.testing.assert_array_equal(layer(x).view(np.uint32), want, err_msg="without AVX-512")
-            _core._set_simd_enabled(False)
-            np.testing.assert_array_equal(layer(x).view(np.uint32), want, err_msg="portable")
-        finally:
-            _core._set_simd_enabled(True)
+    assert_same_bits_everywhere(attnkit.F32Linear, 36, threads, one_row=True)
 
 
 def test_f32_gelu_epilogue_is_the_bfloat16_layers_and_within_1e_6():

@@ -113,8 +113,7 @@ impl Weights for Bf16Weights {
         Self { fast }
     }
     fn weight_words<X: Storage>(row: &[X], out: &mut [u32]) {
-        let rounded: Vec<Bf16> = row.iter().map(|&x| Bf16::round_from_f64(x.widen_f64())).collect();
-        Bf16::pair_words(&rounded, out);
+        pair_words_by(row, out, |x: X| daz(Bf16::round_from_f64(x.widen_f64())));
     }
     #[inline(always)]
     fn tile(self, a: &[u32], rows: usize, b: &[u32], strips: usize, depth: usize, tile: &mut Tile) {
@@ -371,17 +370,9 @@ pub fn linear<X: Operand, Y: Operand>(
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     call.check(x.len(), out)?;
-    let Shape { m, k, .. } = call.shape;
+    let k = call.shape.k;
     let pack = |first: usize, words: &mut [u32]| simd::task_wide(&mut PackRows { x, k, first, out: words });
-    if m > MB {
-        // Each task packs its own rows.
-        drive(Bf16Weights::detect(), call, Rows::Pack(&pack), out, par);
-    } else {
-        // Few rows: the rows' pair words once, shared by every task.
-        let mut words = vec![0u32; m * pairs(k)];
-        pack(0, &mut words);
-        drive(Bf16Weights::detect(), call, Rows::<u32, fn(usize, &mut [u32])>::Ready(&words), out, par);
-    }
+    drive(Bf16Weights::detect(), call, Rows::Pack(&pack), out, par);
     Ok(())
 }
 
@@ -440,7 +431,8 @@ fn drive<W: Weights, Y: Operand, F: Fn(usize, &mut [W::Word]) + Sync>(
             });
         });
     } else {
-        // Few rows: columns split, each task into its own buffer, copied out after.
+        // Few rows: columns split, each task into its own buffer, copied out after; rows to pack
+        // are packed once, shared by every task.
         let owned;
         let a: &[W::Word] = match rows {
             Rows::Ready(all) => all,

@@ -73,16 +73,7 @@ pub fn linear_bf16<'py>(
     activation: &str,
     out_dtype: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let epilogue = choice("activation", activation, &[("none", Epilogue::None), ("gelu", Epilogue::Gelu)])?;
-    let packed = typed::<u32>(packed, "packed", "uint32")?;
-    let bias = bias.map(|b| typed::<f32>(b, "bias", "float32")).transpose()?;
-    let call = Args::<Bf16Weights> {
-        packed: slice(&packed, "packed")?,
-        bias: bias.as_ref().map(|b| slice(b, "bias")).transpose()?,
-        epilogue,
-        n,
-        k,
-    };
+    let call = Args::<Bf16Weights>::new(packed, "uint32", bias, activation, n, k)?;
     let out_bf16 = match out_dtype {
         None => None,
         Some(d) => Some(choice("out_dtype", d, &[("float32", false), ("bfloat16", true)])?),
@@ -115,32 +106,53 @@ pub fn linear_f32<'py>(
     k: usize,
     activation: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let epilogue = choice("activation", activation, &[("none", Epilogue::None), ("gelu", Epilogue::Gelu)])?;
-    let packed = typed::<f32>(packed, "packed", "float32")?;
-    let bias = bias.map(|b| typed::<f32>(b, "bias", "float32")).transpose()?;
-    let call = Args::<F32Weights> {
-        packed: slice(&packed, "packed")?,
-        bias: bias.as_ref().map(|b| slice(b, "bias")).transpose()?,
-        epilogue,
-        n,
-        k,
-    };
+    let call = Args::<F32Weights>::new(packed, "float32", bias, activation, n, k)?;
     let x = typed::<f32>(x, "x", "float32")?;
     call.run::<f32, f32>(py, &x, kernel::linear_f32)
 }
 
-/// One call's arguments besides `x`.
-struct Args<'a, W: Weights> {
-    packed: &'a [W::Word],
-    bias: Option<&'a [f32]>,
+/// One call's arguments besides `x`: the packed weight (words of `W`), the bias, the epilogue,
+/// the weight's shape.
+struct Args<'py, W: Weights>
+where
+    W::Word: Element,
+{
+    packed: PyReadonlyArrayDyn<'py, W::Word>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
     epilogue: Epilogue,
     n: usize,
     k: usize,
 }
 
-impl<W: Weights> Args<'_, W> {
+impl<'py, W: Weights> Args<'py, W>
+where
+    W::Word: Element,
+{
+    /// The arguments checked: `packed` of dtype `word` (its NumPy name), `bias` float32,
+    /// `activation` "none" or "gelu".
+    fn new(
+        packed: &Bound<'py, PyAny>,
+        word: &str,
+        bias: Option<&Bound<'py, PyAny>>,
+        activation: &str,
+        n: usize,
+        k: usize,
+    ) -> PyResult<Self> {
+        Ok(Self {
+            packed: typed::<W::Word>(packed, "packed", word)?,
+            bias: bias.map(|b| typed::<f32>(b, "bias", "float32")).transpose()?,
+            epilogue: choice(
+                "activation",
+                activation,
+                &[("none", Epilogue::None), ("gelu", Epilogue::Gelu)],
+            )?,
+            n,
+            k,
+        })
+    }
+
     /// The product of `x` (`(..., k)`) by `kernel`, into a new `(..., n)` array of `Y`.
-    fn run<'py, X: Storage + Element, Y: Operand + Element>(
+    fn run<X: Storage + Element, Y: Operand + Element>(
         &self,
         py: Python<'py>,
         x: &PyReadonlyArrayDyn<'py, X>,
@@ -165,8 +177,12 @@ impl<W: Weights> Args<'_, W> {
         let m = leading.iter().product();
         let out_shape: Vec<usize> = leading.iter().copied().chain([n]).collect();
         let xs = slice(x, "x")?;
-        let call =
-            Call { packed: self.packed, bias: self.bias, epilogue: self.epilogue, shape: Shape { m, k, n } };
+        let call = Call {
+            packed: slice(&self.packed, "packed")?,
+            bias: self.bias.as_ref().map(|b| slice(b, "bias")).transpose()?,
+            epilogue: self.epilogue,
+            shape: Shape { m, k, n },
+        };
         fill_new::<Y>(py, &out_shape, "out", &[], |out, par| kernel(xs, call, out, par))
     }
 }

@@ -107,34 +107,42 @@ class PicklesTokenizer:
         self.__dict__.update({**state, "tokenizer": tokenizers.Tokenizer.from_str(state["tokenizer"])})
 
 
+class _NumpyLinear:
+    """``x @ weight.T + bias`` by NumPy's BLAS, called as :class:`attnkit.F32Linear` is: where its
+    vector tiles do not run. ``activation="gelu"`` is :func:`attnkit.gelu` of the product."""
+
+    def __init__(self, weight: F32, bias: F32 | None) -> None:
+        self._wt, self._bias = np.ascontiguousarray(weight.T), bias
+
+    def __call__(self, x: F32, *, activation: str | None = None) -> F32:
+        y: F32 = x @ self._wt
+        if self._bias is not None:
+            y += self._bias
+        return y if activation is None else attnkit.gelu(y)
+
+
 class Projection:
     """``x @ weight.T + bias`` of a checkpoint's ``(out, in)`` matrix, in the model's dtype:
     ``"float32"`` (:class:`attnkit.F32Linear`, attnkit's own product, on CPUs where its vector
     tiles run; NumPy's BLAS elsewhere) or ``"bfloat16"`` (:class:`attnkit.Bf16Linear`: the weight
     held in bfloat16, the inputs rounded to it, float32 sums). Float32 in and out either way; the
-    weight is packed once (a copy: a tied output matrix is held twice)."""
+    weight is held apart from the checkpoint's array (a tied output matrix is held twice)."""
 
     def __init__(self, weight: F32, bias: F32 | None = None, *, dtype: str = "float32") -> None:
         self.dtype = dtype
         self.shape = (int(weight.shape[0]), int(weight.shape[1]))
-        self._layer: attnkit.F32Linear | attnkit.Bf16Linear | None = None
+        self._layer: attnkit.F32Linear | attnkit.Bf16Linear | _NumpyLinear
         if dtype == "bfloat16":
             self._layer = attnkit.Bf16Linear(weight, bias)
         elif attnkit.F32Linear.native():
             self._layer = attnkit.F32Linear(weight, bias)
-        # Without the vector tiles: NumPy's product of the (in, out) matrix (unused, and empty, else).
-        self._wt: F32 = np.ascontiguousarray(weight.T) if self._layer is None else np.empty((0, 0), np.float32)
-        self._bias = bias if self._layer is None else None
+        else:
+            self._layer = _NumpyLinear(weight, bias)
 
     def __call__(self, x: F32, *, gelu: Literal["none", "tanh"] | None = None) -> F32:
         """The product, then (``gelu``) :func:`attnkit.gelu` of that form; attnkit's products fuse
         the erf form (``"none"``) into their epilogue (float32 arithmetic, within 1e-6 relative:
         see :mod:`attnkit.linear`), as PyTorch's CPU kernels compute it in float32."""
-        if self._layer is None:
-            y: F32 = x @ self._wt
-            if self._bias is not None:
-                y += self._bias
-            return y if gelu is None else attnkit.gelu(y, gelu)
         fused = gelu == "none"
         out: F32 = self._layer(x, activation="gelu" if fused else None)
         return attnkit.gelu(out, gelu) if gelu is not None and not fused else out
