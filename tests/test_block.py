@@ -136,6 +136,22 @@ def test_residual_returns_the_sum_numpy_gives_and_its_norm(dtype, kind):
     assert (y.view(np.uint8) == alone.view(np.uint8)).all()
 
 
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_out_takes_the_normalized_rows(dtype, kind):
+    x, r = sample((7, 40), dtype, 4), sample((7, 40), dtype, 5)
+    w = sample(40, np.float32, 6)
+    norm = (lambda a, **kw: attnkit.layer_norm(a, 40, w, w, 1e-5, **kw)) if kind == "layer" else (
+        lambda a, **kw: attnkit.rms_norm(a, 40, w, 1e-6, **kw))
+    buffer = np.zeros((9, 40), dtype)[1:8]  # rows of a bigger buffer
+    assert norm(x, out=buffer) is buffer
+    assert (buffer.view(np.uint8) == norm(x).view(np.uint8)).all()
+    y, h = norm(x, residual=r, out=buffer)
+    want_y, want_h = norm(x, residual=r)
+    assert y is buffer and (y.view(np.uint8) == want_y.view(np.uint8)).all()
+    assert h is not buffer and (h.view(np.uint8) == want_h.view(np.uint8)).all()
+
+
 def test_a_nan_stays_in_its_row():
     x = sample((4, 16), F32)
     x[2, 5] = np.nan
@@ -243,6 +259,12 @@ def test_torch_names_mean_what_torch_means():
         (lambda x: attnkit.gelu(np.arange(3)), TypeError, "x"),
         (lambda x: attnkit.silu_mul(x, x[:, :2]), ValueError, "up"),
         (lambda x: attnkit.silu_mul(x, x.astype(np.float64)), TypeError, "up"),
+        (lambda x: attnkit.layer_norm(x, 4, out=np.zeros((3, 4))), TypeError, "out: expected a numpy array of dtype float32"),
+        (lambda x: attnkit.layer_norm(x, 4, out=np.zeros((4, 3), np.float32)), ValueError, r"out: expected shape \(3, 4\)"),
+        (lambda x: attnkit.rms_norm(x, 4, out=np.zeros((4, 3), np.float32).T), ValueError, "out: expected a C-contiguous"),
+        (lambda x: attnkit.rms_norm(x, 4, out=x), ValueError, "out: shares memory with an input"),
+        (lambda x: attnkit.layer_norm(x, 4, residual=x + 1, out=x), ValueError, "out: shares memory with an input"),
+        (lambda x: attnkit.layer_norm(x, 4, out="y"), TypeError, "out: expected a numpy array or None"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, exc, pattern):

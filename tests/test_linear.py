@@ -379,3 +379,55 @@ def test_f32_errors_name_the_argument():
         _core.linear_f32(np.ones((2, 4), np.float32), np.ones(10, np.float32), None, 5, 4)
     with pytest.raises(TypeError, match="x: expected a float32"):
         _core.linear_f32(np.ones((2, 4)), layer._packed, None, 5, 4)
+
+
+# out=: the product written into the caller's buffer.
+
+@pytest.mark.parametrize("make", [attnkit.F32Linear, attnkit.Bf16Linear])
+def test_out_is_written_and_returned_with_the_new_arrays_bits(make):
+    x, w, b = sample((2, 3, 40), 47), sample((70, 40), 48), sample(70, 49)
+    layer = make(w, b)
+    for activation in (None, "gelu"):
+        buffer = np.full((2, 3, 70), np.nan, np.float32)
+        result = layer(x, activation=activation, out=buffer)
+        assert result is buffer
+        np.testing.assert_array_equal(buffer, layer(x, activation=activation))
+    rows = np.full((10, 70), np.nan, np.float32)  # a view of a bigger buffer, as models reuse them
+    layer(x[0], out=rows[2:5])
+    np.testing.assert_array_equal(rows[2:5], layer(x[0]))
+    assert np.isnan(rows[:2]).all() and np.isnan(rows[5:]).all()
+
+
+@needs_bf16
+def test_bf16_out_sets_the_output_dtype():
+    x, w = sample((3, 20), 50), sample((9, 20), 51)
+    layer = attnkit.Bf16Linear(w)
+    buffer = np.zeros((3, 9), BF16)
+    assert layer(x, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, layer(x, out_dtype=BF16))
+    with pytest.raises(TypeError, match="out: expected a numpy array of dtype float32"):
+        layer(x, out_dtype=np.float32, out=buffer)
+
+
+@pytest.mark.parametrize("make", [attnkit.F32Linear, attnkit.Bf16Linear])
+def test_out_errors_name_it(make):
+    layer = make(sample((6, 6), 52))
+    x = sample((4, 6), 53)
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 6\)"):
+        layer(x, out=np.zeros((4, 5), np.float32))
+    with pytest.raises(TypeError, match="out: expected"):
+        layer(x, out=np.zeros((4, 6), np.float64))
+    with pytest.raises(TypeError, match="out: expected a numpy array or None"):
+        layer(x, out=[[0.0] * 6] * 4)
+    with pytest.raises(ValueError, match="out: expected a C-contiguous"):
+        layer(x, out=np.zeros((6, 4), np.float32).T)
+    frozen = np.zeros((4, 6), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out: the array is read-only"):
+        layer(x, out=frozen)
+    with pytest.raises(ValueError, match="out: shares memory with an input"):
+        layer(x, out=x)
+    both = np.zeros((8, 6), np.float32)
+    with pytest.raises(ValueError, match="out: shares memory with an input"):
+        layer(both[:4], out=both[2:6])
+    np.testing.assert_array_equal(x, sample((4, 6), 53))  # nothing written on refusal

@@ -44,6 +44,7 @@ def norm(
     n: int,
     eps: float,
     kind: str,
+    out: npt.NDArray[Any] | None = None,
 ) -> Any: ...
 def gelu(x: npt.NDArray[Any], approximate: str) -> npt.NDArray[Any]: ...
 def silu_mul(gate: npt.NDArray[Any], up: npt.NDArray[Any]) -> npt.NDArray[Any]: ...
@@ -56,6 +57,7 @@ def linear_bf16(
     k: int,
     activation: str = "none",
     out_dtype: str | None = None,
+    out: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any]: ...
 def pack_f32(weight: npt.NDArray[Any]) -> npt.NDArray[np.float32]: ...
 def linear_f32(
@@ -65,6 +67,7 @@ def linear_f32(
     n: int,
     k: int,
     activation: str = "none",
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def attention(
     query: npt.NDArray[Any],

@@ -121,6 +121,14 @@ def float_array(x: Any, name: str, *, half: bool = True, in_place: bool = False)
     return _contiguous(arr, dt, name)
 
 
+def out_array(out: Any, name: str = "out") -> np.ndarray[Any, Any] | None:
+    """``out`` as given when it is None or a NumPy array (the core checks its dtype, shape, order,
+    that it is writeable and that it overlaps no input), else a ``TypeError``."""
+    if out is not None and not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array or None, got an object of type {type(out).__name__}")
+    return out
+
+
 def int_array(x: Any, name: str) -> npt.NDArray[np.integer[Any]]:
     """An array of any integer dtype (bool is refused)."""
     arr = _as_array(x, name)

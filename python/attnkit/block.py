@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import choice, float_array, real
+from attnkit._validate import choice, float_array, out_array, real
 
 __all__ = ["gelu", "layer_norm", "rms_norm", "silu_mul"]
 
@@ -73,11 +73,13 @@ def _residual(x: npt.NDArray[Any], residual: npt.ArrayLike | None) -> npt.NDArra
 def layer_norm(
     x: npt.ArrayLike, normalized_shape: int | Sequence[int], weight: npt.ArrayLike | None = ...,
     bias: npt.ArrayLike | None = ..., eps: float = ..., *, residual: None = ...,
+    out: npt.NDArray[Any] | None = ...,
 ) -> npt.NDArray[Any]: ...
 @overload
 def layer_norm(
     x: npt.ArrayLike, normalized_shape: int | Sequence[int], weight: npt.ArrayLike | None = ...,
     bias: npt.ArrayLike | None = ..., eps: float = ..., *, residual: npt.ArrayLike,
+    out: npt.NDArray[Any] | None = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 def layer_norm(
     x: npt.ArrayLike,
@@ -87,6 +89,7 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     residual: npt.ArrayLike | None = None,
+    out: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Layer normalization over the last axes, as ``torch.nn.functional.layer_norm``.
 
@@ -105,14 +108,18 @@ def layer_norm(
             and 0).
         eps: added to the variance, ``>= 0``.
         residual: an array of ``x``'s shape and dtype, or None.
+        out: a C-contiguous array of ``x``'s shape and dtype sharing no memory with the inputs,
+            or None: ``y`` is written into it and it is returned in ``y``'s place (``h`` is a
+            new array). A buffer reused across calls saves the page faults of fresh memory.
 
     Returns:
         ``y`` of ``x``'s shape and dtype, or ``(y, h)`` with ``residual``.
 
     Raises:
-        TypeError: non-float arrays; a residual of another dtype.
+        TypeError: non-float arrays; a residual or ``out`` of another dtype.
         ValueError: ``normalized_shape`` not the end of ``x.shape``; parameters of another shape;
-            a negative or NaN ``eps``.
+            a negative or NaN ``eps``; ``out`` of another shape, not C-contiguous, read-only or
+            sharing memory with an input.
 
     Example:
         >>> import numpy as np, attnkit
@@ -123,18 +130,18 @@ def layer_norm(
     shape, n = _normalized_size(xa, normalized_shape)
     r = _residual(xa, residual)
     w, b = _param(weight, "weight", shape), _param(bias, "bias", shape)
-    return _core.norm(xa, r, w, b, n, _eps(eps), "layer")  # type: ignore[no-any-return]
+    return _core.norm(xa, r, w, b, n, _eps(eps), "layer", out_array(out))  # type: ignore[no-any-return]
 
 
 @overload
 def rms_norm(
     x: npt.ArrayLike, normalized_shape: int | Sequence[int], weight: npt.ArrayLike | None = ...,
-    eps: float | None = ..., *, residual: None = ...,
+    eps: float | None = ..., *, residual: None = ..., out: npt.NDArray[Any] | None = ...,
 ) -> npt.NDArray[Any]: ...
 @overload
 def rms_norm(
     x: npt.ArrayLike, normalized_shape: int | Sequence[int], weight: npt.ArrayLike | None = ...,
-    eps: float | None = ..., *, residual: npt.ArrayLike,
+    eps: float | None = ..., *, residual: npt.ArrayLike, out: npt.NDArray[Any] | None = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 def rms_norm(
     x: npt.ArrayLike,
@@ -143,6 +150,7 @@ def rms_norm(
     eps: float | None = None,
     *,
     residual: npt.ArrayLike | None = None,
+    out: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Root-mean-square normalization over the last axes, as ``torch.nn.functional.rms_norm``.
 
@@ -158,6 +166,7 @@ def rms_norm(
         eps: added to the mean square, ``>= 0``; None (as in PyTorch) is ``numpy.finfo(x.dtype).eps``.
             LLaMA checkpoints give theirs (``rms_norm_eps``, 1e-5 or 1e-6): pass it.
         residual: an array of ``x``'s shape and dtype, or None.
+        out: as :func:`layer_norm`'s.
 
     Returns:
         ``y`` of ``x``'s shape and dtype, or ``(y, h)`` with ``residual``.
@@ -175,7 +184,7 @@ def rms_norm(
     r = _residual(xa, residual)
     w = _param(weight, "weight", shape)
     e = float(np.finfo(xa.dtype).eps) if eps is None else _eps(eps)
-    return _core.norm(xa, r, w, None, n, e, "rms")  # type: ignore[no-any-return]
+    return _core.norm(xa, r, w, None, n, e, "rms", out_array(out))  # type: ignore[no-any-return]
 
 
 def _eps(eps: Any) -> float:

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnkit import _core
-from attnkit._validate import _contiguous, bfloat16, choice, float_array
+from attnkit._validate import _contiguous, bfloat16, choice, float_array, out_array
 
 __all__ = ["Bf16Linear", "F32Linear"]
 
@@ -140,16 +140,19 @@ class F32Linear(_PackedLinear):
             return np.zeros((n, k), np.float32)
         return np.ascontiguousarray(self._words(k))
 
-    def __call__(self, x: npt.ArrayLike, *, activation: str | None = None) -> npt.NDArray[np.float32]:
+    def __call__(self, x: npt.ArrayLike, *, activation: str | None = None,
+                 out: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
         """``activation(x @ weight.T + bias)``, float32; ``activation``: None or ``"gelu"`` (see
-        the module notes)."""
+        the module notes). ``out``: a C-contiguous float32 array of shape ``x.shape[:-1] +
+        (out_features,)`` sharing no memory with ``x``, written and returned instead of a new
+        array (a buffer reused across calls saves the page faults of fresh memory)."""
         act = self._activation(activation)
         arr = float_array(x, "x")
         if arr.dtype != np.float32:
             raise TypeError(f"x: expected a float32 array, got dtype {arr.dtype} (convert it with .astype(np.float32))")
-        out: npt.NDArray[np.float32] = _core.linear_f32(self._check_x(arr), self._packed, self.bias,
-                                                        self.out_features, self.in_features, act)
-        return out
+        y: npt.NDArray[np.float32] = _core.linear_f32(self._check_x(arr), self._packed, self.bias,
+                                                      self.out_features, self.in_features, act, out_array(out))
+        return y
 
 
 class Bf16Linear(_PackedLinear):
@@ -203,15 +206,22 @@ class Bf16Linear(_PackedLinear):
         return np.ascontiguousarray(halves).view(np.float32)
 
     def __call__(self, x: npt.ArrayLike, *, activation: str | None = None,
-                 out_dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
+                 out_dtype: npt.DTypeLike | None = None, out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
         """``activation(x @ weight.T + bias)`` in ``out_dtype`` (float32 or bfloat16; None:
-        ``x``'s dtype); ``activation``: None or ``"gelu"`` (see the module notes)."""
+        ``out``'s dtype when given, else ``x``'s); ``activation``: None or ``"gelu"`` (see the
+        module notes). ``out``: a C-contiguous array of that dtype and of shape ``x.shape[:-1] +
+        (out_features,)`` sharing no memory with ``x``, written and returned instead of a new
+        array."""
         act = self._activation(activation)
+        out = out_array(out)
         bf16 = bfloat16()
         dtype = None
-        if out_dtype is not None:
+        # out_dtype, else out's dtype: the core checks that out has the dtype chosen.
+        for name, given in (("out_dtype", out_dtype), ("out", None if out is None else out.dtype)):
+            if given is None:
+                continue
             try:
-                d = np.dtype(out_dtype)
+                d = np.dtype(given)
             except TypeError:
                 d = None
             if d == np.float32:
@@ -219,10 +229,11 @@ class Bf16Linear(_PackedLinear):
             elif bf16 is not None and d == bf16:
                 dtype = "bfloat16"
             else:
-                raise TypeError(f"out_dtype: expected float32 or bfloat16 (ml_dtypes), got {out_dtype!r}")
+                raise TypeError(f"{name}: expected float32 or bfloat16 (ml_dtypes), got {given!r}")
+            break
         arr = float_array(x, "x")
         if arr.dtype != np.float32 and (bf16 is None or arr.dtype != bf16):
             raise TypeError(f"x: expected a float32 or bfloat16 array, got dtype {arr.dtype}")
-        out: npt.NDArray[Any] = _core.linear_bf16(self._check_x(arr), self._packed, self.bias, self.out_features,
-                                                  self.in_features, act, dtype)
-        return out
+        y: npt.NDArray[Any] = _core.linear_bf16(self._check_x(arr), self._packed, self.bias, self.out_features,
+                                                self.in_features, act, dtype, out)
+        return y

@@ -345,6 +345,57 @@ pub fn fill_new<'py, T: Element + Send>(
     Ok(out)
 }
 
+/// [`fill_new`] into the caller's array `out` when given: a writeable, C-contiguous, aligned array
+/// of `T` and `shape` that shares no memory with the inputs, which are borrowed by then (a
+/// `TypeError` or `ValueError` naming `out` otherwise). Returns the array written, `out` itself
+/// when given.
+pub fn fill_into<'py, T: Element + Send>(
+    py: Python<'py>,
+    out: Option<&Bound<'py, PyAny>>,
+    shape: &[usize],
+    what: &str,
+    index_shape: &[usize],
+    kernel: impl FnOnce(&mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
+) -> PyResult<Bound<'py, PyAny>> {
+    let Some(out) = out else {
+        return fill_new(py, shape, what, index_shape, kernel);
+    };
+    let arr = out.cast::<PyArrayDyn<T>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "out: expected a numpy array of dtype {}, got {}",
+            numpy::dtype::<T>(py),
+            describe(out)
+        ))
+    })?;
+    if arr.shape() != shape {
+        return Err(PyValueError::new_err(format!(
+            "out: expected shape {} ({what}), got {}",
+            shape_str(shape),
+            shape_str(arr.shape())
+        )));
+    }
+    // The inputs are borrowed read-only by now: an `out` overlapping one of them fails here.
+    let mut rw = arr.try_readwrite().map_err(|err| {
+        PyValueError::new_err(match err {
+            numpy::BorrowError::AlreadyBorrowed => "out: shares memory with an input".to_string(),
+            numpy::BorrowError::NotWriteable => "out: the array is read-only".to_string(),
+            other => format!("out: {other}"),
+        })
+    })?;
+    let contiguous = rw.is_c_contiguous() && rw.is_aligned();
+    let data = match rw.as_slice_mut() {
+        Ok(data) if contiguous => data,
+        _ => return Err(PyValueError::new_err("out: expected a C-contiguous, aligned array")),
+    };
+    let len = data.len();
+    // SAFETY: MaybeUninit<T> has T's layout, and the slice is borrowed mutably for the kernel
+    // alone; the kernels only ever store initialised values, so the elements stay valid T.
+    let data = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<MaybeUninit<T>>(), len) };
+    run(py, index_shape, |par| kernel(data, par))?;
+    drop(rw);
+    Ok(out.clone())
+}
+
 /// [`fill_new`] for a kernel with two outputs of the same shape.
 pub fn fill_new_pair<'py, T: Element + Send>(
     py: Python<'py>,

@@ -8,12 +8,13 @@ use pyo3::IntoPyObjectExt;
 
 use crate::kernels::block::{self as kernel, Gelu, NormInputs, NormKind, NormSpec};
 use crate::kernels::storage::Storage;
-use crate::py::arrays::{choice, fill_new, fill_new_pair, floats, slice, typed, Floats};
+use crate::py::arrays::{choice, empty_uninit, fill_into, fill_new, floats, slice, typed, Floats};
 
 /// Normalizes the rows of `n` elements of `x` (plus `residual`): `(out, summed)` with a residual,
-/// else `out`. `weight` and `bias` are float64 arrays of `n` (or None).
+/// else `out`. `weight` and `bias` are float64 arrays of `n` (or None). The normalized rows are
+/// written into `out` when given (the sum is a new array).
 #[pyfunction]
-#[pyo3(signature = (x, residual, weight, bias, n, eps, kind))]
+#[pyo3(signature = (x, residual, weight, bias, n, eps, kind, out=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn norm<'py>(
     py: Python<'py>,
@@ -24,6 +25,7 @@ pub fn norm<'py>(
     n: usize,
     eps: f64,
     kind: &str,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let kind = choice("kind", kind, &[("layer", NormKind::Layer), ("rms", NormKind::Rms)])?;
     let weight = weight.map(|w| typed::<f64>(w, "weight", "float64")).transpose()?;
@@ -34,6 +36,7 @@ pub fn norm<'py>(
         n,
         eps,
         kind,
+        out,
     };
     let residual = residual.map(|r| floats(r, "residual")).transpose()?;
     match (floats(x, "x")?, residual) {
@@ -49,20 +52,21 @@ pub fn norm<'py>(
     }
 }
 
-/// The parameters of a [`norm`] call besides its arrays of `x`'s dtype.
-struct Params<'a> {
+/// The parameters of a [`norm`] call besides its arrays of `x`'s dtype, and `out`.
+struct Params<'a, 'py> {
     weight: Option<&'a [f64]>,
     bias: Option<&'a [f64]>,
     n: usize,
     eps: f64,
     kind: NormKind,
+    out: Option<&'a Bound<'py, PyAny>>,
 }
 
 fn normalize<'py, X: Storage + Element>(
     py: Python<'py>,
     x: &PyReadonlyArrayDyn<'py, X>,
     residual: Option<&PyReadonlyArrayDyn<'py, X>>,
-    p: Params<'_>,
+    p: Params<'_, 'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     if p.n == 0 || x.len() % p.n != 0 {
         return Err(PyValueError::new_err(format!(
@@ -78,13 +82,18 @@ fn normalize<'py, X: Storage + Element>(
         weight: p.weight,
         bias: p.bias,
     };
+    let shape = x.shape();
     if inputs.residual.is_some() {
-        let (out, summed) = fill_new_pair(py, x.shape(), ["out", "summed"], |a, b, par| {
+        // (`summed` is written by the kernel below, before anything else can see it.)
+        let (summed, b) = empty_uninit::<X>(py, shape, "summed")?;
+        let out = fill_into(py, p.out, shape, "the shape of x", &[], |a, par| {
             kernel::norm(inputs, spec, a, Some(b), par)
         })?;
         PyTuple::new(py, [out, summed])?.into_bound_py_any(py)
     } else {
-        fill_new(py, x.shape(), "out", &[], |out, par| kernel::norm(inputs, spec, out, None, par))
+        fill_into(py, p.out, shape, "the shape of x", &[], |out, par| {
+            kernel::norm(inputs, spec, out, None, par)
+        })
     }
 }
 

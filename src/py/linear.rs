@@ -10,7 +10,7 @@ use crate::kernels::linear::{
 };
 use crate::kernels::storage::Bf16;
 use crate::kernels::storage::Storage;
-use crate::py::arrays::{choice, fill_new, floats, slice, typed, Floats};
+use crate::py::arrays::{choice, fill_into, fill_new, floats, slice, typed, Floats};
 
 /// The weight `weight` (`n × k`, any float dtype) rounded once to `W`'s words and packed.
 fn pack<'py, W: Weights>(py: Python<'py>, weight: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>
@@ -59,9 +59,10 @@ pub fn pack_f32<'py>(py: Python<'py>, weight: &Bound<'py, PyAny>) -> PyResult<Bo
 
 /// `activation(x · Wᵀ + bias)` for `x` of shape `(..., k)` (float32 or bfloat16), `packed` from
 /// [`pack_bf16`] of an `n × k` weight, `bias` float32 of `n`; `activation` "none" or "gelu"; the
-/// output has shape `(..., n)` and dtype `out_dtype` ("float32" or "bfloat16"; None: x's).
+/// output has shape `(..., n)` and dtype `out_dtype` ("float32" or "bfloat16"; None: x's), and
+/// is written into `out` when given.
 #[pyfunction]
-#[pyo3(signature = (x, packed, bias, n, k, activation="none", out_dtype=None))]
+#[pyo3(signature = (x, packed, bias, n, k, activation="none", out_dtype=None, out=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bf16<'py>(
     py: Python<'py>,
@@ -72,6 +73,7 @@ pub fn linear_bf16<'py>(
     k: usize,
     activation: &str,
     out_dtype: Option<&str>,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let call = Args::<Bf16Weights>::new(packed, "uint32", bias, activation, n, k)?;
     let out_bf16 = match out_dtype {
@@ -84,19 +86,20 @@ pub fn linear_bf16<'py>(
         ));
     }
     match (floats(x, "x")?, out_bf16) {
-        (Floats::F32(x), None | Some(false)) => call.run::<f32, f32>(py, &x, kernel::linear),
-        (Floats::F32(x), Some(true)) => call.run::<f32, Bf16>(py, &x, kernel::linear),
-        (Floats::Bf16(x), Some(false)) => call.run::<Bf16, f32>(py, &x, kernel::linear),
-        (Floats::Bf16(x), None | Some(true)) => call.run::<Bf16, Bf16>(py, &x, kernel::linear),
+        (Floats::F32(x), None | Some(false)) => call.run::<f32, f32>(py, &x, out, kernel::linear),
+        (Floats::F32(x), Some(true)) => call.run::<f32, Bf16>(py, &x, out, kernel::linear),
+        (Floats::Bf16(x), Some(false)) => call.run::<Bf16, f32>(py, &x, out, kernel::linear),
+        (Floats::Bf16(x), None | Some(true)) => call.run::<Bf16, Bf16>(py, &x, out, kernel::linear),
         _ => Err(PyTypeError::new_err("x: expected a float32 or bfloat16 array")),
     }
 }
 
 /// `activation(x · Wᵀ + bias)` for float32 `x` of shape `(..., k)`, `packed` from [`pack_f32`]
 /// of an `n × k` weight, `bias` float32 of `n`; `activation` "none" or "gelu"; the output is
-/// float32 of shape `(..., n)`.
+/// float32 of shape `(..., n)`, written into `out` when given.
 #[pyfunction]
-#[pyo3(signature = (x, packed, bias, n, k, activation="none"))]
+#[pyo3(signature = (x, packed, bias, n, k, activation="none", out=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn linear_f32<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -105,10 +108,11 @@ pub fn linear_f32<'py>(
     n: usize,
     k: usize,
     activation: &str,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let call = Args::<F32Weights>::new(packed, "float32", bias, activation, n, k)?;
     let x = typed::<f32>(x, "x", "float32")?;
-    call.run::<f32, f32>(py, &x, kernel::linear_f32)
+    call.run::<f32, f32>(py, &x, out, kernel::linear_f32)
 }
 
 /// One call's arguments besides `x`: the packed weight (words of `W`), the bias, the epilogue,
@@ -151,11 +155,12 @@ where
         })
     }
 
-    /// The product of `x` (`(..., k)`) by `kernel`, into a new `(..., n)` array of `Y`.
+    /// The product of `x` (`(..., k)`) by `kernel`, into `out` or a new `(..., n)` array of `Y`.
     fn run<X: Storage + Element, Y: Operand + Element>(
         &self,
         py: Python<'py>,
         x: &PyReadonlyArrayDyn<'py, X>,
+        out: Option<&Bound<'py, PyAny>>,
         kernel: impl Fn(
                 &[X],
                 Call<'_, W>,
@@ -183,6 +188,8 @@ where
             epilogue: self.epilogue,
             shape: Shape { m, k, n },
         };
-        fill_new::<Y>(py, &out_shape, "out", &[], |out, par| kernel(xs, call, out, par))
+        fill_into::<Y>(py, out, &out_shape, "x.shape[:-1] + (out_features,)", &[], |out, par| {
+            kernel(xs, call, out, par)
+        })
     }
 }

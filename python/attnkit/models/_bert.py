@@ -7,8 +7,8 @@ One layer (post-norm, as BERT)::
 
     q, k, v = split(h @ W_qkv.T + b_qkv)                     # one product for the three
     a = scaled_dot_product_attention(q, k, v, key_mask=attention_mask, layout="bshd")
-    h = layer_norm(a @ W_o.T + b_o, residual=h)               # the add fused with the norm
-    h = layer_norm(gelu(h @ W_i.T + b_i) @ W_f.T + b_f, residual=h)
+    h = layer_norm(a @ W_o.T + b_o + h)
+    h = layer_norm(gelu(h @ W_i.T + b_i) @ W_f.T + b_f + h)   # GELU fused with the product
 """
 
 from __future__ import annotations
@@ -81,6 +81,22 @@ class BertConfig:
             eps=float(setting(config, "layer_norm_eps", path, float, 1e-12)),
             gelu=_ACTIVATIONS[act],
         )
+
+
+class _Buffers:
+    """Named float32 buffers of ``(rows, cols)``, each grown when a call needs more rows and
+    otherwise reused: a forward pass's big intermediate arrays, shared by the batches of a call."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, F32] = {}
+
+    def take(self, name: str, rows: int, cols: int) -> F32:
+        """Buffer ``name`` as a C-contiguous ``(rows, cols)`` array (its contents are undefined)."""
+        size = rows * cols
+        flat = self._flat.get(name)
+        if flat is None or flat.size < size:
+            flat = self._flat[name] = np.empty(size, np.float32)
+        return flat[:size].reshape(rows, cols)
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,17 @@ class BertEncoder(PicklesTokenizer):
 
         With ``output_attentions=True``, returns ``(embeddings, weights)``: ``weights[n]`` is layer
         ``n``'s attention weights, ``(batch, heads, seq, seq)`` (padded keys get 0)."""
+        return self._forward(input_ids, attention_mask, token_type_ids, output_attentions, _Buffers())
+
+    def _forward(
+        self,
+        input_ids: npt.ArrayLike,
+        attention_mask: npt.ArrayLike | None,
+        token_type_ids: npt.ArrayLike | None,
+        output_attentions: bool,
+        buffers: _Buffers,
+    ) -> Any:
+        """:meth:`forward`, its big arrays taken from ``buffers`` (the result is one of them)."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids: expected a 2-d array (batch, seq), got shape {ids.shape}")
@@ -233,12 +260,17 @@ class BertEncoder(PicklesTokenizer):
         # The order of transformers' BertEmbeddings: (word + type) + position, then the norm.
         x = attnkit.embedding(ids, self._word) + attnkit.embedding(types, self._type)
         x += self._position[:s]
-        # Rows of tokens: every matrix product is one (batch * seq, ...) GEMM.
-        h = attnkit.layer_norm(x.reshape(b * s, c.hidden), c.hidden, *self._ln0, c.eps)
+        # Rows of tokens: every matrix product is one (batch * seq, ...) GEMM. Each layer's
+        # products and norms write into the same few buffers (h, t, qkv, mid), which the batches
+        # of one encode call share: fresh arrays would cost their memory's page faults each time.
+        rows = b * s
+        h = attnkit.layer_norm(x.reshape(rows, c.hidden), c.hidden, *self._ln0, c.eps,
+                               out=buffers.take("h", rows, c.hidden))
+        t = buffers.take("t", rows, c.hidden)
         d = c.hidden // c.heads
         weights = []
         for layer in self._layers:
-            qkv = layer.qkv(h).reshape(b, s, 3, c.heads, d)
+            qkv = layer.qkv(h, out=buffers.take("qkv", rows, 3 * c.hidden)).reshape(b, s, 3, c.heads, d)
             result = attnkit.scaled_dot_product_attention(
                 qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd",
                 return_weights=output_attentions,
@@ -248,9 +280,14 @@ class BertEncoder(PicklesTokenizer):
                 weights.append(w)
             else:
                 a = result
-            h = attnkit.layer_norm(layer.o(a.reshape(b * s, c.hidden)), c.hidden, *layer.ln1, c.eps, residual=h)[0]
-            f = layer.f(layer.i(h, gelu=c.gelu))
-            h = attnkit.layer_norm(f, c.hidden, *layer.ln2, c.eps, residual=h)[0]
+            # The residual adds (NumPy's float32 adds, as transformers') and the norms after them.
+            layer.o(a.reshape(rows, c.hidden), out=t)
+            t += h
+            attnkit.layer_norm(t, c.hidden, *layer.ln1, c.eps, out=h)
+            mid = layer.i(h, gelu=c.gelu, out=buffers.take("mid", rows, c.intermediate))
+            layer.f(mid, out=t)
+            t += h
+            attnkit.layer_norm(t, c.hidden, *layer.ln2, c.eps, out=h)
         h = h.reshape(b, s, c.hidden)
         if output_attentions:
             return h, weights
@@ -300,6 +337,7 @@ class BertEncoder(PicklesTokenizer):
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         normalize = self.normalize if normalize is None else bool(normalize)
         out = np.empty((len(texts), self.config.hidden), np.float32)
+        buffers = _Buffers()  # sized by the first (longest) batch; this call's alone
         for first in range(0, len(texts), _SORT_CHUNK):
             chunk = range(first, min(first + _SORT_CHUNK, len(texts)))
             # Padded to the chunk's longest; each batch is cut to its own longest below.
@@ -313,7 +351,8 @@ class BertEncoder(PicklesTokenizer):
                 idx = order[start:start + batch_size]
                 width = max(int(lengths[idx].max()), 1)
                 m = mask[idx, :width]
-                out[first + idx] = self.pool(self.forward(ids[idx, :width], m, types[idx, :width]), m)
+                hidden = self._forward(ids[idx, :width], m, types[idx, :width], False, buffers)
+                out[first + idx] = self.pool(hidden, m)
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out[0] if single else out

@@ -114,8 +114,8 @@ class _NumpyLinear:
     def __init__(self, weight: F32, bias: F32 | None) -> None:
         self._wt, self._bias = np.ascontiguousarray(weight.T), bias
 
-    def __call__(self, x: F32, *, activation: str | None = None) -> F32:
-        y: F32 = x @ self._wt
+    def __call__(self, x: F32, *, activation: str | None = None, out: F32 | None = None) -> F32:
+        y: F32 = np.matmul(x, self._wt, out=out)
         if self._bias is not None:
             y += self._bias
         return y if activation is None else attnkit.gelu(y)
@@ -139,10 +139,12 @@ class Projection:
         else:
             self._layer = _NumpyLinear(weight, bias)
 
-    def __call__(self, x: F32, *, gelu: Literal["none", "tanh"] | None = None) -> F32:
+    def __call__(self, x: F32, *, gelu: Literal["none", "tanh"] | None = None, out: F32 | None = None) -> F32:
         """The product, then (``gelu``) :func:`attnkit.gelu` of that form; attnkit's products fuse
         the erf form (``"none"``) into their epilogue (float32 arithmetic, within 1e-6 relative:
-        see :mod:`attnkit.linear`), as PyTorch's CPU kernels compute it in float32."""
+        see :mod:`attnkit.linear`), as PyTorch's CPU kernels compute it in float32. The product is
+        written into ``out`` when given (a float32 buffer of its shape, as the layers take); the
+        tanh form's GELU is a new array."""
         fused = gelu == "none"
-        out: F32 = self._layer(x, activation="gelu" if fused else None)
-        return attnkit.gelu(out, gelu) if gelu is not None and not fused else out
+        y: F32 = self._layer(x, activation="gelu" if fused else None, out=out)
+        return attnkit.gelu(y, gelu) if gelu is not None and not fused else y
