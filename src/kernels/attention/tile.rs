@@ -147,7 +147,9 @@ where
         };
         let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
         let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
-        let mut kt = vec![T::ZERO; if dot.is_none() { packed * e } else { 0 }];
+        // K in whole strips up to the last key read: no tile reads past them (a block's tiles
+        // end at its last column rounded up to a strip), and short sequences zero no more.
+        let mut kt = vec![T::ZERO; if dot.is_none() { strips_end * e } else { 0 }];
         match (fast, KV::as_compute(k_src)) {
             _ if dot.is_some() => {}
             // Already packed: as T.
@@ -359,13 +361,13 @@ where
                     let mask = T::as_f32_mut(&mut row_maxima).filter(|_| dot_masks).map(|max| (&mask, max));
                     dot.scores(block, (t0, t1), padded, sp.scale as f32, out, mask)
                 } else if let Some(token) = fast_scores {
-                    let kt = &kt[block * BK * e..(block + 1) * BK * e];
+                    let kt = &kt[block * BK * e..((block + 1) * BK * e).min(kt.len())];
                     let blk =
                         ScoreBlock { q: &qpack[..padded * e], kt, e, tiles: (t0, t1), rows: padded, mask };
                     T::scores(token, &blk, &mut scores, &mut row_maxima);
                     true
                 } else {
-                    let kt = &kt[block * BK * e..(block + 1) * BK * e];
+                    let kt = &kt[block * BK * e..((block + 1) * BK * e).min(kt.len())];
                     for r0 in (0..padded).step_by(MR) {
                         let (qs, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks::<MR>();
                         for j0 in (t0..t1).step_by(NR) {
