@@ -523,6 +523,15 @@ impl<W: Weights, Y: Operand> Task for Block<'_, '_, W, Y> {
             let mut t = 0;
             while t < m {
                 let rows = MR.min(m - t);
+                // The tile's output lines, asked for before its sums: a store to a line that is
+                // not in cache waits for it, and the sums take long enough to hide that (MiniLM
+                // in float32 at 1 thread: 2-5% faster in four A/B runs; bfloat16 within noise).
+                if let Out::Rows(o) = &self.out {
+                    for r in 0..rows {
+                        let at = (t + r) * n + s * NR;
+                        simd::prefetch(&o[at..(at + strips * NR).min((t + r + 1) * n)]);
+                    }
+                }
                 weights.tile(&a[t * depth..(t + rows) * depth], rows, b, strips, depth, &mut tile);
                 // The tile's valid columns, with the bias, into the task's output.
                 for (r, tile_row) in tile.iter().enumerate().take(rows) {

@@ -147,8 +147,8 @@ where
         };
         let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
         let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
-        // K in whole strips up to the last key read: no tile reads past them (a block's tiles
-        // end at its last column rounded up to a strip), and short sequences zero no more.
+                                                 // K in whole strips up to the last key read: no tile reads past them (a block's tiles
+                                                 // end at its last column rounded up to a strip), and short sequences zero no more.
         let mut kt = vec![T::ZERO; if dot.is_none() { strips_end * e } else { 0 }];
         match (fast, KV::as_compute(k_src)) {
             _ if dot.is_some() => {}
