@@ -619,11 +619,15 @@ where
             .collect();
         let mut heads: Vec<tile::HeadOut<'_, Q, T>> = heads.collect();
         par.for_each(&mut chunks, simd::task);
-        // The merges are short (each row's outputs once per chunk): on the calling thread, for
-        // the query heads of each (batch, key/value head) in turn.
-        for (chunks, heads) in chunks.chunks(n_chunks).zip(heads.chunks_mut(group)) {
-            simd::task(&mut decode::Merge { spec, chunks, heads });
-        }
+        // Then one merge per (batch, key/value head), for its query heads: each row's outputs
+        // once per chunk. Short, but a prefill of short sequences has one per (batch, head),
+        // which on the calling thread alone left the other threads idle.
+        let mut merges: Vec<decode::Merge<'_, '_, '_, '_, Q, KV, T>> = chunks
+            .chunks(n_chunks)
+            .zip(heads.chunks_mut(group))
+            .map(|(chunks, heads)| decode::Merge { spec, chunks, heads })
+            .collect();
+        par.for_each(&mut merges, simd::task);
         return Ok(());
     }
     // One task per (batch, key/value head), split along the queries into parts of whole query
