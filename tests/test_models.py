@@ -52,6 +52,20 @@ def test_forward_matches_a_float64_reference(folder):
     np.testing.assert_allclose(got[real], want[real], atol=2e-5)
 
 
+def test_the_tanh_gelu_form_matches_the_reference_in_forward_and_encode(tmp_path):
+    """hidden_act "gelu_new": the GELU is not fused into the product (attnkit.gelu after it), the
+    one path where the intermediate product's buffer is not what the next product reads."""
+    config = {**tiny.BERT_CONFIG, "hidden_act": "gelu_new"}
+    encoder = models.load(tiny.write_bert(tmp_path, config=config, normalize=False))
+    ids, mask = _batch(encoder, SENTENCES)
+    want = tiny.bert_forward_f64(tiny.bert_weights(), config, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(encoder.forward(ids, mask)[real], want[real], atol=2e-5)
+    m = mask[..., None].astype(bool)
+    pooled = (want * m).sum(1) / m.sum(1)
+    np.testing.assert_allclose(encoder.encode(SENTENCES, batch_size=3), pooled, atol=2e-5)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
 def test_encode_pools_and_normalizes_as_the_configs_say(tmp_path, pooling):
     encoder = models.load(tiny.write_bert(tmp_path, pooling=pooling, normalize=True))

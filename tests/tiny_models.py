@@ -132,7 +132,10 @@ def bert_forward_f64(weights, config, ids, mask):
                 att[:, sl] = (p_ / p_.sum(-1, keepdims=True)) @ v[keys, sl]
             x = norm(linear(att, f"{p}.attention.output.dense") + x, f"{p}.attention.output.LayerNorm")
             inter = linear(x, f"{p}.intermediate.dense")
-            inter = inter * 0.5 * (1 + erf(inter / math.sqrt(2)))
+            if config.get("hidden_act", "gelu") == "gelu":
+                inter = inter * 0.5 * (1 + erf(inter / math.sqrt(2)))
+            else:  # the tanh approximation ("gelu_new" and its aliases)
+                inter = inter * 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (inter + 0.044715 * inter**3)))
             x = norm(linear(inter, f"{p}.output.dense") + x, f"{p}.output.LayerNorm")
         out.append(x)
     return np.stack(out)
