@@ -150,6 +150,33 @@ def test_out_takes_the_normalized_rows(dtype, kind):
     want_y, want_h = norm(x, residual=r)
     assert y is buffer and (y.view(np.uint8) == want_y.view(np.uint8)).all()
     assert h is not buffer and (h.view(np.uint8) == want_h.view(np.uint8)).all()
+    both = np.zeros((2, 7, 40), dtype)
+    first, second = both
+    y, h = norm(x, residual=r, out=(first, second))  # a pair: the norm's and the sum's
+    assert y is first and h is second
+    assert (both[0].view(np.uint8) == want_y.view(np.uint8)).all()
+    assert (both[1].view(np.uint8) == want_h.view(np.uint8)).all()
+    sum_only = np.zeros((7, 40), dtype)
+    y, h = norm(x, residual=r, out=(None, sum_only))
+    assert h is sum_only and (y.view(np.uint8) == want_y.view(np.uint8)).all()
+    assert (sum_only.view(np.uint8) == want_h.view(np.uint8)).all()
+
+
+def test_out_pairs_are_refused_where_they_cannot_be_written():
+    x = np.ones((3, 4), np.float32)
+    a = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"out\[1\]: shares memory with an input or another output"):
+        attnkit.layer_norm(x, 4, residual=x + 1, out=(a, a))
+    with pytest.raises(ValueError, match=r"out\[0\]: shares memory with an input or another output"):
+        attnkit.rms_norm(x, 4, residual=a, out=(a, None))
+    with pytest.raises(ValueError, match=r"out\[1\]: expected shape \(3, 4\)"):
+        attnkit.layer_norm(x, 4, residual=x + 1, out=(None, np.zeros((3, 5), np.float32)))
+    with pytest.raises(TypeError, match=r"out\[0\]: expected a numpy array or None"):
+        attnkit.layer_norm(x, 4, residual=x + 1, out=([0.0], None))
+    with pytest.raises(ValueError, match="out: expected an array or a pair of arrays"):
+        attnkit.layer_norm(x, 4, residual=x + 1, out=(a, None, None))
+    with pytest.raises(TypeError, match="out: expected a numpy array or None"):
+        attnkit.layer_norm(x, 4, out=(a, None))  # a pair only with a residual
 
 
 def test_a_nan_stays_in_its_row():

@@ -58,6 +58,15 @@ def _param(p: npt.ArrayLike | None, name: str, shape: tuple[int, ...]) -> npt.ND
     return np.ascontiguousarray(arr.astype(np.float64))
 
 
+def _norm_out(out: Any, residual: npt.NDArray[Any] | None) -> Any:
+    """``out`` for the core: None, an array, or (with a residual) a pair of arrays or Nones."""
+    if residual is not None and isinstance(out, tuple):
+        if len(out) != 2:
+            raise ValueError(f"out: expected an array or a pair of arrays (the norm's, the sum's), got {len(out)} items")
+        return tuple(out_array(o, f"out[{i}]") for i, o in enumerate(out))
+    return out_array(out)
+
+
 def _residual(x: npt.NDArray[Any], residual: npt.ArrayLike | None) -> npt.NDArray[Any] | None:
     if residual is None:
         return None
@@ -79,7 +88,7 @@ def layer_norm(
 def layer_norm(
     x: npt.ArrayLike, normalized_shape: int | Sequence[int], weight: npt.ArrayLike | None = ...,
     bias: npt.ArrayLike | None = ..., eps: float = ..., *, residual: npt.ArrayLike,
-    out: npt.NDArray[Any] | None = ...,
+    out: npt.NDArray[Any] | tuple[npt.NDArray[Any] | None, npt.NDArray[Any] | None] | None = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 def layer_norm(
     x: npt.ArrayLike,
@@ -89,7 +98,7 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     residual: npt.ArrayLike | None = None,
-    out: npt.NDArray[Any] | None = None,
+    out: npt.NDArray[Any] | tuple[npt.NDArray[Any] | None, npt.NDArray[Any] | None] | None = None,
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Layer normalization over the last axes, as ``torch.nn.functional.layer_norm``.
 
@@ -109,8 +118,9 @@ def layer_norm(
         eps: added to the variance, ``>= 0``.
         residual: an array of ``x``'s shape and dtype, or None.
         out: a C-contiguous array of ``x``'s shape and dtype sharing no memory with the inputs,
-            or None: ``y`` is written into it and it is returned in ``y``'s place (``h`` is a
-            new array). A buffer reused across calls saves the page faults of fresh memory.
+            or None: ``y`` is written into it and it is returned in ``y``'s place. With
+            ``residual``, also a pair ``(y_out, h_out)`` of such arrays (or Nones, for new ones)
+            for both results. A buffer reused across calls saves the page faults of fresh memory.
 
     Returns:
         ``y`` of ``x``'s shape and dtype, or ``(y, h)`` with ``residual``.
@@ -119,7 +129,7 @@ def layer_norm(
         TypeError: non-float arrays; a residual or ``out`` of another dtype.
         ValueError: ``normalized_shape`` not the end of ``x.shape``; parameters of another shape;
             a negative or NaN ``eps``; ``out`` of another shape, not C-contiguous, read-only or
-            sharing memory with an input.
+            sharing memory with an input or the other output.
 
     Example:
         >>> import numpy as np, attnkit
@@ -130,7 +140,7 @@ def layer_norm(
     shape, n = _normalized_size(xa, normalized_shape)
     r = _residual(xa, residual)
     w, b = _param(weight, "weight", shape), _param(bias, "bias", shape)
-    return _core.norm(xa, r, w, b, n, _eps(eps), "layer", out_array(out))  # type: ignore[no-any-return]
+    return _core.norm(xa, r, w, b, n, _eps(eps), "layer", _norm_out(out, r))  # type: ignore[no-any-return]
 
 
 @overload
@@ -141,7 +151,8 @@ def rms_norm(
 @overload
 def rms_norm(
     x: npt.ArrayLike, normalized_shape: int | Sequence[int], weight: npt.ArrayLike | None = ...,
-    eps: float | None = ..., *, residual: npt.ArrayLike, out: npt.NDArray[Any] | None = ...,
+    eps: float | None = ..., *, residual: npt.ArrayLike,
+    out: npt.NDArray[Any] | tuple[npt.NDArray[Any] | None, npt.NDArray[Any] | None] | None = ...,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 def rms_norm(
     x: npt.ArrayLike,
@@ -150,7 +161,7 @@ def rms_norm(
     eps: float | None = None,
     *,
     residual: npt.ArrayLike | None = None,
-    out: npt.NDArray[Any] | None = None,
+    out: npt.NDArray[Any] | tuple[npt.NDArray[Any] | None, npt.NDArray[Any] | None] | None = None,
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Root-mean-square normalization over the last axes, as ``torch.nn.functional.rms_norm``.
 
@@ -184,7 +195,7 @@ def rms_norm(
     r = _residual(xa, residual)
     w = _param(weight, "weight", shape)
     e = float(np.finfo(xa.dtype).eps) if eps is None else _eps(eps)
-    return _core.norm(xa, r, w, None, n, e, "rms", out_array(out))  # type: ignore[no-any-return]
+    return _core.norm(xa, r, w, None, n, e, "rms", _norm_out(out, r))  # type: ignore[no-any-return]
 
 
 def _eps(eps: Any) -> float:

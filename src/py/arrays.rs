@@ -14,8 +14,8 @@ use std::os::raw::c_int;
 
 use numpy::npyffi::{self, npy_intp, PY_ARRAY_API};
 use numpy::{
-    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -345,10 +345,65 @@ pub fn fill_new<'py, T: Element + Send>(
     Ok(out)
 }
 
-/// [`fill_new`] into the caller's array `out` when given: a writeable, C-contiguous, aligned array
-/// of `T` and `shape` that shares no memory with the inputs, which are borrowed by then (a
-/// `TypeError` or `ValueError` naming `out` otherwise). Returns the array written, `out` itself
-/// when given.
+/// An output array, the borrow that reserves it for a kernel (the caller's array) and its elements.
+pub type Output<'py, 'a, T> =
+    (Bound<'py, PyAny>, Option<PyReadwriteArrayDyn<'py, T>>, &'a mut [MaybeUninit<T>]);
+
+/// The array a kernel writes: the caller's `out` when given, else a new one (`what` names it, and
+/// the arguments that set its shape, in a `MemoryError`). `out` must be a writeable, C-contiguous,
+/// aligned array of `T` and `shape` that shares no memory with the inputs or the other outputs,
+/// which are borrowed by then: a `TypeError` or `ValueError` naming `arg` otherwise. Returns the
+/// array, the borrow that reserves `out` for the kernel (hold it until the kernel has run), and
+/// the elements, which the caller must have a kernel write, all of them, before the array is used.
+pub fn output<'py, 'a, T: Element>(
+    py: Python<'py>,
+    out: Option<&Bound<'py, PyAny>>,
+    arg: &str,
+    shape: &[usize],
+    what: &str,
+) -> PyResult<Output<'py, 'a, T>> {
+    let Some(out) = out.filter(|o| !o.is_none()) else {
+        let (array, data) = empty_uninit::<T>(py, shape, what)?;
+        return Ok((array, None, data));
+    };
+    let arr = out.cast::<PyArrayDyn<T>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg}: expected a numpy array of dtype {}, got {}",
+            numpy::dtype::<T>(py),
+            describe(out)
+        ))
+    })?;
+    if arr.shape() != shape {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected shape {} ({what}), got {}",
+            shape_str(shape),
+            shape_str(arr.shape())
+        )));
+    }
+    // The inputs (and any other output) are borrowed by now: an overlapping `out` fails here.
+    let mut rw = arr.try_readwrite().map_err(|err| {
+        PyValueError::new_err(match err {
+            numpy::BorrowError::AlreadyBorrowed => {
+                format!("{arg}: shares memory with an input or another output")
+            }
+            numpy::BorrowError::NotWriteable => format!("{arg}: the array is read-only"),
+            other => format!("{arg}: {other}"),
+        })
+    })?;
+    let contiguous = rw.is_c_contiguous() && rw.is_aligned();
+    let (ptr, len) = match rw.as_slice_mut() {
+        Ok(data) if contiguous => (data.as_mut_ptr(), data.len()),
+        _ => return Err(PyValueError::new_err(format!("{arg}: expected a C-contiguous, aligned array"))),
+    };
+    // SAFETY: the `len` elements from `ptr` are the C-contiguous, aligned data of `out`, borrowed
+    // for writing by `rw`, which the caller holds while the slice is in use; MaybeUninit<T> has
+    // T's layout, and the kernels only ever store initialised values, so the elements stay valid.
+    let data = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<MaybeUninit<T>>(), len) };
+    Ok((out.clone(), Some(rw), data))
+}
+
+/// [`fill_new`] into the caller's array `out` when given (see [`output`]); returns the array
+/// written.
 pub fn fill_into<'py, T: Element + Send>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
@@ -357,43 +412,10 @@ pub fn fill_into<'py, T: Element + Send>(
     index_shape: &[usize],
     kernel: impl FnOnce(&mut [MaybeUninit<T>], Par<'_>) -> Result<(), KernelError> + Send,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let Some(out) = out else {
-        return fill_new(py, shape, what, index_shape, kernel);
-    };
-    let arr = out.cast::<PyArrayDyn<T>>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "out: expected a numpy array of dtype {}, got {}",
-            numpy::dtype::<T>(py),
-            describe(out)
-        ))
-    })?;
-    if arr.shape() != shape {
-        return Err(PyValueError::new_err(format!(
-            "out: expected shape {} ({what}), got {}",
-            shape_str(shape),
-            shape_str(arr.shape())
-        )));
-    }
-    // The inputs are borrowed read-only by now: an `out` overlapping one of them fails here.
-    let mut rw = arr.try_readwrite().map_err(|err| {
-        PyValueError::new_err(match err {
-            numpy::BorrowError::AlreadyBorrowed => "out: shares memory with an input".to_string(),
-            numpy::BorrowError::NotWriteable => "out: the array is read-only".to_string(),
-            other => format!("out: {other}"),
-        })
-    })?;
-    let contiguous = rw.is_c_contiguous() && rw.is_aligned();
-    let data = match rw.as_slice_mut() {
-        Ok(data) if contiguous => data,
-        _ => return Err(PyValueError::new_err("out: expected a C-contiguous, aligned array")),
-    };
-    let len = data.len();
-    // SAFETY: MaybeUninit<T> has T's layout, and the slice is borrowed mutably for the kernel
-    // alone; the kernels only ever store initialised values, so the elements stay valid T.
-    let data = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<MaybeUninit<T>>(), len) };
+    let (array, borrow, data) = output::<T>(py, out, "out", shape, what)?;
     run(py, index_shape, |par| kernel(data, par))?;
-    drop(rw);
-    Ok(out.clone())
+    drop(borrow);
+    Ok(array)
 }
 
 /// [`fill_new`] for a kernel with two outputs of the same shape.

@@ -8,11 +8,12 @@ use pyo3::IntoPyObjectExt;
 
 use crate::kernels::block::{self as kernel, Gelu, NormInputs, NormKind, NormSpec};
 use crate::kernels::storage::Storage;
-use crate::py::arrays::{choice, empty_uninit, fill_into, fill_new, floats, slice, typed, Floats};
+use crate::py::arrays::{choice, fill_into, fill_new, floats, output, run, slice, typed, Floats};
 
 /// Normalizes the rows of `n` elements of `x` (plus `residual`): `(out, summed)` with a residual,
 /// else `out`. `weight` and `bias` are float64 arrays of `n` (or None). The normalized rows are
-/// written into `out` when given (the sum is a new array).
+/// written into `out` when given; with a residual, `out` may also be a pair of arrays (or None)
+/// for the norm and the sum.
 #[pyfunction]
 #[pyo3(signature = (x, residual, weight, bias, n, eps, kind, out=None))]
 #[allow(clippy::too_many_arguments)]
@@ -84,11 +85,22 @@ fn normalize<'py, X: Storage + Element>(
     };
     let shape = x.shape();
     if inputs.residual.is_some() {
-        // (`summed` is written by the kernel below, before anything else can see it.)
-        let (summed, b) = empty_uninit::<X>(py, shape, "summed")?;
-        let out = fill_into(py, p.out, shape, "the shape of x", &[], |a, par| {
-            kernel::norm(inputs, spec, a, Some(b), par)
-        })?;
+        // `out`: the norm's array, or a pair of arrays for the norm and the sum (either None).
+        let pair = p.out.map(|o| o.cast::<PyTuple>()).transpose().ok().flatten();
+        let (names, (first, second)) = match pair {
+            Some(t) if t.len() == 2 => (["out[0]", "out[1]"], (Some(t.get_item(0)?), Some(t.get_item(1)?))),
+            Some(t) => {
+                return Err(PyValueError::new_err(format!(
+                    "out: expected an array or a pair of arrays (the norm's, the sum's), got {} items",
+                    t.len()
+                )))
+            }
+            None => (["out", "out"], (p.out.cloned(), None)),
+        };
+        let (out, out_borrow, a) = output::<X>(py, first.as_ref(), names[0], shape, "the shape of x")?;
+        let (summed, summed_borrow, b) = output::<X>(py, second.as_ref(), names[1], shape, "the shape of x")?;
+        run(py, &[], |par| kernel::norm(inputs, spec, a, Some(b), par))?;
+        drop((out_borrow, summed_borrow));
         PyTuple::new(py, [out, summed])?.into_bound_py_any(py)
     } else {
         fill_into(py, p.out, shape, "the shape of x", &[], |out, par| {

@@ -7,8 +7,8 @@ One layer (post-norm, as BERT)::
 
     q, k, v = split(h @ W_qkv.T + b_qkv)                     # one product for the three
     a = scaled_dot_product_attention(q, k, v, key_mask=attention_mask, layout="bshd")
-    h = layer_norm(a @ W_o.T + b_o + h)
-    h = layer_norm(gelu(h @ W_i.T + b_i) @ W_f.T + b_f + h)   # GELU fused with the product
+    h = layer_norm(a @ W_o.T + b_o, residual=h)[0]              # the add fused with the norm
+    h = layer_norm(gelu(h @ W_i.T + b_i) @ W_f.T + b_f, residual=h)[0]   # GELU fused too
 """
 
 from __future__ import annotations
@@ -261,12 +261,12 @@ class BertEncoder(PicklesTokenizer):
         x = attnkit.embedding(ids, self._word) + attnkit.embedding(types, self._type)
         x += self._position[:s]
         # Rows of tokens: every matrix product is one (batch * seq, ...) GEMM. Each layer's
-        # products and norms write into the same few buffers (h, t, qkv, mid), which the batches
-        # of one encode call share: fresh arrays would cost their memory's page faults each time.
+        # products and norms write into the same few buffers, which the batches of one encode
+        # call share: fresh arrays would cost their memory's page faults each time. The hidden
+        # state alternates between two (a norm's output cannot be its own residual input).
         rows = b * s
-        h = attnkit.layer_norm(x.reshape(rows, c.hidden), c.hidden, *self._ln0, c.eps,
-                               out=buffers.take("h", rows, c.hidden))
-        t = buffers.take("t", rows, c.hidden)
+        h, h_next, t, summed = (buffers.take(name, rows, c.hidden) for name in ("h", "h_next", "t", "summed"))
+        attnkit.layer_norm(x.reshape(rows, c.hidden), c.hidden, *self._ln0, c.eps, out=h)
         d = c.hidden // c.heads
         weights = []
         for layer in self._layers:
@@ -280,14 +280,14 @@ class BertEncoder(PicklesTokenizer):
                 weights.append(w)
             else:
                 a = result
-            # The residual adds (NumPy's float32 adds, as transformers') and the norms after them.
+            # Each residual add fused with the norm after it (the sum, unused, into `summed`).
             layer.o(a.reshape(rows, c.hidden), out=t)
-            t += h
-            attnkit.layer_norm(t, c.hidden, *layer.ln1, c.eps, out=h)
+            attnkit.layer_norm(t, c.hidden, *layer.ln1, c.eps, residual=h, out=(h_next, summed))
+            h, h_next = h_next, h
             mid = layer.i(h, gelu=c.gelu, out=buffers.take("mid", rows, c.intermediate))
             layer.f(mid, out=t)
-            t += h
-            attnkit.layer_norm(t, c.hidden, *layer.ln2, c.eps, out=h)
+            attnkit.layer_norm(t, c.hidden, *layer.ln2, c.eps, residual=h, out=(h_next, summed))
+            h, h_next = h_next, h
         h = h.reshape(b, s, c.hidden)
         if output_attentions:
             return h, weights
