@@ -431,3 +431,10 @@ def test_out_errors_name_it(make):
     with pytest.raises(ValueError, match="out: shares memory with an input"):
         layer(both[:4], out=both[2:6])
     np.testing.assert_array_equal(x, sample((4, 6), 53))  # nothing written on refusal
+
+
+def test_an_output_too_big_to_allocate_names_out_and_its_shape():
+    layer = attnkit.F32Linear(np.ones((1 << 20, 1), np.float32))
+    with pytest.raises(MemoryError, match=r"^out \(x.shape\[:-1\] \+ \(out_features,\)\): cannot allocate an "
+                                          r"array of shape \(1048576, 1048576\)"):
+        layer(np.ones((1 << 20, 1), np.float32))

@@ -349,12 +349,13 @@ pub fn fill_new<'py, T: Element + Send>(
 pub type Output<'py, 'a, T> =
     (Bound<'py, PyAny>, Option<PyReadwriteArrayDyn<'py, T>>, &'a mut [MaybeUninit<T>]);
 
-/// The array a kernel writes: the caller's `out` when given, else a new one (`what` names it, and
-/// the arguments that set its shape, in a `MemoryError`). `out` must be a writeable, C-contiguous,
-/// aligned array of `T` and `shape` that shares no memory with the inputs or the other outputs,
-/// which are borrowed by then: a `TypeError` or `ValueError` naming `arg` otherwise. Returns the
-/// array, the borrow that reserves `out` for the kernel (hold it until the kernel has run), and
-/// the elements, which the caller must have a kernel write, all of them, before the array is used.
+/// The array a kernel writes: the caller's `out` when given, else a new one (`arg` names it, and
+/// `what` the arguments that set its shape, in a `MemoryError`). `out` must be a writeable,
+/// C-contiguous, aligned array of `T` and `shape` that shares no memory with the inputs or the
+/// other outputs, which are borrowed by then: a `TypeError` or `ValueError` naming `arg`
+/// otherwise. Returns the array, the borrow that reserves `out` for the kernel (hold it until the
+/// kernel has run), and the elements, which the caller must have a kernel write, all of them,
+/// before the array is used.
 pub fn output<'py, 'a, T: Element>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
@@ -363,7 +364,7 @@ pub fn output<'py, 'a, T: Element>(
     what: &str,
 ) -> PyResult<Output<'py, 'a, T>> {
     let Some(out) = out.filter(|o| !o.is_none()) else {
-        let (array, data) = empty_uninit::<T>(py, shape, what)?;
+        let (array, data) = empty_uninit::<T>(py, shape, &format!("{arg} ({what})"))?;
         return Ok((array, None, data));
     };
     let arr = out.cast::<PyArrayDyn<T>>().map_err(|_| {

@@ -95,7 +95,7 @@ fn normalize<'py, X: Storage + Element>(
                     t.len()
                 )))
             }
-            None => (["out", "out"], (p.out.cloned(), None)),
+            None => (["out", "summed"], (p.out.cloned(), None)),
         };
         let (out, out_borrow, a) = output::<X>(py, first.as_ref(), names[0], shape, "the shape of x")?;
         let (summed, summed_borrow, b) = output::<X>(py, second.as_ref(), names[1], shape, "the shape of x")?;
