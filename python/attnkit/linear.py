@@ -217,9 +217,8 @@ class Bf16Linear(_PackedLinear):
         bf16 = bfloat16()
         dtype = None
         # out_dtype, else out's dtype: the core checks that out has the dtype chosen.
-        for name, given in (("out_dtype", out_dtype), ("out", None if out is None else out.dtype)):
-            if given is None:
-                continue
+        name, given = ("out_dtype", out_dtype) if out_dtype is not None or out is None else ("out", out.dtype)
+        if given is not None:
             try:
                 d = np.dtype(given)
             except TypeError:
@@ -230,7 +229,6 @@ class Bf16Linear(_PackedLinear):
                 dtype = "bfloat16"
             else:
                 raise TypeError(f"{name}: expected float32 or bfloat16 (ml_dtypes), got {given!r}")
-            break
         arr = float_array(x, "x")
         if arr.dtype != np.float32 and (bf16 is None or arr.dtype != bf16):
             raise TypeError(f"x: expected a float32 or bfloat16 array, got dtype {arr.dtype}")

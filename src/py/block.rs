@@ -86,8 +86,7 @@ fn normalize<'py, X: Storage + Element>(
     let shape = x.shape();
     if inputs.residual.is_some() {
         // `out`: the norm's array, or a pair of arrays for the norm and the sum (either None).
-        let pair = p.out.map(|o| o.cast::<PyTuple>()).transpose().ok().flatten();
-        let (names, (first, second)) = match pair {
+        let (names, (first, second)) = match p.out.and_then(|o| o.cast::<PyTuple>().ok()) {
             Some(t) if t.len() == 2 => (["out[0]", "out[1]"], (Some(t.get_item(0)?), Some(t.get_item(1)?))),
             Some(t) => {
                 return Err(PyValueError::new_err(format!(

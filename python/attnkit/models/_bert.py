@@ -266,11 +266,13 @@ class BertEncoder(PicklesTokenizer):
         # state alternates between two (a norm's output cannot be its own residual input).
         rows = b * s
         h, h_next, t, summed = (buffers.take(name, rows, c.hidden) for name in ("h", "h_next", "t", "summed"))
+        qkv_out = buffers.take("qkv", rows, 3 * c.hidden)
+        mid_out = buffers.take("mid", rows, c.intermediate)
         attnkit.layer_norm(x.reshape(rows, c.hidden), c.hidden, *self._ln0, c.eps, out=h)
         d = c.hidden // c.heads
         weights = []
         for layer in self._layers:
-            qkv = layer.qkv(h, out=buffers.take("qkv", rows, 3 * c.hidden)).reshape(b, s, 3, c.heads, d)
+            qkv = layer.qkv(h, out=qkv_out).reshape(b, s, 3, c.heads, d)
             result = attnkit.scaled_dot_product_attention(
                 qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd",
                 return_weights=output_attentions,
@@ -284,7 +286,7 @@ class BertEncoder(PicklesTokenizer):
             layer.o(a.reshape(rows, c.hidden), out=t)
             attnkit.layer_norm(t, c.hidden, *layer.ln1, c.eps, residual=h, out=(h_next, summed))
             h, h_next = h_next, h
-            mid = layer.i(h, gelu=c.gelu, out=buffers.take("mid", rows, c.intermediate))
+            mid = layer.i(h, gelu=c.gelu, out=mid_out)
             layer.f(mid, out=t)
             attnkit.layer_norm(t, c.hidden, *layer.ln2, c.eps, residual=h, out=(h_next, summed))
             h, h_next = h_next, h

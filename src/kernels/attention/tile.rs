@@ -146,9 +146,8 @@ where
             _ => None,
         };
         let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
-        let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
-                                                 // K in whole strips up to the last key read: no tile reads past them (a block's tiles
-                                                 // end at its last column rounded up to a strip), and short sequences zero no more.
+        // K in whole strips up to the last key read: no tile reads past them (a block's tiles
+        // end at its last column rounded up to a strip), and short sequences zero no more.
         let mut kt = vec![T::ZERO; if dot.is_none() { strips_end * e } else { 0 }];
         match (fast, KV::as_compute(k_src)) {
             _ if dot.is_some() => {}
@@ -183,6 +182,7 @@ where
         // skipping.
         let ev_strips = ev / NR;
         let pack_v = fast_pv.is_none() && dot.is_none();
+        let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
         let mut nonfinite = vec![0u32; keys_end + 1];
         let v_stored = |j: usize| &v_src[j * sp.v.row..][..ev];
