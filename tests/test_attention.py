@@ -228,6 +228,68 @@ def test_layouts_and_memory_layouts_give_the_same_bits():
         assert sdpa(q, k, variant, is_causal=True).tobytes() == want.tobytes(), name
 
 
+# out=: the output written into the caller's array.
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_out_is_written_and_returned_with_the_new_arrays_bits(layout):
+    q, k, v = qkv(b=3, hq=4, hkv=2, length=20, s=20, e=8, ev=16)  # length > 16: the tiled path
+    swap = (lambda x: np.ascontiguousarray(x.swapaxes(1, 2))) if layout == "bshd" else (lambda x: x)  # noqa: E731
+    q, k, v = swap(q), swap(k), swap(v)
+    mask = np.arange(20)[None, :] < np.array([20, 7, 0])[:, None]  # the last item has no key at all
+    for length in (20, 5):  # the tiled path, and short queries' path
+        qs = q[:, :length] if layout == "bshd" else q[:, :, :length]
+        want = sdpa(qs, k, v, enable_gqa=True, key_mask=mask, layout=layout)
+        buffer = np.full(want.shape, np.nan, np.float32)
+        got = sdpa(qs, k, v, enable_gqa=True, key_mask=mask, layout=layout, out=buffer)
+        assert got is buffer
+        assert buffer.tobytes() == want.tobytes()
+    # A view of a bigger buffer (a model's reused one), leading batch dimensions and lse beside it.
+    rows = np.full((4,) + want.shape[1:], np.nan, np.float32)
+    got, lse = sdpa(qs, k, v, enable_gqa=True, key_mask=mask, layout=layout, out=rows[1:], return_lse=True)
+    assert got.base is rows and rows[1:].tobytes() == want.tobytes() and np.isnan(rows[0]).all()
+    assert np.isneginf(lse[2]).all()
+    nested = np.zeros((1,) + want.shape, np.float32)
+    sdpa(qs[None], k[None], v[None], enable_gqa=True, key_mask=mask[None], layout=layout, out=nested)
+    assert nested[0].tobytes() == want.tobytes()
+
+
+def test_bshd_query_lengths_zero_each_items_padding_rows():
+    q, k, v = qkv(b=3, hq=2, hkv=2, length=20, s=20)
+    swap = lambda x: np.ascontiguousarray(x.swapaxes(1, 2))  # noqa: E731
+    ql = np.array([20, 17, 0])
+    want = sdpa(q, k, v, is_causal=True, query_lengths=ql)
+    for out in (None, np.full((3, 20, 2, 8), np.nan, np.float32)):
+        got = sdpa(swap(q), swap(k), swap(v), is_causal=True, query_lengths=ql, layout="bshd", out=out)
+        assert got.tobytes() == swap(want).tobytes()
+        assert (got[1, 17:] == 0).all() and (got[2] == 0).all()
+
+
+def test_out_errors_name_it():
+    q, k, v = qkv(b=1, hq=2, hkv=2, length=3, s=5)
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 2, 3, 8\) \(that of the output\)"):
+        sdpa(q, k, v, out=np.zeros((1, 3, 2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 3, 2, 8\)"):
+        sdpa(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), layout="bshd", out=np.zeros((1, 2, 3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(3, 8\)"):
+        sdpa(q[0, 0], k[0, 0], v[0, 0], out=np.zeros((1, 3, 8), np.float32))
+    with pytest.raises(TypeError, match="out: expected a numpy array of dtype float32"):
+        sdpa(q, k, v, out=np.zeros((1, 2, 3, 8), np.float64))
+    with pytest.raises(TypeError, match="out: expected a numpy array or None"):
+        sdpa(q, k, v, out=np.zeros((1, 2, 3, 8)).tolist())
+    with pytest.raises(ValueError, match="out: expected a C-contiguous array"):
+        sdpa(q, k, v, out=np.zeros((1, 2, 8, 3), np.float32).swapaxes(2, 3))
+    frozen = np.zeros((1, 2, 3, 8), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out: the array is read-only"):
+        sdpa(q, k, v, out=frozen)
+    with pytest.raises(ValueError, match="out: shares memory with an input"):
+        sdpa(q, q, q, out=q)
+    q3, k3, v3 = qkv(b=1, hq=2, hkv=2, length=3, s=3)
+    with pytest.raises(ValueError, match="out: shares memory with an input"):
+        sdpa(q3, k3, v3, out=v3)
+    np.testing.assert_array_equal(v3, qkv(b=1, hq=2, hkv=2, length=3, s=3)[2])  # nothing written on refusal
+
+
 def test_leading_batch_dimensions_and_2d_inputs():
     q, k, v = qkv(b=6, hq=2, hkv=2, length=5, s=7)
     want = sdpa(q, k, v)

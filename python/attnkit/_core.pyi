@@ -91,5 +91,6 @@ def attention(
     return_scores: bool = False,
     key_starts: npt.NDArray[np.int64] | None = None,
     key_strips: bool = False,
+    out: npt.NDArray[Any] | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None, npt.NDArray[Any] | None, npt.NDArray[Any] | None]: ...
 def merge_attention(outs: npt.NDArray[Any], lses: npt.NDArray[Any]) -> npt.NDArray[Any]: ...

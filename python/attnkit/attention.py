@@ -24,6 +24,7 @@ from attnkit._validate import (
     int_array,
     integer,
     is_half,
+    out_array,
     real,
 )
 
@@ -54,6 +55,7 @@ def scaled_dot_product_attention(
     return_weights: Literal[False] = False,
     return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    out: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any]: ...
 
 
@@ -81,6 +83,7 @@ def scaled_dot_product_attention(
     return_weights: Literal[False] = False,
     return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    out: npt.NDArray[Any] | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 
 
@@ -108,6 +111,7 @@ def scaled_dot_product_attention(
     return_weights: Literal[True],
     return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    out: npt.NDArray[Any] | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
 
 
@@ -135,6 +139,7 @@ def scaled_dot_product_attention(
     return_weights: Literal[True],
     return_scores: Literal[False] = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    out: npt.NDArray[Any] | None = None,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 
 
@@ -162,6 +167,7 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     return_scores: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    out: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]: ...
 
 
@@ -188,6 +194,7 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     return_scores: bool = False,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    out: npt.NDArray[Any] | None = None,
     _key_strips: npt.NDArray[Any] | None = None,
 ) -> npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]:
     """Attention as ``torch.nn.functional.scaled_dot_product_attention``, on NumPy arrays.
@@ -249,6 +256,9 @@ def scaled_dot_product_attention(
             16-bit inputs): scaled, softcapped, biases added, ``-inf`` at every masked pair
             (ONNX's ``qk_matmul_output`` with bias; for KV-eviction methods such as H2O).
         layout: ``"bhsd"`` or ``"bshd"`` for query, key, value and the output.
+        out: an array to write the output into, as NumPy's ``out=``: C-contiguous, writeable, of
+            the output's shape and the query's dtype, sharing no memory with an input; returned
+            in place of a new array. (A model's layers can reuse one buffer this way.)
 
     Returns:
         ``out`` of shape ``(..., Hq, L, Ev)`` (``bshd``: ``(..., L, Hq, Ev)``), or a tuple of
@@ -287,7 +297,7 @@ def scaled_dot_product_attention(
         and attn_mask is None and key_mask is None and key_lengths is None and key_starts is None
         and query_lengths is None and window is None and alibi_slopes is None
         and softcap is None and sinks is None and return_lse is False and return_weights is False
-        and return_scores is False and _key_strips is None
+        and return_scores is False and _key_strips is None and out is None
         and type(is_causal) is bool and type(enable_gqa) is bool and (dropout_p == 0 if type(dropout_p) in (float, int) else False)
         and layout == "bhsd" and causal_alignment == "top_left"
         and (scale is None or (type(scale) is float and math.isfinite(scale)))
@@ -376,24 +386,37 @@ def scaled_dot_product_attention(
     win = _window(window)
     # (`_key_strips`, for KVCache alone: the keys transposed in strips of 16, `(B, Hkv, S / 16, E,
     # 16)`, which the core reads in place of `key`, then a stand-in of the keys' shape and dtype.)
-    out, lse, weights, scores = _core.attention(
+    out, out4 = out_array(out), None
+    if out is not None:
+        ev = v.shape[-1]
+        expected = batch_shape + ((hq, length, ev) if layout == "bhsd" else (length, hq, ev))
+        if squeeze:
+            expected = (length, ev)
+        if out.shape != expected:
+            raise ValueError(f"out: expected shape {expected} (that of the output), got {out.shape}")
+        if not out.flags.c_contiguous:  # (a reshape of it would be a copy, and the results lost)
+            raise ValueError("out: expected a C-contiguous array")
+        out4 = out.reshape((b,) + q4.shape[1:3] + (ev,))
+    result, lse, weights, scores = _core.attention(
         q4, k4 if _key_strips is None else _key_strips, v4, layout, scale_value, cap, is_causal, win, alignment,
         bool_mask, float_mask, keys, slopes, return_lse, return_weights, lengths, q_lengths,
-        sink_logits, return_scores, starts, _key_strips is not None,
+        sink_logits, return_scores, starts, _key_strips is not None, out4,
     )
     if q_lengths is not None:  # the rows past each item's queries are padding: zeros
-        padding = np.arange(length)[None, :] >= q_lengths[:, None]  # (b, L); out is (b, Hq, L, Ev) here
-        out[np.broadcast_to(padding[:, None, :, None], out.shape)] = 0
+        padding = np.arange(length)[None, :] >= q_lengths[:, None]  # (b, L)
+        rows = padding[:, None, :, None] if layout == "bhsd" else padding[:, :, None, None]
+        result[np.broadcast_to(rows, result.shape)] = 0
         if lse is not None:
             lse[np.broadcast_to(padding[:, None, :], lse.shape)] = -np.inf
         if weights is not None:
             weights[np.broadcast_to(padding[:, None, :, None], weights.shape)] = 0
         if scores is not None:
             scores[np.broadcast_to(padding[:, None, :, None], scores.shape)] = -np.inf
-    out = out.reshape(batch_shape + out.shape[1:])
-    if layout == "bshd":
-        out = np.ascontiguousarray(np.swapaxes(out, -2, -3))
-    results = [out[0] if squeeze else out]
+    if out is None:
+        out = result.reshape(batch_shape + result.shape[1:])
+        if squeeze:
+            out = out[0]
+    results = [out]
     if lse is not None:
         lse = lse.reshape(batch_shape + lse.shape[1:])
         results.append(lse[0] if squeeze else lse)

@@ -10,7 +10,7 @@ use crate::kernels::attention::{
 };
 use crate::kernels::storage::Storage;
 use crate::py::arrays::{
-    choice, empty_uninit, fill_new, floats, run, shape_str, slice, strided, typed, Floats,
+    choice, empty_uninit, fill_new, floats, output, run, shape_str, slice, strided, typed, Floats,
 };
 
 /// `(out, lse, weights, scores)`.
@@ -18,13 +18,14 @@ type AttnResult<'py> =
     (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
 /// Attention over `(B, H, L, E)` arrays (`layout="bshd"`: `(B, L, H, E)`); returns
-/// `(out (B, Hq, L, Ev), lse (B, Hq, L) or None, weights (B, Hq, L, S) or None, scores (B, Hq, L,
-/// S) or None)`.
+/// `(out (B, Hq, L, Ev) (bshd: (B, L, Hq, Ev)), lse (B, Hq, L) or None, weights (B, Hq, L, S) or
+/// None, scores (B, Hq, L, S) or None)`. `out` is written into the caller's array where one is given.
 #[pyfunction]
 #[pyo3(signature = (query, key, value, layout, scale, softcap, causal, window, alignment,
                     bool_mask=None, float_mask=None, key_mask=None, alibi=None,
                     return_lse=false, return_weights=false, key_lengths=None,
-                    query_lengths=None, sinks=None, return_scores=false, key_starts=None, key_strips=false))]
+                    query_lengths=None, sinks=None, return_scores=false, key_starts=None, key_strips=false,
+                    out=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<'py>(
     py: Python<'py>,
@@ -49,6 +50,7 @@ pub fn attention<'py>(
     return_scores: bool,
     key_starts: Option<&Bound<'py, PyAny>>,
     key_strips: bool,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<AttnResult<'py>> {
     let bshd = choice("layout", layout, &[("bhsd", false), ("bshd", true)])?;
     let alignment = choice(
@@ -72,7 +74,7 @@ pub fn attention<'py>(
         key_strips,
     };
     let extra =
-        Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths, sinks, key_starts };
+        Extra { bool_mask, float_mask, key_mask, alibi, key_lengths, query_lengths, sinks, key_starts, out };
     let (o, x) = (&options, &extra);
     match (floats(query, "query")?, floats(key, "key")?, floats(value, "value")?) {
         (Floats::F32(q), Floats::F32(k), Floats::F32(v)) => typed_attention(py, &q, &k, &v, o, x),
@@ -116,6 +118,8 @@ struct Extra<'a, 'py> {
     query_lengths: Option<&'a Bound<'py, PyAny>>,
     sinks: Option<&'a Bound<'py, PyAny>>,
     key_starts: Option<&'a Bound<'py, PyAny>>,
+    /// The caller's array for the output (shape and dtype those of the output), or None.
+    out: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// `(batch, heads, rows, dim)` and the element strides (`strided`'s) of a 4-d array in the given
@@ -272,8 +276,11 @@ where
         key_starts: key_starts.as_ref().map(|n| slice(n, "key_starts")).transpose()?,
     };
 
-    let (out, out_data) =
-        empty_uninit::<Q>(py, &[b, hq, l, ev], "out (batch, Hq, L, Ev: set by query and value)")?;
+    let (out_shape, out_what) = match o.bshd {
+        false => ([b, hq, l, ev], "batch, Hq, L, Ev: set by query and value"),
+        true => ([b, l, hq, ev], "batch, L, Hq, Ev: set by query and value"),
+    };
+    let (out, out_borrow, out_data) = output::<Q>(py, extra.out, "out", &out_shape, out_what)?;
     let lse = o
         .return_lse
         .then(|| empty_uninit::<T>(py, &[b, hq, l], "lse (batch, Hq, L: set by query)"))
@@ -290,9 +297,16 @@ where
     let (weights, weights_data) = weights.map_or((None, None), |(a, d)| (Some(a), Some(d)));
     let (scores, scores_data) = scores.map_or((None, None), |(a, d)| (Some(a), Some(d)));
     run(py, &[], |par| {
-        let outputs = Outputs { out: out_data, lse: lse_data, weights: weights_data, scores: scores_data };
+        let outputs = Outputs {
+            out: out_data,
+            out_bshd: o.bshd,
+            lse: lse_data,
+            weights: weights_data,
+            scores: scores_data,
+        };
         kernel::attention(qd, kd, vd, &spec, &masks, outputs, par)
     })?;
+    drop(out_borrow);
     Ok((out, lse, weights, scores))
 }
 

@@ -265,7 +265,9 @@ class BertEncoder(PicklesTokenizer):
         # call share: fresh arrays would cost their memory's page faults each time. The hidden
         # state alternates between two (a norm's output cannot be its own residual input).
         rows = b * s
-        h, h_next, t, summed = (buffers.take(name, rows, c.hidden) for name in ("h", "h_next", "t", "summed"))
+        h, h_next, t, summed, a_out = (
+            buffers.take(name, rows, c.hidden) for name in ("h", "h_next", "t", "summed", "attention")
+        )
         qkv_out = buffers.take("qkv", rows, 3 * c.hidden)
         mid_out = buffers.take("mid", rows, c.intermediate)
         attnkit.layer_norm(x.reshape(rows, c.hidden), c.hidden, *self._ln0, c.eps, out=h)
@@ -275,7 +277,7 @@ class BertEncoder(PicklesTokenizer):
             qkv = layer.qkv(h, out=qkv_out).reshape(b, s, 3, c.heads, d)
             result = attnkit.scaled_dot_product_attention(
                 qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd",
-                return_weights=output_attentions,
+                return_weights=output_attentions, out=a_out.reshape(b, s, c.heads, d),
             )
             if isinstance(result, tuple):
                 a, w = result
