@@ -310,7 +310,7 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
         let sink = masks.sink(g * group + r % group).map(T::from_f64);
         let lse =
             super::merge::merge_row(&lses, |c| &outs[c * ev..(c + 1) * ev], sink, &mut row, &mut factors);
-        for (o, &x) in head.out.row(i, ev).iter_mut().zip(&row) {
+        for (o, &x) in head.out[i * ev..(i + 1) * ev].iter_mut().zip(&row) {
             o.write(Q::narrow(x));
         }
         if let Some(l) = head.lse.as_deref_mut() {

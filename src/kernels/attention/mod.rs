@@ -16,8 +16,8 @@
 //! whatever a masked query, key or value holds (NaN, inf) cannot reach any other output.
 //!
 //! Memory: `q`, `k`, `v` are addressed by (batch, head, row) strides with contiguous rows, which
-//! covers the `(B, H, L, E)` and `(B, L, H, E)` layouts; `out` is `(B, Hq, L, Ev)` or
-//! `(B, L, Hq, Ev)`, `lse` `(B, Hq, L)` and `weights` `(B, Hq, L, S)`, all row-major. Masks are read through element
+//! covers the `(B, H, L, E)` and `(B, L, H, E)` layouts; `out` is `(B, Hq, L, Ev)`, `lse`
+//! `(B, Hq, L)` and `weights` `(B, Hq, L, S)`, all row-major. Masks are read through element
 //! strides, so broadcast dimensions cost nothing.
 //!
 //! Element types: queries are stored as `Q`, keys and values as `KV`, both computed in `T`
@@ -332,8 +332,6 @@ impl<'a, Q, KV, T> TaskInputs<'a, Q, KV, T> {
 /// `scores` (in the compute type `T`) when requested.
 pub struct Outputs<'a, O, T> {
     pub out: &'a mut [MaybeUninit<O>],
-    /// `out` is `(B, L, Hq, Ev)` (layout bshd) instead of `(B, Hq, L, Ev)`.
-    pub out_bshd: bool,
     pub lse: Option<&'a mut [MaybeUninit<T>]>,
     pub weights: Option<&'a mut [MaybeUninit<T>]>,
     /// The scores before the softmax, masked pairs −inf.
@@ -568,19 +566,9 @@ where
     }
     let (l, s, ev) = (spec.q_len, spec.kv_len, spec.dim_v);
     // Each (batch, query head)'s rows of out, lse and weights ...
-    let outs: Vec<tile::OutRows<'_, Q>> = match (ev, outputs.out_bshd) {
-        (0, _) => (0..pairs).map(|_| tile::OutRows::Block(Default::default())).collect(),
-        (_, false) => outputs.out.chunks_mut(l * ev).map(tile::OutRows::Block).collect(),
-        (_, true) => {
-            // Row n of out is batch n / (L·Hq), position n / Hq % L, head n % Hq: the rows come
-            // in position order for each head.
-            let hq = spec.heads_q;
-            let mut rows: Vec<Vec<_>> = (0..pairs).map(|_| Vec::with_capacity(l)).collect();
-            for (n, row) in outputs.out.chunks_mut(ev).enumerate() {
-                rows[n / (l * hq) * hq + n % hq].push(row);
-            }
-            rows.into_iter().map(tile::OutRows::Rows).collect()
-        }
+    let outs: Vec<&mut [MaybeUninit<Q>]> = match ev {
+        0 => (0..pairs).map(|_| Default::default()).collect(),
+        _ => outputs.out.chunks_mut(l * ev).collect(),
     };
     let lses: Vec<Option<&mut [MaybeUninit<T>]>> = match outputs.lse {
         Some(lse) => lse.chunks_mut(l).map(Some).collect(),
@@ -611,12 +599,6 @@ where
         par,
     };
     let par = if flops > 1e6 { par } else { par.sequential() };
-    // Where the heads' output rows interleave (bshd) and several threads run, the tasks go heads
-    // before batch items, so that the threads, taking them in order, write rows far apart: rows
-    // of neighbouring heads share cache lines or lie next to each other, which the CPU's
-    // prefetchers fetch together (2-3% of a MiniLM encode at 2 threads). One thread gains from
-    // the order of the rows (a task's rows lie next to the last task's, fetched with them).
-    let heads_first = outputs.out_bshd && par.threads() > 1;
     // bfloat16 queries over bfloat16 keys in strips (a `KVCache`'s) take the tiled path's pair
     // mode (`dot16.rs`) at any length, so that decoding gives the bits of one long call.
     let pair_mode = spec.k_strips && Q::as_bf16(q).is_some() && KV::as_bf16(k).is_some() && dot16::fits(ev);
@@ -645,9 +627,6 @@ where
             .zip(heads.chunks_mut(group))
             .map(|(chunks, heads)| decode::Merge { spec, chunks, heads })
             .collect();
-        if heads_first {
-            merges.sort_by_key(|merge| merge.chunks[0].at.g);
-        }
         par.for_each(&mut merges, simd::task);
         return Ok(());
     }
@@ -674,8 +653,8 @@ where
             tasks.push(tile::Group { at: inputs(t), first, positions: bound(p + 1) - first, heads: part });
         }
     }
-    // The heaviest parts (the last of each group) first (then heads first, where so chosen).
-    tasks.sort_by_key(|task| (std::cmp::Reverse(task.first), if heads_first { task.at.g } else { 0 }));
+    // The heaviest parts (the last of each group) first.
+    tasks.sort_by_key(|task| std::cmp::Reverse(task.first));
     par.for_each(&mut tasks, simd::task);
     Ok(())
 }
@@ -840,7 +819,7 @@ mod tests {
                     &c.v,
                     sp,
                     &masks,
-                    Outputs { out: o, out_bshd: false, lse: Some(&mut *lse), weights: None, scores: None },
+                    Outputs { out: o, lse: Some(&mut *lse), weights: None, scores: None },
                     par,
                 )
             })?;
@@ -918,7 +897,7 @@ mod tests {
                     &c.v,
                     &c.spec,
                     &masks,
-                    Outputs { out: o, out_bshd: false, lse: None, weights: None, scores: None },
+                    Outputs { out: o, lse: None, weights: None, scores: None },
                     Par::SEQ,
                 )
             })

@@ -38,39 +38,9 @@ use crate::kernels::exp::exp_short;
 use crate::kernels::simd::{self, Task};
 use crate::kernels::storage::{Storage, Stored};
 
-/// One head's rows of `out`, `ev` elements each: one slice of them all (`out` laid out
-/// `(B, Hq, L, Ev)`), or a slice per row (`(B, L, Hq, Ev)`, where the heads' rows interleave).
-pub(super) enum OutRows<'o, O> {
-    Block(&'o mut [MaybeUninit<O>]),
-    Rows(Vec<&'o mut [MaybeUninit<O>]>),
-}
-
-impl<'o, O> OutRows<'o, O> {
-    /// Row `i`.
-    #[inline(always)]
-    pub fn row(&mut self, i: usize, ev: usize) -> &mut [MaybeUninit<O>] {
-        match self {
-            Self::Block(rows) => &mut rows[i * ev..(i + 1) * ev],
-            Self::Rows(rows) => rows[i],
-        }
-    }
-
-    /// Splits off the rows from `i` on.
-    fn split_off(&mut self, i: usize, ev: usize) -> Self {
-        match self {
-            Self::Block(rows) => {
-                let (head, tail) = std::mem::take(rows).split_at_mut(i * ev);
-                *rows = head;
-                Self::Block(tail)
-            }
-            Self::Rows(rows) => Self::Rows(rows.split_off(i)),
-        }
-    }
-}
-
 /// One head's rows of `out` (stored as `O`), `lse`, `weights` and `scores` (as `T`).
 pub(super) struct HeadOut<'o, O, T> {
-    pub out: OutRows<'o, O>,
+    pub out: &'o mut [MaybeUninit<O>],
     pub lse: Option<&'o mut [MaybeUninit<T>]>,
     pub weights: Option<&'o mut [MaybeUninit<T>]>,
     pub scores: Option<&'o mut [MaybeUninit<T>]>,
@@ -85,7 +55,7 @@ impl<'o, O, T> HeadOut<'o, O, T> {
             tail
         }
         Self {
-            out: self.out.split_off(i, ev),
+            out: split(&mut self.out, i * ev),
             lse: self.lse.as_mut().map(|x| split(x, i)),
             weights: self.weights.as_mut().map(|x| split(x, i * s)),
             scores: self.scores.as_mut().map(|x| split(x, i * s)),
@@ -628,7 +598,7 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
     ) {
         let (s, ev, group) = (self.at.spec.kv_len, self.at.spec.dim_v, self.heads.len());
         let (i, head) = (row / group - self.first, &mut self.heads[row % group]);
-        Q::narrow_slice(out, head.out.row(i, ev));
+        Q::narrow_slice(out, &mut head.out[i * ev..(i + 1) * ev]);
         if let Some(l) = head.lse.as_deref_mut() {
             l[i].write(lse);
         }
