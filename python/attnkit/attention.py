@@ -389,9 +389,10 @@ def scaled_dot_product_attention(
     out, out4 = out_array(out), None
     if out is not None:
         ev = v.shape[-1]
-        expected = batch_shape + ((hq, length, ev) if layout == "bhsd" else (length, hq, ev))
         if squeeze:
             expected = (length, ev)
+        else:
+            expected = batch_shape + ((hq, length, ev) if layout == "bhsd" else (length, hq, ev))
         if out.shape != expected:
             raise ValueError(f"out: expected shape {expected} (that of the output), got {out.shape}")
         if not out.flags.c_contiguous:  # (a reshape of it would be a copy, and the results lost)

@@ -59,10 +59,9 @@ def _param(p: npt.ArrayLike | None, name: str, shape: tuple[int, ...]) -> npt.ND
 
 
 def _norm_out(out: Any, residual: npt.NDArray[Any] | None) -> Any:
-    """``out`` for the core: None, an array, or (with a residual) a pair of arrays or Nones."""
+    """``out`` for the core: None, an array, or (with a residual) a pair of arrays or Nones (the
+    core checks that a tuple holds two)."""
     if residual is not None and isinstance(out, tuple):
-        if len(out) != 2:
-            raise ValueError(f"out: expected an array or a pair of arrays (the norm's, the sum's), got {len(out)} items")
         return tuple(out_array(o, f"out[{i}]") for i, o in enumerate(out))
     return out_array(out)
 

@@ -272,20 +272,18 @@ class BertEncoder(PicklesTokenizer):
         mid_out = buffers.take("mid", rows, c.intermediate)
         attnkit.layer_norm(x.reshape(rows, c.hidden), c.hidden, *self._ln0, c.eps, out=h)
         d = c.hidden // c.heads
+        a_heads = a_out.reshape(b, s, c.heads, d)  # attention's output, in a_out: (batch, seq, heads, d)
         weights = []
         for layer in self._layers:
             qkv = layer.qkv(h, out=qkv_out).reshape(b, s, 3, c.heads, d)
             result = attnkit.scaled_dot_product_attention(
                 qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask=mask, layout="bshd",
-                return_weights=output_attentions, out=a_out.reshape(b, s, c.heads, d),
+                return_weights=output_attentions, out=a_heads,
             )
-            if isinstance(result, tuple):
-                a, w = result
-                weights.append(w)
-            else:
-                a = result
+            if output_attentions:
+                weights.append(result[1])
             # Each residual add fused with the norm after it (the sum, unused, into `summed`).
-            layer.o(a.reshape(rows, c.hidden), out=t)
+            layer.o(a_out, out=t)
             attnkit.layer_norm(t, c.hidden, *layer.ln1, c.eps, residual=h, out=(h_next, summed))
             h, h_next = h_next, h
             mid = layer.i(h, gelu=c.gelu, out=mid_out)
