@@ -9,6 +9,7 @@ keys carry the same permutation of channels, which their dot products do not see
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,36 @@ from attnkit.models._llama import GGUF_NAMES, LlamaConfig, LlamaDecoder, read_we
 
 # GGUF token types (llama.cpp's llama_token_type): control tokens are the special ones.
 _CONTROL = 3
+# The gguf package dequantizes a tensor 16 rows at a time, and on short rows its overhead per group
+# costs more than the arithmetic. Blocks never straddle rows, so the loader hands it runs of this many
+# whole rows as one row each: SmolLM2's file (576-wide rows) took 1.15 s row by row, 0.47 s so.
+_ROWS_JOINED = 16
+
+
+def _reader(gguf: Any, path: Path) -> Any:
+    """A ``gguf.GGUFReader`` that parses through a plain ndarray view of its memmap.
+
+    The reader slices its buffer once per metadata value, and a memmap's slicing goes through
+    Python-level ``__getitem__``/``__array_finalize__``: SmolLM2's 49,152 tokens and 48,900 merges
+    took 2.4-2.8 s to parse, 0.8-0.9 s through the plain view. The view keeps the mapping alive.
+    """
+
+    class PlainReader(gguf.GGUFReader):  # type: ignore[misc]
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray)
+
+    return PlainReader(str(path))
 
 
 def load_gguf(path: Path, dtype: str = "float32") -> LlamaDecoder:
     gguf = extra("gguf")
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = _reader(gguf, path)
     except Exception as e:  # the reader raises ValueError or struct errors on a damaged file
         raise LoadError(f"{path}: not a readable GGUF file ({e})") from e
 
@@ -82,9 +107,9 @@ def load_gguf(path: Path, dtype: str = "float32") -> LlamaDecoder:
             raise LoadError(f"{path}: tensor {name} has shape {tuple(int(d) for d in t.shape[::-1])}, "
                             f"expected {shape} from the metadata")
         try:
-            # As a plain array: slicing the reader's memmap row group by row group costs more than
-            # the arithmetic.
-            values = gguf.quants.dequantize(t.data.view(np.ndarray), t.tensor_type)
+            rows = math.prod(t.data.shape[:-1])
+            joined = t.data.reshape(rows // math.gcd(rows, _ROWS_JOINED), -1)
+            values = gguf.quants.dequantize(joined, t.tensor_type)
         except NotImplementedError as e:
             raise LoadError(f"{path}: tensor {name}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
         return np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
