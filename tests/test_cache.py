@@ -301,12 +301,40 @@ def test_the_quick_paths_of_append_and_attend_agree_with_the_full_ones(dtype):
     full.append(list(k[:, :, :20]), list(v[:, :, :20]))  # lists: the full path
     assert same_state(state(quick), state(full))
     quick.append(k[:, :, 20:], v[:, :, 20:], lengths=[10, 4, 0])  # ragged: the full path
-    quick.append(k[:, :, :1], v[:, :, :1])  # lengths differ: the full path
+    quick.append(k[:, :, :1], v[:, :, :1])  # lengths differ: one token after each's own length
     full.append(k[:, :, 20:], v[:, :, 20:], lengths=[10, 4, 0])
     full.append(list(k[:, :, :1]), list(v[:, :, :1]))
     assert same_state(state(quick), state(full))
     assert np.array_equal(quick.attend(q[:, :, :1]), full.attend(q[:, :, :1], return_lse=True)[0])
     assert np.array_equal(quick.attend(q[:, :, :3], is_causal=False), full.attend(list(q[:, :, :3]), is_causal=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quick_bshd_steps_over_a_ragged_batch_give_each_sequence_the_bits_it_gets_alone(dtype):
+    """A decoder's loop: a ragged prefill, then appends and queries in the bshd layout without
+    lengths (the quick paths: one token at each sequence's own length, then two), against each
+    sequence in a cache of its own fed bhsd arrays."""
+    q, k, v = tokens(dtype, 40)
+    t = lambda x: x.swapaxes(1, 2)  # noqa: E731 - bshd views, as a model's projections give
+    prompt = [30, 11, 1]
+    steps = [(30, 31), (31, 32), (32, 34), (34, 35)]
+    batch = attnkit.KVCache(B, HKV, E, value_dim=EV, capacity=40, dtype=dtype)
+    batch.append(t(k[:, :, :30]), t(v[:, :, :30]), lengths=prompt, layout="bshd")
+    outs = []
+    for a, b in steps:
+        batch.append(t(k[:, :, a:b]), t(v[:, :, a:b]), layout="bshd")
+        outs.append(batch.attend(t(q[:, :, a:b]), layout="bshd"))
+        assert outs[-1].shape == (B, b - a, HQ, EV)
+    assert batch.lengths.tolist() == [p + 5 for p in prompt]
+    for i in range(B):
+        alone = attnkit.KVCache(1, HKV, E, value_dim=EV, capacity=40, dtype=dtype)
+        alone.append(k[i:i + 1, :, :prompt[i]], v[i:i + 1, :, :prompt[i]])
+        for (a, b), out in zip(steps, outs):
+            alone.append(k[i:i + 1, :, a:b], v[i:i + 1, :, a:b])
+            assert np.array_equal(out[i:i + 1], t(alone.attend(q[i:i + 1, :, a:b]))), (i, a)
+        n = prompt[i] + 5
+        assert np.array_equal(batch.keys()[i, :, :n], alone.keys()[0])
+        assert np.array_equal(batch.values()[i, :, :n], alone.values()[0])
 
 
 def _grow_both(full, ring, k, v, chunks, lengths=None):

@@ -7,6 +7,7 @@ error contract's exceptions, naming the argument, for anything else.
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from collections.abc import Iterator
@@ -184,10 +185,10 @@ def integer(x: Any, name: str, *, minimum: int | None = None) -> int:
 
 
 def real(x: Any, name: str, *, positive: bool = False) -> float:
-    if not isinstance(x, numbers.Real) or isinstance(x, (bool, np.bool_)):
+    if type(x) is not float and (not isinstance(x, numbers.Real) or isinstance(x, (bool, np.bool_))):
         raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
     value = float(x)
-    if not np.isfinite(value) or (positive and value <= 0):
+    if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{name}: expected a finite{' positive' if positive else ''} number, got {value}")
     return value
 

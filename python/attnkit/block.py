@@ -15,6 +15,7 @@ tail and a LLaMA layer's MLP read::
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, Literal, overload
@@ -30,8 +31,10 @@ __all__ = ["gelu", "layer_norm", "rms_norm", "silu_mul"]
 
 def _normalized_size(x: npt.NDArray[Any], normalized_shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
     """``normalized_shape`` as a tuple that must end ``x``'s shape, and its number of elements."""
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
-        shape: tuple[int, ...] = (int(normalized_shape),)
+    if type(normalized_shape) is int:  # the common case, checked first: a layer calls this per token
+        shape: tuple[int, ...] = (normalized_shape,)
+    elif isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        shape = (int(normalized_shape),)
     elif isinstance(normalized_shape, Sequence) and all(
         isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in normalized_shape
     ):
@@ -42,7 +45,7 @@ def _normalized_size(x: npt.NDArray[Any], normalized_shape: int | Sequence[int])
         raise ValueError(
             f"normalized_shape: expected the last axes of x's shape {x.shape} (at least one), got {shape}"
         )
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     if n == 0:
         raise ValueError(f"normalized_shape: {shape} has no elements to normalize")
     return shape, n

@@ -160,6 +160,20 @@ class KVCache:
             self._store_keys(None, np.arange(start, start + n), k)
         self._v[:, :, start:start + n] = v
 
+    def _write_one(self, k: npt.NDArray[Any], v: npt.NDArray[Any]) -> None:
+        """Writes one new position ``(batch, heads, 1, dim)`` after each sequence's own length."""
+        b, at = np.arange(self._batch), self._lengths
+        # Advanced indices apart (axes 0, 2 and 4) put their axis first: (batch, heads, dim).
+        self._k[b, :, at // STRIP, :, at % STRIP] = k[:, :, 0]
+        self._v[b, :, at] = v[:, :, 0]
+
+    def _write_each(self, k: npt.NDArray[Any], v: npt.NDArray[Any], added: npt.NDArray[np.int64]) -> None:
+        """Writes the first ``added[b]`` of the new positions of each sequence ``b`` after its length."""
+        for b in np.flatnonzero(added).tolist():
+            start, count = int(self._lengths[b]), int(added[b])
+            self._store_keys(b, np.arange(start, start + count), k[b, :, :count])
+            self._v[b, :, start:start + count] = v[b, :, :count]
+
     def _load_keys(self, b: int, positions: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
         """Sequence ``b``'s keys at ``positions`` ``(n,)``, as ``(num_kv_heads, n, head_dim)``."""
         keys: npt.NDArray[Any] = self._k[b][:, positions // STRIP, :, positions % STRIP]
@@ -289,14 +303,21 @@ class KVCache:
             error.
         """
         if (  # the common step, checked first (a decode loop calls this per layer and token)
-            lengths is None and layout == "bhsd" and type(key) is np.ndarray and type(value) is np.ndarray
+            lengths is None and type(key) is np.ndarray and type(value) is np.ndarray
             and key.dtype == self._dtype and value.dtype == self._dtype and key.ndim == value.ndim == 4
-            and key.shape[:2] == value.shape[:2] == (self._batch, self._heads) and key.shape[2] == value.shape[2]
-            and key.shape[3] == self._dim and value.shape[3] == self._vdim and self._uniform and not self._ring
+            and (layout == "bhsd" or layout == "bshd") and not self._ring
         ):
-            start, n = int(self._lengths[0]), key.shape[2]
-            if start + n <= self.capacity:
-                self._write_all(start, key, value)
+            k, v = (key.swapaxes(1, 2), value.swapaxes(1, 2)) if layout == "bshd" else (key, value)
+            n = k.shape[2]
+            if (k.shape[:2] == v.shape[:2] == (self._batch, self._heads) and v.shape[2] == n
+                    and k.shape[3] == self._dim and v.shape[3] == self._vdim
+                    and int(self._lengths.max()) + n <= self.capacity):
+                if self._uniform:
+                    self._write_all(int(self._lengths[0]), k, v)
+                elif n == 1:  # a ragged batch's decode step: each sequence's token after its own length
+                    self._write_one(k, v)
+                else:
+                    self._write_each(k, v, np.full(self._batch, n))
                 self._lengths = self._lengths + n  # a new array: never one a caller holds
                 return
         layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
@@ -336,11 +357,10 @@ class KVCache:
             self._grow(int(end.max()))
         if (added == n).all() and self._uniform:  # every sequence alike: one assignment
             self._write_all(int(self._lengths[0]), k, v)
+        elif (added == 1).all() and n == 1:
+            self._write_one(k, v)
         else:
-            for b in np.flatnonzero(added).tolist():
-                start, count = int(self._lengths[b]), int(added[b])
-                self._store_keys(b, np.arange(start, start + count), k[b, :, :count])
-                self._v[b, :, start:start + count] = v[b, :, :count]
+            self._write_each(k, v, added)
         self._set_lengths(end)
 
     def _new(self, x: npt.ArrayLike, name: str, dim: int, layout: str) -> npt.NDArray[Any]:
@@ -450,21 +470,26 @@ class KVCache:
             ``(out, lse)``.
         """
         if (  # the common step, checked first: the core re-validates and refuses what it cannot take
-            type(query) is np.ndarray and query.ndim == 4 and query.dtype == self._dtype and layout == "bhsd"
+            type(query) is np.ndarray and query.ndim == 4 and query.dtype == self._dtype
+            and (layout == "bhsd" or layout == "bshd")
             and query_lengths is None and window is None and alibi_slopes is None and softcap is None
             and sinks is None and type(is_causal) is bool and return_lse is False
-            and query.shape[0] == self._batch and query.shape[3] == self._dim and query.shape[1] % self._heads == 0
+            and query.shape[0] == self._batch and query.shape[3] == self._dim
+            and query.shape[1 if layout == "bhsd" else 2] % self._heads == 0
             and (scale is None or (type(scale) is float and math.isfinite(scale))) and not self._ring
         ):
             n = _strips(int(self._lengths.max()))
             s = scale if scale is not None else 1.0 / math.sqrt(self._dim)
+            q = query if layout == "bhsd" else query.swapaxes(1, 2)  # the core reads it through its strides
             try:
-                return _core.attention(
-                    query, self._k[:, :, :n], self._v[:, :, :n * STRIP], "bhsd", s, None, is_causal, (None, None),
+                out = _core.attention(
+                    q, self._k[:, :, :n], self._v[:, :, :n * STRIP], "bhsd", s, None, is_causal, (None, None),
                     "bottom_right", None, None, None, None, False, False, self._lengths, key_strips=True,
                 )[0]
             except (TypeError, ValueError):
                 pass  # explained by the full path below
+            else:
+                return out if layout == "bhsd" else np.ascontiguousarray(out.swapaxes(1, 2))
         layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
         q = float_array(query, "query", in_place=True)
         if q.ndim != 4:

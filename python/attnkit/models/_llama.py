@@ -360,9 +360,12 @@ class LlamaDecoder(PicklesTokenizer):
             cos, sin = self._tables(positions)
             h = attnkit.embedding(ids, self._w.embed)
 
-            def attend(n: int, q: F32, k: F32, v: F32, steps: Any = steps) -> F32:
-                caches[n].append(k, v, lengths=steps, layout="bshd")
-                return caches[n].attend(q, query_lengths=steps, layout="bshd")  # type: ignore[no-any-return]
+            # Lengths only for a ragged prefill: the cache's quick path takes whole appends.
+            ragged = None if (steps == ids.shape[1]).all() else steps
+
+            def attend(n: int, q: F32, k: F32, v: F32, ragged: Any = ragged) -> F32:
+                caches[n].append(k, v, lengths=ragged, layout="bshd")
+                return caches[n].attend(q, query_lengths=ragged, layout="bshd")  # type: ignore[no-any-return]
 
             x = self._layers(h, cos, sin, attend)
             last = x[np.arange(b), steps - 1]  # each sequence's last real row
