@@ -39,7 +39,7 @@ def workload():
         attnkit.apply_rope(X.transpose(0, 2, 1, 3), cos, sin, style="interleaved", layout="bshd"),
         attnkit.scaled_dot_product_attention(Q, K, V, is_causal=True, causal_alignment="bottom_right", enable_gqa=True),
         attnkit.scaled_dot_product_attention(Q[:, :, :3], K, V, enable_gqa=True),  # the decode path
-        # Layout bshd (its tasks in another order on several threads), tiled and short queries.
+        # Layout bshd (the kernel's rows copied into the output's order), tiled and short queries.
         *(attnkit.scaled_dot_product_attention(*(x.swapaxes(1, 2) for x in (Q[:, :, :n], K[:, :, :300], V[:, :, :300])),
                                                enable_gqa=True, layout="bshd") for n in (70, 3)),
     ]

@@ -160,19 +160,24 @@ class KVCache:
             self._store_keys(None, np.arange(start, start + n), k)
         self._v[:, :, start:start + n] = v
 
-    def _write_one(self, k: npt.NDArray[Any], v: npt.NDArray[Any]) -> None:
-        """Writes one new position ``(batch, heads, 1, dim)`` after each sequence's own length."""
-        b, at = np.arange(self._batch), self._lengths
-        # Advanced indices apart (axes 0, 2 and 4) put their axis first: (batch, heads, dim).
-        self._k[b, :, at // STRIP, :, at % STRIP] = k[:, :, 0]
-        self._v[b, :, at] = v[:, :, 0]
-
-    def _write_each(self, k: npt.NDArray[Any], v: npt.NDArray[Any], added: npt.NDArray[np.int64]) -> None:
-        """Writes the first ``added[b]`` of the new positions of each sequence ``b`` after its length."""
-        for b in np.flatnonzero(added).tolist():
-            start, count = int(self._lengths[b]), int(added[b])
-            self._store_keys(b, np.arange(start, start + count), k[b, :, :count])
-            self._v[b, :, start:start + count] = v[b, :, :count]
+    def _write(self, k: npt.NDArray[Any], v: npt.NDArray[Any], added: npt.NDArray[np.int64] | None = None) -> None:
+        """Writes new keys ``k`` and values ``v`` ``(batch, heads, n, dim)`` after each sequence's
+        length: all ``n`` of them, or the first ``added[b]`` of sequence ``b``. (The lengths are
+        the caller's to update.)"""
+        n = k.shape[2]
+        if added is None and self._uniform:  # every sequence alike: one assignment
+            self._write_all(int(self._lengths[0]), k, v)
+        elif added is None and n == 1:  # a ragged batch's decode step: one indexed assignment
+            seqs, at = np.arange(self._batch), self._lengths
+            # Advanced indices apart (axes 0, 2 and 4) put their axis first: (batch, heads, dim).
+            self._k[seqs, :, at // STRIP, :, at % STRIP] = k[:, :, 0]
+            self._v[seqs, :, at] = v[:, :, 0]
+        else:
+            counts = np.full(self._batch, n) if added is None else added
+            for b in np.flatnonzero(counts).tolist():
+                start, count = int(self._lengths[b]), int(counts[b])
+                self._store_keys(b, np.arange(start, start + count), k[b, :, :count])
+                self._v[b, :, start:start + count] = v[b, :, :count]
 
     def _load_keys(self, b: int, positions: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
         """Sequence ``b``'s keys at ``positions`` ``(n,)``, as ``(num_kv_heads, n, head_dim)``."""
@@ -312,12 +317,7 @@ class KVCache:
             if (k.shape[:2] == v.shape[:2] == (self._batch, self._heads) and v.shape[2] == n
                     and k.shape[3] == self._dim and v.shape[3] == self._vdim
                     and int(self._lengths.max()) + n <= self.capacity):
-                if self._uniform:
-                    self._write_all(int(self._lengths[0]), k, v)
-                elif n == 1:  # a ragged batch's decode step: each sequence's token after its own length
-                    self._write_one(k, v)
-                else:
-                    self._write_each(k, v, np.full(self._batch, n))
+                self._write(k, v)
                 self._lengths = self._lengths + n  # a new array: never one a caller holds
                 return
         layout = choice(layout, "layout", ("bhsd", "bshd"))  # type: ignore[assignment]
@@ -355,12 +355,7 @@ class KVCache:
                     f"{self.capacity} (make the cache larger, or growable=True)"
                 )
             self._grow(int(end.max()))
-        if (added == n).all() and self._uniform:  # every sequence alike: one assignment
-            self._write_all(int(self._lengths[0]), k, v)
-        elif (added == 1).all() and n == 1:
-            self._write_one(k, v)
-        else:
-            self._write_each(k, v, added)
+        self._write(k, v, None if (added == n).all() else added)
         self._set_lengths(end)
 
     def _new(self, x: npt.ArrayLike, name: str, dim: int, layout: str) -> npt.NDArray[Any]:

@@ -285,8 +285,10 @@ where
     // order. (Its tasks, one per (batch, head), could write bshd rows in place, but rows of
     // neighbouring heads, which share cache lines, were then written by different threads:
     // MiniLM's encode ran 1.5% slower at 2 threads than with this copy.)
-    let by_head =
-        o.bshd.then(|| empty_uninit::<Q>(py, &[b, hq, l, ev], &format!("out ({out_what})"))).transpose()?;
+    let by_head = o
+        .bshd
+        .then(|| empty_uninit::<Q>(py, &[b, hq, l, ev], "out's rows by head (batch, Hq, L, Ev)"))
+        .transpose()?;
     let (_by_head_array, by_head) = by_head.map_or((None, None), |(a, d)| (Some(a), Some(d)));
     let lse = o
         .return_lse
