@@ -73,6 +73,8 @@ pub trait AttnFloat:
     fn as_f32(x: &[Self]) -> Option<&[f32]>;
     /// [`AttnFloat::as_f32`], writable.
     fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]>;
+    /// This thread's buffers for tasks of the tiled path (`tile::Scratch`).
+    fn scratch() -> &'static std::thread::LocalKey<std::cell::Cell<tile::Scratch<Self>>>;
     const NEG_INFINITY: Self;
     const ZERO: Self;
     const ONE: Self;
@@ -108,6 +110,10 @@ macro_rules! impl_attn_float {
             #[inline(always)]
             fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]> {
                 $as_f32_mut(x)
+            }
+            fn scratch() -> &'static std::thread::LocalKey<std::cell::Cell<tile::Scratch<Self>>> {
+                thread_local!(static SCRATCH: std::cell::Cell<tile::Scratch<$t>> = Default::default());
+                &SCRATCH
             }
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
             const ZERO: Self = 0.0;

@@ -95,6 +95,62 @@ where
 {
     #[inline(always)]
     fn run(&mut self) {
+        let mut scratch = T::scratch().take();
+        self.run_in(&mut scratch);
+        if scratch.bytes() <= Scratch::<T>::KEPT {
+            T::scratch().set(scratch);
+        }
+    }
+}
+
+/// A task's working buffers, which each thread keeps from one task to the next (up to `KEPT`
+/// bytes): allocated and zeroed afresh, they took about a sixth of a task over MiniLM's short
+/// sentences (some 24 tokens). Every element a task reads it has written first, but for `kt`
+/// (zeros past the last key), which is zeroed.
+#[derive(Default)]
+pub struct Scratch<T> {
+    kept_before: Vec<u32>,
+    kt: Vec<T>,
+    nonfinite: Vec<u32>,
+    qpack: Vec<T>,
+    q_wide: Vec<T>,
+    scores: Vec<T>,
+    acc: Vec<T>,
+}
+
+impl<T> Scratch<T> {
+    /// The most bytes a thread keeps between tasks.
+    const KEPT: usize = 1 << 20;
+
+    fn bytes(&self) -> usize {
+        let words = self.kept_before.capacity() + self.nonfinite.capacity();
+        let values = self.kt.capacity()
+            + self.qpack.capacity()
+            + self.q_wide.capacity()
+            + self.scores.capacity()
+            + self.acc.capacity();
+        4 * words + std::mem::size_of::<T>() * values
+    }
+}
+
+/// `buf` as `n` elements; those it held before keep their values (the caller writes every
+/// element before reading it).
+fn at_least<T: Copy>(buf: &mut Vec<T>, n: usize, fill: T) -> &mut [T] {
+    if buf.len() < n {
+        buf.resize(n, fill);
+    }
+    &mut buf[..n]
+}
+
+impl<Q, KV, T> Group<'_, '_, Q, KV, T>
+where
+    Q: Storage<Compute = T>,
+    KV: Storage<Compute = T>,
+    T: AttnFloat,
+{
+    /// The task, its buffers from `scratch`.
+    #[inline(always)]
+    fn run_in(&mut self, scratch: &mut Scratch<T>) {
         let sp = self.at.spec;
         let (s, e, ev) = (sp.kv_len, sp.dim_qk, sp.dim_v);
         let group = self.heads.len();
@@ -108,14 +164,14 @@ where
         let key_mask = masks.key_mask(sp, b);
         // How many keys before each the key mask keeps (`kept_before[j]`, for keys `< j`), so that
         // a key block's count is one subtraction.
-        let kept_before: Vec<u32> = key_mask.map_or_else(Vec::new, |km| {
-            std::iter::once(0)
-                .chain(km.iter().scan(0, |n, &x| {
-                    *n += u32::from(x != 0);
-                    Some(*n)
-                }))
-                .collect()
-        });
+        let kept_before = &mut scratch.kept_before;
+        kept_before.clear();
+        if let Some(km) = key_mask {
+            kept_before.extend(std::iter::once(0).chain(km.iter().scan(0, |n, &x| {
+                *n += u32::from(x != 0);
+                Some(*n)
+            })));
+        }
         // No key after this is ever read: trailing padding, and keys past the last position's
         // causal or window bound.
         let last = self.first + self.positions - 1;
@@ -148,12 +204,14 @@ where
         let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
         // K in whole strips up to the last key read: no tile reads past them (a block's tiles
         // end at its last column rounded up to a strip), and short sequences zero no more.
-        let mut kt = vec![T::ZERO; if dot.is_none() { strips_end * e } else { 0 }];
+        let kt = &mut scratch.kt;
+        kt.clear();
+        kt.resize(if dot.is_none() { strips_end * e } else { 0 }, T::ZERO);
         match (fast, KV::as_compute(k_src)) {
             _ if dot.is_some() => {}
             // Already packed: as T.
             _ if sp.k_strips => KV::widen_slice(&k_src[..strips_end * e], &mut kt[..strips_end * e]),
-            (Some(token), Some(k)) if keys_end > 0 => T::pack_keys(token, k, sp.k.row, e, keys_end, &mut kt),
+            (Some(token), Some(k)) if keys_end > 0 => T::pack_keys(token, k, sp.k.row, e, keys_end, kt),
             (Some(token), None) if keys_end > 0 && e > 0 => {
                 // 16-bit keys: a key block at a time widened (rows e apart), then transposed.
                 let mut rows = Vec::new();
@@ -184,7 +242,8 @@ where
         let pack_v = fast_pv.is_none() && dot.is_none();
         let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
-        let mut nonfinite = vec![0u32; keys_end + 1];
+        let nonfinite = at_least(&mut scratch.nonfinite, keys_end + 1, 0);
+        nonfinite[0] = 0;
         let v_stored = |j: usize| &v_src[j * sp.v.row..][..ev];
         // The generic code's values as T: the rows as they lie, or 16-bit ones widened (rows
         // `ev` apart).
@@ -221,12 +280,12 @@ where
             nonfinite[j + 1] = nonfinite[j] + u32::from(!finite);
         }
         let mut v_scratch = Vec::new(); // a key block's values as T, for `add_pv` beside the explicit P·V
-        let mut qpack = vec![T::ZERO; BQ * e]; // the query block, times `scale`
-        let mut q_wide = vec![T::ZERO; MR * e]; // a group of 16-bit query rows, widened
+        let qpack = at_least(&mut scratch.qpack, BQ * e, T::ZERO); // the query block, times `scale`
+        let q_wide = at_least(&mut scratch.q_wide, MR * e, T::ZERO); // a group of 16-bit query rows, widened
         let widen_q = Q::as_compute(&[]).is_none(); // queries of a 16-bit type
         let scale = T::from_f64(sp.scale);
-        let mut scores = [T::ZERO; BQ * BK];
-        let mut acc = vec![T::ZERO; BQ * ev];
+        let scores = at_least(&mut scratch.scores, BQ * BK, T::ZERO);
+        let acc = at_least(&mut scratch.acc, BQ * ev, T::ZERO);
         let (mut m, mut sum, mut alpha) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ], [T::ONE; BQ]);
         // The explicit kernels, where they exist (`fast.rs`); the score kernel handles causal and
         // window bounds and key padding, nothing else.
@@ -283,10 +342,12 @@ where
                 let src: [&[T]; MR] =
                     simd::array(|r| Q::as_compute(row(r)).unwrap_or(&q_wide[r * e..(r + 1) * e]));
                 let (dst, _) = qpack[r0 * e..(r0 + MR) * e].as_chunks_mut::<MR>();
-                for (d, x) in dst.iter_mut().enumerate() {
-                    for (x, src) in x.iter_mut().zip(&src) {
-                        *x = src[d] * scale;
-                    }
+                // Four rows zipped, which LLVM interleaves in vectors (indexed, each a scalar
+                // store: about 5% of a task over 24 keys).
+                const { assert!(MR == 4) };
+                let rows = src[0].iter().zip(src[1]).zip(src[2]).zip(src[3]);
+                for (x, (((&a, &b), &c), &d)) in dst.iter_mut().zip(rows) {
+                    *x = [a * scale, b * scale, c * scale, d * scale];
                 }
             }
             // Key blocks are the packed ones: [BK·n, BK·(n + 1)), from the block holding the
@@ -307,7 +368,7 @@ where
                         dot.sums(&mut sum[..padded]);
                         dot.restart();
                     }
-                    stash.close(rows, ev, &mut m, &mut sum, &mut acc);
+                    stash.close(rows, ev, &mut m, &mut sum, acc);
                 }
                 chunk = Some(k0 / CHUNK);
                 let block = k0 / BK;
@@ -357,14 +418,14 @@ where
                     dot.load(block);
                 }
                 // Whether the score kernel masked the scores and took the row maxima itself.
-                let masked = if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(&mut scores)) {
+                let masked = if let (Some(dot), Some(out)) = (&dot, T::as_f32_mut(scores)) {
                     let mask = T::as_f32_mut(&mut row_maxima).filter(|_| dot_masks).map(|max| (&mask, max));
                     dot.scores(block, (t0, t1), padded, sp.scale as f32, out, mask)
                 } else if let Some(token) = fast_scores {
                     let kt = &kt[block * BK * e..((block + 1) * BK * e).min(kt.len())];
                     let blk =
                         ScoreBlock { q: &qpack[..padded * e], kt, e, tiles: (t0, t1), rows: padded, mask };
-                    T::scores(token, &blk, &mut scores, &mut row_maxima);
+                    T::scores(token, &blk, scores, &mut row_maxima);
                     true
                 } else {
                     let kt = &kt[block * BK * e..((block + 1) * BK * e).min(kt.len())];
@@ -405,7 +466,7 @@ where
                         None => alpha[r] = update_row(fast, srow, row_max, &mut m[r], &mut sum[r]),
                     }
                 }
-                let f32s = (T::as_f32(&scores), T::as_f32(&row_maxima[..padded]));
+                let f32s = (T::as_f32(scores), T::as_f32(&row_maxima[..padded]));
                 if let (Some(dot), (Some(scores), Some(row_max))) = (&mut dot, f32s) {
                     if let (Some(m), Some(alpha)) = (T::as_f32_mut(&mut m), T::as_f32_mut(&mut alpha)) {
                         dot.softmax(scores, cols, row_max, m, alpha);
@@ -421,14 +482,14 @@ where
                     // (The bfloat16 pair mode's P is +0 there, and its flushes can make acc −0,
                     // whose sign a masked value's sign can then change: `finish_rows` makes
                     // every zero output +0, so that it cannot show.)
-                    let f32s = (T::as_f32(&alpha), T::as_f32_mut(&mut acc));
+                    let f32s = (T::as_f32(&alpha), T::as_f32_mut(acc));
                     if let (Some(dot), (Some(alpha), Some(out))) = (&dot, f32s) {
                         dot.pv(block, alpha, out, padded, cols);
                     } else if let Some(token) = fast_pv {
                         // Value rows from key k0 on (ev is a multiple of NR: whole strips).
                         let v = v_explicit.from(k0 * v_explicit_stride);
                         let vb = VBlock { v, key_stride: v_explicit_stride, strip_stride: NR, cols, ev };
-                        T::pv(token, &scores[col0..], &alpha, &mut acc, padded, &vb);
+                        T::pv(token, &scores[col0..], &alpha, acc, padded, &vb);
                     } else {
                         let vstrips = &vt[block * ev_strips * BK * NR..(block + 1) * ev_strips * BK * NR];
                         let vb = PvBlock { strips: vstrips, col0, cols, ev };
@@ -443,7 +504,7 @@ where
                     // cannot turn 0 * inf into NaN); each output element is the same chain of
                     // fused multiply-adds, in key order, as in `pv_tiles`.
                     let v_bf16 = KV::as_bf16(v_src);
-                    let f32s = (T::as_f32(&scores), T::as_f32(&alpha), T::as_f32_mut(&mut acc));
+                    let f32s = (T::as_f32(scores), T::as_f32(&alpha), T::as_f32_mut(acc));
                     if let (Some(dot), Some(v), (Some(scores), Some(alpha), Some(acc))) = (&dot, v_bf16, f32s)
                     {
                         // The pairs' steps with masked keys left out (`dot16.rs`).
@@ -470,10 +531,10 @@ where
                 dot.sums(&mut sum[..padded]);
             }
             if stash.chunks == 0 && !sinks {
-                self.finish_rows(q0, rows, &m, &sum, &acc, &block_scores, dot.is_some());
+                self.finish_rows(q0, rows, &m, &sum, acc, &block_scores, dot.is_some());
             } else {
                 if chunk.is_some() {
-                    stash.close(rows, ev, &mut m, &mut sum, &mut acc);
+                    stash.close(rows, ev, &mut m, &mut sum, acc);
                 }
                 let first_chunk = chunk.map_or(0, |c| c + 1 - stash.chunks);
                 self.finish_merged(q0, rows, &stash, first_chunk, &block_scores, dot.is_some());
