@@ -484,3 +484,33 @@ def test_explicit_kernels_give_the_portable_bits(length, s, e, ev, hq, hkv, leve
     assert np.isfinite(want[0]).all() and any(np.isnan(a).any() for a in want)  # the NaN row is there
     for a, b in zip(got, want, strict=True):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_buffers_a_thread_keeps_between_calls_cannot_change_a_later_call(dtype):
+    """Each thread keeps its tasks' working buffers between calls; whatever an earlier call of
+    another shape left in them (here NaN and infinities, wider rows, more keys) must not reach a
+    later call's bits: the same call before and after gives the same results."""
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((3, 4, n, 32)).astype(dtype) for n in (24, 21, 21))
+    mask = np.arange(21)[None, :] < np.array([21, 17, 9])[:, None]
+
+    def call():
+        return attnkit.scaled_dot_product_attention(q, k, v, key_mask=mask, return_lse=True)
+
+    before = call()
+    big = rng.standard_normal((2, 4, 300, 80)).astype(dtype)
+    big[:, :, ::7] = np.nan
+    big[:, :, 3::11] = np.inf
+    threads_before = attnkit.get_num_threads()
+    try:
+        with np.errstate(invalid="ignore"):
+            for threads in (1, 2):
+                attnkit.set_num_threads(threads)
+                attnkit.scaled_dot_product_attention(big, big, big, is_causal=True)
+                after = call()
+                for a, b in zip(before, after):
+                    np.testing.assert_array_equal(a, b)
+    finally:
+        attnkit.set_num_threads(threads_before)
+    assert np.isfinite(before[0]).all()
