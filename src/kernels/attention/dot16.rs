@@ -413,6 +413,35 @@ pub(super) enum Keys<'k> {
     Strips(&'k [Bf16]),
 }
 
+/// A [`Dot`]'s buffers, which a thread keeps from one task to the next (`tile::Scratch`).
+#[derive(Default)]
+pub struct Buffers {
+    kt: Vec<u32>,
+    vt: Vec<u32>,
+    qw: Vec<u32>,
+    pw: Vec<u32>,
+    sums: Vec<[f32; NR]>,
+}
+
+impl Buffers {
+    /// The bytes they hold.
+    pub(super) fn bytes(&self) -> usize {
+        4 * (self.kt.capacity() + self.vt.capacity() + self.qw.capacity() + self.pw.capacity())
+            + 4 * NR * self.sums.capacity()
+    }
+}
+
+/// `v` as `n` elements: zeros, or with `stale`, whatever the first ones held before (where every
+/// element is written before it is read).
+fn sized<T: Copy + Default>(mut v: Vec<T>, n: usize, stale: bool) -> Vec<T> {
+    if !stale {
+        v.clear();
+    }
+    v.truncate(n);
+    v.resize(n, T::default());
+    v
+}
+
 /// One tiled task's state in this mode: its packed keys and values, the current query block's
 /// pair words, the rounded probabilities and the lanes of the rows' sums.
 pub(super) struct Dot<'a> {
@@ -442,8 +471,9 @@ struct Source<'a> {
 impl<'a> Dot<'a> {
     /// Packs keys and values `0..n` (`keys`, and `v` with rows `v_stride` apart) for queries
     /// `q`, all at once, or with `one_block` a key block at a time as [`Dot::load`] asks; `ev`
-    /// must be a positive multiple of NR. (Inlined into the task, so that the packing loops are
-    /// compiled for AVX2 there.)
+    /// must be a positive multiple of NR. Its buffers are `bufs`' ([`Dot::into_buffers`] hands
+    /// them back). (Inlined into the task, so that the packing loops are compiled for AVX2
+    /// there.)
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
@@ -455,20 +485,31 @@ impl<'a> Dot<'a> {
         ev: usize,
         n: usize,
         one_block: bool,
+        bufs: Buffers,
     ) -> Self {
         let p = pairs(e);
         let blocks = if one_block { 1 } else { n.div_ceil(BK) };
-        let (kt, vt) = (vec![0u32; blocks * BK * p], vec![0u32; blocks * BK / 2 * ev]);
+        // Keys and values packed all at once are zeros past the last; one block at a time,
+        // `load` zeroes them where the block is short. The queries' words, the probabilities
+        // and the sums are written before they are read.
+        let (kt, vt) =
+            (sized(bufs.kt, blocks * BK * p, one_block), sized(bufs.vt, blocks * BK / 2 * ev, one_block));
         let token = detect();
         let source = Source { keys, v, v_stride, n };
-        let (qw, pw) = (vec![0u32; BQ * p], vec![0u32; BQ * BK / 2]);
-        let mut dot =
-            Self { q, e, ev, pairs: p, token, kt, vt, qw, pw, sums: vec![[0.0; NR]; BQ], one_block: None };
+        let (qw, pw) = (sized(bufs.qw, BQ * p, true), sized(bufs.pw, BQ * BK / 2, true));
+        let sums = sized(bufs.sums, BQ, true);
+        let mut dot = Self { q, e, ev, pairs: p, token, kt, vt, qw, pw, sums, one_block: None };
         match one_block {
             true => dot.one_block = Some((source, usize::MAX)),
             false => dot.pack(&source, 0, n),
         }
         dot
+    }
+
+    /// The buffers, for the thread's next task.
+    pub(super) fn into_buffers(self) -> Buffers {
+        let Self { kt, vt, qw, pw, sums, .. } = self;
+        Buffers { kt, vt, qw, pw, sums }
     }
 
     /// Packs keys and values `j0..j0 + n` of `src` into `kt` and `vt` from their start.

@@ -116,6 +116,8 @@ pub struct Scratch<T> {
     q_wide: Vec<T>,
     scores: Vec<T>,
     acc: Vec<T>,
+    /// The bfloat16 pair mode's.
+    dot: dot16::Buffers,
 }
 
 impl<T> Scratch<T> {
@@ -129,7 +131,7 @@ impl<T> Scratch<T> {
             + self.q_wide.capacity()
             + self.scores.capacity()
             + self.acc.capacity();
-        4 * words + std::mem::size_of::<T>() * values
+        4 * words + std::mem::size_of::<T>() * values + self.dot.bytes()
     }
 }
 
@@ -197,7 +199,8 @@ where
                 // (A task with one query block reads each key block once: it packs them one at
                 // a time, and holds one, as a decode step through a `KVCache` needs.)
                 let one_block = self.positions * group <= BQ;
-                Some(dot16::Dot::new(q, keys, v, sp.v.row, e, ev, keys_end, one_block))
+                let bufs = std::mem::take(&mut scratch.dot);
+                Some(dot16::Dot::new(q, keys, v, sp.v.row, e, ev, keys_end, one_block, bufs))
             }
             _ => None,
         };
@@ -539,6 +542,9 @@ where
                 let first_chunk = chunk.map_or(0, |c| c + 1 - stash.chunks);
                 self.finish_merged(q0, rows, &stash, first_chunk, &block_scores, dot.is_some());
             }
+        }
+        if let Some(dot) = dot {
+            scratch.dot = dot.into_buffers();
         }
     }
 }
