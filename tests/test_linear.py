@@ -219,6 +219,11 @@ def test_gelu_epilogue_is_within_1e_6_of_the_exact_gelu():
     rel = np.abs(out[normal] - want[normal]) / np.abs(want[normal])
     assert rel.max() <= 1e-6
     assert (np.abs(out[~normal] - want[~normal]) <= 2.0**-126).all()  # below the normal range: absolute
+    # Whole strips of 64 columns take the epilogue four strips at a time: the same bits, for both
+    # weights' dtypes.
+    for layer in (attnkit.Bf16Linear(np.ones((64, 1))), attnkit.F32Linear(np.ones((64, 1)))):
+        wide = layer(x[:, None], activation="gelu")
+        np.testing.assert_array_equal(wide.view(np.uint32), np.repeat(out[:, None], 64, axis=1).view(np.uint32))
     special = attnkit.Bf16Linear(np.ones((1, 1)))(np.array([[np.nan], [np.inf], [-np.inf]], np.float32),
                                                   activation="gelu")
     assert np.isnan(special[0, 0]) and special[1, 0] == np.inf and np.isnan(special[2, 0])

@@ -269,54 +269,80 @@ const ERFC_Q: [f32; 10] = [
     0.358_002_3,
 ];
 
-/// `e^−w` for `w >= 0`, in float32: `w = n ln 2 − r` (Cody–Waite, `r` exact), `e^−r` by its
-/// Taylor polynomial of degree 7 (truncation below 5.2e-9), times `2^−n`; +0 past `e^−87`
-/// (below float32's normal range). Within about 2 ulp.
+/// `e^−w` for each `w >= 0` of `w`, in float32: `w = n ln 2 − r` (Cody–Waite, `r` exact), `e^−r`
+/// by its Taylor polynomial of degree 7 (truncation below 5.2e-9), times `2^−n`; +0 past `e^−87`
+/// (below float32's normal range). Within about 2 ulp. (A step at a time over all lanes, as
+/// [`gelu_lanes`].)
 #[inline(always)]
-fn exp_neg_f32(w: f32) -> f32 {
+fn exp_neg_lanes<const N: usize>(w: &[f32; N]) -> [f32; N] {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const ROUNDER: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     const LN2_HI: f32 = 0.693_145_75; // 16 bits: n · LN2_HI is exact for |n| < 2^8
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let y = -w.min(87.5);
-    let shifted = y.mul_add(LOG2E, ROUNDER);
-    let n = shifted - ROUNDER;
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, y));
-    let mut p: f32 = 1.0 / 5040.0;
+    let y = each::<N>(|i| -w[i].min(87.5));
+    let shifted = each::<N>(|i| y[i].mul_add(LOG2E, ROUNDER));
+    let n = each::<N>(|i| shifted[i] - ROUNDER);
+    let r = each::<N>(|i| n[i].mul_add(-LN2_LO, n[i].mul_add(-LN2_HI, y[i])));
+    let mut p = [1.0f32 / 5040.0; N];
     for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p.mul_add(r, c);
+        for (p, &r) in p.iter_mut().zip(&r) {
+            *p = p.mul_add(r, c);
+        }
     }
-    // n in [−126, 0] (w <= 87.5): 2^n is normal; the rounder's bits hold n in their low bits.
-    let n_int = shifted.to_bits() as i32 - ROUNDER.to_bits() as i32;
-    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
-    if w > 87.0 {
-        0.0
-    } else {
-        p * two_n
-    }
+    each::<N>(|i| {
+        // n in [−126, 0] (w <= 87.5): 2^n is normal; the rounder's bits hold n in their low bits.
+        let n_int = shifted[i].to_bits() as i32 - ROUNDER.to_bits() as i32;
+        let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
+        if w[i] > 87.0 {
+            0.0
+        } else {
+            p[i] * two_n
+        }
+    })
+}
+
+/// One step over all lanes: `[f(0), …, f(N − 1)]`.
+#[inline(always)]
+fn each<const N: usize>(f: impl Fn(usize) -> f32) -> [f32; N] {
+    std::array::from_fn(f)
 }
 
 /// The erf form of GELU, `x · Φ(x)`, in float32 arithmetic for the product's epilogue: within
 /// 1e-6 relative of the exact value where that is a normal float32 (measured by the tests), and
 /// within 2^-126 absolute below (a tail past `e^−87` is flushed to zero); NaN for NaN and −inf,
-/// as PyTorch. `Φ(−a) = erfc(a/√2)/2`
-/// by `ERFC_Q`, with `e^(−a²/2)` from `a²` split exactly into `sq + sq_err` (so the
-/// exponent's rounding costs nothing).
+/// as PyTorch. (See [`gelu_lanes`].)
 #[inline(always)]
 pub fn gelu_f32(x: f32) -> f32 {
-    let a = x.abs().min(14.0); // Φ(−14) is below float32's normal range; NaN reads 14 (x stays NaN)
-    let sq = a * a;
-    let sq_err = a.mul_add(a, -sq);
-    let z = (a * std::f32::consts::FRAC_1_SQRT_2).min(10.0);
-    let t = 3.0 / (3.0 + z);
-    let s = t.mul_add(2.0, -1.0);
-    let mut q = ERFC_Q[0];
+    let mut x = [x];
+    gelu_lanes(&mut x);
+    x[0]
+}
+
+/// [`gelu_f32`] of each of `x`, written a step at a time over all `N` lanes, so that the chains
+/// of dependent steps of a product's four strips overlap (one strip after another, their latency
+/// showed: about 2% of a product with k = 384). `Φ(−a) = erfc(a/√2)/2` by `ERFC_Q`, with
+/// `e^(−a²/2)` from `a²` split exactly into `sq + sq_err` (so the exponent's rounding costs
+/// nothing).
+#[inline(always)]
+fn gelu_lanes<const N: usize>(x: &mut [f32; N]) {
+    // Φ(−14) is below float32's normal range; NaN reads 14 (x stays NaN).
+    let a = each::<N>(|i| x[i].abs().min(14.0));
+    let sq = each::<N>(|i| a[i] * a[i]);
+    let sq_err = each::<N>(|i| a[i].mul_add(a[i], -sq[i]));
+    let t = each::<N>(|i| 3.0 / (3.0 + (a[i] * std::f32::consts::FRAC_1_SQRT_2).min(10.0)));
+    let s = each::<N>(|i| t[i].mul_add(2.0, -1.0));
+    let mut q = [ERFC_Q[0]; N];
     for &c in &ERFC_Q[1..] {
-        q = q.mul_add(s, c);
+        for (q, &s) in q.iter_mut().zip(&s) {
+            *q = q.mul_add(s, c);
+        }
     }
-    let e = exp_neg_f32(0.5 * sq) * (-0.5f32).mul_add(sq_err, 1.0);
-    let tail = 0.5 * e * (t * q); // Φ(−a)
-    x * if x < 0.0 { tail } else { 1.0 - tail }
+    let exp = exp_neg_lanes(&each::<N>(|i| 0.5 * sq[i]));
+    for (i, x) in x.iter_mut().enumerate() {
+        let e = exp[i] * (-0.5f32).mul_add(sq_err[i], 1.0);
+        let tail = 0.5 * e * (t[i] * q[i]); // Φ(−a)
+        *x = *x * if *x < 0.0 { tail } else { 1.0 - tail };
+    }
 }
 
 /// The shapes of one product: `m` rows of `k` in, `n` columns out.
@@ -533,6 +559,32 @@ impl<W: Weights, Y: Operand> Task for Block<'_, '_, W, Y> {
                     }
                 }
                 weights.tile(&a[t * depth..(t + rows) * depth], rows, b, strips, depth, &mut tile);
+                // A GELU over a whole tile's rows: four strips side by side, so that their four
+                // chains of dependent steps overlap (one strip at a time, the GELU's latency
+                // showed: it cost about 12% of a product with k = 384).
+                if let (Epilogue::Gelu, true, Out::Rows(o)) =
+                    (epilogue, (s + SR) * NR <= c0 + cols, &mut self.out)
+                {
+                    let j0 = s * NR;
+                    for (r, tile_row) in tile.iter().enumerate().take(rows) {
+                        let lanes: &[f32; SR * NR] = tile_row.as_flattened().try_into().unwrap();
+                        let mut sums: [f32; SR * NR] = match bias {
+                            Some(b) => {
+                                let b: &[f32; SR * NR] = b[j0..j0 + SR * NR].try_into().unwrap();
+                                std::array::from_fn(|c| lanes[c] + b[c])
+                            }
+                            None => *lanes,
+                        };
+                        let out: &mut [MaybeUninit<Y>; SR * NR] =
+                            (&mut o[(t + r) * n + j0..][..SR * NR]).try_into().unwrap();
+                        gelu_lanes(&mut sums);
+                        for (o, &v) in out.iter_mut().zip(&sums) {
+                            *o = MaybeUninit::new(Y::from_f32(v));
+                        }
+                    }
+                    t += rows;
+                    continue;
+                }
                 // The tile's valid columns, with the bias, into the task's output.
                 for (r, tile_row) in tile.iter().enumerate().take(rows) {
                     for (st, lanes) in tile_row.iter().enumerate().take(strips) {
