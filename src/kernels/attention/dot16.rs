@@ -28,6 +28,7 @@
 //! `ev` words); zeros past the last key.
 
 use super::fast::{Mask, BK, BQ, MR, NR};
+use super::tile::sized;
 use crate::kernels::exp::exp_short;
 use crate::kernels::storage::Bf16;
 
@@ -431,17 +432,6 @@ impl Buffers {
     }
 }
 
-/// `v` as `n` elements: zeros, or with `stale`, whatever the first ones held before (where every
-/// element is written before it is read).
-fn sized<T: Copy + Default>(mut v: Vec<T>, n: usize, stale: bool) -> Vec<T> {
-    if !stale {
-        v.clear();
-    }
-    v.truncate(n);
-    v.resize(n, T::default());
-    v
-}
-
 /// One tiled task's state in this mode: its packed keys and values, the current query block's
 /// pair words, the rounded probabilities and the lanes of the rows' sums.
 pub(super) struct Dot<'a> {
@@ -492,12 +482,14 @@ impl<'a> Dot<'a> {
         // Keys and values packed all at once are zeros past the last; one block at a time,
         // `load` zeroes them where the block is short. The queries' words, the probabilities
         // and the sums are written before they are read.
-        let (kt, vt) =
-            (sized(bufs.kt, blocks * BK * p, one_block), sized(bufs.vt, blocks * BK / 2 * ev, one_block));
+        let Buffers { mut kt, mut vt, mut qw, mut pw, mut sums } = bufs;
+        sized(&mut kt, blocks * BK * p, 0, one_block);
+        sized(&mut vt, blocks * BK / 2 * ev, 0, one_block);
+        sized(&mut qw, BQ * p, 0, true);
+        sized(&mut pw, BQ * BK / 2, 0, true);
+        sized(&mut sums, BQ, [0.0; NR], true);
         let token = detect();
         let source = Source { keys, v, v_stride, n };
-        let (qw, pw) = (sized(bufs.qw, BQ * p, true), sized(bufs.pw, BQ * BK / 2, true));
-        let sums = sized(bufs.sums, BQ, true);
         let mut dot = Self { q, e, ev, pairs: p, token, kt, vt, qw, pw, sums, one_block: None };
         match one_block {
             true => dot.one_block = Some((source, usize::MAX)),

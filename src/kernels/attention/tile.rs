@@ -135,13 +135,15 @@ impl<T> Scratch<T> {
     }
 }
 
-/// `buf` as `n` elements; those it held before keep their values (the caller writes every
-/// element before reading it).
-fn at_least<T: Copy>(buf: &mut Vec<T>, n: usize, fill: T) -> &mut [T] {
-    if buf.len() < n {
-        buf.resize(n, fill);
+/// A kept buffer as `n` elements: all `fill`, or with `stale`, whatever the first ones held
+/// before (where the task writes every element before it reads it). Its allocation is reused.
+pub(super) fn sized<T: Copy>(buf: &mut Vec<T>, n: usize, fill: T, stale: bool) -> &mut [T] {
+    if !stale {
+        buf.clear();
     }
-    &mut buf[..n]
+    buf.truncate(n);
+    buf.resize(n, fill);
+    buf
 }
 
 impl<Q, KV, T> Group<'_, '_, Q, KV, T>
@@ -207,9 +209,7 @@ where
         let fast_pv = fast.filter(|_| dot.is_none() && ev > 0 && ev.is_multiple_of(NR));
         // K in whole strips up to the last key read: no tile reads past them (a block's tiles
         // end at its last column rounded up to a strip), and short sequences zero no more.
-        let kt = &mut scratch.kt;
-        kt.clear();
-        kt.resize(if dot.is_none() { strips_end * e } else { 0 }, T::ZERO);
+        let kt = sized(&mut scratch.kt, if dot.is_none() { strips_end * e } else { 0 }, T::ZERO, false);
         match (fast, KV::as_compute(k_src)) {
             _ if dot.is_some() => {}
             // Already packed: as T.
@@ -245,7 +245,7 @@ where
         let pack_v = fast_pv.is_none() && dot.is_none();
         let packed = keys_end.div_ceil(BK) * BK; // whole key blocks up to the last key read
         let mut vt = vec![T::ZERO; if pack_v { packed * ev_strips * NR } else { 0 }];
-        let nonfinite = at_least(&mut scratch.nonfinite, keys_end + 1, 0);
+        let nonfinite = sized(&mut scratch.nonfinite, keys_end + 1, 0, true);
         nonfinite[0] = 0;
         let v_stored = |j: usize| &v_src[j * sp.v.row..][..ev];
         // The generic code's values as T: the rows as they lie, or 16-bit ones widened (rows
@@ -283,12 +283,12 @@ where
             nonfinite[j + 1] = nonfinite[j] + u32::from(!finite);
         }
         let mut v_scratch = Vec::new(); // a key block's values as T, for `add_pv` beside the explicit P·V
-        let qpack = at_least(&mut scratch.qpack, BQ * e, T::ZERO); // the query block, times `scale`
-        let q_wide = at_least(&mut scratch.q_wide, MR * e, T::ZERO); // a group of 16-bit query rows, widened
+        let qpack = sized(&mut scratch.qpack, BQ * e, T::ZERO, true); // the query block, times `scale`
+        let q_wide = sized(&mut scratch.q_wide, MR * e, T::ZERO, true); // a group of 16-bit query rows, widened
         let widen_q = Q::as_compute(&[]).is_none(); // queries of a 16-bit type
         let scale = T::from_f64(sp.scale);
-        let scores = at_least(&mut scratch.scores, BQ * BK, T::ZERO);
-        let acc = at_least(&mut scratch.acc, BQ * ev, T::ZERO);
+        let scores = sized(&mut scratch.scores, BQ * BK, T::ZERO, true);
+        let acc = sized(&mut scratch.acc, BQ * ev, T::ZERO, true);
         let (mut m, mut sum, mut alpha) = ([T::NEG_INFINITY; BQ], [T::ZERO; BQ], [T::ONE; BQ]);
         // The explicit kernels, where they exist (`fast.rs`); the score kernel handles causal and
         // window bounds and key padding, nothing else.
