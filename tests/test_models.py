@@ -98,16 +98,43 @@ def test_without_sentence_transformers_configs_mean_pooling_unnormalized(tmp_pat
 def test_batches_and_order_do_not_change_the_vectors(folder):
     encoder = models.load(folder)
     whole = encoder.encode(SENTENCES, batch_size=32)
-    # Attention over a short sentence alone and padded in a batch may take different kernels
-    # (rounded differently in the last bit); the products do not depend on the rows beside a row.
-    np.testing.assert_allclose(encoder.encode(SENTENCES, batch_size=1), whole, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(encoder.encode(SENTENCES[::-1], batch_size=2)[::-1], whole, rtol=0, atol=1e-6)
+    # Batches run without padding, and every step computes each sentence apart: the same bits
+    # (NumPy's products, the fallback without attnkit's vector tiles, may round rows by batch).
+    same = np.testing.assert_array_equal if attnkit.F32Linear.native() else (
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6))
+    same(encoder.encode(SENTENCES, batch_size=1), whole)
+    same(encoder.encode(SENTENCES[::-1], batch_size=2)[::-1], whole)
     assert encoder.encode([]).shape == (0, 32)
     # bfloat16 products round their inputs to 8 bits, which absorbs those last bits here.
     fast = models.load(folder, dtype="bfloat16")
     whole = fast.encode(SENTENCES, batch_size=32)
     np.testing.assert_array_equal(fast.encode(SENTENCES, batch_size=1), whole)
     np.testing.assert_array_equal(fast.encode(SENTENCES[::-1], batch_size=3)[::-1], whole)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_encode_without_padding_gives_what_forward_gives_padded(tmp_path, pooling):
+    """encode packs each batch's sentences end to end; forward pads them: the same vectors but
+    for the last bits of attention over padded keys."""
+    encoder = models.load(tiny.write_bert(tmp_path, pooling=pooling, normalize=False))
+    ids, mask = _batch(encoder, SENTENCES)
+    assert len(set(mask.sum(1))) < len(SENTENCES)  # some runs of equal lengths to pack
+    padded = encoder.pool(encoder.forward(ids, mask), mask)
+    np.testing.assert_allclose(encoder.encode(SENTENCES, batch_size=4), padded, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sentence_of_no_tokens_takes_the_padded_path(folder):
+    """Without special tokens an empty string has no tokens: its batch cannot be packed (every
+    packed sentence has a row), so it runs padded, as forward does, and gives zeros."""
+    encoder = models.load(folder)
+    encoder.tokenizer.post_processor = None  # no [CLS] and [SEP]
+    texts = ["", *SENTENCES]
+    got = encoder.encode(texts, normalize=False, batch_size=len(texts))
+    ids, mask = _batch(encoder, texts)
+    assert mask[0].sum() == 0
+    want = encoder.pool(encoder.forward(ids, mask), mask)
+    np.testing.assert_array_equal(got[0], np.zeros(32, np.float32))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_float32_products_fall_back_to_numpy_without_the_vector_tiles(folder, monkeypatch):
