@@ -314,10 +314,16 @@ where
         let outputs =
             Outputs { out: &mut *by_head, lse: lse_data, weights: weights_data, scores: scores_data };
         kernel::attention(qd, kd, vd, &spec, &masks, outputs, par)?;
-        // Row n of by_head is (batch n / (Hq·L), head n / L % Hq, position n % L).
-        for (n, row) in by_head.chunks(ev.max(1)).enumerate() {
-            let (item, h, i) = (n / (hq * l), n / l % hq, n % l);
-            out_data[((item * l + i) * hq + h) * ev..][..ev].copy_from_slice(row);
+        // by_head is (batch, Hq, L, Ev), out (batch, L, Hq, Ev): each (batch, head)'s rows go
+        // Hq·Ev apart.
+        if ev > 0 {
+            for (from, to) in by_head.chunks(hq * l * ev).zip(out_data.chunks_mut(l * hq * ev)) {
+                for (h, rows) in from.chunks(l * ev).enumerate() {
+                    for (row, to) in rows.chunks_exact(ev).zip(to[h * ev..].chunks_mut(hq * ev)) {
+                        to[..ev].copy_from_slice(row);
+                    }
+                }
+            }
         }
         Ok(())
     })?;

@@ -299,17 +299,25 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
     let parts: Vec<_> = chunks.iter().map(|c| c.partial.parts()).collect();
     for r in 0..group * l {
         let (i, head) = (r / group, &mut heads[r % group]);
-        for (c, &(m, sum, acc, _)) in parts.iter().enumerate() {
-            lses[c] = super::merge::normalise(
-                m[r],
-                sum[r],
-                &acc[r * ev..(r + 1) * ev],
-                &mut outs[c * ev..(c + 1) * ev],
-            );
-        }
         let sink = masks.sink(g * group + r % group).map(T::from_f64);
-        let lse =
-            super::merge::merge_row(&lses, |c| &outs[c * ev..(c + 1) * ev], sink, &mut row, &mut factors);
+        // One chunk, no sink, and neither its log-sum-exp nor weights asked for: the partial is
+        // the row (`merge.rs`), without the logarithms and exponential that merging it costs.
+        let alone = n == 1 && sink.is_none() && head.lse.is_none() && head.weights.is_none();
+        let lse = if alone {
+            let (m, sum, acc, _) = parts[0];
+            super::merge::normalise_out(m[r], sum[r], &acc[r * ev..(r + 1) * ev], &mut row);
+            T::NEG_INFINITY
+        } else {
+            for (c, &(m, sum, acc, _)) in parts.iter().enumerate() {
+                lses[c] = super::merge::normalise(
+                    m[r],
+                    sum[r],
+                    &acc[r * ev..(r + 1) * ev],
+                    &mut outs[c * ev..(c + 1) * ev],
+                );
+            }
+            super::merge::merge_row(&lses, |c| &outs[c * ev..(c + 1) * ev], sink, &mut row, &mut factors)
+        };
         for (o, &x) in head.out[i * ev..(i + 1) * ev].iter_mut().zip(&row) {
             o.write(Q::narrow(x));
         }

@@ -28,14 +28,24 @@ pub(super) const CHUNK: usize = 512;
 /// (`m = −inf`) gives zeros and −inf.
 #[inline(always)]
 pub(super) fn normalise<T: AttnFloat>(m: T, sum: T, acc: &[T], out: &mut [T]) -> T {
+    match normalise_out(m, sum, acc, out) {
+        true => m + sum.ln(),
+        false => T::NEG_INFINITY,
+    }
+}
+
+/// [`normalise`]'s output alone, for a row whose log-sum-exp nobody reads; returns whether the
+/// row has a valid key.
+#[inline(always)]
+pub(super) fn normalise_out<T: AttnFloat>(m: T, sum: T, acc: &[T], out: &mut [T]) -> bool {
     if m == T::NEG_INFINITY {
         out.fill(T::ZERO);
-        return T::NEG_INFINITY;
+        return false;
     }
     for (o, &a) in out.iter_mut().zip(acc) {
         *o = a / sum + T::ZERO;
     }
-    m + sum.ln()
+    true
 }
 
 /// The weight of `score` in a partial whose maximum is `m` and sum `sum`, and whose share of its

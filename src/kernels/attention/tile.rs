@@ -643,10 +643,16 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
     ) {
         let (exp, ev) = (path_exp::<T>(pairs), self.at.spec.dim_v);
         let mut row = vec![T::ZERO; ev];
+        let with_lse = self.heads.iter().any(|h| h.lse.is_some());
         for r in 0..rows {
-            let lse = merge::normalise(m[r], sum[r], &acc[r * ev..(r + 1) * ev], &mut row);
+            let (acc, m) = (&acc[r * ev..(r + 1) * ev], m[r]);
+            // (The log-sum-exp, a logarithm, only where it is written: `merge::normalise`.)
+            let lse = match merge::normalise_out(m, sum[r], acc, &mut row) && with_lse {
+                true => m + sum[r].ln(),
+                false => T::NEG_INFINITY,
+            };
             self.write_row(q0 + r, &row, lse, scores, r, |_, score| {
-                merge::weight(score, m[r], sum[r], T::ONE, exp)
+                merge::weight(score, m, sum[r], T::ONE, exp)
             });
         }
     }
