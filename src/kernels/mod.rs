@@ -156,6 +156,29 @@ pub(crate) fn for_each_row_block_pair<T: Send, K: RowsPair<T>>(
     par: Par<'_>,
     kernel: &K,
 ) {
+    pair_blocks(a, b, row_len, par, kernel, simd::rows_pair)
+}
+
+/// [`for_each_row_block_pair`] with each block run through [`simd::rows_pair_wide`] (AVX-512
+/// where there is, for float64 vector code).
+pub(crate) fn for_each_row_block_pair_wide<T: Send, K: RowsPair<T>>(
+    a: &mut [T],
+    b: &mut [T],
+    row_len: usize,
+    par: Par<'_>,
+    kernel: &K,
+) {
+    pair_blocks(a, b, row_len, par, kernel, simd::rows_pair_wide)
+}
+
+fn pair_blocks<T: Send, K: RowsPair<T>>(
+    a: &mut [T],
+    b: &mut [T],
+    row_len: usize,
+    par: Par<'_>,
+    kernel: &K,
+    run: fn(&K, usize, &mut [T], &mut [T]),
+) {
     if a.is_empty() || row_len == 0 {
         return;
     }
@@ -167,7 +190,7 @@ pub(crate) fn for_each_row_block_pair<T: Send, K: RowsPair<T>>(
         a.chunks_mut(per_task * block).zip(b.chunks_mut(per_task * block)).enumerate().collect();
     par.for_each(&mut tasks, |(t, (x, y))| {
         for (i, (x, y)) in x.chunks_mut(block).zip(y.chunks_mut(block)).enumerate() {
-            simd::rows_pair(kernel, (*t * per_task + i) * rows, x, y);
+            run(kernel, (*t * per_task + i) * rows, x, y);
         }
     });
 }

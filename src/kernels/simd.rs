@@ -164,6 +164,12 @@ pub(crate) fn rows_pair<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T]
     task(&mut RowsPairTask { kernel, first, a, b })
 }
 
+/// Runs `kernel.rows(first, a, b)` through [`task_wide`].
+#[inline(always)]
+pub(crate) fn rows_pair_wide<T, K: RowsPair<T>>(kernel: &K, first: usize, a: &mut [T], b: &mut [T]) {
+    task_wide(&mut RowsPairTask { kernel, first, a, b })
+}
+
 /// Asks the CPU to start loading `data` into cache: a hint for gathers of rows from tables too big
 /// for the cache, issued a few rows ahead of their use. It never faults and changes no value.
 #[inline(always)]
