@@ -316,7 +316,7 @@ where
         kernel::attention(qd, kd, vd, &spec, &masks, outputs, par)?;
         // by_head is (batch, Hq, L, Ev), out (batch, L, Hq, Ev): each (batch, head)'s rows go
         // Hq·Ev apart.
-        if ev > 0 {
+        if hq * l * ev > 0 {
             for (from, to) in by_head.chunks(hq * l * ev).zip(out_data.chunks_mut(l * hq * ev)) {
                 for (h, rows) in from.chunks(l * ev).enumerate() {
                     for (row, to) in rows.chunks_exact(ev).zip(to[h * ev..].chunks_mut(hq * ev)) {
