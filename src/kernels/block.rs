@@ -33,8 +33,7 @@ use std::mem::MaybeUninit;
 use crate::error::{expect_len, product, KernelError};
 use crate::kernels::storage::Storage;
 use crate::kernels::{
-    for_each_row_block, for_each_row_block_pair, for_each_row_block_pair_wide, for_each_row_block_wide,
-    Float, Rows, RowsPair,
+    for_each_row_block, for_each_row_block_pair, for_each_row_block_wide, Float, Rows, RowsPair,
 };
 use crate::pool::Par;
 
@@ -113,10 +112,7 @@ pub fn norm<X: Storage>(
                 return Err(KernelError::invalid("summed", "is written only with a residual"));
             }
             expect_len("summed", summed.len(), Some(out.len()))?;
-            match wide {
-                true => for_each_row_block_pair_wide(out, summed, spec.n, par, &kernel),
-                false => for_each_row_block_pair(out, summed, spec.n, par, &kernel),
-            }
+            for_each_row_block_pair(out, summed, spec.n, par, &kernel, wide);
         }
         None if wide => for_each_row_block_wide(out, spec.n, par, &kernel),
         None => for_each_row_block(out, spec.n, par, &kernel),

@@ -148,37 +148,18 @@ pub(crate) trait RowsPair<T>: Sync {
     fn rows(&self, first: usize, a: &mut [T], b: &mut [T]);
 }
 
-/// [`for_each_row_block`] over two outputs of the same shape, blocked identically.
+/// [`for_each_row_block`] over two outputs of the same shape, blocked identically; with `wide`,
+/// each block runs through [`simd::rows_pair_wide`] (AVX-512 where there is, for float64
+/// vector code), else [`simd::rows_pair`].
 pub(crate) fn for_each_row_block_pair<T: Send, K: RowsPair<T>>(
     a: &mut [T],
     b: &mut [T],
     row_len: usize,
     par: Par<'_>,
     kernel: &K,
+    wide: bool,
 ) {
-    pair_blocks(a, b, row_len, par, kernel, simd::rows_pair)
-}
-
-/// [`for_each_row_block_pair`] with each block run through [`simd::rows_pair_wide`] (AVX-512
-/// where there is, for float64 vector code).
-pub(crate) fn for_each_row_block_pair_wide<T: Send, K: RowsPair<T>>(
-    a: &mut [T],
-    b: &mut [T],
-    row_len: usize,
-    par: Par<'_>,
-    kernel: &K,
-) {
-    pair_blocks(a, b, row_len, par, kernel, simd::rows_pair_wide)
-}
-
-fn pair_blocks<T: Send, K: RowsPair<T>>(
-    a: &mut [T],
-    b: &mut [T],
-    row_len: usize,
-    par: Par<'_>,
-    kernel: &K,
-    run: fn(&K, usize, &mut [T], &mut [T]),
-) {
+    let run = if wide { simd::rows_pair_wide } else { simd::rows_pair };
     if a.is_empty() || row_len == 0 {
         return;
     }

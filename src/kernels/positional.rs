@@ -154,6 +154,7 @@ pub fn rope_cos_sin<T: Storage>(
         half,
         par,
         &Rotary { phases: Phases::new(positions, inv_freq), factor },
+        false,
     );
     Ok(())
 }

@@ -316,8 +316,9 @@ where
         kernel::attention(qd, kd, vd, &spec, &masks, outputs, par)?;
         // by_head is (batch, Hq, L, Ev), out (batch, L, Hq, Ev): each (batch, head)'s rows go
         // Hq·Ev apart.
-        if hq * l * ev > 0 {
-            for (from, to) in by_head.chunks(hq * l * ev).zip(out_data.chunks_mut(l * hq * ev)) {
+        let item = hq * l * ev; // one batch item's values, in either order
+        if item > 0 {
+            for (from, to) in by_head.chunks(item).zip(out_data.chunks_mut(item)) {
                 for (h, rows) in from.chunks(l * ev).enumerate() {
                     for (row, to) in rows.chunks_exact(ev).zip(to[h * ev..].chunks_mut(hq * ev)) {
                         to[..ev].copy_from_slice(row);

@@ -13,6 +13,7 @@ One layer (post-norm, as BERT)::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,21 +282,21 @@ class BertEncoder(PicklesTokenizer):
                 buffers: _Buffers) -> F32:
         """The last layer's embeddings ``(sum(lengths), hidden)`` of sentences packed end to end
         without padding (``ids`` and ``types`` 1-d, sentence ``n`` the next ``lengths[n] >= 1``
-        tokens), as :meth:`forward` gives each one's real tokens. Every matrix product and norm
-        then runs on real tokens alone; attention runs once per run of sentences of one length,
-        which lie end to end as a ``(sentences, length, ...)`` array and need no mask."""
+        tokens, at least one sentence), as :meth:`forward` gives each one's real tokens. Every
+        matrix product and norm then runs on real tokens alone; attention runs once per run of
+        sentences of one length, which lie end to end as a ``(sentences, length, ...)`` array and
+        need no mask."""
         c = self.config
-        positions = np.concatenate([np.arange(n) for n in lengths]) if len(lengths) else np.zeros(0, np.int64)
+        runs = []  # (first row, sentences, length) of each run of equal lengths
+        row = 0
+        for length, run in itertools.groupby(lengths):
+            count = len(list(run))
+            runs.append((row, count, length))
+            row += count * length
+        positions = np.concatenate([np.tile(np.arange(length), count) for _, count, length in runs])
         x = attnkit.embedding(ids, self._word) + attnkit.embedding(types, self._type)
         x += self._position[positions]
         d = c.hidden // c.heads
-        runs = []  # (first row, sentences, length) of each run of equal lengths
-        row = first = 0
-        for n in range(1, len(lengths) + 1):
-            if n == len(lengths) or lengths[n] != lengths[first]:
-                runs.append((row, n - first, lengths[first]))
-                row += (n - first) * lengths[first]
-                first = n
 
         def attend(qkv: F32, out: F32) -> None:
             for r0, count, length in runs:
@@ -405,15 +406,15 @@ class BertEncoder(PicklesTokenizer):
             order = np.argsort(-lengths, kind="stable")  # most tokens first
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                width = max(int(lengths[idx].max()), 1)
+                lens = lengths[idx]
+                width = max(int(lens.max()), 1)
                 m = mask[idx, :width]
-                real = np.arange(width) < lengths[idx, None]
-                if lengths[idx].min() >= 1 and np.array_equal(m != 0, real):
+                real = np.arange(width) < lens[:, None]
+                if lens.min() >= 1 and np.array_equal(m != 0, real):
                     # Each sentence's tokens first, then padding (as the tokenizer pads): the
                     # batch packed without its padding (`_packed`).
-                    hidden = self._packed(ids[idx, :width][real], types[idx, :width][real],
-                                          lengths[idx].tolist(), buffers)
-                    out[first + idx] = self._pool_packed(hidden, lengths[idx])
+                    hidden = self._packed(ids[idx, :width][real], types[idx, :width][real], lens.tolist(), buffers)
+                    out[first + idx] = self._pool_packed(hidden, lens)
                 else:
                     hidden = self._forward(ids[idx, :width], m, types[idx, :width], False, buffers)
                     out[first + idx] = self.pool(hidden, m)

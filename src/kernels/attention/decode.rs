@@ -305,16 +305,11 @@ pub(super) fn merge<Q: Storage<Compute = T>, KV, T: AttnFloat>(
         let alone = n == 1 && sink.is_none() && head.lse.is_none() && head.weights.is_none();
         let lse = if alone {
             let (m, sum, acc, _) = parts[0];
-            super::merge::normalise_out(m[r], sum[r], &acc[r * ev..(r + 1) * ev], &mut row);
-            T::NEG_INFINITY
+            super::merge::normalise(m[r], sum[r], &acc[r * ev..(r + 1) * ev], &mut row, false)
         } else {
             for (c, &(m, sum, acc, _)) in parts.iter().enumerate() {
-                lses[c] = super::merge::normalise(
-                    m[r],
-                    sum[r],
-                    &acc[r * ev..(r + 1) * ev],
-                    &mut outs[c * ev..(c + 1) * ev],
-                );
+                let (acc, out) = (&acc[r * ev..(r + 1) * ev], &mut outs[c * ev..(c + 1) * ev]);
+                lses[c] = super::merge::normalise(m[r], sum[r], acc, out, true);
             }
             super::merge::merge_row(&lses, |c| &outs[c * ev..(c + 1) * ev], sink, &mut row, &mut factors)
         };

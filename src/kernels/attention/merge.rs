@@ -25,27 +25,21 @@ pub(super) const CHUNK: usize = 512;
 
 /// One row's running softmax state (`m`, `sum`, `acc`) as a normalised partial: writes
 /// `acc / sum` (+0 for a zero) to `out` and returns `m + ln sum`; a row with no valid key
-/// (`m = −inf`) gives zeros and −inf.
+/// (`m = −inf`) gives zeros and −inf. Without `lse` (where nobody reads it) every row returns
+/// −inf, and the logarithm is not taken.
 #[inline(always)]
-pub(super) fn normalise<T: AttnFloat>(m: T, sum: T, acc: &[T], out: &mut [T]) -> T {
-    match normalise_out(m, sum, acc, out) {
-        true => m + sum.ln(),
-        false => T::NEG_INFINITY,
-    }
-}
-
-/// [`normalise`]'s output alone, for a row whose log-sum-exp nobody reads; returns whether the
-/// row has a valid key.
-#[inline(always)]
-pub(super) fn normalise_out<T: AttnFloat>(m: T, sum: T, acc: &[T], out: &mut [T]) -> bool {
+pub(super) fn normalise<T: AttnFloat>(m: T, sum: T, acc: &[T], out: &mut [T], lse: bool) -> T {
     if m == T::NEG_INFINITY {
         out.fill(T::ZERO);
-        return false;
+        return T::NEG_INFINITY;
     }
     for (o, &a) in out.iter_mut().zip(acc) {
         *o = a / sum + T::ZERO;
     }
-    true
+    match lse {
+        true => m + sum.ln(),
+        false => T::NEG_INFINITY,
+    }
 }
 
 /// The weight of `score` in a partial whose maximum is `m` and sum `sum`, and whose share of its

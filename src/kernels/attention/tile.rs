@@ -576,7 +576,7 @@ impl<T: AttnFloat> Stash<T> {
         self.out.resize(at + rows * ev, T::ZERO); // (in cache, written once a query block)
         for r in 0..rows {
             let out = &mut self.out[at + r * ev..at + (r + 1) * ev];
-            self.lse.push(merge::normalise(m[r], sum[r], &acc[r * ev..(r + 1) * ev], out));
+            self.lse.push(merge::normalise(m[r], sum[r], &acc[r * ev..(r + 1) * ev], out, true));
         }
         self.m.extend_from_slice(&m[..rows]);
         self.sum.extend_from_slice(&sum[..rows]);
@@ -643,16 +643,11 @@ impl<Q: Storage<Compute = T>, KV, T: AttnFloat> Group<'_, '_, Q, KV, T> {
     ) {
         let (exp, ev) = (path_exp::<T>(pairs), self.at.spec.dim_v);
         let mut row = vec![T::ZERO; ev];
-        let with_lse = self.heads.iter().any(|h| h.lse.is_some());
+        let with_lse = self.heads.iter().any(|h| h.lse.is_some()); // (a logarithm a row)
         for r in 0..rows {
-            let (acc, m) = (&acc[r * ev..(r + 1) * ev], m[r]);
-            // (The log-sum-exp, a logarithm, only where it is written: `merge::normalise`.)
-            let lse = match merge::normalise_out(m, sum[r], acc, &mut row) && with_lse {
-                true => m + sum[r].ln(),
-                false => T::NEG_INFINITY,
-            };
+            let lse = merge::normalise(m[r], sum[r], &acc[r * ev..(r + 1) * ev], &mut row, with_lse);
             self.write_row(q0 + r, &row, lse, scores, r, |_, score| {
-                merge::weight(score, m, sum[r], T::ONE, exp)
+                merge::weight(score, m[r], sum[r], T::ONE, exp)
             });
         }
     }
